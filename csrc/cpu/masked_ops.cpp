@@ -1,0 +1,78 @@
+// CPU kernels of masked_gather_ and masked_swap_ (OpenMP over the nnz entries).
+// Inputs were validated by python/seat/ops; the TORCH_CHECKs here guard direct callers.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "seat/common.h"
+
+namespace {
+
+// Below this many entries a parallel region costs more than it saves.
+constexpr int64_t kParallelGrain = 1 << 15;
+
+void check_common(const at::Tensor& target, const at::Tensor& idx, const at::Tensor& compact) {
+  TORCH_CHECK(target.device().is_cpu() && idx.device().is_cpu() && compact.device().is_cpu(),
+              "seat_C CPU kernel: all tensors must be on the CPU");
+  TORCH_CHECK(target.is_contiguous() && idx.is_contiguous() && compact.is_contiguous(),
+              "seat_C CPU kernel: all tensors must be contiguous");
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.dim() == 1, "seat_C CPU kernel: idx must be 1-D int32");
+  TORCH_CHECK(compact.dim() == 1 && compact.numel() == idx.numel(),
+              "seat_C CPU kernel: the compact tensor must be 1-D with idx.numel() entries");
+}
+
+template <typename Acc, typename In>
+void gather_loop(Acc* out, const In* dense, const int32_t* idx, int64_t nnz) {
+#pragma omp parallel for schedule(static) if (nnz > kParallelGrain) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < nnz; ++i) {
+    seat::gather_accumulate<Acc>(out, i, static_cast<Acc>(dense[idx[i]]));
+  }
+}
+
+void masked_gather_cpu(at::Tensor out, const at::Tensor& dense, const at::Tensor& idx) {
+  check_common(dense, idx, out);
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
+              "masked_gather_ CPU kernel: out must be float32 or float64");
+  const int64_t nnz = idx.numel();
+  if (nnz == 0) return;
+  const int32_t* idx_ptr = idx.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "masked_gather_cpu_out", [&] {
+    using acc_t = scalar_t;
+    acc_t* out_ptr = out.data_ptr<acc_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "masked_gather_cpu_in", [&] {
+      gather_loop<acc_t, scalar_t>(out_ptr, dense.data_ptr<scalar_t>(), idx_ptr, nnz);
+    });
+  });
+}
+
+template <typename Bits>
+void swap_loop(Bits* param, Bits* values, const int32_t* idx, int64_t nnz) {
+#pragma omp parallel for schedule(static) if (nnz > kParallelGrain) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < nnz; ++i) {
+    seat::swap_bits<Bits>(param + idx[i], values + i);
+  }
+}
+
+void masked_swap_cpu(at::Tensor param, const at::Tensor& idx, at::Tensor values) {
+  check_common(param, idx, values);
+  TORCH_CHECK(param.scalar_type() == values.scalar_type(), "masked_swap_ CPU kernel: values must have param's dtype");
+  const int64_t nnz = idx.numel();
+  if (nnz == 0) return;
+  const int32_t* idx_ptr = idx.data_ptr<int32_t>();
+  // The swap moves bits, not numbers: dispatch on the element width only.
+  switch (param.element_size()) {
+    case 1: swap_loop(static_cast<uint8_t*>(param.data_ptr()), static_cast<uint8_t*>(values.data_ptr()), idx_ptr, nnz); break;
+    case 2: swap_loop(static_cast<uint16_t*>(param.data_ptr()), static_cast<uint16_t*>(values.data_ptr()), idx_ptr, nnz); break;
+    case 4: swap_loop(static_cast<uint32_t*>(param.data_ptr()), static_cast<uint32_t*>(values.data_ptr()), idx_ptr, nnz); break;
+    case 8: swap_loop(static_cast<uint64_t*>(param.data_ptr()), static_cast<uint64_t*>(values.data_ptr()), idx_ptr, nnz); break;
+    default: TORCH_CHECK(false, "masked_swap_ CPU kernel: unsupported element size ", param.element_size());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seat_C, CPU, m) {
+  m.impl("masked_gather_", &masked_gather_cpu);
+  m.impl("masked_swap_", &masked_swap_cpu);
+}

@@ -1,0 +1,34 @@
+// Shared between the C++ CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda).
+// Plain C++: no torch headers, so .cu files that include it compile quickly.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SEAT_HD __host__ __device__ __forceinline__
+#else
+#define SEAT_HD inline
+#endif
+
+namespace seat {
+
+// Element types a kernel launcher can be asked for. The torch-side binding maps
+// at::ScalarType onto these so kernel translation units never include ATen.
+enum class Dtype : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// Element-wise step of masked_gather_: out[i] += dense[idx[i]], accumulated in the
+// type of `out` (fp32 for the compact gradient, fp64 in the oracle tests).
+template <typename Acc>
+SEAT_HD void gather_accumulate(Acc* out, int64_t i, Acc value) {
+  out[i] = out[i] + value;
+}
+
+// Element-wise step of masked_swap_: exchange two values bit for bit (the caller picks
+// an unsigned integer type of the element's width, so NaN payloads survive).
+template <typename Bits>
+SEAT_HD void swap_bits(Bits* a, Bits* b) {
+  Bits t = *a;
+  *a = *b;
+  *b = t;
+}
+
+}  // namespace seat

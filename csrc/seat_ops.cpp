@@ -1,0 +1,42 @@
+// Schemas of the native kernels (namespace seat_C) and the Python module seat._C.
+//
+// The public ops (seat::*) are defined in python/seat/ops with validation and backend
+// selection; they call these native kernels for the "cpu" and "cuda" backends. The
+// module itself exports no functions: importing it runs the static registrations below
+// and exposes build facts that python/seat/ops/_native.py uses to detect a stale build.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(seat_C, m) {
+  // out[i] += dense.view(-1)[idx[i]]
+  m.def("masked_gather_(Tensor(a!) out, Tensor dense, Tensor idx) -> ()");
+  // swap param.view(-1)[idx[i]] <-> values[i]
+  m.def("masked_swap_(Tensor(a!) param, Tensor idx, Tensor(b!) values) -> ()");
+}
+
+#ifndef SEAT_CUDA_ARCHS
+#define SEAT_CUDA_ARCHS ""
+#endif
+
+static PyModuleDef seat_c_module = {PyModuleDef_HEAD_INIT, "_C", "seat native kernels (CPU, CUDA)", -1,
+                                    nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&seat_c_module);
+  if (m == nullptr) return nullptr;
+  PyModule_AddStringConstant(m, "__version__", SEAT_VERSION);
+  PyModule_AddStringConstant(m, "source_hash", SEAT_SOURCE_HASH);
+  PyModule_AddStringConstant(m, "torch_version", SEAT_TORCH_VERSION);
+  PyModule_AddStringConstant(m, "cuda_archs", SEAT_CUDA_ARCHS);
+#ifdef SEAT_WITH_CUDA
+  PyModule_AddIntConstant(m, "with_cuda", 1);
+#else
+  PyModule_AddIntConstant(m, "with_cuda", 0);
+#endif
+#ifdef _OPENMP
+  PyModule_AddIntConstant(m, "openmp", _OPENMP);
+#else
+  PyModule_AddIntConstant(m, "openmp", 0);
+#endif
+  return m;
+}

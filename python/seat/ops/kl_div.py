@@ -1,0 +1,165 @@
+"""kl_div: per-token KL between the current and the reference next-token distributions.
+
+  forward (default): KL(p_ref || p_cur) = sum_v p_ref(v) * (log p_ref(v) - log p_cur(v))
+  reverse=True:      KL(p_cur || p_ref)
+with p = softmax(logits / temperature) over the last dim (no temperature**2 factor).
+The gradient w.r.t. logits_cur is produced together with the loss (kernels do both in
+one pass over the vocabulary); backward only scales it by grad_output.
+
+Shapes and dtypes:
+  logits_cur (..., V) float16 / bfloat16 / float32 / float64: differentiable.
+  logits_ref (..., V) same shape, any float dtype: constant (must not require grad).
+  mask       (...)    bool or None: rows that count (False rows give 0 loss, 0 grad).
+  returns    ()  for reduction "mean" (over valid rows, or divided by num_items) / "sum",
+             (...) for "none"; float32 (float64 if an input is float64).
+Accumulation is in fp32 (fp64 for fp64 inputs) whatever the input dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _checks, _registry
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def kl_rows(cur: Tensor, ref: Tensor, temperature: float, reverse: bool) -> tuple[Tensor, Tensor]:
+    """Per-row KL and its gradient w.r.t. the un-tempered cur logits (rows of (N, V))."""
+    log_cur = torch.log_softmax(cur / temperature, dim=-1)
+    log_ref = torch.log_softmax(ref / temperature, dim=-1)
+    p_cur, p_ref = log_cur.exp(), log_ref.exp()
+    zero = torch.zeros((), dtype=cur.dtype, device=cur.device)
+    if not reverse:
+        # 0 * log 0 = 0: vocabulary entries the reference rules out contribute nothing.
+        per_row = torch.where(p_ref > 0, p_ref * (log_ref - log_cur), zero).sum(-1)
+        grad = (p_cur - p_ref) / temperature
+    else:
+        per_row = torch.where(p_cur > 0, p_cur * (log_cur - log_ref), zero).sum(-1)
+        grad = torch.where(p_cur > 0, p_cur * (log_cur - log_ref - per_row[:, None]), zero) / temperature
+    return per_row, grad
+
+
+def reduce_rows(per_row: Tensor, grad: Tensor, valid: Tensor, reduction: str, num_items: Optional[float]):
+    """Zero invalid rows, then reduce: returns (loss, grad) with grad scaled to match."""
+    zero = torch.zeros((), dtype=per_row.dtype, device=per_row.device)
+    per_row = torch.where(valid, per_row, zero)
+    grad = torch.where(valid[:, None], grad, zero)
+    if reduction == "none":
+        return per_row, grad
+    if reduction == "sum":
+        return per_row.sum(), grad
+    denom = float(num_items) if num_items is not None else max(int(valid.sum()), 1)
+    return per_row.sum() / denom, grad / denom
+
+
+def reference(logits_cur, logits_ref, mask, *, temperature, reduction, num_items, reverse, compute_grad):
+    shape, vocab = logits_cur.shape[:-1], logits_cur.shape[-1]
+    dtype = compute_dtype(logits_cur, logits_ref)
+    cur = logits_cur.reshape(-1, vocab).to(dtype)
+    ref = logits_ref.reshape(-1, vocab).to(dtype)
+    valid = torch.ones(cur.shape[0], dtype=torch.bool, device=cur.device) if mask is None else mask.reshape(-1)
+    per_row, grad = kl_rows(cur, ref, temperature, reverse)
+    loss, grad = reduce_rows(per_row, grad, valid, reduction, num_items)
+    if reduction == "none":
+        loss = loss.reshape(shape)
+    grad = grad.reshape(logits_cur.shape).to(logits_cur.dtype) if compute_grad else logits_cur.new_empty(0)
+    return loss, grad
+
+
+ENTRY = _registry.register("kl_div", reference, {})
+
+
+def check_options(temperature: float, reduction: str, num_items: Optional[float], reductions=_checks.REDUCTIONS):
+    _checks.positive("temperature", temperature)
+    _checks.choice("reduction", reduction, reductions)
+    if num_items is not None:
+        if reduction != "mean":
+            raise ValueError(f"num_items divides the summed loss; it needs reduction='mean', not {reduction!r}")
+        _checks.positive("num_items", num_items)
+
+
+def check(logits_cur, logits_ref, mask, temperature, reduction, num_items) -> None:
+    _checks.tensor("logits_cur", logits_cur, dtypes=_checks.FLOAT_DTYPES)
+    _checks.tensor("logits_ref", logits_ref, dtypes=_checks.FLOAT_DTYPES)
+    if logits_cur.dim() < 1 or logits_cur.shape[-1] < 1:
+        raise ValueError(f"logits_cur must have a non-empty last (vocabulary) dim; got shape {tuple(logits_cur.shape)}")
+    if logits_ref.shape != logits_cur.shape:
+        raise ValueError(
+            f"logits_ref must have logits_cur's shape {tuple(logits_cur.shape)}; got {tuple(logits_ref.shape)}"
+        )
+    if mask is not None:
+        _checks.tensor("mask", mask, dtypes=(torch.bool,))
+        if mask.shape != logits_cur.shape[:-1]:
+            raise ValueError(
+                f"mask must have shape {tuple(logits_cur.shape[:-1])} (logits without the vocabulary dim); "
+                f"got {tuple(mask.shape)}"
+            )
+    _checks.same_device(logits_cur=logits_cur, logits_ref=logits_ref, mask=mask)
+    check_options(temperature, reduction, num_items)
+
+
+@torch.library.custom_op("seat::kl_div", mutates_args=())
+def _kl_div_op(
+    logits_cur: Tensor, logits_ref: Tensor, mask: Optional[Tensor], *, temperature: float, reduction: str,
+    num_items: Optional[float], reverse: bool, compute_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    check(logits_cur, logits_ref, mask, temperature, reduction, num_items)
+    return ENTRY.run(logits_cur.device, logits_cur, logits_ref, mask, temperature=temperature,
+                     reduction=reduction, num_items=num_items, reverse=reverse, compute_grad=compute_grad)
+
+
+@_kl_div_op.register_fake
+def _(logits_cur, logits_ref, mask, *, temperature, reduction, num_items, reverse, compute_grad):
+    check(logits_cur, logits_ref, mask, temperature, reduction, num_items)
+    dtype = compute_dtype(logits_cur, logits_ref)
+    shape = logits_cur.shape[:-1] if reduction == "none" else ()
+    loss = logits_cur.new_empty(shape, dtype=dtype)
+    grad = logits_cur.new_empty(logits_cur.shape if compute_grad else (0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    ctx.reduction = keyword_only_inputs["reduction"]
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad_loss is not None:
+        raise RuntimeError("seat.ops.kl_div: backward needs compute_grad=True in the forward call")
+    scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
+    return grad * scale.to(grad.dtype), None, None
+
+
+_kl_div_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def no_grad_input(name: str, t: Optional[Tensor]) -> None:
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} requires grad, but this op treats it as a constant (the frozen base model); "
+            f"pass {name}.detach() or compute it under torch.no_grad()"
+        )
+
+
+def kl_div(
+    logits_cur: Tensor, logits_ref: Tensor, mask: Optional[Tensor] = None, *, temperature: float = 1.0,
+    reduction: str = "mean", num_items: Optional[float] = None, reverse: bool = False,
+) -> Tensor:
+    """Per-token KL(p_ref || p_cur) (reverse=True: KL(p_cur || p_ref)). See the module docstring."""
+    temperature = float(temperature)
+    num_items = None if num_items is None else float(num_items)
+    logits_cur, logits_ref, mask = _checks.contiguous(logits_cur, logits_ref, mask)
+    check(logits_cur, logits_ref, mask, temperature, reduction, num_items)
+    no_grad_input("logits_ref", logits_ref)
+    compute_grad = torch.is_grad_enabled() and logits_cur.requires_grad
+    loss, _ = torch.ops.seat.kl_div(
+        logits_cur, logits_ref, mask, temperature=temperature, reduction=reduction, num_items=num_items, reverse=bool(reverse),
+        compute_grad=compute_grad,
+    )
+    return loss
