@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
@@ -139,9 +139,8 @@ def main():
 
     setup(
         version=_version(),
-        packages=["seat", "seat.ops", "seat.demo", "seat_kernels"],
-        package_dir={"seat": "python/seat", "seat.ops": "python/seat/ops",
-                     "seat.demo": "python/seat/demo", "seat_kernels": "seat_kernels"},
+        packages=[*find_packages("python", include=["seat", "seat.*"]), "seat_kernels"],
+        package_dir={"": "python", "seat_kernels": "seat_kernels"},
         ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

@@ -16,6 +16,9 @@ Shapes and dtypes (lists of equal length; all tensors on one device, contiguous)
                   rounded value. None (the whole list) = no masters.
   max_exp_avg_sqs per param None or (nnz_i,) grads' dtype: the amsgrad running maximum
                   (amsgrad for the params that have one). None (the whole list) = none.
+The torch op (torch.ops.seat.sparse_adamw_) takes an empty tensor where the Python API
+takes None: torch's functionalization (torch.compile) cannot handle None entries in a
+mutated tensor list. An entry with nnz_i == 0 changes nothing either way.
   step            the step number after incrementing (1 for the first step).
 """
 from __future__ import annotations
@@ -29,9 +32,14 @@ from torch import Tensor
 from . import _checks, _registry
 
 
+def _present(t: Optional[Tensor]) -> Optional[Tensor]:
+    """None for an absent optional state (None or the op's empty-tensor stand-in)."""
+    return None if t is None or t.numel() == 0 else t
+
+
 def reference(
     params: List[Tensor], idxs: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-    exp_avg_sqs: List[Tensor], masters: List[Optional[Tensor]], max_exp_avg_sqs: List[Optional[Tensor]],
+    exp_avg_sqs: List[Tensor], masters: List[Tensor], max_exp_avg_sqs: List[Tensor],
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, maximize: bool,
 ) -> None:
     bias_correction1 = 1 - beta1**step
@@ -39,7 +47,7 @@ def reference(
     step_size = lr / bias_correction1
     for i, (param, idx, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, idxs, grads, exp_avgs, exp_avg_sqs)):
         flat, index = param.view(-1), idx.long()
-        master, max_exp_avg_sq = masters[i], max_exp_avg_sqs[i]
+        master, max_exp_avg_sq = _present(masters[i]), _present(max_exp_avg_sqs[i])
         weight = master.clone() if master is not None else flat[index].to(grad.dtype)
         g = -grad if maximize else grad
         weight.mul_(1 - lr * weight_decay)
@@ -86,7 +94,9 @@ def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, 
         _checks.same_numel(f"grads[{i}]", grad, f"idxs[{i}]", idx)
         states = {}
         for name in ("exp_avgs", "exp_avg_sqs", "masters", "max_exp_avg_sqs"):
-            if lists[name][i] is None and name in ("masters", "max_exp_avg_sqs"):
+            if name in ("masters", "max_exp_avg_sqs") and _present(lists[name][i]) is None:
+                if lists[name][i] is not None:
+                    _checks.tensor(f"{name}[{i}]", lists[name][i], dtypes=(grad.dtype,), ndim=1)
                 continue  # optional per param
             state = _checks.tensor(f"{name}[{i}]", lists[name][i], dtypes=(grad.dtype,), ndim=1)
             _checks.same_numel(f"{name}[{i}]", state, f"idxs[{i}]", idx)
@@ -103,7 +113,7 @@ def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, 
 )
 def _sparse_adamw_op(
     params: List[Tensor], idxs: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-    exp_avg_sqs: List[Tensor], masters: List[Optional[Tensor]], max_exp_avg_sqs: List[Optional[Tensor]],
+    exp_avg_sqs: List[Tensor], masters: List[Tensor], max_exp_avg_sqs: List[Tensor],
     *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False,
 ) -> None:
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
@@ -133,5 +143,10 @@ def sparse_adamw_(
     masters = no_entries if masters is None else masters
     max_exp_avg_sqs = no_entries if max_exp_avg_sqs is None else max_exp_avg_sqs
     check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, values=False, **hyper)
+
+    def absent_as_empty(states):
+        return [g.new_empty(0) if t is None else t for t, g in zip(states, grads)]
+
     torch.ops.seat.sparse_adamw_(list(params), list(idxs), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                                 list(masters), list(max_exp_avg_sqs), maximize=bool(maximize), **hyper)
+                                 absent_as_empty(masters), absent_as_empty(max_exp_avg_sqs),
+                                 maximize=bool(maximize), **hyper)

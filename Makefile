@@ -1,0 +1,53 @@
+# seat: one-command set-up, build, demo and tests. Every target creates the virtual
+# environment it needs ($(VENV)) and installs into it; nothing else is required but
+# python3 (>= 3.10) and, for the CUDA kernels, nvcc (found on PATH or via CUDA_HOME).
+#
+#   make demo       build, then run the main job (python -m seat.demo)
+#   make test       build, then run the test suite (what CI runs)
+#   make gpu-test   on a machine with a CUDA GPU: build with CUDA forced, run all tests
+#   make info       python -m seat.info
+#
+# TORCH picks the torch build: the default is a CUDA 13.0 wheel (it also runs on CPU-only
+# machines and lets the CUDA kernels compile there). MAX_JOBS, TORCH_CUDA_ARCH_LIST,
+# SEAT_SKIP_CUDA_BUILD and SEAT_FORCE_CUDA pass through to setup.py.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+NATIVE_SOURCES := $(shell find csrc -type f) setup.py python/seat/_srchash.py python/seat/_version.py
+
+.PHONY: venv build demo test gpu-test info clean
+
+$(VENV)/.deps: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)" "setuptools>=64" wheel
+	$(PY) -m pip install -q "triton>=3.2" "numpy>=1.24" "packaging>=23" "pytest>=8" "ninja>=1.11" "safetensors>=0.4"
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Rebuild seat._C (editable install) when a native source or the build script changes.
+$(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+demo: build
+	$(PY) -m seat.demo
+
+test: build
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+gpu-test:
+	SEAT_FORCE_CUDA=1 $(MAKE) build
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+info: build
+	$(PY) -m seat.info
+
+clean:
+	rm -rf build dist *.egg-info python/*.egg-info python/seat/_C*.so $(VENV)/.built

@@ -1,0 +1,5 @@
+import sys
+
+from .ops_tour import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""torch.library.opcheck on every registered op (schema, fake tensor, autograd
+registration, AOT dispatch), on each backend that implements it on the CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import backend_device
+
+from seat import ops
+
+
+def _idx(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def _samples(name: str, device):
+    gen = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32, grad=False):
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(device).requires_grad_(grad)
+
+    if name == "masked_gather_":
+        return [((randn(3), randn(4, 5), _idx(0, 7, 19).to(device)), {}),
+                ((randn(0), randn(6, dtype=torch.bfloat16), _idx().to(device)), {})]
+    if name == "masked_swap_":
+        return [((randn(4, 5), _idx(1, 2, 18).to(device), randn(3)), {}),
+                ((randn(7, dtype=torch.float16), _idx(0, 6).to(device), randn(2, dtype=torch.float16)), {})]
+    if name == "sparse_adamw_":
+        kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3, maximize=False)
+        params = [randn(4, 5), randn(9, dtype=torch.bfloat16)]
+        idxs = [_idx(0, 3, 19).to(device), _idx(2, 8).to(device)]
+        state = lambda: [randn(3).abs(), randn(2).abs()]  # noqa: E731
+        empty = torch.empty(0, device=device)
+        return [((params, idxs, state(), state(), state(), [empty, randn(2)], [empty, empty.clone()]), kwargs),
+                (([params[0]], [idxs[0]], [randn(3)], [randn(3)], [randn(3).abs()], [empty.clone()], [randn(3).abs()]),
+                 {**kwargs, "maximize": True})]
+    if name == "kl_div":
+        kw = dict(temperature=1.0, reduction="mean", num_items=None, reverse=False, compute_grad=True)
+        return [((randn(2, 3, 11, grad=True), randn(2, 3, 11), None), kw),
+                ((randn(5, 7, grad=True), randn(5, 7), torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool).to(device)),
+                 {**kw, "reduction": "none", "reverse": True, "temperature": 2.0})]
+    paired = dict(kl_weight=1.5, ignore_index=-100, temperature=1.0, reduction="mean", ce_num_items=None,
+                  kl_num_items=None, reverse_kl=False, compute_grad=True)
+    labels = torch.tensor([3, -100, 5], dtype=torch.int64).to(device)
+    if name == "paired_loss":
+        return [((randn(5, 9, grad=True), labels, randn(2, 9), None), paired),
+                ((randn(5, 9, grad=True), labels, randn(2, 9), torch.tensor([True, False]).to(device)),
+                 {**paired, "reduction": "sum"})]
+    if name == "fused_linear_paired_loss":
+        fused = {**paired, "chunk_size": 0}
+        return [((randn(5, 4, grad=True), randn(9, 4), labels, randn(2, 4), None, None), fused),
+                ((randn(5, 4, grad=True), randn(9, 4), labels, randn(2, 4), None, randn(9)), {**fused, "chunk_size": 2})]
+    raise AssertionError(f"no opcheck samples for seat.ops.{name}: add them here")
+
+
+@pytest.mark.parametrize("name", sorted(ops.OPS))
+def test_opcheck(name, backend):
+    device = backend_device(name, backend)
+    op = getattr(torch.ops.seat, name).default
+    with ops.use_backend(backend):
+        for args, kwargs in _samples(name, device):
+            torch.library.opcheck(op, args, kwargs)
+
+
+def test_every_op_in_the_design_table_is_registered():
+    expected = {"masked_gather_", "masked_swap_", "sparse_adamw_", "kl_div", "paired_loss",
+                "fused_linear_paired_loss"}
+    assert set(ops.OPS) == expected
+    for name in expected:
+        assert hasattr(torch.ops.seat, name)

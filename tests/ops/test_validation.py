@@ -1,0 +1,70 @@
+"""Bad input to the sparse-update ops raises TypeError/ValueError naming the argument,
+before any kernel runs (the tensors are unchanged afterwards). The loss ops' checks are
+covered in their own test files."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seat import ops
+
+
+def _idx(*v):
+    return torch.tensor(v, dtype=torch.int32)
+
+
+def gather_cases():
+    dense, out, idx = torch.randn(4, 5), torch.zeros(3), _idx(0, 7, 19)
+    yield "idx int64", (out, dense, idx.long()), TypeError, "idx must have dtype int32"
+    yield "idx unsorted", (out, dense, _idx(7, 0, 19)), ValueError, "idx must be sorted and unique"
+    yield "idx duplicate", (out, dense, _idx(0, 7, 7)), ValueError, "idx must be sorted and unique"
+    yield "idx out of range", (out, dense, _idx(0, 7, 20)), ValueError, r"idx holds values in \[0, 20\]"
+    yield "idx negative", (out, dense, _idx(-1, 7, 19)), ValueError, r"outside \[0, 20\)"
+    yield "idx 2-D", (out, dense, idx.reshape(3, 1)), ValueError, "idx must be 1-D"
+    yield "out bf16", (out.bfloat16(), dense, idx), TypeError, "out must have dtype float32, float64"
+    yield "out wrong size", (torch.zeros(4), dense, idx), ValueError, "out must be 1-D with one entry per index"
+    yield "dense int", (out, dense.long(), idx), TypeError, "dense must have dtype"
+    yield "dense non-contiguous", (out, dense.t(), idx), ValueError, "dense must be contiguous"
+    yield "dense not a tensor", (out, [1.0, 2.0], idx), TypeError, "dense must be a torch.Tensor"
+    yield "dense on meta", (out, dense.to("meta"), idx), ValueError, "out is on cpu but dense is on meta"
+
+
+def swap_cases():
+    param, values, idx = torch.randn(4, 5), torch.zeros(3), _idx(0, 7, 19)
+    yield "values dtype", (param, idx, values.double()), TypeError, "values must have param's dtype"
+    yield "values size", (param, idx, torch.zeros(2)), ValueError, "values must be 1-D with one entry per index"
+    yield "param non-contiguous", (param.t(), idx, values), ValueError, "param must be contiguous"
+    yield "idx out of range", (param, _idx(0, 7, 25), values), ValueError, "idx holds values"
+    yield "idx float", (param, idx.float(), values), TypeError, "idx must have dtype int32"
+
+
+@pytest.mark.parametrize("case", list(gather_cases()), ids=lambda c: c[0])
+def test_masked_gather_rejects(case):
+    _, args, error, message = case
+    before = [a.clone() if isinstance(a, torch.Tensor) and a.device.type != "meta" else a for a in args]
+    with pytest.raises(error, match=message):
+        ops.masked_gather_(*args)
+    assert torch.equal(args[0], before[0])  # out untouched
+
+
+@pytest.mark.parametrize("case", list(swap_cases()), ids=lambda c: c[0])
+def test_masked_swap_rejects(case):
+    _, args, error, message = case
+    before = args[0].clone()
+    with pytest.raises(error, match=message):
+        ops.masked_swap_(*args)
+    assert torch.equal(args[0], before)
+
+
+def test_checks_also_guard_the_torch_op():
+    """torch.ops.seat.* (what torch.compile calls) validates data too, not only the wrapper."""
+    with pytest.raises(ValueError, match="idx must be sorted"):
+        torch.ops.seat.masked_gather_(torch.zeros(2), torch.randn(5), _idx(3, 1))
+
+
+def test_index_check_is_redone_after_in_place_change():
+    dense, out, idx = torch.randn(10), torch.zeros(2), _idx(1, 2)
+    ops.masked_gather_(out, dense, idx)
+    idx[1] = 10  # now out of range: the cached verdict must not hide it
+    with pytest.raises(ValueError, match="idx holds values"):
+        ops.masked_gather_(out, dense, idx)
