@@ -12,6 +12,13 @@ TORCH_LIBRARY(seat_C, m) {
   m.def("masked_gather_(Tensor(a!) out, Tensor dense, Tensor idx) -> ()");
   // swap param.view(-1)[idx[i]] <-> values[i]
   m.def("masked_swap_(Tensor(a!) param, Tensor idx, Tensor(b!) values) -> ()");
+  // AdamW on params[i].view(-1)[idxs[i]] with compact state; empty masters[i] /
+  // max_exp_avg_sqs[i] mean none; scalars: the 7 of seat/adamw.h; step_key: the 32-bit
+  // key of stochastic rounding (python/seat/ops/_adamw.py).
+  m.def(
+      "sparse_adamw_(Tensor(a!)[] params, Tensor[] idxs, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, float[] scalars, "
+      "bool maximize, bool stochastic, int step_key) -> ()");
 }
 
 #ifndef SEAT_CUDA_ARCHS

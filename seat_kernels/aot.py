@@ -65,12 +65,12 @@ def compile_all(archs=DEFAULT_ARCHS) -> list[dict]:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'kernel':44s} {'arch':6s} {'regs':>5s} {'spill/local B':>13s} {'stack B':>7s} {'compile s':>9s}"]
+    lines = [f"{'kernel':52s} {'arch':6s} {'regs':>5s} {'spill/local B':>13s} {'stack B':>7s} {'compile s':>9s}"]
     for r in results:
         if "error" in r:
-            lines.append(f"{r['kernel']:44s} {r['arch']:6s} FAILED {r['error']}")
+            lines.append(f"{r['kernel']:52s} {r['arch']:6s} FAILED {r['error']}")
         else:
-            lines.append(f"{r['kernel']:44s} {r['arch']:6s} {r['registers']:5d} {r['local_bytes']:13d} "
+            lines.append(f"{r['kernel']:52s} {r['arch']:6s} {r['registers']:5d} {r['local_bytes']:13d} "
                          f"{r['stack_bytes']:7d} {r['compile_s']:9.2f}")
     return "\n".join(lines)
 

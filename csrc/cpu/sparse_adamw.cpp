@@ -1,0 +1,90 @@
+// CPU kernel of sparse_adamw_: per tensor, an OpenMP loop over the compact entries
+// running the shared per-element step (seat/adamw.h). The compact arrays are walked
+// contiguously; only the param is touched at idx[i].
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "seat/adamw.h"
+
+namespace {
+
+constexpr int64_t kParallelGrain = 1 << 14;
+
+struct HalfIO {
+  using storage = c10::Half;
+  template <typename T>
+  static T load(const c10::Half* p) { return static_cast<T>(static_cast<float>(*p)); }
+  template <typename T>
+  static void store(c10::Half* p, T w, bool, uint32_t) { *p = c10::Half(static_cast<float>(w)); }
+};
+
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename ParamIO, typename T>
+void update_tensor(const at::Tensor& param, const at::Tensor& idx, const at::Tensor& grad, const at::Tensor& exp_avg,
+                   const at::Tensor& exp_avg_sq, const at::Tensor& master, const at::Tensor& max_exp_avg_sq,
+                   const seat::AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key) {
+  auto* p = static_cast<typename ParamIO::storage*>(param.data_ptr());
+  const int32_t* ix = idx.data_ptr<int32_t>();
+  const T* g = grad.data_ptr<T>();
+  T* m = exp_avg.data_ptr<T>();
+  T* v = exp_avg_sq.data_ptr<T>();
+  T* w32 = data_or_null<T>(master);
+  T* vmax = data_or_null<T>(max_exp_avg_sq);
+  const int64_t nnz = idx.numel();
+#pragma omp parallel for schedule(static) if (nnz > kParallelGrain) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < nnz; ++i) {
+    seat::sparse_adamw_element<ParamIO, T>(p, ix, g, m, v, w32, vmax, i, s, maximize, stochastic, key);
+  }
+}
+
+void sparse_adamw_cpu(at::TensorList params, at::TensorList idxs, at::TensorList grads, at::TensorList exp_avgs,
+                      at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList max_exp_avg_sqs,
+                      at::ArrayRef<double> scalars, bool maximize, bool stochastic, int64_t step_key) {
+  TORCH_CHECK(scalars.size() == seat::kAdamWScalars, "sparse_adamw_ CPU kernel: expected 7 scalars");
+  const auto s32 = seat::adamw_scalars<float>(scalars.data());
+  const auto s64 = seat::adamw_scalars<double>(scalars.data());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& param = params[i];
+    TORCH_CHECK(param.device().is_cpu() && param.is_contiguous(), "sparse_adamw_ CPU kernel: params[", i,
+                "] must be a contiguous CPU tensor");
+    if (idxs[i].numel() == 0) continue;
+    const uint32_t key = seat::tensor_key(static_cast<uint32_t>(step_key), static_cast<uint32_t>(i));
+    const auto state = grads[i].scalar_type();
+    switch (param.scalar_type()) {
+      case at::kBFloat16:
+        TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: bf16 params need float32 state");
+        update_tensor<seat::BF16IO, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
+                                           max_exp_avg_sqs[i], s32, maximize, stochastic, key);
+        break;
+      case at::kHalf:
+        TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: fp16 params need float32 state");
+        update_tensor<HalfIO, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
+                                     max_exp_avg_sqs[i], s32, maximize, false, key);
+        break;
+      case at::kFloat:
+        TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: fp32 params need float32 state");
+        update_tensor<seat::PlainIO<float>, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                                                   masters[i], max_exp_avg_sqs[i], s32, maximize, false, key);
+        break;
+      case at::kDouble:
+        TORCH_CHECK(state == at::kDouble, "sparse_adamw_ CPU kernel: fp64 params need float64 state");
+        update_tensor<seat::PlainIO<double>, double>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                                                     masters[i], max_exp_avg_sqs[i], s64, maximize, false, key);
+        break;
+      default:
+        TORCH_CHECK(false, "sparse_adamw_ CPU kernel: unsupported param dtype ", param.scalar_type());
+    }
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seat_C, CPU, m) { m.impl("sparse_adamw_", &sparse_adamw_cpu); }

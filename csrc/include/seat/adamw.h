@@ -1,0 +1,119 @@
+// AdamW per-element math and bf16 rounding shared by the CPU (csrc/cpu) and CUDA
+// (csrc/cuda) kernels; the same steps, in the same order, as python/seat/ops/_adamw.py
+// and seat_kernels/adamw_math.py. Plain C++ (no torch headers).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "seat/common.h"
+
+namespace seat {
+
+// The 7 host scalars of a step, in this order (python/seat/ops/_adamw.py AdamWScalars).
+constexpr int kAdamWScalars = 7;
+
+template <typename T>
+struct AdamWScalars {
+  T decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt;
+};
+
+template <typename T>
+AdamWScalars<T> adamw_scalars(const double* s) {
+  return {static_cast<T>(s[0]), static_cast<T>(s[1]), static_cast<T>(s[2]), static_cast<T>(s[3]),
+          static_cast<T>(s[4]), static_cast<T>(s[5]), static_cast<T>(s[6])};
+}
+
+SEAT_HD float seat_sqrt(float x) { return sqrtf(x); }
+SEAT_HD double seat_sqrt(double x) { return sqrt(x); }
+
+// One AdamW step of one element: updates m, v (and *vmax for amsgrad, when non-null) and
+// returns the new weight.
+template <typename T>
+SEAT_HD T adamw_step(T w, T g, T& m, T& v, T* vmax, const AdamWScalars<T>& s, bool maximize) {
+  if (maximize) g = -g;
+  w = w * s.decay;
+  m = m + s.one_minus_beta1 * (g - m);
+  v = v * s.beta2 + s.one_minus_beta2 * g * g;
+  T second = v;
+  if (vmax != nullptr) {
+    if (!(*vmax >= v)) *vmax = v;  // max, NaN-propagating like torch.maximum
+    second = *vmax;
+  }
+  const T denom = seat_sqrt(second) / s.bias_correction2_sqrt + s.eps;
+  return w - s.step_size * (m / denom);
+}
+
+// 32-bit integer hash (Mueller's): counter-based random bits for stochastic rounding.
+SEAT_HD uint32_t mix32(uint32_t x) {
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+  return (x >> 16) ^ x;
+}
+
+// Key of the i-th tensor of a call; the element at flat position `pos` gets the random
+// bits mix32(tensor_key ^ mix32(pos)).
+SEAT_HD uint32_t tensor_key(uint32_t step_key, uint32_t i) { return mix32(step_key ^ mix32(i)); }
+
+SEAT_HD uint32_t float_bits(float x) {
+  union { float f; uint32_t u; } c;
+  c.f = x;
+  return c.u;
+}
+
+SEAT_HD float bits_float(uint32_t u) {
+  union { float f; uint32_t u; } c;
+  c.u = u;
+  return c.f;
+}
+
+SEAT_HD float bf16_to_float(uint16_t bits) { return bits_float(static_cast<uint32_t>(bits) << 16); }
+
+// fp32 -> bf16 bits: round to nearest even, or stochastically (add 16 random low bits),
+// then drop the low half. NaN stays NaN.
+SEAT_HD uint16_t float_to_bf16(float x, bool stochastic, uint32_t random_bits) {
+  const uint32_t u = float_bits(x);
+  if (x != x) return 0x7FC0u;  // the canonical quiet NaN, as torch rounds it
+  const uint32_t increment = stochastic ? (random_bits & 0xFFFFu) : (0x7FFFu + ((u >> 16) & 1u));
+  return static_cast<uint16_t>((u + increment) >> 16);
+}
+
+// Compact-state element loop shared by CPU and CUDA: everything about element i of a
+// tensor (Param: the storage type; ParamIO: its load/store as the state type).
+template <typename ParamIO, typename T>
+SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const T* grad, T* exp_avg,
+                                  T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
+                                  const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key) {
+  const int32_t pos = idx[i];
+  T w = master != nullptr ? master[i] : ParamIO::template load<T>(param + pos);
+  T m = exp_avg[i], v = exp_avg_sq[i];
+  w = adamw_step<T>(w, grad[i], m, v, max_exp_avg_sq != nullptr ? max_exp_avg_sq + i : nullptr, s, maximize);
+  exp_avg[i] = m;
+  exp_avg_sq[i] = v;
+  if (master != nullptr) master[i] = w;
+  const bool round_stochastic = stochastic && master == nullptr;
+  ParamIO::store(param + pos, w, round_stochastic,
+                 round_stochastic ? mix32(key ^ mix32(static_cast<uint32_t>(pos))) : 0u);
+}
+
+// bf16 storage as raw bits: the same code on CPU and GPU.
+struct BF16IO {
+  using storage = uint16_t;
+  template <typename T>
+  SEAT_HD static T load(const uint16_t* p) { return static_cast<T>(bf16_to_float(*p)); }
+  template <typename T>
+  SEAT_HD static void store(uint16_t* p, T w, bool stochastic, uint32_t bits) {
+    *p = float_to_bf16(static_cast<float>(w), stochastic, bits);
+  }
+};
+
+// fp32 / fp64 storage: no rounding beyond the state type's own.
+template <typename P>
+struct PlainIO {
+  using storage = P;
+  template <typename T>
+  SEAT_HD static T load(const P* p) { return static_cast<T>(*p); }
+  template <typename T>
+  SEAT_HD static void store(P* p, T w, bool, uint32_t) { *p = static_cast<P>(w); }
+};
+
+}  // namespace seat

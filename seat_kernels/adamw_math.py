@@ -1,0 +1,74 @@
+"""Triton device functions of the AdamW step and of stochastic rounding, shared by the
+compact (sparse_adamw) and dense-mask (masked_adamw) kernels. Same math, same order as
+python/seat/ops/_adamw.py and csrc/include/seat/adamw.h.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+N_SCALARS = 7  # decay, 1-beta1, beta2, 1-beta2, eps, step_size, sqrt(1-beta2**step)
+
+
+@triton.jit
+def mix32(x):
+    """32-bit integer hash (Mueller's) of a uint32 tensor."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B
+    x = ((x >> 16) ^ x) * 0x45D9F3B
+    return (x >> 16) ^ x
+
+
+@triton.jit
+def load_scalars(scalars_ptr, STATE_DT: tl.constexpr):
+    """The 7 float64 host scalars of the step, cast to the state dtype."""
+    decay = tl.load(scalars_ptr + 0).to(STATE_DT)
+    one_minus_beta1 = tl.load(scalars_ptr + 1).to(STATE_DT)
+    beta2 = tl.load(scalars_ptr + 2).to(STATE_DT)
+    one_minus_beta2 = tl.load(scalars_ptr + 3).to(STATE_DT)
+    eps = tl.load(scalars_ptr + 4).to(STATE_DT)
+    step_size = tl.load(scalars_ptr + 5).to(STATE_DT)
+    bc2_sqrt = tl.load(scalars_ptr + 6).to(STATE_DT)
+    return decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt
+
+
+@triton.jit
+def adamw_step(w, g, m, v, vmax, decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+               MAXIMIZE: tl.constexpr, AMSGRAD: tl.constexpr):
+    """One AdamW step per element: returns (w, m, v, vmax). IEEE sqrt and division so the
+    result matches the CPU kernels and torch to rounding."""
+    if MAXIMIZE:
+        g = -g
+    w = w * decay
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
+    if AMSGRAD:
+        vmax = tl.maximum(vmax, v)
+        second = vmax
+    else:
+        second = v
+    if w.dtype == tl.float64:  # fp64 sqrt and division are IEEE already
+        w = w - step_size * (m / (tl.sqrt(second) / bc2_sqrt + eps))
+    else:
+        w = w - step_size * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(second), bc2_sqrt) + eps)
+    return w, m, v, vmax
+
+
+@triton.jit
+def round_to_param(w, pos, key, PARAM_DT: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """The new weight in the param dtype.
+
+    bf16 is rounded on the fp32 bit pattern: STOCHASTIC adds 16 random low bits
+    (mix32(key ^ mix32(pos))), otherwise round-to-nearest-even adds 0x7FFF plus the
+    lowest kept bit; then the low 16 bits are dropped. Done by hand, not with .to(),
+    because the Triton interpreter truncates fp32 -> bf16 where the GPU rounds to
+    nearest: this way both give the same bits. NaN passes through unchanged."""
+    if PARAM_DT == tl.bfloat16:
+        w32 = w.to(tl.float32)
+        pattern = w32.to(tl.uint32, bitcast=True)
+        if STOCHASTIC:
+            increment = mix32(key ^ mix32(pos.to(tl.uint32))) & 0xFFFF
+        else:
+            increment = 0x7FFF + ((pattern >> 16) & 1)
+        rounded = ((pattern + increment) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(w32 == w32, rounded, w32).to(PARAM_DT)
+    return w.to(PARAM_DT)
