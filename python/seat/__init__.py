@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 from ._version import __version__
 
 # attribute -> module that defines it (loaded on first access, PEP 562)
-_LAZY_MODULES = {"ops": "seat.ops", "info": "seat.info"}
+_LAZY_MODULES = {"ops": "seat.ops", "info": "seat.info", "masks": "seat.masks", "optim": "seat.optim"}
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import info, ops  # noqa: F401
+    from . import info, masks, ops, optim  # noqa: F401
 
 __all__ = ["__version__", *_LAZY_MODULES]
 

@@ -101,7 +101,7 @@ def _(hidden, weight, labels, ref_hidden, kl_mask, bias, *, kl_weight, ignore_in
 _fused_linear_paired_loss_op.register_autograd(
     lambda ctx, g_loss, g_ce, g_kl, g_grad: (
         paired_backward(ctx, g_loss, g_ce, g_kl, g_grad), None, None, None, None, None),
-    setup_context=paired_setup_context,
+    setup_context=paired_setup_context(labels_position=2),
 )
 
 

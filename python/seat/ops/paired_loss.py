@@ -111,10 +111,16 @@ def paired_fake(rows: Tensor, ref: Tensor, compute_grad: bool):
     return scalar, scalar.clone(), scalar.clone(), rows.new_empty(rows.shape if compute_grad else (0,))
 
 
-def paired_setup_context(ctx, inputs, keyword_only_inputs, output):
-    ctx.n_ce = inputs[1].shape[0]
-    ctx.kl_weight = keyword_only_inputs["kl_weight"]
-    ctx.save_for_backward(output[3])
+def paired_setup_context(labels_position: int):
+    """setup_context for an op whose positional input `labels_position` is labels (its
+    length is the number of x rows) and whose output 3 is the row gradient."""
+
+    def setup_context(ctx, inputs, keyword_only_inputs, output):
+        ctx.n_ce = inputs[labels_position].shape[0]
+        ctx.kl_weight = keyword_only_inputs["kl_weight"]
+        ctx.save_for_backward(output[3])
+
+    return setup_context
 
 
 def paired_backward(ctx, grad_loss, grad_ce, grad_kl, _grad_of_grad):
@@ -158,7 +164,7 @@ def _(logits, labels, ref_logits, kl_mask, *, kl_weight, ignore_index, temperatu
 
 _paired_loss_op.register_autograd(
     lambda ctx, g_loss, g_ce, g_kl, g_grad: (paired_backward(ctx, g_loss, g_ce, g_kl, g_grad), None, None, None),
-    setup_context=paired_setup_context,
+    setup_context=paired_setup_context(labels_position=1),
 )
 
 
