@@ -14,11 +14,12 @@ TORCH_LIBRARY(seat_C, m) {
   m.def("masked_swap_(Tensor(a!) param, Tensor idx, Tensor(b!) values) -> ()");
   // AdamW on params[i].view(-1)[idxs[i]] with compact state; empty masters[i] /
   // max_exp_avg_sqs[i] mean none; scalars: the 7 of seat/adamw.h; step_key: the 32-bit
-  // key of stochastic rounding (python/seat/ops/_adamw.py).
+  // key of stochastic rounding (python/seat/ops/_adamw.py); dense_state: state is
+  // full-size and indexed by position instead of compact.
   m.def(
       "sparse_adamw_(Tensor(a!)[] params, Tensor[] idxs, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, float[] scalars, "
-      "bool maximize, bool stochastic, int step_key) -> ()");
+      "bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
 }
 
 #ifndef SEAT_CUDA_ARCHS

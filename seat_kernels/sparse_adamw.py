@@ -24,7 +24,7 @@ N_COLS = 9
 @triton.jit
 def sparse_adamw_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.constexpr, STATE_DT: tl.constexpr,
                         HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
-                        STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+                        STOCHASTIC: tl.constexpr, DENSE_STATE: tl.constexpr, BLOCK: tl.constexpr):
     row = table_ptr + tl.program_id(1) * 9
     nnz = tl.load(row + 7)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -37,26 +37,28 @@ def sparse_adamw_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.constexpr
     decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt = load_scalars(scalars_ptr, STATE_DT)
 
     pos = tl.load(idx + offs, mask=live, other=0)
+    # compact state is indexed like the grads; full-size (dense-mask mode) by position
+    at = pos if DENSE_STATE else offs
     g = tl.load(grad + offs, mask=live, other=0.0)
-    m = tl.load(exp_avg + offs, mask=live, other=0.0)
-    v = tl.load(exp_avg_sq + offs, mask=live, other=0.0)
+    m = tl.load(exp_avg + at, mask=live, other=0.0)
+    v = tl.load(exp_avg_sq + at, mask=live, other=0.0)
     if HAS_MASTER:
         master = tl.load(row + 5).to(tl.pointer_type(STATE_DT))
-        w = tl.load(master + offs, mask=live, other=0.0)
+        w = tl.load(master + at, mask=live, other=0.0)
     else:
         w = tl.load(param + pos, mask=live, other=0.0).to(STATE_DT)
     vmax = v
     if AMSGRAD:
         max_exp_avg_sq = tl.load(row + 6).to(tl.pointer_type(STATE_DT))
-        vmax = tl.load(max_exp_avg_sq + offs, mask=live, other=0.0)
+        vmax = tl.load(max_exp_avg_sq + at, mask=live, other=0.0)
     w, m, v, vmax = adamw_step(w, g, m, v, vmax, decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt,
                                MAXIMIZE, AMSGRAD)
-    tl.store(exp_avg + offs, m, mask=live)
-    tl.store(exp_avg_sq + offs, v, mask=live)
+    tl.store(exp_avg + at, m, mask=live)
+    tl.store(exp_avg_sq + at, v, mask=live)
     if AMSGRAD:
-        tl.store(max_exp_avg_sq + offs, vmax, mask=live)
+        tl.store(max_exp_avg_sq + at, vmax, mask=live)
     if HAS_MASTER:
-        tl.store(master + offs, w, mask=live)
+        tl.store(master + at, w, mask=live)
     key = mix32(step_key.to(tl.uint32) ^ mix32(tl.load(row + 8).to(tl.uint32)))
     tl.store(param + pos, round_to_param(w, pos, key, PARAM_DT, STOCHASTIC and not HAS_MASTER), mask=live)
 
@@ -85,7 +87,7 @@ def _ptr(t) -> int:
 
 
 def sparse_adamw_(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, scalars, maximize,
-                  stochastic_rounding, step_key) -> None:
+                  stochastic_rounding, step_key, dense_state=False) -> None:
     """Launch over validated lists (masters / max_exp_avg_sqs entries empty when absent)."""
     groups: dict[tuple, list[tuple[int, ...]]] = {}
     for i, param in enumerate(params):
@@ -105,18 +107,20 @@ def sparse_adamw_(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_a
         sparse_adamw_kernel[grid](
             _table(rows, device), scalar_tensor, step_key, PARAM_DT=_TL_DTYPE[param_dtype],
             STATE_DT=_TL_DTYPE[state_dtype], HAS_MASTER=has_master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
-            STOCHASTIC=stochastic_rounding and param_dtype == torch.bfloat16, BLOCK=BLOCK)
+            STOCHASTIC=stochastic_rounding and param_dtype == torch.bfloat16, DENSE_STATE=dense_state, BLOCK=BLOCK)
 
 
-def _spec(param: str, state: str, has_master: bool, amsgrad: bool, stochastic: bool) -> AotSpec:
-    flags = "".join(f for f, on in (("+master", has_master), ("+amsgrad", amsgrad), ("+sr", stochastic)) if on)
+def _spec(param: str, state: str, has_master: bool, amsgrad: bool, stochastic: bool, dense: bool = False) -> AotSpec:
+    flags = "".join(f for f, on in (("+master", has_master), ("+amsgrad", amsgrad), ("+sr", stochastic),
+                                    ("+dense-state", dense)) if on)
     return AotSpec(
         f"sparse_adamw_kernel[{param}/{state}{flags}]", sparse_adamw_kernel,
         {"table_ptr": "*i64", "scalars_ptr": "*fp64", "step_key": "i64", "PARAM_DT": "constexpr",
          "STATE_DT": "constexpr", "HAS_MASTER": "constexpr", "AMSGRAD": "constexpr", "MAXIMIZE": "constexpr",
-         "STOCHASTIC": "constexpr", "BLOCK": "constexpr"},
+         "STOCHASTIC": "constexpr", "DENSE_STATE": "constexpr", "BLOCK": "constexpr"},
         {"PARAM_DT": _TL_DTYPE[getattr(torch, param)], "STATE_DT": _TL_DTYPE[getattr(torch, state)],
-         "HAS_MASTER": has_master, "AMSGRAD": amsgrad, "MAXIMIZE": False, "STOCHASTIC": stochastic, "BLOCK": BLOCK})
+         "HAS_MASTER": has_master, "AMSGRAD": amsgrad, "MAXIMIZE": False, "STOCHASTIC": stochastic,
+         "DENSE_STATE": dense, "BLOCK": BLOCK})
 
 
 AOT_SPECS = [
@@ -125,4 +129,5 @@ AOT_SPECS = [
     _spec("bfloat16", "float32", False, False, True),
     _spec("bfloat16", "float32", True, False, False),
     _spec("float16", "float32", True, True, False),
+    _spec("bfloat16", "float32", True, False, False, dense=True),
 ]

@@ -249,3 +249,63 @@ def test_bad_construction_is_rejected():
         SparseAdamW([w], [torch.tensor([0, 12], dtype=torch.int32)])
     with pytest.raises(ValueError, match="lr must be >= 0"):
         SparseAdamW([w], [random_mask(w, 0.5, seed=0)], lr=-1.0)
+
+
+@pytest.mark.parametrize("dense_state", [False, True])
+def test_redrawn_masks_keep_state_of_kept_entries(backend, dense_state):
+    """Paper-faithful mode: re-draw the mask mid-run (given as bool masks). Kept entries
+    keep their moments, new ones start at zero (compact) or keep theirs (full-size);
+    nothing outside the two masks moves; the backend agrees with the reference."""
+    device = backend_device("sparse_adamw_", backend)
+    results = {}
+    for which in ("reference", backend):
+        model = Tiny(torch.float32, device)
+        base = [p.detach().clone() for p in model.parameters()]
+        first = _masks(model, densities=(0.3, 0.3, 0.5))
+        second = {p: random_mask(p, 0.3, seed=10 + i).to(device) for i, p in enumerate(model.parameters())}
+        opt = SparseAdamW(model.parameters(), first, lr=1e-2, amsgrad=True, dense_state=dense_state)
+        with ops.use_backend(which):
+            for step in range(6):
+                if step == 3:
+                    bool_masks = {p: torch.zeros(p.shape, dtype=torch.bool, device=device).view(-1)
+                                  .index_fill_(0, m.long(), True).view(p.shape) for p, m in second.items()}
+                    before = {p: _state_by_position(opt, p) for p in model.parameters()}
+                    opt.set_masks(bool_masks)
+                    for p in model.parameters():
+                        after = _state_by_position(opt, p)
+                        kept = torch.isin(second[p], first[p])
+                        for pos in second[p][kept].tolist():
+                            assert after[pos] == before[p][pos]
+                        if not dense_state:
+                            assert all(after[pos] == 0.0 for pos in second[p][~kept].tolist())
+                x, y = _batch(step, torch.float32, device)
+                (model(x) - y).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        moved = [(p.detach() != b).view(-1) for p, b in zip(model.parameters(), base)]
+        for p, m in zip(model.parameters(), moved):
+            allowed = torch.zeros(p.numel(), dtype=torch.bool, device=device)
+            allowed[first[p].long()] = True
+            allowed[second[p].long()] = True
+            assert not bool((m & ~allowed).any()), "an entry outside both masks moved"
+        if dense_state:
+            assert all(opt.state[p]["exp_avg"].numel() == p.numel() for p in model.parameters())
+        results[which] = [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(results["reference"], results[backend]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _state_by_position(opt, p) -> dict[int, float]:
+    state = opt.state[p]["exp_avg"]
+    if opt.dense_state:
+        return dict(enumerate(state.tolist()))
+    return dict(zip(opt.state[p]["idx"].tolist(), state.tolist()))
+
+
+def test_set_masks_with_pending_gradients_is_refused():
+    model = Tiny(torch.float32, "cpu")
+    opt = SparseAdamW(model.parameters(), _masks(model), lr=1e-2)
+    x, y = _batch(0, torch.float32, "cpu")
+    (model(x) - y).pow(2).mean().backward()
+    with pytest.raises(RuntimeError, match="after optimizer.step"):
+        opt.set_masks(_masks(model))

@@ -30,7 +30,7 @@ T* data_or_null(const at::Tensor& t) {
 template <typename ParamIO, typename T>
 void update_tensor(const at::Tensor& param, const at::Tensor& idx, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const at::Tensor& master, const at::Tensor& max_exp_avg_sq,
-                   const seat::AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key) {
+                   const seat::AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key, bool dense_state) {
   auto* p = static_cast<typename ParamIO::storage*>(param.data_ptr());
   const int32_t* ix = idx.data_ptr<int32_t>();
   const T* g = grad.data_ptr<T>();
@@ -41,13 +41,14 @@ void update_tensor(const at::Tensor& param, const at::Tensor& idx, const at::Ten
   const int64_t nnz = idx.numel();
 #pragma omp parallel for schedule(static) if (nnz > kParallelGrain) num_threads(at::get_num_threads())
   for (int64_t i = 0; i < nnz; ++i) {
-    seat::sparse_adamw_element<ParamIO, T>(p, ix, g, m, v, w32, vmax, i, s, maximize, stochastic, key);
+    seat::sparse_adamw_element<ParamIO, T>(p, ix, g, m, v, w32, vmax, i, s, maximize, stochastic, key, dense_state);
   }
 }
 
 void sparse_adamw_cpu(at::TensorList params, at::TensorList idxs, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList max_exp_avg_sqs,
-                      at::ArrayRef<double> scalars, bool maximize, bool stochastic, int64_t step_key) {
+                      at::ArrayRef<double> scalars, bool maximize, bool stochastic, int64_t step_key,
+                      bool dense_state) {
   TORCH_CHECK(scalars.size() == seat::kAdamWScalars, "sparse_adamw_ CPU kernel: expected 7 scalars");
   const auto s32 = seat::adamw_scalars<float>(scalars.data());
   const auto s64 = seat::adamw_scalars<double>(scalars.data());
@@ -62,22 +63,22 @@ void sparse_adamw_cpu(at::TensorList params, at::TensorList idxs, at::TensorList
       case at::kBFloat16:
         TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: bf16 params need float32 state");
         update_tensor<seat::BF16IO, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
-                                           max_exp_avg_sqs[i], s32, maximize, stochastic, key);
+                                           max_exp_avg_sqs[i], s32, maximize, stochastic, key, dense_state);
         break;
       case at::kHalf:
         TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: fp16 params need float32 state");
         update_tensor<HalfIO, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
-                                     max_exp_avg_sqs[i], s32, maximize, false, key);
+                                     max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
         break;
       case at::kFloat:
         TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: fp32 params need float32 state");
         update_tensor<seat::PlainIO<float>, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                                                   masters[i], max_exp_avg_sqs[i], s32, maximize, false, key);
+                                                   masters[i], max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
         break;
       case at::kDouble:
         TORCH_CHECK(state == at::kDouble, "sparse_adamw_ CPU kernel: fp64 params need float64 state");
         update_tensor<seat::PlainIO<double>, double>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                                                     masters[i], max_exp_avg_sqs[i], s64, maximize, false, key);
+                                                     masters[i], max_exp_avg_sqs[i], s64, maximize, false, key, dense_state);
         break;
       default:
         TORCH_CHECK(false, "sparse_adamw_ CPU kernel: unsupported param dtype ", param.scalar_type());

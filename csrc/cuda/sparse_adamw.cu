@@ -22,7 +22,7 @@ struct HalfIO {
 
 template <typename ParamIO, typename T>
 __global__ void sparse_adamw_kernel(const AdamWTensorRef* __restrict__ table, AdamWScalars<T> s, bool maximize,
-                                    bool stochastic, uint32_t step_key) {
+                                    bool stochastic, uint32_t step_key, bool dense_state) {
   const AdamWTensorRef ref = table[blockIdx.y];
   const int64_t begin = blockIdx.x * kChunk;
   if (begin >= ref.nnz) return;
@@ -32,16 +32,17 @@ __global__ void sparse_adamw_kernel(const AdamWTensorRef* __restrict__ table, Ad
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     sparse_adamw_element<ParamIO, T>(param, ref.idx, static_cast<const T*>(ref.grad), static_cast<T*>(ref.exp_avg),
                                      static_cast<T*>(ref.exp_avg_sq), static_cast<T*>(ref.master),
-                                     static_cast<T*>(ref.max_exp_avg_sq), i, s, maximize, stochastic, key);
+                                     static_cast<T*>(ref.max_exp_avg_sq), i, s, maximize, stochastic, key,
+                                     dense_state);
   }
 }
 
 template <typename ParamIO, typename T>
 cudaError_t launch(const AdamWTensorRef* table, int64_t n, int64_t max_nnz, const double* scalars, bool maximize,
-                   bool stochastic, uint32_t step_key, cudaStream_t stream) {
+                   bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((max_nnz + kChunk - 1) / kChunk), static_cast<unsigned>(n));
   sparse_adamw_kernel<ParamIO, T><<<grid, kThreads, 0, stream>>>(table, adamw_scalars<T>(scalars), maximize,
-                                                                  stochastic, step_key);
+                                                                  stochastic, step_key, dense_state);
   return cudaGetLastError();
 }
 
@@ -49,23 +50,23 @@ cudaError_t launch(const AdamWTensorRef* table, int64_t n, int64_t max_nnz, cons
 
 cudaError_t sparse_adamw(const AdamWTensorRef* table, int64_t n, int64_t max_nnz, Dtype param_dtype,
                          Dtype state_dtype, const double* scalars, bool maximize, bool stochastic, uint32_t step_key,
-                         cudaStream_t stream) {
+                         bool dense_state, cudaStream_t stream) {
   if (n == 0 || max_nnz == 0) return cudaSuccess;
   if (n > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit: the binding splits larger calls
   const bool fp32_state = state_dtype == Dtype::kFloat32;
   switch (param_dtype) {
     case Dtype::kBFloat16:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch<BF16IO, float>(table, n, max_nnz, scalars, maximize, stochastic, step_key, stream);
+      return launch<BF16IO, float>(table, n, max_nnz, scalars, maximize, stochastic, step_key, dense_state, stream);
     case Dtype::kFloat16:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch<HalfIO, float>(table, n, max_nnz, scalars, maximize, false, step_key, stream);
+      return launch<HalfIO, float>(table, n, max_nnz, scalars, maximize, false, step_key, dense_state, stream);
     case Dtype::kFloat32:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch<PlainIO<float>, float>(table, n, max_nnz, scalars, maximize, false, step_key, stream);
+      return launch<PlainIO<float>, float>(table, n, max_nnz, scalars, maximize, false, step_key, dense_state, stream);
     case Dtype::kFloat64:
       if (fp32_state) return cudaErrorInvalidValue;
-      return launch<PlainIO<double>, double>(table, n, max_nnz, scalars, maximize, false, step_key, stream);
+      return launch<PlainIO<double>, double>(table, n, max_nnz, scalars, maximize, false, step_key, dense_state, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -32,7 +32,8 @@ constexpr int64_t kMaxTensorsPerLaunch = 65535;
 
 void sparse_adamw_cuda(at::TensorList params, at::TensorList idxs, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList masters, at::TensorList max_exp_avg_sqs,
-                       at::ArrayRef<double> scalars, bool maximize, bool stochastic, int64_t step_key) {
+                       at::ArrayRef<double> scalars, bool maximize, bool stochastic, int64_t step_key,
+                       bool dense_state) {
   TORCH_CHECK(scalars.size() == seat::kAdamWScalars, "sparse_adamw_ CUDA kernel: expected 7 scalars");
   if (params.empty()) return;
   const at::Device device = params[0].device();
@@ -60,7 +61,7 @@ void sparse_adamw_cuda(at::TensorList params, at::TensorList idxs, at::TensorLis
       const cudaError_t err = seat::cuda::sparse_adamw(
           static_cast<const seat::cuda::AdamWTensorRef*>(table.data_ptr()), n, max_nnz,
           to_seat_dtype(static_cast<at::ScalarType>(dtypes.first)), to_seat_dtype(static_cast<at::ScalarType>(dtypes.second)),
-          scalars.data(), maximize, stochastic, static_cast<uint32_t>(step_key), stream);
+          scalars.data(), maximize, stochastic, static_cast<uint32_t>(step_key), dense_state, stream);
       TORCH_CHECK(err == cudaSuccess, "sparse_adamw_ CUDA kernel failed: ", cudaGetErrorString(err));
     }
   }

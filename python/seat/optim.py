@@ -11,7 +11,13 @@ W.view(-1), sorted, unique; see seat.masks), the optimizer keeps, for the nnz en
   master      float32 copy of the entries, when master_weights=True
 
 and steps them with seat.ops.sparse_adamw_ (one kernel launch per param group and dtype).
-Entries outside the mask never change. Works with param groups, LR schedulers,
+Entries outside the mask never change.
+
+Masks may change during training (`set_masks`, the paper-faithful mode where a random
+mask is re-drawn every k steps). With dense_state=True the Adam state is kept full-size,
+for every entry of W, so an entry that leaves the mask and comes back finds its moments;
+with compact state (the default) kept entries keep theirs and new entries start at zero.
+A mask may be given as int32 indices or as a bool tensor of W's shape. Works with param groups, LR schedulers,
 state_dict / load_state_dict (the masks travel with the state and are checked on load),
 zero_grad, and gradient clipping on the compact buffers (clip_grad_norm_).
 """
@@ -59,12 +65,16 @@ class SparseAdamW(torch.optim.Optimizer):
         seeded by `seed`: unbiased, so small updates are not lost on average.
       compact_grads: install the gradient-compaction hooks (default). When False, step()
         gathers from each param's dense .grad instead (nothing is freed during backward).
+      dense_state: keep exp_avg / exp_avg_sq (/ master / max_exp_avg_sq) full-size, for
+        masks that are re-drawn (set_masks); costs 8+ bytes per entry of W instead of per
+        trained entry.
     """
 
     def __init__(self, params, masks: Mapping[Tensor, Tensor] | Sequence[Tensor], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
                  amsgrad: bool = False, maximize: bool = False, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0, compact_grads: bool = True):
+                 stochastic_rounding: bool = False, seed: int = 0, compact_grads: bool = True,
+                 dense_state: bool = False):
         if not 0.0 <= lr:
             raise ValueError(f"lr must be >= 0; got {lr}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -77,6 +87,7 @@ class SparseAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.seed = int(seed)
         self.compact_grads = compact_grads
+        self.dense_state = dense_state
         all_params = [p for group in self.param_groups for p in group["params"]]
         self._masks = self._resolve_masks(all_params, masks)
         self._grads: dict[Tensor, Tensor] = {}
@@ -104,6 +115,11 @@ class SparseAdamW(torch.optim.Optimizer):
         out = {}
         for i, (p, idx) in enumerate(zip(params, resolved)):
             _check_param(f"params[{i}]", p)
+            if isinstance(idx, Tensor) and idx.dtype == torch.bool:
+                if idx.shape != p.shape:
+                    raise ValueError(f"masks[{i}] is a bool mask of shape {tuple(idx.shape)}; its parameter has "
+                                     f"shape {tuple(p.shape)}")
+                idx = idx.reshape(-1).nonzero().squeeze(1).to(torch.int32)
             _checks.index_tensor(f"masks[{i}]", idx, p.numel())
             if idx.device != p.device:
                 raise ValueError(f"masks[{i}] is on {idx.device} but its parameter is on {p.device}")
@@ -114,15 +130,17 @@ class SparseAdamW(torch.optim.Optimizer):
     def _init_param(self, p: Tensor, group: dict) -> None:
         idx = self._masks[p]
         nnz, dtype = idx.numel(), _state_dtype(p)
+        size = p.numel() if self.dense_state else nnz
         state = self.state[p]
         state["step"] = 0
         state["idx"] = idx
-        state["exp_avg"] = torch.zeros(nnz, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(nnz, dtype=dtype, device=p.device)
+        state["exp_avg"] = torch.zeros(size, dtype=dtype, device=p.device)
+        state["exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros(nnz, dtype=dtype, device=p.device)
+            state["max_exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
         if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
-            state["master"] = p.detach().view(-1)[idx.long()].to(dtype)
+            flat = p.detach().view(-1)
+            state["master"] = (flat if self.dense_state else flat[idx.long()]).to(dtype)
         self._grads[p] = torch.zeros(nnz, dtype=dtype, device=p.device)
         self._has_grad[p] = False
         if self.compact_grads:
@@ -133,6 +151,32 @@ class SparseAdamW(torch.optim.Optimizer):
         ops.masked_gather_(self._grads[p], p.grad, self._masks[p])
         self._has_grad[p] = True
         p.grad = None
+
+    @torch.no_grad()
+    def set_masks(self, masks: Mapping[Tensor, Tensor] | Sequence[Tensor]) -> None:
+        """Replace the masks (e.g. re-draw a random mask). Call between steps, after
+        zero_grad(). Compact state follows the entries that stay in the mask and starts at
+        zero for new ones; full-size state (dense_state=True) is kept as it is."""
+        if any(self._has_grad.values()):
+            raise RuntimeError("set_masks with accumulated gradients would drop them: call it after "
+                               "optimizer.step() and zero_grad()")
+        params = [p for group in self.param_groups for p in group["params"]]
+        new_masks = self._resolve_masks(params, masks)
+        for p, new_idx in new_masks.items():
+            state, old_idx = self.state[p], self._masks[p]
+            if not self.dense_state:
+                # where each new entry sat in the old compact arrays (both are sorted)
+                where = torch.searchsorted(old_idx, new_idx).clamp_(max=max(old_idx.numel() - 1, 0))
+                kept = old_idx[where] == new_idx if old_idx.numel() else torch.zeros_like(new_idx, dtype=torch.bool)
+                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"):
+                    if key in state:
+                        fresh = (p.detach().view(-1)[new_idx.long()].to(state[key].dtype) if key == "master"
+                                 else torch.zeros(new_idx.numel(), dtype=state[key].dtype, device=p.device))
+                        fresh[kept] = state[key][where[kept]]
+                        state[key] = fresh
+            state["idx"] = new_idx
+            self._masks[p] = new_idx
+            self._grads[p] = torch.zeros(new_idx.numel(), dtype=_state_dtype(p), device=p.device)
 
     def remove_hooks(self) -> None:
         """Stop compacting gradients (e.g. before handing the model to another optimizer)."""
@@ -205,7 +249,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
                     stochastic_rounding=group["stochastic_rounding"],
-                    seed=(self.seed * 1_000_003 + group_index) % 2**63,
+                    seed=(self.seed * 1_000_003 + group_index) % 2**63, dense_state=self.dense_state,
                 )
         return loss
 

@@ -77,19 +77,22 @@ SEAT_HD uint16_t float_to_bf16(float x, bool stochastic, uint32_t random_bits) {
   return static_cast<uint16_t>((u + increment) >> 16);
 }
 
-// Compact-state element loop shared by CPU and CUDA: everything about element i of a
-// tensor (Param: the storage type; ParamIO: its load/store as the state type).
+// Element i of a tensor's masked entries, shared by CPU and CUDA (ParamIO: the param's
+// storage type and its load/store as the state type T). State is compact (indexed by i,
+// like grad) or, with dense_state, full-size (indexed by the entry's position).
 template <typename ParamIO, typename T>
 SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const T* grad, T* exp_avg,
                                   T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
-                                  const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key) {
+                                  const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key,
+                                  bool dense_state) {
   const int32_t pos = idx[i];
-  T w = master != nullptr ? master[i] : ParamIO::template load<T>(param + pos);
-  T m = exp_avg[i], v = exp_avg_sq[i];
-  w = adamw_step<T>(w, grad[i], m, v, max_exp_avg_sq != nullptr ? max_exp_avg_sq + i : nullptr, s, maximize);
-  exp_avg[i] = m;
-  exp_avg_sq[i] = v;
-  if (master != nullptr) master[i] = w;
+  const int64_t at = dense_state ? pos : i;
+  T w = master != nullptr ? master[at] : ParamIO::template load<T>(param + pos);
+  T m = exp_avg[at], v = exp_avg_sq[at];
+  w = adamw_step<T>(w, grad[i], m, v, max_exp_avg_sq != nullptr ? max_exp_avg_sq + at : nullptr, s, maximize);
+  exp_avg[at] = m;
+  exp_avg_sq[at] = v;
+  if (master != nullptr) master[at] = w;
   const bool round_stochastic = stochastic && master == nullptr;
   ParamIO::store(param + pos, w, round_stochastic,
                  round_stochastic ? mix32(key ^ mix32(static_cast<uint32_t>(pos))) : 0u);

@@ -18,6 +18,11 @@ Shapes and dtypes (lists of equal length; all tensors on one device, contiguous)
   max_exp_avg_sqs per param None or (nnz_i,) grads' dtype: the amsgrad running maximum
                   (amsgrad for the params that have one). None (the whole list) = none.
   step            the step number after incrementing (1 for the first step).
+  dense_state     False (default): exp_avgs, exp_avg_sqs, masters and max_exp_avg_sqs are
+                  compact, (nnz_i,), entry j belonging to position idxs[i][j]. True: they
+                  are full-size (params[i].numel() elements, any contiguous shape) and
+                  indexed by position: the dense-mask mode, where the mask is re-drawn
+                  during training and state must exist for every entry. grads stay compact.
   stochastic_rounding, seed
                   bf16 params without a master round the new value stochastically
                   (unbiased; random bits from (seed, step, i, position), see _adamw.py).
@@ -43,37 +48,46 @@ def present(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def reference(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
-              weight_decay, step, maximize, stochastic_rounding, seed) -> None:
+              weight_decay, step, maximize, stochastic_rounding, seed, dense_state) -> None:
     scalars = _adamw.AdamWScalars.of(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     key = _adamw.step_key(seed, step)
-    for i, (param, idx, grad, exp_avg, exp_avg_sq) in enumerate(zip(params, idxs, grads, exp_avgs, exp_avg_sqs)):
+    for i, (param, idx, grad) in enumerate(zip(params, idxs, grads)):
         flat, pos = param.view(-1), idx.long()
-        master, max_exp_avg_sq = present(masters[i]), present(max_exp_avg_sqs[i])
+        states = [exp_avgs[i], exp_avg_sqs[i], present(masters[i]), present(max_exp_avg_sqs[i])]
+        if dense_state:  # work on the masked entries of full-size state, then write back
+            full = states
+            states = [None if t is None else t.view(-1)[pos] for t in full]
+        exp_avg, exp_avg_sq, master, max_exp_avg_sq = states
         weight = master.clone() if master is not None else flat[pos].to(grad.dtype)
         weight = _adamw.adamw_update(weight, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, maximize)
         if master is not None:
             master.copy_(weight)
+        if dense_state:
+            for target, compact in zip(full, states):
+                if target is not None:
+                    target.view(-1)[pos] = compact
         stochastic = stochastic_rounding and master is None
         flat[pos] = _adamw.to_param_dtype(weight, param.dtype, stochastic, key, i, pos)
 
 
 def _native(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
-            weight_decay, step, maximize, stochastic_rounding, seed) -> None:
+            weight_decay, step, maximize, stochastic_rounding, seed, dense_state) -> None:
     s = _adamw.AdamWScalars.of(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     key = _adamw.step_key(seed, step)
     torch.ops.seat_C.sparse_adamw_(
         params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
         [s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.step_size, s.bias_correction2_sqrt],
-        maximize, stochastic_rounding, key)
+        maximize, stochastic_rounding, key, dense_state)
 
 
 def _triton(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, maximize,
-            stochastic_rounding, seed, step, **hyper) -> None:
+            stochastic_rounding, seed, dense_state, step, **hyper) -> None:
     from seat_kernels.sparse_adamw import sparse_adamw_
 
     scalars = _adamw.AdamWScalars.of(step=step, **hyper)
     sparse_adamw_(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, scalars=scalars,
-                  maximize=maximize, stochastic_rounding=stochastic_rounding, step_key=_adamw.step_key(seed, step))
+                  maximize=maximize, stochastic_rounding=stochastic_rounding, step_key=_adamw.step_key(seed, step),
+                  dense_state=dense_state)
 
 
 ENTRY = _registry.register("sparse_adamw_", reference, {"cpu": _native, "cuda": _native, "triton": _triton})
@@ -103,7 +117,7 @@ def state_dtype_for(name: str, param: Tensor, state: Tensor) -> None:
 
 
 def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
-          weight_decay, step, stochastic_rounding=False, values: bool = True):
+          weight_decay, step, stochastic_rounding=False, dense_state=False, values: bool = True):
     """Validate everything; returns the common device (None for empty lists)."""
     lists = {"params": params, "idxs": idxs, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              "masters": masters, "max_exp_avg_sqs": max_exp_avg_sqs}
@@ -124,9 +138,15 @@ def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, 
                 if state is not None:  # the op's empty stand-in: still a tensor of the right kind
                     _checks.tensor(f"{name}[{i}]", state, ndim=1)
                 continue
-            _checks.tensor(f"{name}[{i}]", state, ndim=1)
+            full_size = dense_state and name != "grads"
+            _checks.tensor(f"{name}[{i}]", state, ndim=None if full_size else 1)
             state_dtype_for(f"{name}[{i}]", param, state)
-            _checks.same_numel(f"{name}[{i}]", state, f"idxs[{i}]", idx)
+            if full_size:
+                if state.numel() != param.numel():
+                    raise ValueError(f"{name}[{i}] must have params[{i}].numel() = {param.numel()} elements with "
+                                     f"dense_state=True; got {state.numel()}")
+            else:
+                _checks.same_numel(f"{name}[{i}]", state, f"idxs[{i}]", idx)
             named[f"{name}[{i}]"] = state
         if device is not None and param.device != device:
             raise ValueError(f"params[{i}] is on {param.device} but params[0] is on {device}; use one device")
@@ -146,22 +166,23 @@ def _sparse_adamw_op(
     params: List[Tensor], idxs: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     exp_avg_sqs: List[Tensor], masters: List[Tensor], max_exp_avg_sqs: List[Tensor], *, lr: float, beta1: float,
     beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False,
-    stochastic_rounding: bool = False, seed: int = 0,
+    stochastic_rounding: bool = False, seed: int = 0, dense_state: bool = False,
 ) -> None:
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     device = check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
-                   stochastic_rounding=stochastic_rounding, **hyper)
+                   stochastic_rounding=stochastic_rounding, dense_state=dense_state, **hyper)
     if device is None:  # no parameters: nothing to do
         return
     ENTRY.run(device, params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, maximize=maximize,
-              stochastic_rounding=stochastic_rounding, seed=seed, **hyper)
+              stochastic_rounding=stochastic_rounding, seed=seed, dense_state=dense_state, **hyper)
 
 
 @_sparse_adamw_op.register_fake
 def _(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
-      weight_decay, step, maximize=False, stochastic_rounding=False, seed=0):
+      weight_decay, step, maximize=False, stochastic_rounding=False, seed=0, dense_state=False):
     check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
-          eps=eps, weight_decay=weight_decay, step=step, stochastic_rounding=stochastic_rounding, values=False)
+          eps=eps, weight_decay=weight_decay, step=step, stochastic_rounding=stochastic_rounding,
+          dense_state=dense_state, values=False)
 
 
 def absent_as_empty(states, like):
@@ -176,7 +197,7 @@ def absent_as_empty(states, like):
 def sparse_adamw_(
     params, idxs, grads, exp_avgs, exp_avg_sqs, masters=None, max_exp_avg_sqs=None, *, lr: float,
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, step: int,
-    maximize: bool = False, stochastic_rounding: bool = False, seed: int = 0,
+    maximize: bool = False, stochastic_rounding: bool = False, seed: int = 0, dense_state: bool = False,
 ) -> None:
     """One AdamW step on the masked entries of every param. See the module docstring."""
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
@@ -185,7 +206,8 @@ def sparse_adamw_(
         masters = absent_as_empty(masters, grads)
         max_exp_avg_sqs = absent_as_empty(max_exp_avg_sqs, grads)
     check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
-          stochastic_rounding=bool(stochastic_rounding), values=False, **hyper)
+          stochastic_rounding=bool(stochastic_rounding), dense_state=bool(dense_state), values=False, **hyper)
     torch.ops.seat.sparse_adamw_(list(params), list(idxs), list(grads), list(exp_avgs), list(exp_avg_sqs),
                                  list(masters), list(max_exp_avg_sqs), maximize=bool(maximize),
-                                 stochastic_rounding=bool(stochastic_rounding), seed=int(seed), **hyper)
+                                 stochastic_rounding=bool(stochastic_rounding), seed=int(seed),
+                                 dense_state=bool(dense_state), **hyper)
