@@ -6,6 +6,7 @@
 #   make test       build, then run the test suite (what CI runs)
 #   make gpu-test   on a machine with a CUDA GPU: build with CUDA forced, run all tests
 #   make info       python -m seat.info
+#   make bench      the benchmarks (results under benchmarks/results/<device>/)
 #
 # TORCH picks the torch build: the default is a CUDA 13.0 wheel (it also runs on CPU-only
 # machines and lets the CUDA kernels compile there). MAX_JOBS, TORCH_CUDA_ARCH_LIST,
@@ -19,7 +20,7 @@ PYTEST_ARGS ?=
 
 NATIVE_SOURCES := $(shell find csrc -type f) setup.py python/seat/_srchash.py python/seat/_version.py
 
-.PHONY: venv build demo test gpu-test info clean
+.PHONY: venv build demo test gpu-test info bench clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +49,10 @@ gpu-test:
 
 info: build
 	$(PY) -m seat.info
+
+bench: build
+	$(PY) -m pip install -q "matplotlib>=3.7" "bitsandbytes>=0.45"
+	$(PY) benchmarks/bench_sparse_adamw.py
 
 clean:
 	rm -rf build dist *.egg-info python/*.egg-info python/seat/_C*.so $(VENV)/.built

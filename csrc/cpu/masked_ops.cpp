@@ -11,6 +11,7 @@ namespace {
 
 // Below this many entries a parallel region costs more than it saves.
 constexpr int64_t kParallelGrain = 1 << 15;
+constexpr int64_t kPrefetchAhead = 16;
 
 void check_common(const at::Tensor& target, const at::Tensor& idx, const at::Tensor& compact) {
   TORCH_CHECK(target.device().is_cpu() && idx.device().is_cpu() && compact.device().is_cpu(),
@@ -26,6 +27,8 @@ template <typename Acc, typename In>
 void gather_loop(Acc* out, const In* dense, const int32_t* idx, int64_t nnz) {
 #pragma omp parallel for schedule(static) if (nnz > kParallelGrain) num_threads(at::get_num_threads())
   for (int64_t i = 0; i < nnz; ++i) {
+    // scattered reads: ask for lines a few entries ahead
+    if (i + kPrefetchAhead < nnz) __builtin_prefetch(dense + idx[i + kPrefetchAhead], 0);
     seat::gather_accumulate<Acc>(out, i, static_cast<Acc>(dense[idx[i]]));
   }
 }

@@ -13,6 +13,7 @@
 namespace {
 
 constexpr int64_t kParallelGrain = 1 << 14;
+constexpr int64_t kPrefetchAhead = 16;
 
 struct HalfIO {
   using storage = c10::Half;
@@ -41,6 +42,8 @@ void update_tensor(const at::Tensor& param, const at::Tensor& idx, const at::Ten
   const int64_t nnz = idx.numel();
 #pragma omp parallel for schedule(static) if (nnz > kParallelGrain) num_threads(at::get_num_threads())
   for (int64_t i = 0; i < nnz; ++i) {
+    // the param is touched at scattered positions: ask for lines a few entries ahead
+    if (i + kPrefetchAhead < nnz) __builtin_prefetch(p + ix[i + kPrefetchAhead], 1);
     seat::sparse_adamw_element<ParamIO, T>(p, ix, g, m, v, w32, vmax, i, s, maximize, stochastic, key, dense_state);
   }
 }

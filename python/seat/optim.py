@@ -144,10 +144,11 @@ class SparseAdamW(torch.optim.Optimizer):
         self._grads[p] = torch.zeros(nnz, dtype=dtype, device=p.device)
         self._has_grad[p] = False
         if self.compact_grads:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._compact_hook))
+            self._hooks.append(p.register_post_accumulate_grad_hook(self.compact_))
 
-    def _compact_hook(self, p: Tensor) -> None:
-        """dense grad -> compact buffer, then free the dense grad."""
+    def compact_(self, p: Tensor) -> None:
+        """Add p.grad's masked entries to p's compact gradient and free p.grad (what the
+        post-accumulate-grad hook runs after each backward)."""
         ops.masked_gather_(self._grads[p], p.grad, self._masks[p])
         self._has_grad[p] = True
         p.grad = None

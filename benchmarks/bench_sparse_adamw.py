@@ -1,0 +1,187 @@
+"""SparseAdamW vs dense optimizers on the linear layers of a Llama-3-8B block.
+
+    python benchmarks/bench_sparse_adamw.py [--quick | --scale K] [--device cpu|cuda] [--repeats N]
+
+Times one optimizer update (what runs between backward and the next forward) and counts
+the optimizer's bytes per parameter, for:
+  adamw-foreach / adamw-fused   torch.optim.AdamW on dense fp32 params
+  adamw8bit                     bitsandbytes AdamW8bit (dense, 8-bit state), if installed
+  naive-seat(-fused)            dense AdamW (foreach / fused) with the gradient multiplied
+                                by a bool mask (the straightforward SEAT optimizer)
+  seat d=...                    seat.optim.SparseAdamW: compaction of the dense gradient
+                                (the backward hook's work) + the compact step, fp32 params
+  seat-reference d=0.05         the same with SEAT_BACKEND=reference (torch ops)
+Ratios are against naive-seat, measured in the same run. --quick uses a block with every
+dimension divided by 4 (--scale K: by K).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import environment, measure, write_results  # noqa: E402
+
+from seat import ops  # noqa: E402
+from seat.masks import random_mask  # noqa: E402
+from seat.optim import SparseAdamW  # noqa: E402
+
+# (name, out_features, in_features) of a Llama-3-8B decoder block's linear layers
+LLAMA3_8B_BLOCK = [("q_proj", 4096, 4096), ("k_proj", 1024, 4096), ("v_proj", 1024, 4096), ("o_proj", 4096, 4096),
+                   ("gate_proj", 14336, 4096), ("up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
+DENSITIES = (0.5, 0.1, 0.05, 0.01)
+
+
+def make_params(shapes, device):
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(o, i, generator=g).mul_(0.02).to(device)) for _, o, i in shapes]
+    grads = [torch.randn(p.shape, generator=g).mul_(1e-3).to(device) for p in params]
+    return params, grads
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+               if isinstance(v, torch.Tensor))
+
+
+def bench_dense(label, make_opt, params, grads, device, repeats, mask=None):
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = make_opt(params)
+
+    def update():
+        if mask is not None:
+            for p, m in zip(params, mask):
+                p.grad.mul_(m)
+        opt.step()
+
+    timing = measure(update, device=device, repeats=repeats)
+    extra = sum(m.numel() * m.element_size() for m in mask) if mask is not None else 0
+    row = {"method": label, "density": 1.0, **timing, "state_bytes": state_bytes(opt) + extra}
+    del opt
+    for p in params:
+        p.grad = None
+    return row
+
+
+def bench_seat(label, params, grads, density, device, repeats, backend=None):
+    masks = [random_mask(p, density, seed=i).to(device) for i, p in enumerate(params)]
+    opt = SparseAdamW(params, masks, lr=1e-4)
+
+    def update():
+        for p, g in zip(params, grads):
+            p.grad = g
+            opt.compact_(p)
+        opt.step()
+        opt.zero_grad()
+
+    with ops.use_backend(backend):
+        timing = measure(update, device=device, repeats=repeats)
+    row = {"method": label, "density": density, **timing, "state_bytes": opt.state_bytes()}
+    opt.remove_hooks()
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a block with every dimension / 4")
+    parser.add_argument("--scale", type=int, default=None, help="divide every dimension by this")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="results folder (default: results/<device name>)")
+    args = parser.parse_args(argv)
+    scale = args.scale or (4 if args.quick else 1)
+    shapes = [(n, o // scale, i // scale) for n, o, i in LLAMA3_8B_BLOCK]
+    params, grads = make_params(shapes, args.device)
+    n_params = sum(p.numel() for p in params)
+    print(f"{len(params)} linear layers, {n_params / 1e6:.1f}M parameters (fp32), device {args.device}")
+
+    rows = []
+
+    def run(row):
+        row["bytes_per_param"] = row["state_bytes"] / n_params
+        rows.append(row)
+        print(f"  {row['method']:24s} {row['ms']:10.2f} ms  {row['bytes_per_param']:6.2f} B/param", flush=True)
+        gc.collect()
+
+    run(bench_dense("adamw-foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True), params, grads,
+                    args.device, args.repeats))
+    run(bench_dense("adamw-fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), params, grads,
+                    args.device, args.repeats))
+    try:
+        import bitsandbytes as bnb
+
+        run(bench_dense("adamw8bit (bitsandbytes)", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4), params, grads,
+                        args.device, args.repeats))
+    except ImportError:
+        print("  bitsandbytes not installed: AdamW8bit skipped")
+    bool_masks = [torch.zeros(p.shape, dtype=torch.bool, device=args.device).view(-1)
+                  .index_fill_(0, random_mask(p, 0.05, seed=i).to(args.device).long(), True).view(p.shape)
+                  for i, p in enumerate(params)]
+    run(bench_dense("naive-seat d=0.05", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True), params, grads,
+                    args.device, args.repeats, mask=bool_masks))
+    run(bench_dense("naive-seat-fused d=0.05", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), params, grads,
+                    args.device, args.repeats, mask=bool_masks))
+    del bool_masks
+    for density in DENSITIES:
+        run(bench_seat(f"seat d={density}", params, grads, density, args.device, args.repeats))
+    run(bench_seat("seat-reference d=0.05", params, grads, 0.05, args.device, args.repeats, backend="reference"))
+
+    naive = next(r for r in rows if r["method"].startswith("naive-seat d="))
+    for r in rows:
+        r["speedup_vs_naive"] = naive["ms"] / r["ms"]
+        r["memory_vs_naive"] = r["state_bytes"] / naive["state_bytes"]
+    env = environment(args.device)
+    env.update(shapes=shapes, n_params=n_params, scale=scale)
+    name = "sparse_adamw" if scale == 1 else f"sparse_adamw_scale{scale}"
+    md = write_results(
+        name, rows, env, out_dir=args.out,
+        title=f"Optimizer update on a Llama-3-8B block's linear layers{f' (dims / {scale})' if scale > 1 else ''}: "
+              f"{n_params / 1e6:.0f}M fp32 params",
+        columns=[("method", "method"), ("density", "density"), ("ms", "update ms (median)"),
+                 ("speedup_vs_naive", "speed vs naive SEAT"), ("bytes_per_param", "optimizer B/param"),
+                 ("memory_vs_naive", "memory vs naive SEAT")],
+        notes=["update = what runs between backward and the next forward: for seat, compacting each dense "
+               "gradient (the backward hook) and the compact AdamW step; for naive SEAT, multiplying each "
+               "gradient by its bool mask and a dense AdamW step.",
+               "naive SEAT (the ratio columns) uses torch's default AdamW implementation (foreach); "
+               "naive-seat-fused is the same with the fused CPU/CUDA AdamW.",
+               "optimizer B/param: optimizer-held bytes (state, masks, compact gradients) per parameter of the "
+               "block; dense gradients and the params themselves are not counted.",
+               f"{args.repeats} timed repeats after 2 warm-up runs; median."],
+    )
+    print(md.read_text())
+    plot(rows, md.with_suffix(".png"))
+    return 0
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [r["method"] for r in rows]
+    a.barh(labels, [r["ms"] for r in rows], color="tab:blue")
+    a.set_xscale("log")
+    a.set_xlabel("update time, ms (log)")
+    a.invert_yaxis()
+    b.barh(labels, [r["bytes_per_param"] for r in rows], color="tab:orange")
+    b.set_xlabel("optimizer bytes per parameter")
+    b.invert_yaxis()
+    b.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

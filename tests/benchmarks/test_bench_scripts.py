@@ -1,0 +1,23 @@
+"""The benchmark scripts run end to end and write their results (tiny shapes; the
+numbers themselves are not asserted: speed is measured in benchmarks, not tests)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_sparse_adamw_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_sparse_adamw.py"), "--scale", "64",
+                           "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "sparse_adamw_scale64.json").read_text())
+    methods = {r["method"] for r in data["rows"]}
+    assert {"adamw-foreach", "naive-seat d=0.05", "seat d=0.05", "seat-reference d=0.05"} <= methods
+    seat = next(r for r in data["rows"] if r["method"] == "seat d=0.05")
+    assert abs(seat["bytes_per_param"] - 0.05 * 16) < 0.01  # idx, exp_avg, exp_avg_sq, grad: 4 B each
+    assert (tmp_path / "sparse_adamw_scale64.md").read_text().startswith("# Optimizer update")
+    assert data["environment"]["device_name"]
