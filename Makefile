@@ -25,7 +25,8 @@ NATIVE_SOURCES := $(shell find csrc -type f) setup.py python/seat/_srchash.py py
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" "setuptools>=64" wheel
-	$(PY) -m pip install -q "triton>=3.2" "numpy>=1.24" "packaging>=23" "pytest>=8" "ninja>=1.11" "safetensors>=0.4"
+	$(PY) -m pip install -q "triton>=3.2" "numpy>=1.24" "packaging>=23" "pytest>=8" "ninja>=1.11" \
+		"safetensors>=0.4" "transformers>=4.46" "tokenizers>=0.20"
 	touch $@
 
 venv: $(VENV)/.deps

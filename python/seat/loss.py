@@ -1,0 +1,117 @@
+"""The SEAT loss of a paired batch on a patched model.
+
+    L = CE(answer tokens of x) + kl_weight * KL(p_base(. | x~) || p_theta(. | x~))
+
+1. Reference forward on x~ through the decoder, inside handle.reference() (the base
+   model: original values swapped into the masked entries), without grad.
+2. Current forward on x and x~ together as one batch of 2B sequences.
+3. The loss from hidden states and the frozen lm_head with
+   seat.ops.fused_linear_paired_loss, over only the rows that count (answer positions of
+   x, KL positions of x~), so no N x V logits exist. Models whose logits are not a plain
+   linear map of the hidden state (final logit soft-capping, a logit scale) take
+   seat.ops.paired_loss on logits of those rows instead.
+
+Batch (from seat.PairedCollator), all (B, T):
+  input_ids, attention_mask, labels (-100 where no loss; HF convention: labels[t] is the
+  token at t, predicted from position t-1), pert_input_ids, pert_attention_mask and
+  pert_kl_mask (bool: the positions of x~ whose next-token prediction counts; optional
+  with kl_tokens="all": then every non-pad position followed by a non-pad token).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+
+@dataclasses.dataclass
+class SeatLoss:
+    loss: Tensor  # scalar, differentiable: ce + kl_weight * kl
+    ce: Tensor  # scalar
+    kl: Tensor  # scalar
+    n_ce_tokens: int
+    n_kl_tokens: int
+
+
+REQUIRED_KEYS = ("input_ids", "attention_mask", "labels", "pert_input_ids", "pert_attention_mask")
+
+
+def _check_batch(batch: Mapping[str, Tensor], kl_tokens: str) -> None:
+    missing = [k for k in REQUIRED_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing}; build batches with seat.PairedCollator")
+    shape = batch["input_ids"].shape
+    for key in (*REQUIRED_KEYS, "pert_kl_mask"):
+        if key in batch and batch[key].shape != shape:
+            raise ValueError(f"batch[{key!r}] has shape {tuple(batch[key].shape)}, batch['input_ids'] {tuple(shape)}: "
+                             "x and x~ must be padded to the same length (seat.PairedCollator does this)")
+    if kl_tokens == "answer" and "pert_kl_mask" not in batch:
+        raise ValueError("kl_tokens='answer' needs batch['pert_kl_mask'] (seat.PairedCollator(kl_tokens='answer'))")
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+def _hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=_position_ids(attention_mask), use_cache=False)
+    return out[0]
+
+
+def logit_transform(config):
+    """What the model does to lm_head's output, if anything: None or a callable."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    if not cap and scale in (None, 1, 1.0):
+        return None
+
+    def transform(logits: Tensor) -> Tensor:
+        if scale not in (None, 1, 1.0):
+            logits = logits * scale
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return transform
+
+
+def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None) -> SeatLoss:
+    config, model = handle.config, handle.model
+    _check_batch(batch, config.kl_tokens)
+    x_ids, x_mask = batch["input_ids"], batch["attention_mask"]
+    p_ids, p_mask = batch["pert_input_ids"], batch["pert_attention_mask"]
+    n = x_ids.shape[0]
+    if "pert_kl_mask" in batch:
+        kl_rows = batch["pert_kl_mask"].bool()
+    else:  # every non-pad position whose next token is real
+        kl_rows = torch.zeros_like(p_mask, dtype=torch.bool)
+        kl_rows[:, :-1] = p_mask[:, :-1].bool() & p_mask[:, 1:].bool()
+
+    with handle.reference():
+        ref_hidden = _hidden(model, p_ids, p_mask)[kl_rows]
+    hidden = _hidden(model, torch.cat([x_ids, p_ids]), torch.cat([x_mask, p_mask]))
+    shifted = batch["labels"][:, 1:]
+    ce_rows = shifted != -100
+    rows = torch.cat([hidden[:n, :-1][ce_rows], hidden[n:][kl_rows]])
+    labels = shifted[ce_rows]
+    options = dict(kl_weight=config.kl_weight, temperature=config.temperature, reverse_kl=config.reverse_kl,
+                   ce_num_items=None if num_items_in_batch is None else float(num_items_in_batch),
+                   kl_num_items=None if kl_num_items is None else float(kl_num_items))
+
+    head = model.get_output_embeddings()
+    transform = logit_transform(model.config)
+    if transform is None:
+        loss, ce, kl = ops.fused_linear_paired_loss(rows, head.weight, labels, ref_hidden, None, head.bias,
+                                                    chunk_size=config.chunk_size, **options)
+    else:  # soft-capping or a logit scale: logits of the counted rows only
+        logits = transform(head(rows).float())
+        with torch.no_grad():
+            ref_logits = transform(head(ref_hidden).float())
+        loss, ce, kl = ops.paired_loss(logits, labels, ref_logits, None, **options)
+    return SeatLoss(loss, ce, kl, int(labels.numel()), int(ref_hidden.shape[0]))

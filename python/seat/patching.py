@@ -1,0 +1,243 @@
+"""seat.patch(model): make a Hugging Face causal LM ready for memory-efficient SEAT.
+
+Nothing in the model's code is rewritten and no second model is made. Patching
+
+  * freezes every parameter but the target weights (all linear layers of the decoder by
+    default; GPT-2's Conv1D counts as linear), remembering each requires_grad flag;
+  * builds a mask per target weight (seat.masks) and stores the weight's original values
+    at the masked entries (the only base values SEAT ever changes);
+  * returns a SeatHandle that gives the optimizer (seat.optim.SparseAdamW, whose hooks
+    compact each dense gradient as it is produced), the base model on demand
+    (`with handle.reference():` swaps the original values in and back), the SEAT loss of
+    a paired batch, delta checkpoints, and the way back (unpatch keeps the trained
+    weights, revert restores the original ones bit-exactly).
+
+(The module is seat.patching, not seat.patch: a submodule named like the function
+`seat.patch` would replace it as an attribute of the package once imported.)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+from typing import Iterator, Mapping
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .config import SeatConfig
+from .masks import magnitude_mask, param_seed, random_mask
+
+_HANDLE_ATTR = "_seat_handle"
+
+
+@dataclasses.dataclass
+class Target:
+    """One trained weight: its module, the mask and the base values at the mask."""
+
+    name: str  # parameter name in the model, e.g. "model.layers.0.self_attn.q_proj.weight"
+    module: torch.nn.Module
+    param: torch.nn.Parameter
+    idx: Tensor  # (nnz,) int32, sorted: flat positions in param.view(-1)
+    original: Tensor  # (nnz,) param.dtype: the base values there
+
+
+def _is_linear(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "weight") and module.weight.dim() == 2
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, across transformers versions."""
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), attr) or attr in getattr(model, "__dict__", {}):
+            return bool(getattr(model, attr))
+    return False
+
+
+def select_targets(model: torch.nn.Module, targets) -> list[tuple[str, torch.nn.Module]]:
+    """(module name, module) of every linear layer to train, in model order."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    chosen = []
+    for name, module in model.named_modules():
+        if not _is_linear(module) or module is output:
+            continue
+        if output is not None and module.weight is output.weight:  # tied lm_head
+            continue
+        if targets == "all-linear" or any(fnmatch.fnmatchcase(name, pattern) for pattern in targets):
+            chosen.append((name, module))
+    if not chosen:
+        raise ValueError(f"no linear layer of {type(model).__name__} matches targets={targets!r}; module names "
+                         "look like " + ", ".join(n for n, m in list(model.named_modules())[1:6]))
+    return chosen
+
+
+def patch(model: torch.nn.Module, config: SeatConfig | None = None, *, masks: Mapping[str, Tensor] | None = None,
+          **kwargs) -> "SeatHandle":
+    """Patch `model` for SEAT and return its SeatHandle.
+
+    config: a SeatConfig, or its fields as keywords (`seat.patch(model, density=0.05)`).
+    masks: optional {parameter name: int32 indices} overriding the configured mask kind
+        (e.g. importance masks from seat.masks.ImportanceScores).
+    """
+    if config is None:
+        config = SeatConfig(**kwargs)
+    elif kwargs:
+        raise TypeError(f"pass either a SeatConfig or its fields as keywords, not both (got {sorted(kwargs)})")
+    if not isinstance(config, SeatConfig):
+        raise TypeError(f"config must be a seat.SeatConfig; got {type(config).__name__}")
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise RuntimeError("this model is already patched by seat: call handle.unpatch() (or handle.revert()) "
+                           "before patching it again")
+    return SeatHandle(model, config, masks)
+
+
+class SeatHandle:
+    """The patched state of one model (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, config: SeatConfig, masks: Mapping[str, Tensor] | None):
+        self.model = model
+        self.config = config
+        self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self._optimizer = None
+        self._in_reference = False
+        param_names = {id(p): n for n, p in model.named_parameters()}
+        self.targets: dict[str, Target] = {}
+        for _, module in select_targets(model, config.targets):
+            weight = module.weight
+            name = param_names[id(weight)]
+            if not weight.is_contiguous():
+                raise ValueError(f"{name} is not contiguous; seat masks index a weight's flat storage")
+            idx = self._build_mask(name, weight, masks)
+            original = weight.detach().view(-1)[idx.long()].clone()
+            self.targets[name] = Target(name, module, weight, idx, original)
+        if masks is not None:
+            unknown = sorted(set(masks) - set(self.targets))
+            if unknown:
+                raise ValueError(f"masks given for parameters that are not targets: {unknown[:5]}")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for target in self.targets.values():
+            target.param.requires_grad_(True)
+        if _checkpointing(model) and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
+        setattr(model, _HANDLE_ATTR, self)
+        self._patched = True
+
+    def _build_mask(self, name: str, weight: Tensor, masks) -> Tensor:
+        if masks is not None and name in masks:
+            idx = masks[name]
+            if not isinstance(idx, Tensor) or idx.dtype != torch.int32:
+                raise TypeError(f"masks[{name!r}] must be an int32 tensor of flat indices (see seat.masks)")
+            ops._checks.index_values(f"masks[{name!r}]", idx, weight.numel())
+            return idx.to(weight.device)
+        if self.config.mask == "magnitude":
+            return magnitude_mask(weight.detach(), self.config.density).to(weight.device)
+        return random_mask(weight.numel(), self.config.density, seed=param_seed(self.config.seed, name),
+                           device=weight.device)
+
+    # ------------------------------------------------------------------ queries
+    def _check_patched(self) -> None:
+        if not self._patched:
+            raise RuntimeError("this SeatHandle was unpatched; patch the model again to use it")
+
+    @property
+    def num_trainable(self) -> int:
+        """Entries that train (the sum of the masks' sizes)."""
+        return sum(t.idx.numel() for t in self.targets.values())
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.num_trainable / sum(p.numel() for p in self.model.parameters())
+
+    # ------------------------------------------------------------------ training pieces
+    def optimizer(self, lr: float = 1e-4, **kwargs):
+        """seat.optim.SparseAdamW over the target weights with their masks (one per handle).
+        kwargs go to SparseAdamW; master_weights / stochastic_rounding / seed default to
+        the config's."""
+        from .optim import SparseAdamW
+
+        self._check_patched()
+        if self._optimizer is not None:
+            raise RuntimeError("this handle already made its optimizer; reuse it (handle.optimizer is created once "
+                               "so its gradient hooks are installed once)")
+        kwargs.setdefault("master_weights", self.config.master_weights)
+        kwargs.setdefault("stochastic_rounding", self.config.stochastic_rounding)
+        kwargs.setdefault("seed", self.config.seed)
+        params = [t.param for t in self.targets.values()]
+        self._optimizer = SparseAdamW(params, {t.param: t.idx for t in self.targets.values()}, lr=lr, **kwargs)
+        return self._optimizer
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside the block the model is the base model: the original values sit in the
+        masked entries (bit-exact); on exit, even by an exception, the trained values are
+        back. Runs under torch.no_grad()."""
+        self._check_patched()
+        if self._in_reference:
+            raise RuntimeError("handle.reference() is already active (it does not nest)")
+        self._in_reference = True
+        try:
+            with torch.no_grad():
+                self._swap_all()
+                try:
+                    yield
+                finally:
+                    self._swap_all()
+        finally:
+            self._in_reference = False
+
+    def _swap_all(self) -> None:
+        for t in self.targets.values():
+            ops.masked_swap_(t.param.data, t.idx, t.original)
+
+    def loss(self, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None):
+        """The SEAT loss of a batch from seat.PairedCollator: a SeatLoss(loss, ce, kl)."""
+        from .loss import seat_loss
+
+        self._check_patched()
+        return seat_loss(self, batch, num_items_in_batch=num_items_in_batch, kl_num_items=kl_num_items)
+
+    # ------------------------------------------------------------------ deltas
+    def save_delta(self, directory) -> None:
+        """Write the trained values at the masks (safetensors) and seat_config.json,
+        atomically. See seat.delta."""
+        from .delta import save_delta
+
+        self._check_patched()
+        save_delta(self, directory)
+
+    # ------------------------------------------------------------------ the way back
+    def unpatch(self) -> None:
+        """Remove every hook, mask and stored value; keep the trained weights (like PEFT's
+        merge_and_unload) and restore each parameter's requires_grad flag."""
+        self._check_patched()
+        if self._in_reference:
+            raise RuntimeError("cannot unpatch inside handle.reference()")
+        if self._optimizer is not None:
+            self._optimizer.remove_hooks()
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+        delattr(self.model, _HANDLE_ATTR)
+        self.targets = {}
+        self._patched = False
+
+    def revert(self) -> None:
+        """Put the original weights back (bit-exact), then unpatch."""
+        self._check_patched()
+        with torch.no_grad():
+            for t in self.targets.values():
+                t.param.data.view(-1)[t.idx.long()] = t.original
+        self.unpatch()
+
+    def __repr__(self) -> str:
+        state = "patched" if self._patched else "unpatched"
+        return (f"SeatHandle({type(self.model).__name__}, {state}, {len(self.targets)} target weights, "
+                f"{self.num_trainable if self._patched else 0} trainable entries)")
+
+
+def handle_of(model: torch.nn.Module) -> SeatHandle | None:
+    """The SeatHandle of a patched model, else None."""
+    return getattr(model, _HANDLE_ATTR, None)

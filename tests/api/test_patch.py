@@ -1,0 +1,200 @@
+"""seat.patch on tiny Llama / Qwen2 / Mistral / Gemma2 / GPT-2 models: targets, the
+reference forward, training touching only masked entries, unpatch / revert."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import seat
+from _models import KINDS, paired_batch, tiny_model
+
+pytest.importorskip("transformers")
+
+LINEARS_PER_BLOCK = {"llama": 7, "qwen2": 7, "mistral": 7, "gemma2": 7, "gpt2": 4}
+
+
+def _train(handle, steps=3, lr=1e-2, seed=0):
+    opt = handle._optimizer or handle.optimizer(lr=lr)
+    for step in range(steps):
+        out = handle.loss(paired_batch(seed=seed + step))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_targets_are_the_block_linears_and_only_they_train(kind):
+    model = tiny_model(kind)
+    handle = seat.patch(model, density=0.1)
+    assert len(handle.targets) == 2 * LINEARS_PER_BLOCK[kind]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(handle.targets)
+    assert not any("embed" in n or "wte" in n or "lm_head" in n for n in trainable)
+    for t in handle.targets.values():
+        assert t.idx.numel() == round(0.1 * t.param.numel())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_is_the_base_model_bit_exactly_after_training(kind):
+    model = tiny_model(kind)
+    base = copy.deepcopy(model)
+    handle = seat.patch(model, density=0.2, seed=3)
+    _train(handle)
+    batch = paired_batch(seed=9)
+    with torch.no_grad():
+        trained = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        with handle.reference():
+            inside = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        after = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(inside, expected)
+    assert torch.equal(after, trained)
+    assert not torch.equal(trained, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_masked_entries_move(kind):
+    model = tiny_model(kind)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = seat.patch(model, density=0.05)
+    _train(handle, steps=4)
+    for name, p in model.named_parameters():
+        changed = (p.detach() != base[name]).view(-1)
+        if name in handle.targets:
+            allowed = torch.zeros_like(changed)
+            allowed[handle.targets[name].idx.long()] = True
+            assert changed.any(), f"{name} did not train"
+            assert not (changed & ~allowed).any(), f"{name} changed outside its mask"
+        else:
+            assert not changed.any(), f"frozen {name} changed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kl_is_zero_before_training(kind):
+    handle = seat.patch(tiny_model(kind), density=0.05)
+    out = handle.loss(paired_batch())
+    assert abs(out.kl.item()) < 1e-6  # reference and current forwards differ only in batch size
+    assert out.ce.item() > 0 and out.n_ce_tokens > 0 and out.n_kl_tokens > 0
+
+
+def test_reference_restores_weights_on_exception():
+    model = tiny_model()
+    handle = seat.patch(model, density=0.2)
+    _train(handle, steps=1)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="boom"):
+        with handle.reference():
+            raise RuntimeError("boom")
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+
+
+def test_unpatch_keeps_trained_weights_and_removes_hooks():
+    model = tiny_model()
+    handle = seat.patch(model, density=0.2)
+    _train(handle, steps=2)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle.unpatch()
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    assert all(p.requires_grad for p in model.parameters())  # the flags the model had
+    batch = paired_batch()
+    model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+    name = next(iter(trained))
+    assert all(p.grad is not None for p in model.parameters()), "a compaction hook survived unpatch"
+    assert seat.patch(model, density=0.1) is not None  # patchable again
+    del name
+
+
+def test_revert_restores_original_weights_bit_exactly():
+    model = tiny_model("gpt2")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = seat.patch(model, density=0.3)
+    _train(handle, steps=2)
+    handle.revert()
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+def test_patching_twice_is_an_error():
+    model = tiny_model()
+    seat.patch(model, density=0.1)
+    with pytest.raises(RuntimeError, match="already patched"):
+        seat.patch(model, density=0.1)
+
+
+def test_targets_patterns_and_bad_config():
+    model = tiny_model()
+    handle = seat.patch(model, seat.SeatConfig(density=0.1, targets=["*.q_proj", "*.v_proj"]))
+    assert len(handle.targets) == 4 and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in handle.targets)
+    handle.unpatch()
+    with pytest.raises(ValueError, match="no linear layer"):
+        seat.patch(model, targets=["*.nothing"])
+    with pytest.raises(ValueError, match="density must be in"):
+        seat.patch(model, density=1.5)
+    with pytest.raises(TypeError, match="either a SeatConfig or its fields"):
+        seat.patch(model, seat.SeatConfig(), density=0.1)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    batch = paired_batch(batch=4, seed=5)
+    grads = []
+    for split in (False, True):
+        handle = seat.patch(tiny_model(), density=0.2)
+        opt = handle.optimizer(lr=1e-2)
+        if split:
+            parts = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]
+            n_ce = int((batch["labels"][:, 1:] != -100).sum())
+            n_kl = sum(handle.loss(p).n_kl_tokens for p in parts)
+            for part in parts:
+                handle.loss(part, num_items_in_batch=n_ce, kl_num_items=n_kl).loss.backward()
+        else:
+            handle.loss(batch).loss.backward()
+        grads.append([opt.compact_grad(t.param).clone() for t in handle.targets.values()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        if checkpointing:
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+            model.train()
+        handle = seat.patch(model, density=0.2)
+        opt = handle.optimizer(lr=1e-2)
+        handle.loss(paired_batch()).loss.backward()
+        grads.append([opt.compact_grad(t.param).clone() for t in handle.targets.values()])
+    for a, b in zip(*grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_left_and_right_padding_give_the_same_loss():
+    losses = []
+    for side in ("right", "left"):
+        handle = seat.patch(tiny_model(), density=0.2)
+        _train(handle, steps=1)
+        out = handle.loss(paired_batch(seed=4, padding_side=side))
+        losses.append((out.ce.item(), out.kl.item()))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4, abs=1e-7)
+
+
+def test_bf16_model_trains():
+    model = tiny_model(dtype=torch.bfloat16)
+    handle = seat.patch(model, density=0.1, stochastic_rounding=True)
+    opt = _train(handle, steps=2)
+    assert torch.isfinite(handle.loss(paired_batch()).loss)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in opt.state.values())
+
+
+def test_softcapped_model_takes_the_logits_path(monkeypatch):
+    from seat import ops
+
+    calls = []
+    original = ops.paired_loss
+    monkeypatch.setattr(ops, "paired_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    handle = seat.patch(tiny_model("gemma2"), density=0.1)
+    handle.loss(paired_batch()).loss.backward()
+    assert calls == [1]
