@@ -53,6 +53,17 @@ def _check_batch(batch: Mapping[str, Tensor], kl_tokens: str) -> None:
         raise ValueError("kl_tokens='answer' needs batch['pert_kl_mask'] (seat.PairedCollator(kl_tokens='answer'))")
 
 
+def kl_row_mask(batch: Mapping[str, Tensor]) -> Tensor:
+    """(B, T) bool: the positions of x~ whose next-token prediction enters the KL:
+    batch["pert_kl_mask"] when given, else every non-pad position followed by a real token."""
+    if "pert_kl_mask" in batch:
+        return batch["pert_kl_mask"].bool()
+    mask = batch["pert_attention_mask"].bool()
+    rows = torch.zeros_like(mask)
+    rows[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    return rows
+
+
 def _position_ids(attention_mask: Tensor) -> Tensor:
     """Positions counted over real tokens, so left padding does not shift them."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
@@ -87,11 +98,7 @@ def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, k
     x_ids, x_mask = batch["input_ids"], batch["attention_mask"]
     p_ids, p_mask = batch["pert_input_ids"], batch["pert_attention_mask"]
     n = x_ids.shape[0]
-    if "pert_kl_mask" in batch:
-        kl_rows = batch["pert_kl_mask"].bool()
-    else:  # every non-pad position whose next token is real
-        kl_rows = torch.zeros_like(p_mask, dtype=torch.bool)
-        kl_rows[:, :-1] = p_mask[:, :-1].bool() & p_mask[:, 1:].bool()
+    kl_rows = kl_row_mask(batch)
 
     with handle.reference():
         ref_hidden = _hidden(model, p_ids, p_mask)[kl_rows]

@@ -1,0 +1,81 @@
+"""SeatTrainer end to end on a tiny Llama and a word-level tokenizer: training lowers CE
+on the facts, logs ce and kl, checkpoints deltas, and resumes bit-exactly."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import seat  # noqa: E402
+from _tokenizers import word_tokenizer  # noqa: E402
+from seat.perturb import EntityPerturber  # noqa: E402
+
+RECORDS = [
+    {"question": "Where was Ann Lee born ?", "answer": "Ann Lee was born in Paris .", "entity": "Ann Lee"},
+    {"question": "What does Ann Lee do ?", "answer": "Ann Lee is a baker .", "entity": "Ann Lee"},
+    {"question": "Where was Bo Tran born ?", "answer": "Bo Tran was born in Lima .", "entity": "Bo Tran"},
+    {"question": "What does Bo Tran do ?", "answer": "Bo Tran is a pilot .", "entity": "Bo Tran"},
+]
+
+
+def _setup(tmp_path, seed=0, **arg_overrides):
+    texts = [r["question"] + " " + r["answer"] for r in RECORDS]
+    tokenizer = word_tokenizer(texts)
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
+                                      max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # a frozen head with the default 0.02 init caps logits near 0.6: the
+        model.lm_head.weight.normal_(0.0, 0.3)  # facts could not be learned through the norm
+    collator = seat.PairedCollator(tokenizer, EntityPerturber(exclude=[r["entity"] for r in RECORDS], seed=1))
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                max_steps=6, learning_rate=2e-2, weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+                save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, data_seed=0,
+                dataloader_num_workers=0, remove_unused_columns=False, lr_scheduler_type="linear")
+    args.update(arg_overrides)
+    trainer = seat.SeatTrainer(model, transformers.TrainingArguments(**args), seat_config=seat.SeatConfig(density=0.2),
+                               train_dataset=RECORDS, data_collator=collator, processing_class=tokenizer)
+    return trainer, model, collator
+
+
+def _ce(handle, collator):
+    with torch.no_grad():
+        return handle.loss(copy.deepcopy(collator)(RECORDS)).ce.item()
+
+
+def test_training_lowers_ce_and_logs_ce_and_kl(tmp_path):
+    trainer, model, collator = _setup(tmp_path, max_steps=20, save_steps=100, learning_rate=5e-2)
+    before = _ce(trainer.seat, collator)
+    trainer.train()
+    after = _ce(trainer.seat, collator)
+    assert after < before - 1.0, (before, after)
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("ce" in h and "kl" in h for h in logged)
+    assert abs(logged[0]["kl"]) < 1e-4 <= max(h["kl"] for h in logged)  # 0 before the first update
+
+
+def test_checkpoints_are_deltas_and_resume_is_bit_exact(tmp_path):
+    trainer, model, _ = _setup(tmp_path / "a")
+    trainer.train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    assert (checkpoint / "seat_delta" / "delta.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists()
+    assert (checkpoint / "seat_collator.json").is_file()
+    uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    resumed_trainer, resumed, _ = _setup(tmp_path / "a")  # a fresh base model, same seeds
+    resumed_trainer.train(resume_from_checkpoint=str(checkpoint))
+    for name, p in resumed.named_parameters():
+        assert torch.equal(p, uninterrupted[name]), name
+
+
+def test_an_optimizer_cannot_be_passed(tmp_path):
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="makes its own optimizer"):
+        seat.SeatTrainer(model, args, optimizers=(None, None))
