@@ -355,8 +355,10 @@ class EntityPerturber:
         all clash with ``avoid``, or a callable that keeps returning excluded names).
         """
         key = _check_int("key", key)
-        if isinstance(avoid, str):
-            avoid = (avoid,)
+        avoid = (avoid,) if isinstance(avoid, str) else tuple(avoid)
+        for i, a in enumerate(avoid):
+            if not isinstance(a, str):
+                raise TypeError(f"avoid[{i}] must be a str (a name); got {type(a).__name__}")
         avoid_full = frozenset(" ".join(a.split()).casefold() for a in avoid)
         avoid_tokens = frozenset().union(*(_name_tokens(a) for a in avoid)) if avoid_full else frozenset()
 
