@@ -6,18 +6,9 @@
 #include <torch/library.h>
 
 #include "masked_ops.cuh"
+#include "torch_dtype.h"
 
 namespace {
-
-seat::Dtype to_seat_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return seat::Dtype::kFloat32;
-    case at::kDouble: return seat::Dtype::kFloat64;
-    case at::kHalf: return seat::Dtype::kFloat16;
-    case at::kBFloat16: return seat::Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "seat_C CUDA kernel: unsupported dtype ", t);
-  }
-}
 
 void check_common(const at::Tensor& target, const at::Tensor& idx, const at::Tensor& compact) {
   TORCH_CHECK(target.is_cuda() && idx.device() == target.device() && compact.device() == target.device(),
@@ -32,9 +23,10 @@ void check_common(const at::Tensor& target, const at::Tensor& idx, const at::Ten
 void masked_gather_cuda(at::Tensor out, const at::Tensor& dense, const at::Tensor& idx) {
   check_common(dense, idx, out);
   const c10::cuda::CUDAGuard guard(out.device());
-  cudaError_t err = seat::cuda::masked_gather(out.data_ptr(), to_seat_dtype(out.scalar_type()), dense.data_ptr(),
-                                              to_seat_dtype(dense.scalar_type()), idx.data_ptr<int32_t>(), idx.numel(),
-                                              c10::cuda::getCurrentCUDAStream());
+  const auto out_dtype = seat::to_seat_dtype(out.scalar_type(), "masked_gather_ CUDA kernel");
+  const auto dense_dtype = seat::to_seat_dtype(dense.scalar_type(), "masked_gather_ CUDA kernel");
+  cudaError_t err = seat::cuda::masked_gather(out.data_ptr(), out_dtype, dense.data_ptr(), dense_dtype,
+                                              idx.data_ptr<int32_t>(), idx.numel(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "masked_gather_ CUDA kernel failed: ", cudaGetErrorString(err));
 }
 

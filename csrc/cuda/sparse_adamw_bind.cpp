@@ -13,18 +13,9 @@
 
 #include "seat/adamw.h"
 #include "sparse_adamw.cuh"
+#include "torch_dtype.h"
 
 namespace {
-
-seat::Dtype to_seat_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return seat::Dtype::kFloat32;
-    case at::kDouble: return seat::Dtype::kFloat64;
-    case at::kHalf: return seat::Dtype::kFloat16;
-    case at::kBFloat16: return seat::Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "sparse_adamw_ CUDA kernel: unsupported dtype ", t);
-  }
-}
 
 void* ptr_or_null(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : nullptr; }
 
@@ -60,7 +51,8 @@ void sparse_adamw_cuda(at::TensorList params, at::TensorList idxs, at::TensorLis
       for (int64_t j = 0; j < n; ++j) max_nnz = std::max(max_nnz, refs[first + j].nnz);
       const cudaError_t err = seat::cuda::sparse_adamw(
           static_cast<const seat::cuda::AdamWTensorRef*>(table.data_ptr()), n, max_nnz,
-          to_seat_dtype(static_cast<at::ScalarType>(dtypes.first)), to_seat_dtype(static_cast<at::ScalarType>(dtypes.second)),
+          seat::to_seat_dtype(static_cast<at::ScalarType>(dtypes.first), "sparse_adamw_ CUDA kernel"),
+          seat::to_seat_dtype(static_cast<at::ScalarType>(dtypes.second), "sparse_adamw_ CUDA kernel"),
           scalars.data(), maximize, stochastic, static_cast<uint32_t>(step_key), dense_state, stream);
       TORCH_CHECK(err == cudaSuccess, "sparse_adamw_ CUDA kernel failed: ", cudaGetErrorString(err));
     }
