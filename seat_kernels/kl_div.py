@@ -33,7 +33,11 @@ def _online_tile(m, s, a, t, o):
     k = tl.exp(m - safe_m)
     e = tl.exp(t - safe_m)
     s = s * k + tl.sum(e, 0)
-    a = a * k + tl.sum(tl.where(t == float("-inf"), 0.0, e * (t - o)), 0)
+    # Only entries with mass (e > 0, like the reference's p > 0) weigh in; zeroing t and o
+    # first keeps -inf - -inf (NaN) out of the arithmetic altogether.
+    has_mass = e > 0
+    w = tl.where(has_mass, t, 0.0) - tl.where(has_mass, o, 0.0)
+    a = a * k + tl.sum(e * w, 0)
     return new_m, s, a
 
 
@@ -107,8 +111,10 @@ def _kl_row(x_ptr, r_ptr, g_ptr, loss_ptr, scales_ptr, vocab, REVERSE: tl.conste
             q = tl.load(r_ptr + cols, mask=live, other=float("-inf")).to(ACC) * inv_t
             if REVERSE:
                 # (c - q) - (lse_c - lse_r): equal logits cancel exactly, even at |x| ~ 1e4
-                g = tl.exp((c - mc) - ls_c) * (((c - q) - dlse) - kl) * factor
-                g = tl.where(c == float("-inf"), 0.0, g)
+                p = tl.exp((c - mc) - ls_c)
+                has_mass = p > 0  # the reference's torch.where(p_cur > 0, ...)
+                lr = tl.where(has_mass, c, 0.0) - tl.where(has_mass, q, 0.0)
+                g = tl.where(has_mass, p * ((lr - dlse) - kl) * factor, 0.0)
             else:
                 g = (tl.exp((c - mc) - ls_c) - tl.exp((q - mr) - ls_r)) * factor
             tl.store(g_ptr + cols, g.to(g_ptr.dtype.element_ty), mask=live)

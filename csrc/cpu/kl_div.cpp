@@ -62,7 +62,7 @@ inline A tile_max_impl(const A* x, int n) {
   return m;
 }
 
-// s = sum e^{x - m}, a = sum_{x > -inf} e^{x - m} (x - o). The same loop serves the
+// s = sum e^{x - m}, a = sum_{e > 0} e^{x - m} (x - o) (as the reference's p > 0). The same loop serves the
 // target and the other input of a KL row, so identical inputs give identical sums.
 template <typename A>
 inline void tile_sums_impl(const A* x, const A* o, int n, A m, A* s_out, A* a_out) {
@@ -71,7 +71,7 @@ inline void tile_sums_impl(const A* x, const A* o, int n, A m, A* s_out, A* a_ou
   for (int j = 0; j < n; ++j) {
     const A e = FastExp::exp(x[j] - m);
     s += e;
-    a += x[j] == seat::neg_inf<A>() ? A(0) : e * (x[j] - o[j]);
+    a += e > A(0) ? e * (x[j] - o[j]) : A(0);  // no mass (-inf, underflow): no weight
   }
   *s_out = s;
   *a_out = a;

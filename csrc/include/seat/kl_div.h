@@ -50,7 +50,7 @@ SEAT_HD void online_add(OnlineLse<T>& st, T x, T w) {
   if (x <= st.m) {
     const T e = seat_exp(x - st.m);
     st.s += e;
-    st.a += e * w;
+    st.a += e > T(0) ? e * w : T(0);  // underflowed mass weighs nothing (reference: p > 0)
   } else {  // new maximum: rescale what was summed so far (e^{-inf} = 0 on the first)
     const T k = seat_exp(st.m - x);
     st.s = st.s * k + T(1);
@@ -104,12 +104,13 @@ SEAT_HD T kl_forward_grad(T c, T r, T m_c, T ls_c, T m_r, T ls_r, T factor) {
 }
 
 // d KL(p_cur || p_ref) / d cur_v (times factor): p_cur (log p_cur - log p_ref - KL),
-// 0 where p_cur = 0. The log-ratio is formed as (c - r) - (lse_c - lse_r) (dlse =
+// 0 where p_cur = 0 (-inf logits, or mass below the smallest float). The log-ratio is formed as (c - r) - (lse_c - lse_r) (dlse =
 // lse_difference(cur, ref)) so equal logits cancel exactly even at |logit| ~ 1e4.
 template <typename T, typename E = StdExp>
 SEAT_HD T kl_reverse_grad(T c, T r, T m_c, T ls_c, T dlse, T kl, T factor) {
-  const T g = E::exp((c - m_c) - ls_c) * (((c - r) - dlse) - kl) * factor;
-  return c == neg_inf<T>() ? T(0) : g;  // a select, not a branch: vectorizable
+  const T p = E::exp((c - m_c) - ls_c);
+  const T g = p * (((c - r) - dlse) - kl) * factor;
+  return p > T(0) ? g : T(0);  // the reference's where(p_cur > 0, ...); a select: vectorizable
 }
 
 // d CE / d x_v (times factor): softmax(x)_v - [v == label].
