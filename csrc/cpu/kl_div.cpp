@@ -19,18 +19,28 @@
 #include <cstring>
 #include <tuple>
 
+// The tile loops are full of selects on floats (x == -inf, e > 0, the exp's range
+// clamp); under GCC's default -ftrapping-math it will not turn them into vector blends,
+// and the loops stay scalar. Values are unchanged (no exceptions are observed here).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "seat/kl_div.h"
 
 namespace {
 
 constexpr int kTile = 1024;  // 2-4 tile buffers of 4 KiB (float) stay in L1
 
+// The tile helpers are compiled into each target_clones variant only if inlined there.
+#define SEAT_ALWAYS_INLINE inline __attribute__((always_inline))
+
 // exp for x <= 0 (every argument here is x - running max or x - lse): Cephes' expf
 // polynomial, ~2 ulp, selects instead of branches so the tile loops vectorize. Below
 // -87.3 it returns 0 where expf would return a denormal (< 1.2e-38); -inf gives 0, NaN
 // stays NaN.
 struct FastExp {
-  static inline float exp(float x) {
+  static SEAT_ALWAYS_INLINE float exp(float x) {
     constexpr float kLow = -87.33654f;
     const float xc = x < kLow ? kLow : (x > 0.f ? 0.f : x);
     const float y = xc * 1.44269504088896341f + 0.5f;
@@ -51,11 +61,11 @@ struct FastExp {
     const float out = x < kLow ? 0.f : p * scale;
     return x != x ? x : out;
   }
-  static inline double exp(double x) { return std::exp(x); }
+  static SEAT_ALWAYS_INLINE double exp(double x) { return std::exp(x); }
 };
 
 template <typename A>
-inline A tile_max_impl(const A* x, int n) {
+SEAT_ALWAYS_INLINE A tile_max_impl(const A* x, int n) {
   A m = seat::neg_inf<A>();
 #pragma omp simd reduction(max : m)
   for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
@@ -65,7 +75,7 @@ inline A tile_max_impl(const A* x, int n) {
 // s = sum e^{x - m}, a = sum_{e > 0} e^{x - m} (x - o) (as the reference's p > 0). The same loop serves the
 // target and the other input of a KL row, so identical inputs give identical sums.
 template <typename A>
-inline void tile_sums_impl(const A* x, const A* o, int n, A m, A* s_out, A* a_out) {
+SEAT_ALWAYS_INLINE void tile_sums_impl(const A* x, const A* o, int n, A m, A* s_out, A* a_out) {
   A s = 0, a = 0;
 #pragma omp simd reduction(+ : s, a)
   for (int j = 0; j < n; ++j) {
@@ -84,7 +94,7 @@ struct GradConsts {
 };
 
 template <typename A>
-inline void tile_kl_grad_impl(const A* c, const A* r, int n, const GradConsts<A>& k, bool reverse, A* g) {
+SEAT_ALWAYS_INLINE void tile_kl_grad_impl(const A* c, const A* r, int n, const GradConsts<A>& k, bool reverse, A* g) {
   if (reverse) {
 #pragma omp simd
     for (int j = 0; j < n; ++j) g[j] = seat::kl_reverse_grad<A, FastExp>(c[j], r[j], k.m_c, k.ls_c, k.dlse, k.kl, k.factor);
@@ -95,7 +105,7 @@ inline void tile_kl_grad_impl(const A* c, const A* r, int n, const GradConsts<A>
 }
 
 template <typename A>
-inline void tile_ce_grad_impl(const A* x, int n, int64_t label_in_tile, A m, A ls, A factor, A* g) {
+SEAT_ALWAYS_INLINE void tile_ce_grad_impl(const A* x, int n, int64_t label_in_tile, A m, A ls, A factor, A* g) {
 #pragma omp simd
   for (int j = 0; j < n; ++j) g[j] = seat::ce_grad<A, FastExp>(x[j], m, ls, j == label_in_tile, factor);
 }
@@ -118,6 +128,10 @@ SEAT_CLONES void tile_ce_grad_f32(const float* x, int n, int64_t label_in_tile, 
                                   float* g) {
   tile_ce_grad_impl<float>(x, n, label_in_tile, m, ls, factor, g);
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 inline float tile_max(const float* x, int n) { return tile_max_f32(x, n); }
 inline double tile_max(const double* x, int n) { return tile_max_impl<double>(x, n); }
