@@ -9,8 +9,8 @@ warm-up, in this process (torch's default thread count).
 Memory: each (case, implementation) runs once more in a fresh subprocess with
 MALLOC_MMAP_THRESHOLD_=65536 (so glibc serves every tensor of 64 KiB or more with mmap
 and returns it on free: resident memory follows live tensor bytes); the number reported
-is the peak resident set size (getrusage ru_maxrss) minus the resident size just before
-the measured call, i.e. the peak of what the call allocated beyond its inputs, the
+is the peak resident set size (VmHWM, reset through /proc/self/clear_refs just before the
+call) minus the resident size just before the measured call, i.e. the peak of what the call allocated beyond its inputs, the
 gradient included. The loss values of both implementations are compared as a check.
 Writes bench_kl_div.csv, .json and .md to --out. CPU numbers only: no GPU figures.
 """
@@ -21,7 +21,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -86,19 +85,25 @@ def time_case(op, impl, inputs, reps):
     return statistics.median(times)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def child_peak(op, impl, n, vocab, dtype_name) -> int:
     """In a fresh process: peak RSS growth of one call beyond its inputs (bytes)."""
     inputs = make_inputs(op, n, vocab, getattr(torch, dtype_name))
     run_once(op, impl, make_inputs(op, 8, 64, getattr(torch, dtype_name)))  # load code paths, small
-    before = rss_bytes()
+    # Reset the high-water mark (Linux >= 4.0), so the temporaries of making the inputs
+    # do not count; then peak RSS during the call minus RSS before it.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = proc_status_bytes("VmRSS")
     run_once(op, impl, inputs)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return max(0, peak - before)
+    return max(0, proc_status_bytes("VmHWM") - before)
 
 
 def measure_peak(op, impl, n, vocab, dtype_name) -> int:
