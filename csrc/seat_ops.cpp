@@ -20,6 +20,18 @@ TORCH_LIBRARY(seat_C, m) {
       "sparse_adamw_(Tensor(a!)[] params, Tensor[] idxs, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, float[] scalars, "
       "bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
+  // Fused log-softmax losses, per row (kl_div, paired_loss, fused_linear_paired_loss):
+  // the first labels.numel() rows of logits are cross-entropy rows against labels (0 loss
+  // and gradient where label == ignore_index), the rest KL rows against the matching
+  // rows of ref_logits (KL(p_ref || p_cur), reverse: KL(p_cur || p_ref), p = softmax(x /
+  // temperature); 0 where kl_valid is False; empty kl_valid = all valid). scales: 2
+  // values of the accumulation dtype multiplying the gradient of CE rows and KL rows
+  // (the caller folds 1/denominator and 1/temperature in). Returns the per-row losses
+  // (float32, float64 for float64 inputs) and the gradient w.r.t. logits in logits'
+  // dtype (empty unless compute_grad).
+  m.def(
+      "paired_rows(Tensor logits, Tensor labels, Tensor ref_logits, Tensor kl_valid, Tensor scales, "
+      "float temperature, int ignore_index, bool reverse, bool compute_grad) -> (Tensor, Tensor)");
 }
 
 #ifndef SEAT_CUDA_ARCHS

@@ -16,7 +16,7 @@ REBUILD_HINT = (
 )
 
 # Native kernels seat._C must provide (namespace seat_C); a build without one is stale.
-NATIVE_OPS = ("masked_gather_", "masked_swap_", "sparse_adamw_")
+NATIVE_OPS = ("masked_gather_", "masked_swap_", "sparse_adamw_", "paired_rows")
 
 
 class NativeBuildError(RuntimeError):

@@ -14,6 +14,21 @@ Shapes and dtypes:
   chunk_size rows per chunk for the kernels (0: chosen by the kernel); the result does
              not depend on it.
   returns    (loss, ce, kl), as paired_loss.
+
+Kernels (cpu, cuda, triton: one chunked driver, `chunked` below, over each backend's
+per-row kernel of paired_loss): rows are processed in chunks of chunk_size (0: as many
+as keep a chunk's fp32 logits under CHUNK_BYTES = 256 MiB). Per chunk: logits =
+hidden_chunk @ weight.T (+ bias) with fp32 accumulation (fp64 for fp64 hidden), the
+matching ref_hidden rows' logits for x~ chunks, the per-row loss kernel, and at once
+grad_hidden_chunk = grad_logits @ weight; so at most one chunk of logits (plus its ref
+logits and gradient) exists at a time, never N x V. Chunks never straddle the x / x~
+boundary, and each chunk's row count is padded to a multiple of ROW_MULTIPLE with ignored
+rows, so the BLAS computes every row with the same micro-kernel whatever chunk_size is:
+the result does not depend on chunk_size (bit for bit on the CPU, checked by the tests).
+Low-precision weights: on the CPU the weight (and bias) is upcast once per call (a
+V x H fp32 copy); on CUDA the products use torch.mm(..., out_dtype=float32) without a
+copy, and the gradient's matmul rounds grad_logits to the weight dtype first (as other
+fused-linear losses do). The CUDA path has not been run on a GPU yet.
 """
 from __future__ import annotations
 
@@ -22,12 +37,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _checks, _registry
+
+from . import _checks, _loss_rows, _registry
 from .kl_div import no_grad_input
 from .paired_loss import (
+    block_scales,
     check_label_values,
     check_labels_and_mask,
     check_paired_options,
+    combine_rows,
     paired_backward,
     paired_fake,
     paired_setup_context,
@@ -51,7 +69,100 @@ def reference(hidden, weight, labels, ref_hidden, kl_mask, bias, *, kl_weight, i
     return loss, ce, kl, grad
 
 
-ENTRY = _registry.register("fused_linear_paired_loss", reference, {})
+CHUNK_BYTES = 256 * 2**20  # a chunk's logits (accumulation dtype) stay under this
+ROW_MULTIPLE = 16  # chunk row counts are padded to this (BLAS row results then do not depend on the chunk)
+
+
+def auto_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk when chunk_size=0: a multiple of ROW_MULTIPLE, logits <= CHUNK_BYTES."""
+    rows = CHUNK_BYTES // (vocab * torch.finfo(dtype).bits // 8)
+    return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
+
+
+class _Projection:
+    """logits = h @ weight.T + bias and grad_h = grad_logits @ weight, in the accumulation
+    dtype `acc` (see the module docstring for low-precision weights)."""
+
+    def __init__(self, weight: Tensor, bias: Optional[Tensor], acc: torch.dtype):
+        self.acc = acc
+        self.mixed = weight.dtype != acc and weight.device.type == "cuda"
+        self.weight = weight if self.mixed or weight.dtype == acc else weight.to(acc)
+        self.bias = None if bias is None else bias.to(acc)
+
+    def logits(self, h: Tensor) -> Tensor:
+        if self.mixed:
+            out = torch.mm(h, self.weight.t(), out_dtype=self.acc)
+        else:
+            out = torch.mm(h.to(self.acc), self.weight.t())
+        if self.bias is not None:
+            out += self.bias
+        return out
+
+    def grad_hidden(self, grad_logits: Tensor) -> Tensor:
+        if self.mixed:
+            return torch.mm(grad_logits.to(self.weight.dtype), self.weight, out_dtype=self.acc)
+        return torch.mm(grad_logits, self.weight)
+
+
+def _pad_rows(t: Tensor, pad: int, value=0) -> Tensor:
+    if pad == 0:
+        return t
+    return torch.cat([t, t.new_full((pad, *t.shape[1:]), value)])
+
+
+def chunked(rows: _loss_rows.RowsKernel):
+    """The fused_linear_paired_loss implementation on top of a per-row kernel `rows`."""
+
+    def fused_linear_paired_loss_kernel(hidden, weight, labels, ref_hidden, kl_mask, bias, *, kl_weight, ignore_index,
+                                        temperature, reduction, ce_num_items, kl_num_items, reverse_kl, chunk_size,
+                                        compute_grad):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        device = hidden.device
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        n_ce = labels.shape[0]
+        n_kl = n_rows - n_ce
+        labels = labels.long().contiguous()
+        ce_denom, kl_denom, scales = block_scales(
+            labels, kl_mask, n_kl, ignore_index=ignore_index, temperature=temperature, reduction=reduction,
+            ce_num_items=ce_num_items, kl_num_items=kl_num_items, dtype=acc, device=device)
+        proj = _Projection(weight, bias, acc)
+        chunk = chunk_size if chunk_size > 0 else auto_chunk_rows(vocab, acc)
+        per_row = torch.empty(n_rows, dtype=acc, device=device)
+        grad = torch.empty_like(hidden) if compute_grad else hidden.new_empty(0)
+        no_labels, no_ref = _loss_rows.empty_labels(device), torch.empty(0, vocab, dtype=acc, device=device)
+
+        def run_chunk(first, count, logits, chunk_labels, ref_logits, valid):
+            chunk_loss, grad_logits = rows(logits, chunk_labels, ref_logits, valid, scales, temperature,
+                                           ignore_index, reverse_kl, compute_grad)
+            per_row[first:first + count] = chunk_loss[:count]
+            if compute_grad:
+                grad[first:first + count] = proj.grad_hidden(grad_logits)[:count]
+
+        for start in range(0, n_ce, chunk):  # x rows: cross-entropy
+            count = min(chunk, n_ce - start)
+            pad = -count % ROW_MULTIPLE  # padding rows carry ignore_index: zero loss and gradient
+            run_chunk(start, count, proj.logits(_pad_rows(hidden[start:start + count], pad)),
+                      _pad_rows(labels[start:start + count], pad, ignore_index), no_ref, _loss_rows.empty_mask(device))
+        for start in range(0, n_kl, chunk):  # x~ rows: KL against the reference rows
+            count = min(chunk, n_kl - start)
+            pad = -count % ROW_MULTIPLE
+            if kl_mask is not None:
+                valid = _pad_rows(kl_mask[start:start + count], pad, False)
+            elif pad:
+                valid = _pad_rows(torch.ones(count, dtype=torch.bool, device=device), pad, False)
+            else:
+                valid = _loss_rows.empty_mask(device)
+            run_chunk(n_ce + start, count, proj.logits(_pad_rows(hidden[n_ce + start:n_ce + start + count], pad)),
+                      no_labels, proj.logits(_pad_rows(ref_hidden[start:start + count], pad)), valid)
+        loss, ce, kl = combine_rows(per_row, n_ce, ce_denom, kl_denom, kl_weight)
+        return loss, ce, kl, grad
+
+    return fused_linear_paired_loss_kernel
+
+
+_NATIVE = chunked(_loss_rows.native_rows)
+ENTRY = _registry.register("fused_linear_paired_loss", reference,
+                           {"cpu": _NATIVE, "cuda": _NATIVE, "triton": chunked(_loss_rows.triton_rows)})
 
 
 def check(hidden, weight, labels, ref_hidden, kl_mask, bias, *, kl_weight, temperature, reduction, ce_num_items,

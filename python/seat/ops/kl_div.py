@@ -13,6 +13,15 @@ Shapes and dtypes:
   returns    ()  for reduction "mean" (over valid rows, or divided by num_items) / "sum",
              (...) for "none"; float32 (float64 if an input is float64).
 Accumulation is in fp32 (fp64 for fp64 inputs) whatever the input dtype.
+
+Backends (python/seat/ops/_loss_rows.py holds the shared glue): one fused per-row kernel
+(online log-softmax of both inputs in one pass -> loss, a second pass -> gradient)
+  cpu     C++ / OpenMP (csrc/cpu/kl_div.cpp): fp16 / bf16 / fp32 in any mix (fp32
+          accumulation), fp64 (fp64 accumulation).
+  cuda    CUDA C++ (csrc/cuda/kl_div.cu): the same dtypes and accumulation as cpu.
+  triton  seat_kernels/kl_div.py: the same dtypes and accumulation as cpu.
+A float64 input upcasts the other input to float64 before the kernel (as the reference
+computes in float64 then). The per-row losses are summed and divided in torch.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _checks, _registry
+from . import _checks, _loss_rows, _registry
 
 
 def compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -71,7 +80,34 @@ def reference(logits_cur, logits_ref, mask, *, temperature, reduction, num_items
     return loss, grad
 
 
-ENTRY = _registry.register("kl_div", reference, {})
+def kernel(rows: _loss_rows.RowsKernel):
+    """The kl_div implementation on top of a backend's per-row kernel `rows`."""
+
+    def kl_div_kernel(logits_cur, logits_ref, mask, *, temperature, reduction, num_items, reverse, compute_grad):
+        shape, vocab = logits_cur.shape[:-1], logits_cur.shape[-1]
+        cur, ref, acc = _loss_rows.kernel_inputs(logits_cur.reshape(-1, vocab), logits_ref.reshape(-1, vocab))
+        device = cur.device
+        valid = None if mask is None else mask.reshape(-1)
+        denom = _loss_rows.denominator(valid, cur.shape[0], reduction, num_items, acc, device)
+        scales = _loss_rows.grad_scales(torch.ones((), dtype=acc, device=device), denom, temperature)
+        per_row, grad = rows(cur, _loss_rows.empty_labels(device), ref,
+                             _loss_rows.empty_mask(device) if valid is None else valid, scales, temperature, -100,
+                             reverse, compute_grad)
+        if reduction == "none":
+            loss = per_row.reshape(shape)
+        elif reduction == "sum":
+            loss = per_row.sum()
+        else:
+            loss = per_row.sum() / denom
+        grad = grad.reshape(logits_cur.shape).to(logits_cur.dtype) if compute_grad else logits_cur.new_empty(0)
+        return loss, grad
+
+    return kl_div_kernel
+
+
+_NATIVE = kernel(_loss_rows.native_rows)
+ENTRY = _registry.register("kl_div", reference,
+                           {"cpu": _NATIVE, "cuda": _NATIVE, "triton": kernel(_loss_rows.triton_rows)})
 
 
 def check_options(temperature: float, reduction: str, num_items: Optional[float], reductions=_checks.REDUCTIONS):

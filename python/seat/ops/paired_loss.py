@@ -13,6 +13,9 @@ Shapes and dtypes:
   returns    (loss, ce, kl): three scalars, float32 (float64 for float64 inputs).
 CE: mean over non-ignored labels (or sum / ce_num_items); KL: mean over valid rows (or
 sum / kl_num_items); reduction="sum" sums both. temperature applies to the KL only.
+
+Backends: the per-row kernel of kl_div (cpu, cuda, triton; see kl_div's docstring for
+dtypes) handles both blocks in one launch: rows before labels.numel() are CE rows.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _checks, _registry
+from . import _checks, _loss_rows, _registry
 from .kl_div import check_options, compute_dtype, kl_rows, no_grad_input, reduce_rows
 
 PAIRED_REDUCTIONS = ("mean", "sum")
@@ -60,7 +63,47 @@ def reference(logits, labels, ref_logits, kl_mask, *, kl_weight, ignore_index, t
     return loss, ce, kl, grad
 
 
-ENTRY = _registry.register("paired_loss", reference, {})
+def block_scales(labels, kl_mask, n_kl, *, ignore_index, temperature, reduction, ce_num_items, kl_num_items, dtype,
+                 device):
+    """(ce_denom, kl_denom, scales): the denominators of both blocks (0-d tensors) and
+    the (2,) gradient multipliers for the per-row kernel."""
+    ce_denom = _loss_rows.denominator(labels != ignore_index, labels.shape[0], reduction, ce_num_items, dtype, device)
+    kl_denom = _loss_rows.denominator(kl_mask, n_kl, reduction, kl_num_items, dtype, device)
+    return ce_denom, kl_denom, _loss_rows.grad_scales(ce_denom, kl_denom, temperature)
+
+
+def combine_rows(per_row, n_ce, ce_denom, kl_denom, kl_weight):
+    """(loss, ce, kl) from the per-row losses (CE rows first)."""
+    ce = per_row[:n_ce].sum() / ce_denom
+    kl = per_row[n_ce:].sum() / kl_denom
+    return ce + kl_weight * kl, ce, kl
+
+
+def kernel(rows: _loss_rows.RowsKernel):
+    """The paired_loss implementation on top of a backend's per-row kernel `rows`."""
+
+    def paired_loss_kernel(logits, labels, ref_logits, kl_mask, *, kl_weight, ignore_index, temperature, reduction,
+                           ce_num_items, kl_num_items, reverse_kl, compute_grad):
+        n_ce = labels.shape[0]
+        rows_in, ref, acc = _loss_rows.kernel_inputs(logits, ref_logits)
+        device = logits.device
+        labels = labels.long().contiguous()
+        ce_denom, kl_denom, scales = block_scales(
+            labels, kl_mask, ref.shape[0], ignore_index=ignore_index, temperature=temperature, reduction=reduction,
+            ce_num_items=ce_num_items, kl_num_items=kl_num_items, dtype=acc, device=device)
+        per_row, grad = rows(rows_in, labels, ref, _loss_rows.empty_mask(device) if kl_mask is None else kl_mask,
+                             scales, temperature, ignore_index, reverse_kl, compute_grad)
+        loss, ce, kl = combine_rows(per_row, n_ce, ce_denom, kl_denom, kl_weight)
+        # Rows keep their own term's unweighted gradient (see paired_backward).
+        grad = grad.to(logits.dtype) if compute_grad else logits.new_empty(0)
+        return loss, ce, kl, grad
+
+    return paired_loss_kernel
+
+
+_NATIVE = kernel(_loss_rows.native_rows)
+ENTRY = _registry.register("paired_loss", reference,
+                           {"cpu": _NATIVE, "cuda": _NATIVE, "triton": kernel(_loss_rows.triton_rows)})
 
 
 def check_labels_and_mask(labels, kl_mask, n_rows: int, n_kl: int, rows_name: str) -> None:

@@ -1,0 +1,344 @@
+// CPU kernel of the fused log-softmax losses (seat_C::paired_rows, used by kl_div,
+// paired_loss and fused_linear_paired_loss): rows in parallel (at::parallel_for, i.e.
+// OpenMP), each row read twice.
+//   pass 1: online log-softmax of both inputs at once, tile by tile: the tile's max,
+//           then sum e^{x - m} (and the KL weights) in a vectorized loop, merged into the
+//           running state (seat/kl_div.h) -> the row's loss;
+//   pass 2: the gradient w.r.t. the row's logits, written straight into the output.
+// Tiles are converted to the accumulation type in small stack buffers (L1-resident), so
+// no N x V temporary exists besides the gradient. float rows use a branch-free exp and
+// are compiled for AVX-512 / AVX2 / baseline x86-64 (picked at load time by
+// target_clones); double rows (the oracle tests) use libm.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+
+// The tile loops are full of selects on floats (x == -inf, e > 0, the exp's range
+// clamp); under GCC's default -ftrapping-math it will not turn them into vector blends,
+// and the loops stay scalar. Values are unchanged (no exceptions are observed here).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
+#include "seat/kl_div.h"
+
+namespace {
+
+constexpr int kTile = 1024;  // 2-4 tile buffers of 4 KiB (float) stay in L1
+
+// The tile helpers are compiled into each target_clones variant only if inlined there.
+#define SEAT_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// exp for x <= 0 (every argument here is x - running max or x - lse): Cephes' expf
+// polynomial, ~2 ulp, selects instead of branches so the tile loops vectorize. Below
+// -87.3 it returns 0 where expf would return a denormal (< 1.2e-38); -inf gives 0, NaN
+// stays NaN.
+struct FastExp {
+  static SEAT_ALWAYS_INLINE float exp(float x) {
+    constexpr float kLow = -87.33654f;
+    const float xc = x < kLow ? kLow : (x > 0.f ? 0.f : x);
+    const float y = xc * 1.44269504088896341f + 0.5f;
+    int n = static_cast<int>(y);  // floor(y) via truncation, vectorizable everywhere
+    n -= (static_cast<float>(n) > y) ? 1 : 0;
+    const float fn = static_cast<float>(n);
+    const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    const float out = x < kLow ? 0.f : p * scale;
+    return x != x ? x : out;
+  }
+  static SEAT_ALWAYS_INLINE double exp(double x) { return std::exp(x); }
+};
+
+template <typename A>
+SEAT_ALWAYS_INLINE A tile_max_impl(const A* x, int n) {
+  A m = seat::neg_inf<A>();
+#pragma omp simd reduction(max : m)
+  for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// s = sum e^{x - m}, a = sum_{e > 0} e^{x - m} (x - o) (as the reference's p > 0). The same loop serves the
+// target and the other input of a KL row, so identical inputs give identical sums.
+template <typename A>
+SEAT_ALWAYS_INLINE void tile_sums_impl(const A* x, const A* o, int n, A m, A* s_out, A* a_out) {
+  A s = 0, a = 0;
+#pragma omp simd reduction(+ : s, a)
+  for (int j = 0; j < n; ++j) {
+    const A e = FastExp::exp(x[j] - m);
+    s += e;
+    a += e > A(0) ? e * (x[j] - o[j]) : A(0);  // no mass (-inf, underflow): no weight
+  }
+  *s_out = s;
+  *a_out = a;
+}
+
+// Row constants of the gradient pass.
+template <typename A>
+struct GradConsts {
+  A m_c, ls_c, m_r, ls_r, dlse, kl, factor;
+};
+
+template <typename A>
+SEAT_ALWAYS_INLINE void tile_kl_grad_impl(const A* c, const A* r, int n, const GradConsts<A>& k, bool reverse, A* g) {
+  if (reverse) {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) g[j] = seat::kl_reverse_grad<A, FastExp>(c[j], r[j], k.m_c, k.ls_c, k.dlse, k.kl, k.factor);
+  } else {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) g[j] = seat::kl_forward_grad<A, FastExp>(c[j], r[j], k.m_c, k.ls_c, k.m_r, k.ls_r, k.factor);
+  }
+}
+
+template <typename A>
+SEAT_ALWAYS_INLINE void tile_ce_grad_impl(const A* x, int n, int64_t label_in_tile, A m, A ls, A factor, A* g) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) g[j] = seat::ce_grad<A, FastExp>(x[j], m, ls, j == label_in_tile, factor);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SEAT_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define SEAT_CLONES
+#endif
+
+SEAT_CLONES float tile_max_f32(const float* x, int n) { return tile_max_impl<float>(x, n); }
+SEAT_CLONES void tile_sums_f32(const float* x, const float* o, int n, float m, float* s, float* a) {
+  tile_sums_impl<float>(x, o, n, m, s, a);
+}
+SEAT_CLONES void tile_kl_grad_f32(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse,
+                                  float* g) {
+  tile_kl_grad_impl<float>(c, r, n, k, reverse, g);
+}
+SEAT_CLONES void tile_ce_grad_f32(const float* x, int n, int64_t label_in_tile, float m, float ls, float factor,
+                                  float* g) {
+  tile_ce_grad_impl<float>(x, n, label_in_tile, m, ls, factor, g);
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+inline float tile_max(const float* x, int n) { return tile_max_f32(x, n); }
+inline double tile_max(const double* x, int n) { return tile_max_impl<double>(x, n); }
+inline void tile_sums(const float* x, const float* o, int n, float m, float* s, float* a) {
+  tile_sums_f32(x, o, n, m, s, a);
+}
+inline void tile_sums(const double* x, const double* o, int n, double m, double* s, double* a) {
+  tile_sums_impl<double>(x, o, n, m, s, a);
+}
+inline void tile_kl_grad(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse, float* g) {
+  tile_kl_grad_f32(c, r, n, k, reverse, g);
+}
+inline void tile_kl_grad(const double* c, const double* r, int n, const GradConsts<double>& k, bool reverse,
+                         double* g) {
+  tile_kl_grad_impl<double>(c, r, n, k, reverse, g);
+}
+inline void tile_ce_grad(const float* x, int n, int64_t label, float m, float ls, float factor, float* g) {
+  tile_ce_grad_f32(x, n, label, m, ls, factor, g);
+}
+inline void tile_ce_grad(const double* x, int n, int64_t label, double m, double ls, double factor, double* g) {
+  tile_ce_grad_impl<double>(x, n, label, m, ls, factor, g);
+}
+
+// Add one tile (x, with KL weights against o) to a running state.
+template <typename A>
+inline void tile_accumulate(seat::OnlineLse<A>& st, const A* x, const A* o, int n) {
+  const A bm = tile_max(x, n);
+  const A m = bm > st.m ? bm : st.m;
+  if (m == seat::neg_inf<A>()) return;  // only -inf so far: nothing to add
+  A s, a;
+  tile_sums(x, o, n, m, &s, &a);
+  const A k = FastExp::exp(st.m - m);  // 0 on the first finite tile (st.m = -inf)
+  st.s = st.s * k + s;
+  st.a = st.a * k + a;
+  st.m = m;
+}
+
+// Storage -> accumulation type (bf16 / fp16 through float, exactly).
+template <typename A, typename T>
+inline A to_acc(T v) {
+  return static_cast<A>(static_cast<float>(v));
+}
+template <>
+inline double to_acc<double, double>(double v) {
+  return v;
+}
+
+template <typename T, typename A>
+inline void load_tile(const T* src, int n, A scale, A* dst) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) dst[j] = to_acc<A>(src[j]) * scale;
+}
+
+template <typename T, typename A>
+inline void store_tile(const A* src, int n, T* dst) {
+  for (int j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+template <typename TC>
+void zero_row(TC* grad, int64_t vocab) {
+  if (grad != nullptr) std::fill(grad, grad + vocab, static_cast<TC>(0.f));
+}
+
+template <typename TC, typename TR, typename A>
+A kl_row(const TC* cur, const TR* ref, int64_t vocab, A inv_t, A factor, bool reverse, TC* grad) {
+  alignas(64) A cbuf[kTile];
+  alignas(64) A rbuf[kTile];
+  seat::OnlineLse<A> sc = seat::online_init<A>(), sr = seat::online_init<A>();
+  for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
+    load_tile(cur + v0, n, inv_t, cbuf);
+    load_tile(ref + v0, n, inv_t, rbuf);
+    tile_accumulate(sc, cbuf, rbuf, n);
+    tile_accumulate(sr, rbuf, cbuf, n);
+  }
+  const A kl = reverse ? seat::kl_value(sc, sr) : seat::kl_value(sr, sc);
+  if (grad != nullptr) {
+    const GradConsts<A> k{sc.m, seat::online_log_s(sc), sr.m, seat::online_log_s(sr), seat::lse_difference(sc, sr),
+                          kl, factor};
+    alignas(64) A gbuf[kTile];
+    for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
+      const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
+      load_tile(cur + v0, n, inv_t, cbuf);
+      load_tile(ref + v0, n, inv_t, rbuf);
+      tile_kl_grad(cbuf, rbuf, n, k, reverse, gbuf);
+      store_tile(gbuf, n, grad + v0);
+    }
+  }
+  return kl;
+}
+
+template <typename TC, typename A>
+A ce_row(const TC* x, int64_t vocab, int64_t label, A factor, TC* grad) {
+  alignas(64) A xbuf[kTile];
+  seat::OnlineLse<A> st = seat::online_init<A>();
+  for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
+    const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
+    load_tile(x + v0, n, A(1), xbuf);
+    tile_accumulate(st, xbuf, xbuf, n);
+  }
+  const A ls = seat::online_log_s(st);
+  if (grad != nullptr) {
+    alignas(64) A gbuf[kTile];
+    for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
+      const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
+      load_tile(x + v0, n, A(1), xbuf);
+      tile_ce_grad(xbuf, n, label - v0, st.m, ls, factor, gbuf);
+      store_tile(gbuf, n, grad + v0);
+    }
+  }
+  return (st.m - to_acc<A>(x[label])) + ls;
+}
+template <typename TC, typename TR, typename A>
+void paired_rows_typed(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref,
+                       const at::Tensor& kl_valid, const at::Tensor& scales, double temperature, int64_t ignore_index,
+                       bool reverse, at::Tensor& per_row, at::Tensor& grad) {
+  const int64_t n_rows = logits.size(0), vocab = logits.size(1), n_ce = labels.numel();
+  const TC* x = static_cast<const TC*>(logits.data_ptr());
+  const TR* r = static_cast<const TR*>(ref.data_ptr());
+  const int64_t* lab = labels.data_ptr<int64_t>();
+  const bool* valid = kl_valid.numel() > 0 ? kl_valid.data_ptr<bool>() : nullptr;
+  const A ce_factor = scales.data_ptr<A>()[0], kl_factor = scales.data_ptr<A>()[1];
+  const A inv_t = static_cast<A>(1.0 / temperature);
+  A* out = per_row.data_ptr<A>();
+  TC* g = grad.numel() > 0 ? static_cast<TC*>(grad.data_ptr()) : nullptr;
+  // Rows are independent: parallel over rows, a few per task when rows are short.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1));
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      TC* grow = g != nullptr ? g + i * vocab : nullptr;
+      if (i < n_ce) {
+        const int64_t label = lab[i];
+        if (label == ignore_index) {  // ignored x row: no loss, no gradient
+          out[i] = A(0);
+          zero_row(grow, vocab);
+        } else {
+          out[i] = ce_row<TC, A>(x + i * vocab, vocab, label, ce_factor, grow);
+        }
+      } else {
+        const int64_t k = i - n_ce;
+        if (valid != nullptr && !valid[k]) {  // masked x~ row
+          out[i] = A(0);
+          zero_row(grow, vocab);
+        } else {
+          out[i] = kl_row<TC, TR, A>(x + i * vocab, r + k * vocab, vocab, inv_t, kl_factor, reverse, grow);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void dispatch_half_float(at::ScalarType t, const char* name, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(Tag<float>{});
+    case at::kHalf: return f(Tag<c10::Half>{});
+    case at::kBFloat16: return f(Tag<c10::BFloat16>{});
+    default: TORCH_CHECK(false, "paired_rows CPU kernel: ", name, " has unsupported dtype ", t);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> paired_rows_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                   const at::Tensor& ref_logits, const at::Tensor& kl_valid,
+                                                   const at::Tensor& scales, double temperature, int64_t ignore_index,
+                                                   bool reverse, bool compute_grad) {
+  // The public ops validated everything; these checks guard direct calls of the kernel.
+  TORCH_CHECK(logits.dim() == 2 && ref_logits.dim() == 2 && logits.is_contiguous() && ref_logits.is_contiguous(),
+              "paired_rows CPU kernel: logits and ref_logits must be contiguous 2-D");
+  TORCH_CHECK(ref_logits.size(1) == logits.size(1), "paired_rows CPU kernel: vocabulary sizes differ");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.is_contiguous(),
+              "paired_rows CPU kernel: labels must be contiguous 1-D int64");
+  TORCH_CHECK(labels.numel() + ref_logits.size(0) == logits.size(0),
+              "paired_rows CPU kernel: logits must have labels.numel() + ref_logits.size(0) rows");
+  TORCH_CHECK(kl_valid.numel() == 0 || (kl_valid.scalar_type() == at::kBool && kl_valid.numel() == ref_logits.size(0)
+                                        && kl_valid.is_contiguous()),
+              "paired_rows CPU kernel: kl_valid must be empty or one bool per ref_logits row");
+  const bool fp64 = logits.scalar_type() == at::kDouble;
+  TORCH_CHECK(fp64 == (ref_logits.scalar_type() == at::kDouble),
+              "paired_rows CPU kernel: float64 logits need float64 ref_logits and vice versa");
+  const at::ScalarType acc = fp64 ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scales.scalar_type() == acc && scales.numel() == 2 && scales.is_contiguous(),
+              "paired_rows CPU kernel: scales must hold 2 values of the accumulation dtype");
+  for (const auto* t : {&logits, &labels, &ref_logits, &kl_valid, &scales}) {
+    TORCH_CHECK(t->device().is_cpu(), "paired_rows CPU kernel: every tensor must be on the CPU");
+  }
+  at::Tensor per_row = at::empty({logits.size(0)}, logits.options().dtype(acc));
+  at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
+  if (logits.size(0) == 0) return {per_row, grad};
+  if (fp64) {
+    paired_rows_typed<double, double, double>(logits, labels, ref_logits, kl_valid, scales, temperature,
+                                              ignore_index, reverse, per_row, grad);
+  } else {
+    dispatch_half_float(logits.scalar_type(), "logits", [&](auto tc) {
+      dispatch_half_float(ref_logits.scalar_type(), "ref_logits", [&](auto tr) {
+        paired_rows_typed<typename decltype(tc)::type, typename decltype(tr)::type, float>(
+            logits, labels, ref_logits, kl_valid, scales, temperature, ignore_index, reverse, per_row, grad);
+      });
+    });
+  }
+  return {per_row, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(seat_C, CPU, m) { m.impl("paired_rows", &paired_rows_cpu); }

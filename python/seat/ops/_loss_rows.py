@@ -1,0 +1,85 @@
+"""The per-row kernel behind kl_div, paired_loss and fused_linear_paired_loss, and the
+torch glue around it (dtypes, denominators, the final reduction).
+
+Every backend provides one kernel, `paired_rows`:
+
+    per_row, grad = rows(logits, labels, ref_logits, kl_valid, scales, temperature,
+                         ignore_index, reverse, compute_grad)
+
+  logits     (N_ce + N_kl, V) float16 / bfloat16 / float32 (or float64 with float64 ref)
+  labels     (N_ce,) int64: the first N_ce rows are cross-entropy rows (ignore_index: 0)
+  ref_logits (N_kl, V) float16 / bfloat16 / float32 (float64 with float64 logits)
+  kl_valid   (N_kl,) bool, or empty for "every KL row counts"
+  scales     (2,) accumulation dtype: multipliers of the CE and the KL row gradients
+  per_row    (N_ce + N_kl,) float32 (float64 for float64 inputs): the row losses, 0 for
+             ignored / masked rows
+  grad       (N_ce + N_kl, V) logits' dtype (empty unless compute_grad): the row
+             gradients times scales, 0 for ignored / masked rows
+
+One pass per row computes the online log-softmax of both inputs and the loss, a second
+pass writes the gradient (see csrc/include/seat/kl_div.h for the formulas). The sum over
+rows and the division by the denominator happen here, in torch, on the (N,) vector:
+deterministic, and without a host sync (denominators stay on the device).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+RowsKernel = Callable[..., "tuple[Tensor, Tensor]"]
+
+
+def native_rows(logits, labels, ref_logits, kl_valid, scales, temperature, ignore_index, reverse, compute_grad):
+    """The C++ CPU / CUDA kernel (seat._C, csrc/cpu/kl_div.cpp, csrc/cuda/kl_div.cu)."""
+    return torch.ops.seat_C.paired_rows(logits, labels, ref_logits, kl_valid, scales, float(temperature),
+                                        int(ignore_index), bool(reverse), bool(compute_grad))
+
+
+def triton_rows(logits, labels, ref_logits, kl_valid, scales, temperature, ignore_index, reverse, compute_grad):
+    """The Triton kernel (seat_kernels/kl_div.py)."""
+    from seat_kernels.kl_div import paired_rows
+
+    return paired_rows(logits, labels, ref_logits, kl_valid, scales, temperature, ignore_index, reverse,
+                       compute_grad)
+
+
+def accum_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def kernel_inputs(logits: Tensor, ref: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
+    """(logits, ref, accumulation dtype) as the kernels take them: a float64 input makes
+    both float64 (the kernels accumulate float64 only for float64 pairs); other dtype
+    mixes go to the kernels as they are (they accumulate in float32)."""
+    acc = accum_dtype(logits, ref)
+    if acc == torch.float64:
+        logits, ref = logits.to(acc), ref.to(acc)
+    return logits, ref, acc
+
+
+def denominator(valid: Optional[Tensor], n_rows: int, reduction: str, num_items: Optional[float],
+                dtype: torch.dtype, device: torch.device) -> Tensor:
+    """What the summed loss is divided by, as a 0-d tensor on `device` (no host sync):
+    1 for "sum"/"none", num_items if given, else the number of valid rows (at least 1)."""
+    if reduction != "mean":
+        return torch.ones((), dtype=dtype, device=device)
+    if num_items is not None:
+        return torch.full((), float(num_items), dtype=dtype, device=device)
+    if valid is None:
+        return torch.full((), float(max(n_rows, 1)), dtype=dtype, device=device)
+    return valid.sum().clamp(min=1).to(dtype)
+
+
+def grad_scales(ce_denom: Tensor, kl_denom: Tensor, temperature: float) -> Tensor:
+    """(2,) multipliers of the CE and KL row gradients: 1/denominator, and 1/T for KL."""
+    return torch.stack([ce_denom.reciprocal(), (kl_denom * temperature).reciprocal()]).contiguous()
+
+
+def empty_labels(device) -> Tensor:
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def empty_mask(device) -> Tensor:
+    return torch.empty(0, dtype=torch.bool, device=device)
