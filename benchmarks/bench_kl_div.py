@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         writer.writerows(rows)
     stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
     lines = [
-        f"# seat.ops kl_div / paired_loss vs eager torch, CPU (forward + backward)",
+        "# seat.ops kl_div / paired_loss vs eager torch, CPU (forward + backward)",
         "",
         f"{meta['cpu_count']} CPU cores, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
         f"median of {args.reps} after a warm-up; {meta['time']}. Peak = peak RSS growth of one call beyond its "

@@ -8,18 +8,9 @@
 #include <tuple>
 
 #include "kl_div.cuh"
+#include "torch_dtype.h"
 
 namespace {
-
-seat::Dtype to_seat_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return seat::Dtype::kFloat32;
-    case at::kDouble: return seat::Dtype::kFloat64;
-    case at::kHalf: return seat::Dtype::kFloat16;
-    case at::kBFloat16: return seat::Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "paired_rows CUDA kernel: unsupported dtype ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> paired_rows_cuda(const at::Tensor& logits, const at::Tensor& labels,
                                                     const at::Tensor& ref_logits, const at::Tensor& kl_valid,
@@ -49,8 +40,8 @@ std::tuple<at::Tensor, at::Tensor> paired_rows_cuda(const at::Tensor& logits, co
   at::Tensor per_row = at::empty({logits.size(0)}, logits.options().dtype(acc));
   at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   const cudaError_t err = seat::cuda::paired_rows(
-      logits.data_ptr(), to_seat_dtype(logits.scalar_type()), ref_logits.data_ptr(),
-      to_seat_dtype(ref_logits.scalar_type()), labels.data_ptr<int64_t>(),
+      logits.data_ptr(), seat::to_seat_dtype(logits.scalar_type(), "paired_rows CUDA kernel"), ref_logits.data_ptr(),
+      seat::to_seat_dtype(ref_logits.scalar_type(), "paired_rows CUDA kernel"), labels.data_ptr<int64_t>(),
       kl_valid.numel() > 0 ? kl_valid.data_ptr<bool>() : nullptr, scales.data_ptr(), logits.size(0), labels.numel(),
       logits.size(1), temperature, ignore_index, reverse, per_row.data_ptr(), compute_grad ? grad.data_ptr() : nullptr,
       c10::cuda::getCurrentCUDAStream());

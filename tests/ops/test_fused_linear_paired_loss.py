@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import backend_device, tol
+from _loss_oracle import paired_terms
 from seat import ops
 
 OP = "fused_linear_paired_loss"
@@ -42,14 +43,6 @@ def make_inputs(dtype, seed, device, *, bias=False, n_ce=N_CE, n_kl=N_KL, hidden
     return dict(hidden=cast(h), weight=cast(w), labels=labels.to(device), ref_hidden=cast(ref_h), bias=cast(b))
 
 
-def kl_oracle_rows(cur, ref, temperature, reverse):
-    log_cur = F.log_softmax(cur / temperature, dim=-1)
-    log_ref = F.log_softmax(ref / temperature, dim=-1)
-    inp, target = (log_ref, log_cur) if reverse else (log_cur, log_ref)
-    gone = target == float("-inf")
-    terms = F.kl_div(torch.where(gone, ZERO, inp), torch.where(gone, ZERO, target), log_target=True,
-                     reduction="none")
-    return torch.where(gone, ZERO, terms).sum(-1)
 
 
 def oracle(hidden, weight, labels, ref_hidden, kl_mask=None, bias=None, *, kl_weight=1.0, ignore_index=-100,
@@ -61,19 +54,9 @@ def oracle(hidden, weight, labels, ref_hidden, kl_mask=None, bias=None, *, kl_we
     b = None if bias is None else bias.detach().cpu().double()
     logits = F.linear(h, w, b)
     ref_logits = F.linear(ref_hidden.detach().cpu().double(), w, b)
-    labels = labels.cpu().long()
-    n_ce = labels.numel()
-    ce = F.cross_entropy(logits[:n_ce], labels, ignore_index=ignore_index, reduction="sum")
-    kl_rows = kl_oracle_rows(logits[n_ce:], ref_logits, temperature, reverse_kl)
-    if kl_mask is not None:
-        kl_rows = torch.where(kl_mask.cpu(), kl_rows, ZERO)
-    kl = kl_rows.sum()
-    if reduction == "mean":
-        n_valid = int((labels != ignore_index).sum())
-        n_kl = kl_rows.numel() if kl_mask is None else int(kl_mask.sum())
-        ce = ce / (ce_num_items if ce_num_items is not None else max(n_valid, 1))
-        kl = kl / (kl_num_items if kl_num_items is not None else max(n_kl, 1))
-    loss = ce + kl_weight * kl
+    loss, ce, kl = paired_terms(logits, labels, ref_logits, kl_mask, kl_weight=kl_weight, ignore_index=ignore_index,
+                                temperature=temperature, reduction=reduction, ce_num_items=ce_num_items,
+                                kl_num_items=kl_num_items, reverse_kl=reverse_kl)
     combine(loss, ce, kl).backward()
     return loss.detach(), ce.detach(), kl.detach(), h.grad
 

@@ -13,7 +13,6 @@ import test_fused_linear_paired_loss as fused_tests
 import test_kl_div as kl_tests
 import test_paired_loss as paired_tests
 from conftest import backend_device, tol
-from seat import ops
 
 fused_module = importlib.import_module("seat.ops.fused_linear_paired_loss")  # the module, not the function
 

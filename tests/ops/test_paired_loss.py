@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import backend_device, tol
+from _loss_oracle import paired_terms
 from seat import ops
 
 OP = "paired_loss"
@@ -40,15 +40,6 @@ def make_batch(n_ce, n_kl, vocab, dtype, seed, device, *, n_ignored=0, ignore_in
     return logits.to(dtype).to(device), labels.to(device), ref_logits.to(dtype).to(device)
 
 
-def kl_oracle_rows(cur, ref, temperature, reverse):
-    """Per-row KL(p_ref || p_cur) (reverse: KL(p_cur || p_ref)) via F.kl_div, 0 * log 0 = 0."""
-    log_cur = F.log_softmax(cur / temperature, dim=-1)
-    log_ref = F.log_softmax(ref.double() / temperature, dim=-1)
-    inp, target = (log_ref, log_cur) if reverse else (log_cur, log_ref)
-    gone = target == NEG_INF
-    terms = F.kl_div(torch.where(gone, ZERO, inp), torch.where(gone, ZERO, target), log_target=True,
-                     reduction="none")
-    return torch.where(gone, ZERO, terms).sum(-1)
 
 
 def oracle(logits, labels, ref_logits, kl_mask=None, *, kl_weight=1.0, ignore_index=-100, temperature=1.0,
@@ -56,19 +47,9 @@ def oracle(logits, labels, ref_logits, kl_mask=None, *, kl_weight=1.0, ignore_in
            combine=lambda loss, ce, kl: loss):
     """(loss, ce, kl, d combine(loss, ce, kl) / d logits) in float64 on the CPU."""
     x = logits.detach().cpu().double().requires_grad_()
-    labels = labels.cpu().long()
-    n_ce = labels.numel()
-    ce = F.cross_entropy(x[:n_ce], labels, ignore_index=ignore_index, reduction="sum")
-    kl_rows = kl_oracle_rows(x[n_ce:], ref_logits.cpu(), temperature, reverse_kl)
-    if kl_mask is not None:
-        kl_rows = torch.where(kl_mask.cpu(), kl_rows, ZERO)
-    kl = kl_rows.sum()
-    if reduction == "mean":
-        n_valid = int((labels != ignore_index).sum())
-        n_kl = kl_rows.numel() if kl_mask is None else int(kl_mask.sum())
-        ce = ce / (ce_num_items if ce_num_items is not None else max(n_valid, 1))
-        kl = kl / (kl_num_items if kl_num_items is not None else max(n_kl, 1))
-    loss = ce + kl_weight * kl
+    loss, ce, kl = paired_terms(x, labels, ref_logits, kl_mask, kl_weight=kl_weight, ignore_index=ignore_index,
+                                temperature=temperature, reduction=reduction, ce_num_items=ce_num_items,
+                                kl_num_items=kl_num_items, reverse_kl=reverse_kl)
     combine(loss, ce, kl).backward()
     return loss.detach(), ce.detach(), kl.detach(), x.grad
 
