@@ -12,7 +12,9 @@ and returns it on free: resident memory follows live tensor bytes); the number r
 is the peak resident set size (VmHWM, reset through /proc/self/clear_refs just before the
 call) minus the resident size just before the measured call, i.e. the peak of what the call allocated beyond its inputs, the
 gradient included. The loss values of both implementations are compared as a check.
-Writes bench_kl_div.csv, .json and .md to --out. CPU numbers only: no GPU figures.
+fused_linear: fused_linear_paired_loss from hidden states (H=512) and the lm_head vs eager
+torch computing both models' N x V logits. Writes bench_kl_div.csv, .json and .md to
+--out. CPU numbers only: no GPU figures.
 """
 from __future__ import annotations
 
@@ -35,8 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, device_name, slug  # noqa: E402
 
 
+FUSED_HIDDEN = 512  # hidden size of the fused_linear cases (kept small: CPU matmul time)
+
+
 def make_inputs(op: str, n: int, vocab: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
+    if op == "fused_linear":  # hidden states (x rows, then x~ rows) and a frozen lm_head
+        hidden = torch.randn(n, FUSED_HIDDEN, generator=g).to(dtype)
+        weight = (torch.randn(vocab, FUSED_HIDDEN, generator=g) * FUSED_HIDDEN**-0.5 * 2.5).to(dtype)
+        n_ce = n // 2
+        ref = (hidden[n_ce:].float() + 0.3 * torch.randn(n - n_ce, FUSED_HIDDEN, generator=g)).to(dtype)
+        labels = torch.randint(0, vocab, (n_ce,), generator=g)
+        return dict(cur=hidden, ref=ref, labels=labels, weight=weight)
     cur = (torch.randn(n, vocab, generator=g) * 2.5).to(dtype)
     if op == "kl_div":
         ref = (cur.float() + torch.randn(n, vocab, generator=g)).to(dtype)
@@ -64,6 +76,15 @@ def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
                 loss = ops.kl_div(leaf, inputs["ref"])
         else:
             loss = naive_kl(leaf, inputs["ref"])
+    elif op == "fused_linear":
+        labels, ref, weight = inputs["labels"], inputs["ref"], inputs["weight"]
+        n_ce = labels.numel()
+        if impl == "seat":
+            with ops.use_backend("cpu"):
+                loss, _, _ = ops.fused_linear_paired_loss(leaf, weight, labels, ref)
+        else:  # the N x V logits of both models, materialized
+            logits, ref_logits = leaf @ weight.T, ref @ weight.T
+            loss = F.cross_entropy(logits[:n_ce].float(), labels) + naive_kl(logits[n_ce:], ref_logits)
     else:
         labels, ref = inputs["labels"], inputs["ref"]
         n_ce = labels.numel()
@@ -127,6 +148,7 @@ def cases(quick: bool):
         ("kl_div", 256, 128256, "float32"),
         ("paired_loss", 64, 32000, "float32"),
         ("paired_loss", 128, 128256, "float32"),
+        ("fused_linear", 1024, 128256, "float32"),
     ]
 
 
@@ -134,11 +156,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="two small cases (seconds)")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--ops", nargs="+", help="run only these ops (kl_div, paired_loss, fused_linear)")
     parser.add_argument("--out", type=Path, default=RESULTS / slug(device_name("cpu")))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for op, n, vocab, dtype_name in cases(args.quick):
+        if args.ops and op not in args.ops:
+            continue
         inputs = make_inputs(op, n, vocab, getattr(torch, dtype_name))
         loss_seat = run_once(op, "seat", inputs)
         loss_naive = run_once(op, "naive", inputs)

@@ -17,7 +17,7 @@ Shapes and dtypes:
 
 Kernels (cpu, cuda, triton: one chunked driver, `chunked` below, over each backend's
 per-row kernel of paired_loss): rows are processed in chunks of chunk_size (0: as many
-as keep a chunk's fp32 logits under CHUNK_BYTES = 256 MiB). Per chunk: logits =
+as keep a chunk's fp32 logits under CHUNK_BYTES = 64 MiB). Per chunk: logits =
 hidden_chunk @ weight.T (+ bias) with fp32 accumulation (fp64 for fp64 hidden), the
 matching ref_hidden rows' logits for x~ chunks, the per-row loss kernel, and at once
 grad_hidden_chunk = grad_logits @ weight; so at most one chunk of logits (plus its ref
@@ -69,7 +69,7 @@ def reference(hidden, weight, labels, ref_hidden, kl_mask, bias, *, kl_weight, i
     return loss, ce, kl, grad
 
 
-CHUNK_BYTES = 256 * 2**20  # a chunk's logits (accumulation dtype) stay under this
+CHUNK_BYTES = 64 * 2**20  # a chunk's logits (accumulation dtype) stay under this (128 rows at V=128256)
 ROW_MULTIPLE = 16  # chunk row counts are padded to this (BLAS row results then do not depend on the chunk)
 
 
