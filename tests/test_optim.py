@@ -309,3 +309,17 @@ def test_set_masks_with_pending_gradients_is_refused():
     (model(x) - y).pow(2).mean().backward()
     with pytest.raises(RuntimeError, match="after optimizer.step"):
         opt.set_masks(_masks(model))
+
+
+def test_a_dropped_optimizer_is_freed_despite_its_hooks():
+    import gc
+    import weakref
+
+    model = torch.nn.Linear(8, 4)
+    opt = SparseAdamW(model.parameters(), {p: random_mask(p, 0.5, seed=i) for i, p in enumerate(model.parameters())})
+    ref = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert ref() is None
+    model(torch.randn(2, 8)).sum().backward()  # the orphaned hooks do nothing
+    assert model.weight.grad is not None

@@ -24,6 +24,7 @@ zero_grad, and gradient clipping on the compact buffers (clip_grad_norm_).
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import defaultdict
 from itertools import chain
 from typing import Mapping, Sequence
@@ -33,6 +34,20 @@ from torch import Tensor
 
 from . import ops
 from .ops import _checks
+
+
+def _compact_hook(optimizer: "SparseAdamW"):
+    """The post-accumulate-grad hook, holding the optimizer weakly: a hook stored on a
+    parameter is invisible to Python's garbage collector, so a strong reference would keep
+    a dropped optimizer (and its state) alive as long as the model."""
+    ref = weakref.ref(optimizer)
+
+    def hook(p: Tensor) -> None:
+        opt = ref()
+        if opt is not None:
+            opt.compact_(p)
+
+    return hook
 
 
 def _state_dtype(param: Tensor) -> torch.dtype:
@@ -144,7 +159,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._grads[p] = torch.zeros(nnz, dtype=dtype, device=p.device)
         self._has_grad[p] = False
         if self.compact_grads:
-            self._hooks.append(p.register_post_accumulate_grad_hook(self.compact_))
+            self._hooks.append(p.register_post_accumulate_grad_hook(_compact_hook(self)))
 
     def compact_(self, p: Tensor) -> None:
         """Add p.grad's masked entries to p's compact gradient and free p.grad (what the

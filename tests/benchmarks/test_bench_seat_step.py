@@ -1,0 +1,129 @@
+"""benchmarks/_memory.py counts exactly what it says, and benchmarks/bench_seat_step.py
+runs end to end on a tiny model (the timings themselves are not asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _memory  # noqa: E402
+from _memory import PeakMemory, storage_bytes, transient_peak  # noqa: E402
+
+
+def test_a_known_tensor_shows_up_with_its_exact_size():
+    with PeakMemory("cpu") as pm:
+        x = torch.empty(1_000_003, dtype=torch.uint8)
+        del x
+    report = pm.report
+    assert report.transient_peak_bytes == 1_000_003
+    assert report.end_bytes == 0
+    assert report.start_bytes == 0 and report.peak_bytes == 1_000_003
+
+
+def test_the_peak_follows_the_timeline_of_allocations_and_frees():
+    with PeakMemory("cpu") as pm:
+        kept = torch.empty(4000, dtype=torch.uint8)
+        tmp = torch.empty(250_000, dtype=torch.float32)  # 1,000,000 bytes
+        del tmp
+        tmp = torch.empty(100_000, dtype=torch.float64)  # 800,000 bytes: less than the first
+        del tmp
+    assert pm.report.transient_peak_bytes == 4000 + 1_000_000
+    assert pm.report.end_bytes == 4000
+    assert kept.numel() == 4000
+
+
+def test_an_op_output_is_counted():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    with PeakMemory("cpu") as pm:
+        c = a @ b
+    assert pm.report.transient_peak_bytes >= 64 * 16 * 4  # at least the (64, 16) fp32 output
+    assert pm.report.end_bytes == 64 * 16 * 4  # and only it stays
+    assert c.shape == (64, 16)
+
+
+def test_phases_and_the_phase_of_the_peak():
+    with PeakMemory("cpu") as pm:
+        with pm.phase("small"):
+            kept = torch.empty(1000, dtype=torch.uint8)
+        with pm.phase("large"):
+            tmp = torch.empty(5000, dtype=torch.uint8)
+            del tmp
+        with pm.phase("after"):
+            pass
+    report = pm.report
+    assert report.phases["small"] == 1000
+    assert report.phases["large"] == 6000  # the running total: what "small" left + the temporary
+    assert report.phases["after"] == 1000
+    assert report.peak_phase == "large" and report.transient_peak_bytes == 6000
+    assert kept.numel() == 1000
+
+
+def test_tensors_alive_at_the_start_count_once_per_storage():
+    t = torch.zeros(100)  # 400 bytes
+    other = torch.zeros(2, dtype=torch.float64)  # 16 bytes
+    assert storage_bytes(t) == 400
+    assert storage_bytes(t, t[10:], t.view(10, 10), {"a": [t, (t[::2],)]}) == 400  # views: the storage once
+    assert storage_bytes([t, other], None, iter([other])) == 416
+    assert storage_bytes(t[:5]) == 400  # a view costs its whole storage
+    with torch.device("meta"):
+        assert storage_bytes(torch.empty(10**9)) == 0
+    lin = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(lin.parameters())
+    lin(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    assert storage_bytes(_memory.module_tensors(lin)) == (32 + 4) * 4
+    state = storage_bytes(_memory.optimizer_tensors(opt))
+    assert state == 2 * (32 + 4) * 4 + 2 * 4  # exp_avg, exp_avg_sq, and a float32 step per param
+    with PeakMemory("cpu", alive=[_memory.module_tensors(lin), _memory.optimizer_tensors(opt)]) as pm:
+        pass
+    assert pm.report.start_bytes == (32 + 4) * 4 + state
+    assert pm.report.peak_bytes == pm.report.start_bytes
+
+
+def test_running_sum():
+    assert transient_peak([]) == (0, -1, 0)
+    assert transient_peak([-5, 3]) == (0, -1, -2)  # frees of older tensors never go below the start
+    assert transient_peak([10, -4, 7, -13]) == (13, 2, 0)
+
+
+@pytest.mark.cuda
+def test_a_known_tensor_on_cuda():
+    torch.cuda.synchronize()
+    with PeakMemory("cuda") as pm:
+        x = torch.empty(2**20, dtype=torch.uint8, device="cuda")
+        del x
+    assert pm.report.transient_peak_bytes == 2**20
+    assert pm.report.end_bytes == 0
+
+
+def test_bench_seat_step_writes_results(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny shapes: threads only add synchronization
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_seat_step.py"), "--size", "tiny",
+                           "--seq", "16", "--steps", "1", "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "seat_step_tiny.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert {"naive-seat", "seat", "full-ft"} <= set(rows)
+    naive, patched = rows["naive-seat"], rows["seat"]
+    assert naive["memory_vs_naive"] == 1.0
+    # resident at the start: naive holds two models, dense AdamW state and bool masks
+    assert patched["start_bytes"] < naive["start_bytes"]
+    for r in rows.values():
+        assert r["peak_bytes"] == r["start_bytes"] + r["transient_bytes"] > r["start_bytes"]
+        assert r["tokens_per_s"] > 0 and r["ms"] > 0
+        # before any update every method computes the same CE (and a zero KL)
+        assert r["first_loss"] == pytest.approx(naive["first_loss"], rel=1e-4)
+    assert patched["tokens_per_step"] == 2 * rows["full-ft"]["tokens_per_step"]
+    assert patched["trainable_params"] == pytest.approx(0.05 * naive["trainable_params"], rel=0.01)
+    md = (tmp_path / "seat_step_tiny.md").read_text()
+    assert md.startswith("# One SEAT training step") and data["environment"]["device_name"] in md
+    assert "seat / naive SEAT peak memory" in md
+    assert data["environment"]["batch_pairs"] == 2 and data["environment"]["seq"] == 16
