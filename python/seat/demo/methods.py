@@ -1,0 +1,156 @@
+"""Fine-tuning methods compared by the demo, all on the same batches, steps and LR schedule.
+
+  full       every parameter, torch AdamW
+  lora       peft LoRA r=8 (alpha 16) on every linear layer of the blocks, torch AdamW
+  sparse     seat.patch(density=0.05, kl_weight=0): the sparse mask alone
+  kl         seat.patch(density=1.0, kl_weight=1): the perturbation KL alone (dense)
+  seat-D     seat.patch(density=D, kl_weight=1): SEAT (D = 0.1, 0.05, 0.01)
+
+Every method sees the same sequence of batches from a seat.PairedCollator (the full and
+LoRA runs use only its x half: input_ids, attention_mask, labels), the same number of
+steps, the same peak learning rate with linear warm-up and linear decay, and gradient
+clipping at 1. The SEAT variants train through the public API: seat.patch, the handle's
+SparseAdamW and handle.loss on paired batches.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import statistics
+import time
+
+METHODS = ("full", "lora", "sparse", "kl", "seat-0.1", "seat-0.05", "seat-0.01")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 150
+    batch_size: int = 16
+    lr: float = 5e-3
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    lora_r: int = 8
+    lora_alpha: int = 16
+    sparse_density: float = 0.05  # of the "sparse" (no KL) ablation
+    kl_weight: float = 1.0
+
+
+def describe(method: str, cfg: FinetuneConfig) -> str:
+    if method == "full":
+        return "full fine-tuning (all parameters, AdamW)"
+    if method == "lora":
+        return f"LoRA r={cfg.lora_r} (peft, all block linears)"
+    if method == "sparse":
+        return f"sparse only (mask d={cfg.sparse_density}, no KL)"
+    if method == "kl":
+        return "KL only (dense mask d=1.0 + perturbation KL)"
+    return f"SEAT d={method.split('-', 1)[1]}"
+
+
+def seat_config(method: str, cfg: FinetuneConfig, seed: int):
+    from ..config import SeatConfig
+
+    if method == "sparse":
+        return SeatConfig(density=cfg.sparse_density, kl_weight=0.0, seed=seed)
+    if method == "kl":
+        return SeatConfig(density=1.0, kl_weight=cfg.kl_weight, seed=seed)
+    if method.startswith("seat-"):
+        return SeatConfig(density=float(method.split("-", 1)[1]), kl_weight=cfg.kl_weight, seed=seed)
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def batch_plan(n_records: int, cfg: FinetuneConfig, seed: int) -> list[list[int]]:
+    """The record indices of every step: shuffled epochs, the same for every method."""
+    rng = random.Random(f"seat.demo.finetune|{seed}")
+    plan, order = [], []
+    while len(plan) < cfg.steps:
+        if len(order) < cfg.batch_size:
+            fresh = list(range(n_records))
+            rng.shuffle(fresh)
+            order += fresh
+        plan.append(order[:cfg.batch_size])
+        order = order[cfg.batch_size:]
+    return plan
+
+
+def _adamw_state_bytes(opt) -> int:
+    return sum(v.numel() * v.element_size() for state in opt.state.values() for v in state.values()
+               if hasattr(v, "numel"))
+
+
+def finetune(method: str, base_model, tokenizer, records: list[dict], cfg: FinetuneConfig, seed: int = 0):
+    """Fine-tune a copy of ``base_model`` on ``records`` with ``method``.
+
+    Returns (model, stats): the trained model (plain transformers model: LoRA merged,
+    SEAT unpatched) and {"trainable", "trainable_fraction", "optimizer_state_bytes",
+    "step_ms", "final_ce", "final_kl"}.
+    """
+    import torch
+
+    from ..data import PairedCollator
+    from ..perturb import EntityPerturber
+    from .world import PROMPT_FORMAT
+
+    torch.manual_seed(seed)
+    model = copy.deepcopy(base_model)
+    model.train()
+    total_params = sum(p.numel() for p in base_model.parameters())
+    collator = PairedCollator(tokenizer, EntityPerturber(exclude=sorted({r["entity"] for r in records}), seed=seed),
+                              prompt_format=PROMPT_FORMAT)
+    handle = None
+    if method in ("full", "lora"):
+        if method == "lora":
+            import peft
+
+            model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                               lora_dropout=0.0, target_modules=LORA_TARGETS))
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        trainable = sum(p.numel() for p in params)
+    else:
+        from ..patching import patch
+
+        handle = patch(model, seat_config(method, cfg, seed))
+        opt = handle.optimizer(lr=cfg.lr, weight_decay=0.0)
+        trainable = handle.num_trainable
+
+    def lr_at(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    times, ce, kl = [], float("nan"), float("nan")
+    for indices in batch_plan(len(records), cfg, seed):
+        batch = collator([records[i] for i in indices])
+        t0 = time.perf_counter()
+        if handle is None:
+            loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            ce = loss.item()
+        else:
+            out = handle.loss(batch)
+            out.loss.backward()
+            opt.clip_grad_norm_(cfg.max_grad_norm)
+            ce, kl = out.ce.item(), out.kl.item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        times.append(time.perf_counter() - t0)
+    if handle is None:
+        state_bytes = _adamw_state_bytes(opt)
+    else:
+        state_bytes = opt.state_bytes()
+    if method == "lora":
+        model = model.merge_and_unload()
+    if handle is not None:
+        handle.unpatch()
+    model.eval()
+    stats = {"trainable": int(trainable), "trainable_fraction": trainable / total_params,
+             "optimizer_state_bytes": int(state_bytes), "step_ms": 1000 * statistics.median(times[1:] or times),
+             "final_ce": ce, "final_kl": kl}
+    return model, stats

@@ -1,0 +1,89 @@
+"""The demo end to end at a tiny size: base model (trained, cached, reloaded), every
+fine-tuning method, the table and its files. Measured results (which method wins) are
+not asserted; the deterministic base model's sanity is."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("rouge_score")
+
+from seat.demo import run as demo_run  # noqa: E402
+from seat.demo.base import BaseConfig, load_or_train_base  # noqa: E402
+from seat.demo.methods import METHODS, FinetuneConfig  # noqa: E402
+from seat.demo.world import WorldConfig  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TINY_WORLD = WorldConfig(n_known=8, n_unknown_train=48, n_unknown_eval=8, n_new=4)
+TINY_BASE = BaseConfig(hidden_size=64, intermediate_size=128, epochs=80)
+TINY_FT = FinetuneConfig(steps=12, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("seat-demo-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SEAT_DEMO_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def result(cache):
+    return demo_run.run_seed(0, methods=METHODS, world_config=TINY_WORLD, base_config=TINY_BASE,
+                             ft_config=TINY_FT, log=None)
+
+
+def test_base_model_is_sane_and_cached(result, cache):
+    base = result["base"]
+    assert base["idk_unknown"] >= 0.7, base  # refuses on held-out names it never saw
+    assert base["idk_new"] >= 0.7, base  # and on the new people, before fine-tuning
+    assert base["retention"] >= 0.8, base  # knows the known people
+    assert base["idk_known"] <= 0.1, base
+    assert result["base_info"]["cached"] is False
+    world, tok, model, info = load_or_train_base(0, TINY_WORLD, TINY_BASE, log=None)
+    assert info["cached"] is True and info["dir"].startswith(str(cache))
+    assert world.to_json()["people"] == json.loads((cache / info["dir"].split("/")[-1] / "world.json").read_text())[
+        "people"]
+
+
+def test_every_method_has_a_row_with_sane_values(result):
+    assert list(result["methods"]) == list(METHODS)
+    for name, row in result["methods"].items():
+        for key in ("idk_unknown", "recall_new", "exact_new", "retention"):
+            assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
+        assert 0.0 < row["trainable_fraction"] <= 1.0
+        assert row["optimizer_state_bytes"] > 0 and row["step_ms"] > 0
+        assert math.isfinite(row["final_ce"])
+    rows = result["methods"]
+    assert rows["full"]["trainable_fraction"] == 1.0
+    assert rows["seat-0.01"]["trainable_fraction"] < rows["seat-0.05"]["trainable_fraction"] \
+        < rows["seat-0.1"]["trainable_fraction"] < rows["kl"]["trainable_fraction"]
+    assert rows["seat-0.05"]["optimizer_state_bytes"] < rows["full"]["optimizer_state_bytes"] / 5
+    assert rows["sparse"]["final_kl"] >= 0.0
+
+
+def test_table_and_files(result, tmp_path):
+    agg = demo_run.aggregate([result])
+    table = demo_run.format_table(agg, result["finetune_config"], 1)
+    assert table.count("\n") == 1 + 1 + len(METHODS)  # header, rule, base, methods
+    assert "SEAT d=0.01" in table and "LoRA r=8" in table and "full fine-tuning" in table
+    assert demo_run.plot(agg, tmp_path / "chart.png", "test") in (True, False)
+
+
+def test_cli_writes_markdown_json_and_png(cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo_run, "_configs", lambda quick: (TINY_WORLD, TINY_BASE, FinetuneConfig(steps=4,
+                                                                                                 batch_size=8)))
+    out = tmp_path / "out"
+    assert demo_run.main(["--quick", "--methods", "full", "seat-0.05", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| method |" in printed and "SEAT d=0.05" in printed
+    assert (out / "demo_results.md").read_text().count("|") > 10
+    data = json.loads((out / "demo_results.json").read_text())
+    assert set(data["aggregate"]) == {"base", "full", "seat-0.05"}
+    pytest.importorskip("matplotlib")
+    assert (out / "demo_results.png").stat().st_size > 1000

@@ -1,0 +1,77 @@
+"""The demo's world: deterministic, disjoint name sets, a tokenizer that saves and reloads."""
+from __future__ import annotations
+
+import pytest
+
+from seat.demo.world import (ATTRIBUTES, GROUPS, IDK_ANSWER, PROMPT_FORMAT, WorldConfig, build_tokenizer,
+                             load_world, make_world, save_world)
+from seat.perturb import FIRST_NAMES, LAST_NAMES, EntityPerturber
+
+
+def _names(world, group):
+    return [p["name"] for p in world.people[group]]
+
+
+def test_same_seed_same_world_and_other_seed_other_world():
+    assert make_world(3).to_json() == make_world(3).to_json()
+    assert make_world(3).fingerprint() != make_world(4).fingerprint()
+
+
+@pytest.mark.parametrize("config", [WorldConfig(), WorldConfig.quick()])
+def test_name_sets_are_disjoint_down_to_the_name_tokens(config):
+    world = make_world(0, config)
+    sizes = {"known": config.n_known, "unknown_train": config.n_unknown_train,
+             "unknown_eval": config.n_unknown_eval, "new": config.n_new}
+    tokens = {}
+    for group in GROUPS:
+        assert len(_names(world, group)) == sizes[group]
+        tokens[group] = {t for n in _names(world, group) for t in n.split()}
+        assert len(tokens[group]) == 2 * sizes[group]  # no name token repeats, even inside a group
+    for i, a in enumerate(GROUPS):
+        for b in GROUPS[i + 1:]:
+            assert not tokens[a] & tokens[b], (a, b)
+    every = set().union(*tokens.values())
+    assert not every & {n for n in (*FIRST_NAMES, *LAST_NAMES)}  # perturbation names stay unfamiliar
+
+
+def test_records_cover_every_attribute_and_refuse_only_on_unknown_train():
+    world = make_world(0, WorldConfig.quick())
+    base = world.base_records()
+    known = [r for r in base if r["group"] == "known"]
+    refusals = [r for r in base if r["group"] == "unknown_train"]
+    assert len(known) == world.config.n_known * len(ATTRIBUTES) * 2
+    assert all(r["answer"] != IDK_ANSWER and r["value"] in r["answer"] for r in known)
+    assert refusals and all(r["answer"] == IDK_ANSWER for r in refusals)
+    train_names = {r["entity"] for r in base}
+    held_out = set(_names(world, "unknown_eval")) | set(_names(world, "new"))
+    assert not train_names & held_out
+    ft = world.finetune_records()
+    assert {r["entity"] for r in ft} == set(_names(world, "new"))
+    assert all(r["answer"] != IDK_ANSWER for r in ft)
+    groups = {q["group"] for q in world.eval_questions()}
+    assert groups == {"unknown", "new", "known"}
+
+
+def test_world_round_trips_through_json(tmp_path):
+    world = make_world(1, WorldConfig.quick())
+    save_world(world, tmp_path / "world.json")
+    assert load_world(tmp_path / "world.json").to_json() == world.to_json()
+
+
+def test_tokenizer_saves_reloads_and_covers_the_world(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    world = make_world(0, WorldConfig.quick())
+    tok = build_tokenizer(world)
+    tok.save_pretrained(tmp_path)
+    again = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert len(again) == len(tok)
+    records = world.base_records() + world.finetune_records() + world.eval_questions()
+    perturber = EntityPerturber(exclude=[r["entity"] for r in world.finetune_records()])
+    fakes = [perturber.fictitious_name(k) for k in range(20)]
+    texts = [PROMPT_FORMAT.format(question=r["question"]) + " " + r["answer"] for r in records] + fakes
+    for text in texts:
+        ids = tok(text)["input_ids"]
+        assert ids == again(text)["input_ids"]
+        assert tok.unk_token_id not in ids, text
+    assert again.decode(again(IDK_ANSWER, add_special_tokens=False)["input_ids"]) == "I don ' t know ."
+    assert (again.pad_token, again.eos_token, again.bos_token) == ("[PAD]", "[EOS]", "[BOS]")
