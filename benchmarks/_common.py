@@ -73,6 +73,19 @@ def measure(fn: Callable[[], None], *, device: str, warmup: int = 2, repeats: in
     return {"ms": statistics.median(times), "ms_p25": q[0], "ms_p75": q[2]}
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a message) if not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    return plt
+
+
 def write_results(name: str, rows: list[dict], env: dict, *, title: str, columns: list[tuple[str, str]],
                   notes: list[str], out_dir: Path | None = None) -> Path:
     """rows -> <out>/<name>.csv, .json and .md; returns the markdown path. columns:

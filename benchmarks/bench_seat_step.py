@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, measure, write_results  # noqa: E402
+from _common import environment, measure, pyplot, write_results  # noqa: E402
 from _memory import (  # noqa: E402
     PeakMemory,
     alive_tensor_bytes,
@@ -473,13 +473,8 @@ def main(argv=None) -> int:
 
 
 def plot(rows, path, subtitle):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     labels = [r["method"] for r in rows]

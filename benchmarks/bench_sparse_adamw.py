@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, measure, write_results  # noqa: E402
+from _common import environment, measure, pyplot, write_results  # noqa: E402
 
 from seat import ops  # noqa: E402
 from seat.masks import random_mask  # noqa: E402
@@ -160,13 +160,8 @@ def main(argv=None) -> int:
 
 
 def plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [r["method"] for r in rows]
