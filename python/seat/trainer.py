@@ -44,6 +44,10 @@ class SeatTrainer(transformers.Trainer):
             handle = patch(model, seat_config or SeatConfig())
         elif seat_config is not None and seat_config != handle.config:
             raise ValueError("the model is already patched with another SeatConfig")
+        collator_kl_tokens = getattr(kwargs.get("data_collator"), "kl_tokens", None)
+        if collator_kl_tokens is not None and collator_kl_tokens != handle.config.kl_tokens:
+            raise ValueError(f"data_collator builds KL masks for kl_tokens={collator_kl_tokens!r} but the SeatConfig "
+                             f"says kl_tokens={handle.config.kl_tokens!r}; build both with the same value")
         self.seat = handle
         self.save_full_model = save_full_model
         optimizer = handle._optimizer or handle.optimizer(

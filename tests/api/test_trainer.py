@@ -79,3 +79,13 @@ def test_an_optimizer_cannot_be_passed(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="makes its own optimizer"):
         seat.SeatTrainer(model, args, optimizers=(None, None))
+
+
+def test_collator_and_config_must_agree_on_kl_tokens(tmp_path):
+    tokenizer = word_tokenizer([r["question"] + " " + r["answer"] for r in RECORDS])
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    collator = seat.PairedCollator(tokenizer, EntityPerturber(exclude=["Ann Lee", "Bo Tran"]), kl_tokens="answer")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="kl_tokens='answer' but the SeatConfig says kl_tokens='all'"):
+        seat.SeatTrainer(model, args, train_dataset=RECORDS, data_collator=collator)
