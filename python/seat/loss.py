@@ -76,20 +76,54 @@ def _hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def logit_transform(config):
-    """What the model does to lm_head's output, if anything: None or a callable."""
+    """What the model does to lm_head's output, if anything: None or a callable.
+    Known: a logit scale (Cohere: logits * logit_scale), a logit divisor (Granite:
+    logits / logits_scaling) and final soft-capping (Gemma2). seat.patch checks on a probe
+    input that this reproduces the model's own logits and refuses a model where it does not."""
     cap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
-    if not cap and scale in (None, 1, 1.0):
+    divisor = getattr(config, "logits_scaling", None)
+    scale = None if scale in (None, 1, 1.0) else scale
+    divisor = None if divisor in (None, 1, 1.0) else divisor
+    if not cap and scale is None and divisor is None:
         return None
 
     def transform(logits: Tensor) -> Tensor:
-        if scale not in (None, 1, 1.0):
+        if scale is not None:
             logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
     return transform
+
+
+@torch.no_grad()
+def check_logits_from_hidden(model) -> None:
+    """Refuse a model whose logits are not logit_transform(lm_head(base_model(x)[0])):
+    the loss would be silently wrong. One 8-token forward of a probe sequence."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0]
+    ids = (torch.arange(8, device=head.weight.device) * 7919 % vocab).unsqueeze(0)
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False).logits
+        hidden = _hidden(model, ids, mask)
+    finally:
+        model.train(was_training)
+    transform = logit_transform(model.config)
+    got = head(hidden)
+    got = transform(got) if transform is not None else got
+    tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
+    if not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol):
+        raise ValueError(
+            f"{type(model).__name__}'s logits are not lm_head(hidden states) up to a known scale or soft-cap "
+            "(seat.loss.logit_transform): SEAT's loss would be wrong for it. Supported: plain heads, "
+            "logit_scale, logits_scaling, final_logit_softcapping")
 
 
 def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None) -> SeatLoss:

@@ -98,6 +98,14 @@ class SeatHandle:
     """The patched state of one model (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, config: SeatConfig, masks: Mapping[str, Tensor] | None):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"{type(model).__name__} has no linear output head (get_output_embeddings()): "
+                             "seat.patch takes a causal LM, e.g. AutoModelForCausalLM, not a bare decoder")
+        from .loss import check_logits_from_hidden
+
+        check_logits_from_hidden(model)
         self.model = model
         self.config = config
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}

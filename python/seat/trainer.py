@@ -11,7 +11,9 @@
   * checkpoints hold the sparse delta (checkpoint-N/seat_delta, see seat.delta) instead of
     the full model (save_full_model=True writes both), the optimizer state (with its
     masks), and the collator's counter of perturbation draws, so resume_from_checkpoint
-    continues bit-exactly from a fresh copy of the base model.
+    continues bit-exactly from a fresh copy of the base model (with
+    dataloader_num_workers=0: worker processes draw on copies of the collator).
+  * one process only for now (world_size > 1 is refused).
 """
 from __future__ import annotations
 
@@ -29,6 +31,26 @@ from .patching import handle_of, patch
 
 DELTA_DIR = "seat_delta"
 COLLATOR_STATE = "seat_collator.json"
+DRAW_KEY = "seat_collator_step"  # batch key: the collator step that built the batch
+
+
+class _DrawTaggingCollator:
+    """Wraps a stateful collator (seat.PairedCollator) so each batch says which of its
+    steps built it. The data loader builds batches ahead of their use, so the collator's
+    own counter at checkpoint time is ahead of what training consumed; the trainer
+    checkpoints the step after the last batch it actually trained on instead."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, records):
+        step = self.inner.step
+        batch = self.inner(records)
+        batch[DRAW_KEY] = torch.tensor(step, dtype=torch.int64)
+        return batch
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 class SeatTrainer(transformers.Trainer):
@@ -44,7 +66,13 @@ class SeatTrainer(transformers.Trainer):
             handle = patch(model, seat_config or SeatConfig())
         elif seat_config is not None and seat_config != handle.config:
             raise ValueError("the model is already patched with another SeatConfig")
-        collator_kl_tokens = getattr(kwargs.get("data_collator"), "kl_tokens", None)
+        if args.world_size > 1:
+            raise ValueError("SeatTrainer runs on one process for now: the compaction hooks free each gradient "
+                             "before a distributed all-reduce could see it, and the KL token count is per rank")
+        collator = kwargs.get("data_collator")
+        if collator is not None and hasattr(collator, "step") and hasattr(collator, "load_state_dict"):
+            kwargs["data_collator"] = _DrawTaggingCollator(collator)
+        collator_kl_tokens = getattr(collator, "kl_tokens", None)
         if collator_kl_tokens is not None and collator_kl_tokens != handle.config.kl_tokens:
             raise ValueError(f"data_collator builds KL masks for kl_tokens={collator_kl_tokens!r} but the SeatConfig "
                              f"says kl_tokens={handle.config.kl_tokens!r}; build both with the same value")
@@ -61,6 +89,7 @@ class SeatTrainer(transformers.Trainer):
         self.model_accepts_loss_kwargs = True
         self._seat_kl_items = None
         self._seat_sums = {"ce": 0.0, "kl": 0.0, "n": 0}
+        self._seat_next_draw = None  # collator step after the last batch trained on
 
     # ------------------------------------------------------------------ loss
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -69,6 +98,9 @@ class SeatTrainer(transformers.Trainer):
         return batch_samples, num_items
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        draw = inputs.pop(DRAW_KEY, None)
+        if draw is not None and model.training:
+            self._seat_next_draw = int(draw) + 1
         kl_items = self._seat_kl_items if num_items_in_batch is not None else None
         out = self.seat.loss(inputs, num_items_in_batch=num_items_in_batch, kl_num_items=kl_items)
         if model.training:
@@ -102,7 +134,10 @@ class SeatTrainer(transformers.Trainer):
         self.seat.save_delta(Path(output_dir) / DELTA_DIR)
         collator_state = getattr(self.data_collator, "state_dict", None)
         if callable(collator_state):
-            (Path(output_dir) / COLLATOR_STATE).write_text(json.dumps(collator_state()))
+            state = collator_state()
+            if self._seat_next_draw is not None:
+                state["step"] = self._seat_next_draw
+            (Path(output_dir) / COLLATOR_STATE).write_text(json.dumps(state))
         if self.processing_class is not None and not self.save_full_model:
             self.processing_class.save_pretrained(output_dir)
 

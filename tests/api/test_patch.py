@@ -198,3 +198,36 @@ def test_softcapped_model_takes_the_logits_path(monkeypatch):
     handle = seat.patch(tiny_model("gemma2"), density=0.1)
     handle.loss(paired_batch()).loss.backward()
     assert calls == [1]
+
+
+def test_granite_logits_scaling_is_applied():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.GraniteConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=48, logits_scaling=8.0, pad_token_id=0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    batch = paired_batch()
+    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
+    handle = seat.patch(model, density=0.1)
+    torch.testing.assert_close(handle.loss(batch).ce, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_whose_logits_are_not_the_head_is_refused():
+    model = tiny_model()
+    original = model.forward
+
+    def odd_forward(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.logits = out.logits * 3.0  # a transform seat does not know
+        return out
+
+    model.forward = odd_forward
+    with pytest.raises(ValueError, match="logits are not lm_head"):
+        seat.patch(model, density=0.1)
+    import transformers as tf
+
+    bare = tf.AutoModel.from_config(tiny_model().config)
+    with pytest.raises(ValueError, match="no linear output head"):
+        seat.patch(bare, density=0.1)

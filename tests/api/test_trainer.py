@@ -3,6 +3,7 @@ on the facts, logs ce and kl, checkpoints deltas, and resumes bit-exactly."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ RECORDS = [
 ]
 
 
-def _setup(tmp_path, seed=0, **arg_overrides):
+def _setup(tmp_path, seed=0, records=RECORDS, **arg_overrides):
     texts = [r["question"] + " " + r["answer"] for r in RECORDS]
     tokenizer = word_tokenizer(texts)
     torch.manual_seed(seed)
@@ -38,7 +39,7 @@ def _setup(tmp_path, seed=0, **arg_overrides):
                 dataloader_num_workers=0, remove_unused_columns=False, lr_scheduler_type="linear")
     args.update(arg_overrides)
     trainer = seat.SeatTrainer(model, transformers.TrainingArguments(**args), seat_config=seat.SeatConfig(density=0.2),
-                               train_dataset=RECORDS, data_collator=collator, processing_class=tokenizer)
+                               train_dataset=records, data_collator=collator, processing_class=tokenizer)
     return trainer, model, collator
 
 
@@ -58,16 +59,20 @@ def test_training_lowers_ce_and_logs_ce_and_kl(tmp_path):
     assert abs(logged[0]["kl"]) < 1e-4 <= max(h["kl"] for h in logged)  # 0 before the first update
 
 
-def test_checkpoints_are_deltas_and_resume_is_bit_exact(tmp_path):
-    trainer, model, _ = _setup(tmp_path / "a")
+@pytest.mark.parametrize("accumulation,records", [(2, RECORDS), (1, RECORDS * 2)], ids=["epoch-end", "mid-epoch"])
+def test_checkpoints_are_deltas_and_resume_is_bit_exact(tmp_path, accumulation, records):
+    """mid-epoch: the data loader has built the next batch (and drawn its names) when the
+    checkpoint is written; resuming must continue with the draws training actually used."""
+    options = dict(records=records, gradient_accumulation_steps=accumulation)
+    trainer, model, _ = _setup(tmp_path / "a", **options)
     trainer.train()
     checkpoint = tmp_path / "a" / "checkpoint-3"
     assert (checkpoint / "seat_delta" / "delta.safetensors").is_file()
     assert not (checkpoint / "model.safetensors").exists()
-    assert (checkpoint / "seat_collator.json").is_file()
+    assert json.loads((checkpoint / "seat_collator.json").read_text()) == {"step": 3 * accumulation}
     uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    resumed_trainer, resumed, _ = _setup(tmp_path / "a")  # a fresh base model, same seeds
+    resumed_trainer, resumed, _ = _setup(tmp_path / "a", **options)  # a fresh base model, same seeds
     resumed_trainer.train(resume_from_checkpoint=str(checkpoint))
     for name, p in resumed.named_parameters():
         assert torch.equal(p, uninterrupted[name]), name
