@@ -65,8 +65,18 @@ def naive_kl(cur, ref):
     return F.kl_div(log_cur, log_ref, log_target=True, reduction="sum") / cur.shape[0]
 
 
+def naive_paired(cur, labels, ref):
+    n_ce = labels.numel()
+    return F.cross_entropy(cur[:n_ce].float(), labels) + naive_kl(cur[n_ce:], ref)
+
+
+# torch.compile of the same eager code (inductor's fused CPU kernels); compiled once per
+# shape on first use, so its warm-up call is excluded from the timing like every other's.
+COMPILED = {"kl_div": torch.compile(naive_kl, dynamic=False), "paired_loss": torch.compile(naive_paired, dynamic=False)}
+
+
 def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
-    """Forward + backward; returns the loss (detached)."""
+    """Forward + backward; returns the loss (detached). impl: seat, naive or compiled."""
     from seat import ops
 
     leaf = inputs["cur"].detach().requires_grad_()
@@ -74,6 +84,8 @@ def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
         if impl == "seat":
             with ops.use_backend("cpu"):
                 loss = ops.kl_div(leaf, inputs["ref"])
+        elif impl == "compiled":
+            loss = COMPILED["kl_div"](leaf, inputs["ref"])
         else:
             loss = naive_kl(leaf, inputs["ref"])
     elif op == "fused_linear":
@@ -91,8 +103,10 @@ def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
         if impl == "seat":
             with ops.use_backend("cpu"):
                 loss, _, _ = ops.paired_loss(leaf, labels, ref)
+        elif impl == "compiled":
+            loss = COMPILED["paired_loss"](leaf, labels, ref)
         else:
-            loss = F.cross_entropy(leaf[:n_ce].float(), labels) + naive_kl(leaf[n_ce:], ref)
+            loss = naive_paired(leaf, labels, ref)
     loss.backward()
     assert leaf.grad is not None
     return loss.detach()
@@ -157,6 +171,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="two small cases (seconds)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--ops", nargs="+", help="run only these ops (kl_div, paired_loss, fused_linear)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--out", type=Path, default=RESULTS / slug(device_name("cpu")))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -169,10 +184,13 @@ def main(argv=None) -> int:
         loss_naive = run_once(op, "naive", inputs)
         t_seat = time_case(op, "seat", inputs, args.reps)
         t_naive = time_case(op, "naive", inputs, args.reps)
+        t_compiled = time_case(op, "compiled", inputs, args.reps) if op in COMPILED and not args.no_compile else None
         m_seat = measure_peak(op, "seat", n, vocab, dtype_name)
         m_naive = measure_peak(op, "naive", n, vocab, dtype_name)
         row = dict(op=op, rows=n, vocab=vocab, dtype=dtype_name, seat_ms=round(t_seat * 1e3, 2),
                    naive_ms=round(t_naive * 1e3, 2), speedup=round(t_naive / t_seat, 2),
+                   compiled_ms=None if t_compiled is None else round(t_compiled * 1e3, 2),
+                   speedup_vs_compiled=None if t_compiled is None else round(t_compiled / t_seat, 2),
                    seat_peak_mib=round(m_seat / 2**20, 1), naive_peak_mib=round(m_naive / 2**20, 1),
                    memory_ratio=round(m_naive / max(m_seat, 1), 2),
                    input_mib=round(sum(t.numel() * t.element_size() for t in inputs.values()) / 2**20, 1),
@@ -194,16 +212,19 @@ def main(argv=None) -> int:
         "",
         f"{meta['cpu_count']} CPU cores, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
         f"median of {args.reps} after a warm-up; {meta['time']}. Peak = peak RSS growth of one call beyond its "
-        "inputs (fresh process each). Ratios: naive / seat. No GPU numbers.",
+        "inputs (fresh process each). Ratios: naive / seat (eager torch), compiled / seat (torch.compile of the "
+        "same code, time only). No GPU numbers.",
         "",
-        "| op | rows | vocab | dtype | seat ms | naive ms | speed-up | seat peak MiB | naive peak MiB | memory ratio "
-        "| inputs MiB | loss diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| op | rows | vocab | dtype | seat ms | naive ms | speed-up | compiled ms | vs compiled | seat peak MiB "
+        "| naive peak MiB | memory ratio | inputs MiB | loss diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        compiled = ("| - | - " if r["compiled_ms"] is None
+                    else f"| {r['compiled_ms']} | {r['speedup_vs_compiled']}x ")
         lines.append(f"| {r['op']} | {r['rows']} | {r['vocab']} | {r['dtype']} | {r['seat_ms']} | {r['naive_ms']} | "
-                     f"{r['speedup']}x | {r['seat_peak_mib']} | {r['naive_peak_mib']} | {r['memory_ratio']}x | "
-                     f"{r['input_mib']} | {r['loss_abs_diff']:.2e} |")
+                     f"{r['speedup']}x {compiled}| {r['seat_peak_mib']} | {r['naive_peak_mib']} | "
+                     f"{r['memory_ratio']}x | {r['input_mib']} | {r['loss_abs_diff']:.2e} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
