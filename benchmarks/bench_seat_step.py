@@ -240,14 +240,17 @@ def _ce_step(model, opt, batch):
     return step
 
 
-def build_full_ft(config, batch, device, dtype):
-    model = make_model(config, device, dtype)
+def _dense_adamw_ce(model, batch, optimizer_label):
+    """CE-only training of the model's trainable parameters with torch's AdamW (full FT, LoRA)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     alive = lambda: [module_tensors(model), optimizer_tensors(opt), batch]  # noqa: E731
-    info = {"trainable_params": sum(p.numel() for p in params), "optimizer": "torch.optim.AdamW (dense)",
-            "keep": (model, opt)}
+    info = {"trainable_params": sum(p.numel() for p in params), "optimizer": optimizer_label, "keep": (model, opt)}
     return _ce_step(model, opt, batch), alive, int(batch["attention_mask"].sum()), info
+
+
+def build_full_ft(config, batch, device, dtype):
+    return _dense_adamw_ce(make_model(config, device, dtype), batch, "torch.optim.AdamW (dense)")
 
 
 def build_lora(config, batch, device, dtype):
@@ -257,12 +260,7 @@ def build_lora(config, batch, device, dtype):
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(BLOCK_LINEARS),
                            task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, lora)  # freezes the base model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
-    alive = lambda: [module_tensors(model), optimizer_tensors(opt), batch]  # noqa: E731
-    info = {"trainable_params": sum(p.numel() for p in params), "optimizer": "torch.optim.AdamW (LoRA params)",
-            "keep": (model, opt)}
-    return _ce_step(model, opt, batch), alive, int(batch["attention_mask"].sum()), info
+    return _dense_adamw_ce(model, batch, "torch.optim.AdamW (LoRA params)")
 
 
 BUILDERS = {"naive-seat": build_naive_seat, "seat": build_seat,
