@@ -453,12 +453,14 @@ def main(argv=None, progress: Progress | None = None) -> int:
         parser.error("--methods is empty")
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is visible to torch")
     if args.budget_gib is not None and args.budget_gib <= 0:
         parser.error(f"--budget-gib must be > 0; got {args.budget_gib}")
     if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
         parser.error(f"--tag must be letters, digits, '_', '.' or '-'; got {args.tag!r}")
+    if args.steps < 1 or args.batch < 1 or args.seq < 8:
+        parser.error(f"need --steps >= 1, --batch >= 1, --seq >= 8; got {args.steps}, {args.batch}, {args.seq}")
+    if args.device == "cuda" and not torch.cuda.is_available():  # last: every other argument checked first
+        parser.error("--device cuda: no CUDA device is visible to torch")
     budget = None if args.budget_gib is None else int(args.budget_gib * 2**30)
     if budget is not None and args.device == "cuda":
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory

@@ -99,7 +99,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
   echo "dry run: stages of benchmarks/gpu.sh (nothing is run); results and log: $RESULTS"
 else
   command -v nvidia-smi >/dev/null || { echo "gpu.sh needs a CUDA GPU: nvidia-smi not found" >&2; exit 1; }
-  GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1)"
+  GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)" || GPU=""
   [[ -n "$GPU" ]] || { echo "gpu.sh needs a CUDA GPU: nvidia-smi lists none" >&2; exit 1; }
   RESULTS="${SEAT_GPU_RESULTS:-benchmarks/results/$(printf '%s' "$GPU" | slug)}"
   # one arch, this GPU's: compiling the CUDA kernels for four takes minutes of the budget
