@@ -74,6 +74,11 @@ def test_tensors_alive_at_the_start_count_once_per_storage():
     assert storage_bytes(t[:5]) == 400  # a view costs its whole storage
     with torch.device("meta"):
         assert storage_bytes(torch.empty(10**9)) == 0
+    # torch.compile leaves fake tensors alive, where gc finds them; reading their data
+    # pointer raises (this flag is how torch marks them)
+    fake = torch.zeros(10**6)
+    torch._C._set_throw_on_mutable_data_ptr(fake)
+    assert storage_bytes(fake, t) == 400
     lin = torch.nn.Linear(8, 4)
     opt = torch.optim.AdamW(lin.parameters())
     lin(torch.randn(2, 8)).sum().backward()
