@@ -20,7 +20,8 @@
 # benchmarks/results/<gpu name>/ (SEAT_GPU_RESULTS overrides). A failing test stage does
 # not stop the benchmarks; the exit status is non-zero if any stage failed.
 # Environment: VENV (default .venv), TORCH_CUDA_ARCH_LIST (default: this GPU's), MAX_JOBS,
-# SEAT_GPU_TESTS (cuda | all), SEAT_GPU_SH_BUDGET_S (default 600).
+# SEAT_GPU_TESTS (cuda | all), SEAT_GPU_BENCH_ARGS (more run_all.py arguments),
+# SEAT_GPU_SH_BUDGET_S (default 600).
 # Planned budget on an H100 (not yet measured: no GPU has run this script): build ~3 min
 # (one arch; the venv's torch download not counted), tests ~3 min, benchmarks ~4 min, of
 # which the Llama-3-8B steps ~2 min (mostly drawing the 5% masks of 7B weights on the CPU).
@@ -154,6 +155,8 @@ else
 fi
 
 # ------------------------------------------------------------------ 4. benchmarks
-stage bench "$PY" benchmarks/run_all.py --device cuda --out "$RESULTS" || FAILED+=(bench)
+# extra run_all.py arguments, e.g. SEAT_GPU_BENCH_ARGS="--only seat_step_llama3_8b_24gib"
+read -r -a BENCH_ARGS <<<"${SEAT_GPU_BENCH_ARGS:-}"
+stage bench "$PY" benchmarks/run_all.py --device cuda --out "$RESULTS" "${BENCH_ARGS[@]}" || FAILED+=(bench)
 
 finish
