@@ -79,8 +79,8 @@ BENCHMARKS = [
     # On a GPU only. Does it fit a 24 GB-class card: the budget is enforced on the
     # allocator, so naive SEAT (two models) and full fine-tuning run out of memory.
     Benchmark("seat_step_llama3_8b_24gib", "bench_seat_step",
-              {"full": (*_LLAMA3_8B, "--seq", "1024", "--budget-gib", "24", "--methods", "naive-seat,seat,full-ft,lora-r8",
-                        "--tag", "seq1024_24gib")},
+              {"full": (*_LLAMA3_8B, "--seq", "1024", "--budget-gib", "24",
+                        "--methods", "naive-seat,seat,full-ft,lora-r8", "--tag", "seq1024_24gib")},
               devices=("cuda",), about="Llama-3-8B shapes, seq 1024, within 24 GiB: which methods fit"),
     # The whole GPU: seat's step time against full fine-tuning where that fits.
     Benchmark("seat_step_llama3_8b_seq512", "bench_seat_step",
@@ -259,7 +259,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small shapes (same as --size quick)")
     parser.add_argument("--size", choices=SIZES, default=None, help="default: full (quick with --quick)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these: " + ", ".join(b.name for b in BENCHMARKS))
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these: " + ", ".join(b.name for b in BENCHMARKS))
     parser.add_argument("--out", type=Path, help="results folder (default: results/<device name>[/<size>])")
     parser.add_argument("--verbose", action="store_true", help="also print every benchmark's output (no bar)")
     parser.add_argument("--note", action="append", default=[], help="a line to add to the summary (repeatable)")
