@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, measure, pyplot, write_results  # noqa: E402
+from _common import Progress, environment, measure, pyplot, write_results  # noqa: E402
 
 from seat import ops  # noqa: E402
 from seat.masks import random_mask  # noqa: E402
@@ -86,7 +86,8 @@ def bench_seat(label, params, grads, density, device, repeats, backend=None):
     return row
 
 
-def main(argv=None) -> int:
+def main(argv=None, progress: Progress | None = None) -> int:
+    """Run the benchmark (argv: the command line's arguments); progress: see _common.Progress."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a block with every dimension / 4")
     parser.add_argument("--scale", type=int, default=None, help="divide every dimension by this")
@@ -101,31 +102,36 @@ def main(argv=None) -> int:
     print(f"{len(params)} linear layers, {n_params / 1e6:.1f}M parameters (fp32), device {args.device}")
 
     rows = []
+    progress = progress or Progress()
 
     def run(row):
         row["bytes_per_param"] = row["state_bytes"] / n_params
         rows.append(row)
         print(f"  {row['method']:24s} {row['ms']:10.2f} ms  {row['bytes_per_param']:6.2f} B/param", flush=True)
+        progress.done(row["method"])
         gc.collect()
 
-    run(bench_dense("adamw-foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True), params, grads,
-                    args.device, args.repeats))
-    run(bench_dense("adamw-fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), params, grads,
-                    args.device, args.repeats))
+    def adamw(**kw):
+        return lambda ps: torch.optim.AdamW(ps, lr=1e-4, **kw)
+
     try:
         import bitsandbytes as bnb
-
+    except ImportError:
+        bnb = None
+        print("  bitsandbytes not installed: AdamW8bit skipped")
+    progress.expect(4 + (bnb is not None) + len(DENSITIES) + 1)
+    run(bench_dense("adamw-foreach", adamw(foreach=True), params, grads, args.device, args.repeats))
+    run(bench_dense("adamw-fused", adamw(fused=True), params, grads, args.device, args.repeats))
+    if bnb is not None:
         run(bench_dense("adamw8bit (bitsandbytes)", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4), params, grads,
                         args.device, args.repeats))
-    except ImportError:
-        print("  bitsandbytes not installed: AdamW8bit skipped")
     bool_masks = [torch.zeros(p.shape, dtype=torch.bool, device=args.device).view(-1)
                   .index_fill_(0, random_mask(p, 0.05, seed=i).to(args.device).long(), True).view(p.shape)
                   for i, p in enumerate(params)]
-    run(bench_dense("naive-seat d=0.05", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True), params, grads,
-                    args.device, args.repeats, mask=bool_masks))
-    run(bench_dense("naive-seat-fused d=0.05", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), params, grads,
-                    args.device, args.repeats, mask=bool_masks))
+    run(bench_dense("naive-seat d=0.05", adamw(foreach=True), params, grads, args.device, args.repeats,
+                    mask=bool_masks))
+    run(bench_dense("naive-seat-fused d=0.05", adamw(fused=True), params, grads, args.device, args.repeats,
+                    mask=bool_masks))
     del bool_masks
     for density in DENSITIES:
         run(bench_seat(f"seat d={density}", params, grads, density, args.device, args.repeats))
