@@ -18,7 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-# known name -> file under seat/memory/configs (names match case-insensitively)
+# known name -> file under seat/memory/known-configs (package data; a folder name that is no
+# Python identifier, so setuptools does not take it for a package) (names match case-insensitively)
 KNOWN = {
     "Llama-3-8B": "llama-3-8b.json",
     "Qwen2.5-7B": "qwen2.5-7b.json",
@@ -46,7 +47,7 @@ def read_config_dict(config: str | Path | Mapping[str, Any], *, argument: str = 
     text = str(config)
     known = _known_file(text)
     if known is not None:
-        return json.loads(resources.files(__package__).joinpath("configs", known).read_text())
+        return json.loads(resources.files(__package__).joinpath("known-configs", known).read_text())
     path = Path(text)
     if path.is_dir():
         path = path / "config.json"
