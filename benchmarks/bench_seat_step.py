@@ -81,14 +81,18 @@ def make_config(size: str, seq: int):
                        pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0)
 
 
-def make_model(config, device, dtype, seed: int = 0):
-    """The same random model for every method (seeded), block linears trainable only."""
-    from transformers import LlamaForCausalLM
+def make_model(config, device, dtype, seed: int = 0, gradient_checkpointing: bool = False):
+    """The same random model for every method (seeded), block linears trainable only.
+    Any Llama-style config (Llama, Qwen2, Mistral: the model class follows the config)."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
     model.config.use_cache = False
     model.train()
+    if gradient_checkpointing:  # transformers >= 5 renamed it; the old name warns
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     for name, p in model.named_parameters():
         p.requires_grad_(is_block_linear(name))
     return model
@@ -147,10 +151,10 @@ def bool_mask(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 NULL_PHASE = lambda name: contextlib.nullcontext()  # noqa: E731
 
 
-def build_naive_seat(config, batch, device, dtype):
+def build_naive_seat(config, batch, device, dtype, gradient_checkpointing: bool = False):
     from seat.masks import param_seed, random_mask
 
-    model = make_model(config, device, dtype)
+    model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -197,8 +201,8 @@ def build_naive_seat(config, batch, device, dtype):
     return step, alive, tokens, info
 
 
-def build_seat(config, batch, device, dtype, chunk_size: int = 0):
-    model = make_model(config, device, dtype)
+def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_checkpointing: bool = False):
+    model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     handle = seat.patch(model, density=DENSITY, chunk_size=chunk_size)
     opt = handle.optimizer(lr=LR)
 
@@ -249,14 +253,15 @@ def _dense_adamw_ce(model, batch, optimizer_label):
     return _ce_step(model, opt, batch), alive, int(batch["attention_mask"].sum()), info
 
 
-def build_full_ft(config, batch, device, dtype):
-    return _dense_adamw_ce(make_model(config, device, dtype), batch, "torch.optim.AdamW (dense)")
+def build_full_ft(config, batch, device, dtype, gradient_checkpointing: bool = False):
+    return _dense_adamw_ce(make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing), batch,
+                           "torch.optim.AdamW (dense)")
 
 
-def build_lora(config, batch, device, dtype):
+def build_lora(config, batch, device, dtype, gradient_checkpointing: bool = False):
     import peft
 
-    base = make_model(config, device, dtype)
+    base = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(BLOCK_LINEARS),
                            task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, lora)  # freezes the base model
@@ -264,7 +269,7 @@ def build_lora(config, batch, device, dtype):
 
 
 BUILDERS = {"naive-seat": build_naive_seat, "seat": build_seat,
-            "seat-chunk64": lambda *a: build_seat(*a, chunk_size=64),
+            "seat-chunk64": lambda *a, **k: build_seat(*a, chunk_size=64, **k),
             "full-ft": build_full_ft, "lora-r8": build_lora}
 
 

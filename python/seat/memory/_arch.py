@@ -60,16 +60,21 @@ def read_config_dict(config: str | Path | Mapping[str, Any], *, argument: str = 
                      "Hugging Face config.json")
 
 
+def _check_model_type(model_type, argument: str) -> None:
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{argument}: model_type {model_type!r} is not supported by the memory model; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders)")
+
+
 def load_config(config, *, argument: str = "config"):
     """A transformers PretrainedConfig for `config` (a known name, a path, a mapping of
     fields, or a PretrainedConfig, returned as is)."""
     if hasattr(config, "to_dict") and hasattr(config, "model_type"):
+        _check_model_type(config.model_type, argument)
         return config
     fields = read_config_dict(config, argument=argument)
     model_type = fields.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{argument}: model_type {model_type!r} is not supported by the memory model; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (Llama-style decoders)")
+    _check_model_type(model_type, argument)
     from transformers import AutoConfig
 
     fields = {k: v for k, v in fields.items() if k != "model_type"}
