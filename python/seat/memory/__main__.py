@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the batch has no padding (transformers then passes no attention mask to SDPA)")
     p.add_argument("--ce-rows", type=int, default=None, help="rows in the CE (default: batch * (seq - 1))")
     p.add_argument("--kl-rows", type=int, default=None, help="rows in the KL (default: batch * (seq - 1))")
-    p.add_argument("--json", action="store_true", help="print the estimates as JSON")
+    p.add_argument("--unit", default="GB", choices=("GB", "GiB", "MB", "MiB"),
+                   help="unit of the printed sizes (GB = 10^9 bytes; GiB = 2^30, what nvidia-smi's MiB add up to)")
+    p.add_argument("--json", action="store_true", help="print the estimates as JSON (bytes)")
     return p
 
 
@@ -79,9 +81,10 @@ def _flag_of(message: str) -> str:
     return FLAGS.get(field, "--" + field.replace("_", "-"))
 
 
-def report(est: MemoryEstimate, gpus: list[tuple[str, int]], reserve: int) -> str:
-    """The human-readable breakdown of one estimate."""
+def report(est: MemoryEstimate, gpus: list[tuple[str, int]], reserve: int, unit: str = "GB") -> str:
+    """The human-readable breakdown of one estimate, sizes in `unit`."""
     a, o = est.arch, est.options
+    scale = parse_bytes("1" + unit)
     lines = [f"seat.memory (analytic model): {a.name}, method {o.method}"
              + (f", density {o.density:g}" if o.method in ("seat", "naive") else "")
              + f", seq {o.seq}, batch {o.batch}, {o.dtype} on {o.device}"
@@ -94,39 +97,40 @@ def report(est: MemoryEstimate, gpus: list[tuple[str, int]], reserve: int) -> st
                      + f", optimizer state {o.optimizer_bits}-bit" + (", fp32 masters" if o.master_weights else ""))
     width = max(len(k) for k in est.breakdown) + 2
     lines.append("")
-    lines.append(f"{'alive between steps':<{width}}{'GB':>10}")
+    lines.append(f"{'alive between steps':<{width}}{unit:>10}")
     for k, v in est.state.items():
-        lines.append(f"  {k:<{width - 2}}{v / 1e9:>10.3f}")
-    lines.append(f"{'peak phase: ' + est.peak_phase:<{width}}")
+        lines.append(f"  {k:<{width - 2}}{v / scale:>10.3f}")
+    lines.append(f"peak phase: {est.peak_phase}")
     for k, v in est.phases[est.peak_phase].items():
-        lines.append(f"  {k:<{width - 2}}{v / 1e9:>10.3f}")
-    lines.append(f"{'peak':<{width}}{est.peak / 1e9:>10.3f}  ({est.peak / 2**30:.2f} GiB)")
+        lines.append(f"  {k:<{width - 2}}{v / scale:>10.3f}")
+    lines.append(f"{'peak':<{width}}{est.peak / scale:>10.3f}")
     lines.append("")
-    lines.append(f"activations of the trained forward: {format_bytes(est.activations_checkpointing)} with gradient "
-                 f"checkpointing, {format_bytes(est.activations_no_checkpointing)} without")
+    lines.append(f"activations of the trained forward: {format_bytes(est.activations_checkpointing, unit)} with "
+                 f"gradient checkpointing, {format_bytes(est.activations_no_checkpointing, unit)} without")
     lines.append("phases (tensors alive at each one's worst moment): "
-                 + ", ".join(f"{k} {format_bytes(est.phase_bytes(k))}" for k in est.phases))
+                 + ", ".join(f"{k} {format_bytes(est.phase_bytes(k), unit)}" for k in est.phases))
     for label, size in gpus:
         room = est.headroom(size, reserve)
         verdict = "fits" if room >= 0 else "does not fit"
-        lines.append(f"verdict vs {label} ({format_bytes(size)}, keeping {format_bytes(reserve)} for the CUDA context "
-                     f"and allocator slack): {verdict}, headroom {format_bytes(room)}")
+        lines.append(f"verdict vs {label} ({format_bytes(size, unit)}, keeping {format_bytes(reserve, unit)} for the "
+                     f"CUDA context and allocator slack): {verdict}, headroom {format_bytes(room, unit)}")
     lines.append("(tensor bytes as torch's allocator counts them; see seat.memory for what is modelled)")
     return "\n".join(lines)
 
 
-def table(rows: list[MemoryEstimate], gpus: list[tuple[str, int]], reserve: int) -> str:
-    """A markdown table, one row per estimate."""
-    head = ["model", "method", "density", "state GB", "activations GB", "peak GB"]
+def table(rows: list[MemoryEstimate], gpus: list[tuple[str, int]], reserve: int, unit: str = "GB") -> str:
+    """A markdown table, one row per estimate, sizes in `unit`."""
+    scale = parse_bytes("1" + unit)
+    head = ["model", "method", "density", f"state {unit}", f"activations {unit}", f"peak {unit}"]
     head += [f"vs {label}" for label, _ in gpus]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for est in rows:
         o = est.options
         cells = [est.arch.name, o.method, f"{o.density:g}" if o.method in ("seat", "naive") else "-",
-                 f"{est.state_bytes / 1e9:.2f}", f"{est.activations / 1e9:.2f}", f"{est.peak / 1e9:.2f}"]
+                 f"{est.state_bytes / scale:.2f}", f"{est.activations / scale:.2f}", f"{est.peak / scale:.2f}"]
         for _, size in gpus:
             room = est.headroom(size, reserve)
-            cells.append(f"fits ({room / 1e9:+.1f})" if room >= 0 else f"no ({room / 1e9:+.1f})")
+            cells.append(f"fits ({room / scale:+.1f})" if room >= 0 else f"no ({room / scale:+.1f})")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -167,14 +171,14 @@ def main(argv=None) -> int:
             items.append(d)
         print(json.dumps(items[0] if len(items) == 1 else items, indent=2))
     elif len(estimates) == 1:
-        print(report(estimates[0], gpus, reserve))
+        print(report(estimates[0], gpus, reserve, args.unit))
     else:
         print(f"seat.memory (analytic model): seq {args.seq}, batch {args.batch}, {args.dtype} on {args.device}"
               + (", gradient checkpointing" if args.gradient_checkpointing else "")
-              + (f"; verdicts keep {format_bytes(reserve)} for the CUDA context and allocator slack; "
-                 "(+x) is the headroom in GB" if gpus else ""))
+              + (f"; verdicts keep {format_bytes(reserve, args.unit)} for the CUDA context and allocator slack; "
+                 f"(+x) is the headroom in {args.unit}" if gpus else ""))
         print()
-        print(table(estimates, gpus, reserve))
+        print(table(estimates, gpus, reserve, args.unit))
     return 0
 
 
