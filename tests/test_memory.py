@@ -221,6 +221,17 @@ def test_fits_and_headroom():
     assert est.headroom(est.peak + 10, reserve=4) == 6
     assert not est.fits(est.peak + 10, reserve=11)
     assert est.total == est.peak == max(est.phase_bytes(p) for p in est.phases)
+    assert est.fits("24GiB") == (est.peak <= 24 * 2**30)
+    assert est.headroom("16GB", reserve="1GB") == 15 * 10**9 - est.peak
+    with pytest.raises(ValueError, match="gpu_bytes"):
+        est.fits("a lot")
+
+
+def test_import_seat_memory_is_light():
+    code = "import sys, seat.memory; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("kwargs,argument", [

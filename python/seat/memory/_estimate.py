@@ -34,6 +34,7 @@ import dataclasses
 
 from ._arch import Architecture
 from ._options import GRAD_DTYPES, Options
+from ._units import parse_bytes
 
 FUSED_LOSS_CHUNK_BYTES = 64 * 2**20  # seat.ops.fused_linear_paired_loss.CHUNK_BYTES
 FUSED_LOSS_ROW_MULTIPLE = 16  # seat.ops.fused_linear_paired_loss.ROW_MULTIPLE
@@ -135,11 +136,14 @@ class MemoryEstimate:
         """{item: bytes} at the peak: the state, then the peak phase's items."""
         return {**self.state, **self.phases[self.peak_phase]}
 
-    def headroom(self, gpu_bytes: int, reserve: int = 0) -> int:
-        """gpu_bytes - reserve - peak (negative: does not fit)."""
-        return int(gpu_bytes) - int(reserve) - self.peak
+    def headroom(self, gpu_bytes: int | str, reserve: int | str = 0) -> int:
+        """gpu_bytes - reserve - peak in bytes (negative: does not fit). Sizes are bytes
+        or strings like "24GiB" / "24GB"."""
+        gpu = parse_bytes(gpu_bytes, argument="gpu_bytes")
+        spare = 0 if reserve in (0, "0") else parse_bytes(reserve, argument="reserve")
+        return gpu - spare - self.peak
 
-    def fits(self, gpu_bytes: int, reserve: int = 0) -> bool:
+    def fits(self, gpu_bytes: int | str, reserve: int | str = 0) -> bool:
         """Whether the peak plus `reserve` (CUDA context, allocator slack: not modelled)
         fits in gpu_bytes."""
         return self.headroom(gpu_bytes, reserve) >= 0
