@@ -367,7 +367,7 @@ def test_python_dash_m_runs_as_a_module():
 def test_known_configs_ship_as_package_data(tmp_path):
     """setup.py's build_py (what a wheel packs) copies the known configs."""
     env = {**os.environ, "SEAT_SKIP_CUDA_BUILD": "1"}
-    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "-d", str(tmp_path)], cwd=ROOT, env=env,
-                   check=True, capture_output=True)
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build_py", "-d",
+                    str(tmp_path)], cwd=ROOT, env=env, check=True, capture_output=True)  # nothing written to ROOT
     shipped = sorted(p.name for p in (tmp_path / "seat" / "memory" / "known-configs").glob("*.json"))
     assert shipped == sorted(sm.KNOWN.values())
