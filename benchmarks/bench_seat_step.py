@@ -91,24 +91,25 @@ def make_config(size: str, seq: int):
                        pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0)
 
 
-def make_model(config, device, dtype, seed: int = 0, checkpointing: bool = False):
+def make_model(config, device, dtype, seed: int = 0, gradient_checkpointing: bool = False):
     """The same random model for every method (seeded), block linears trainable only.
+    Any Llama-style config (Llama, Qwen2, Mistral: the model class follows the config).
     Built directly on `device` in `dtype`: an 8B model must never exist in fp32 or on the
     host (32 GB, minutes of CPU init), nor pass through more memory than the budget."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            model = AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     model.config.use_cache = False
-    if checkpointing:  # non-reentrant: works with frozen embeddings (inputs without grad)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    if gradient_checkpointing:  # non-reentrant: works with frozen embeddings (inputs without grad)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for name, p in model.named_parameters():
         p.requires_grad_(is_block_linear(name))
     return model
@@ -167,10 +168,10 @@ def bool_mask(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 NULL_PHASE = lambda name: contextlib.nullcontext()  # noqa: E731
 
 
-def build_naive_seat(config, batch, device, dtype, checkpointing=False):
+def build_naive_seat(config, batch, device, dtype, gradient_checkpointing: bool = False):
     from seat.masks import param_seed, random_mask
 
-    model = make_model(config, device, dtype, checkpointing=checkpointing)
+    model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -217,8 +218,8 @@ def build_naive_seat(config, batch, device, dtype, checkpointing=False):
     return step, alive, tokens, info
 
 
-def build_seat(config, batch, device, dtype, checkpointing=False, chunk_size: int = 0):
-    model = make_model(config, device, dtype, checkpointing=checkpointing)
+def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_checkpointing: bool = False):
+    model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     handle = seat.patch(model, density=DENSITY, chunk_size=chunk_size)
     opt = handle.optimizer(lr=LR)
 
@@ -269,15 +270,15 @@ def _dense_adamw_ce(model, batch, optimizer_label):
     return _ce_step(model, opt, batch), alive, int(batch["attention_mask"].sum()), info
 
 
-def build_full_ft(config, batch, device, dtype, checkpointing=False):
-    return _dense_adamw_ce(make_model(config, device, dtype, checkpointing=checkpointing), batch,
+def build_full_ft(config, batch, device, dtype, gradient_checkpointing: bool = False):
+    return _dense_adamw_ce(make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing), batch,
                            "torch.optim.AdamW (dense)")
 
 
-def build_lora(config, batch, device, dtype, checkpointing=False):
+def build_lora(config, batch, device, dtype, gradient_checkpointing: bool = False):
     import peft
 
-    base = make_model(config, device, dtype, checkpointing=checkpointing)
+    base = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(BLOCK_LINEARS),
                            task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, lora)  # freezes the base model
@@ -307,7 +308,7 @@ def run_method(method, config, batch, device, dtype, steps, checkpointing=False,
 
 
 def _run_method(method, config, batch, device, dtype, steps, checkpointing):
-    step, alive, tokens, info = BUILDERS[method](config, batch, device, dtype, checkpointing=checkpointing)
+    step, alive, tokens, info = BUILDERS[method](config, batch, device, dtype, gradient_checkpointing=checkpointing)
     try:
         first_loss = step(NULL_PHASE)  # warm-up; optimizer state exists from here on
 
