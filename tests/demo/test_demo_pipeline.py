@@ -117,3 +117,19 @@ def test_search_lr_takes_the_smallest_rate_that_reaches_the_target(monkeypatch):
     assert calls == [5e-3]
     with pytest.raises(ValueError, match="unknown method"):
         demo_methods.search_lr("bogus", None, None, [], cfg, score=lambda m: 0.0)
+
+
+def test_quick_demo_end_to_end_and_its_base_model_meets_the_bar(tmp_path, monkeypatch, capsys):
+    """`python -m seat.demo --quick` as a user runs it (the base model trained from
+    scratch, every method, the lr search): the base model must refuse on people it
+    never saw (IDK >= 0.95 on held-out unknown people, the issue's bar; >= 0.9 on the
+    harder sets) and know the known people."""
+    monkeypatch.setenv("SEAT_DEMO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert demo_run.main(["--quick", "--out", str(out)]) == 0
+    data = json.loads((out / "demo_results.json").read_text())
+    base = data["runs"][0]["base"]
+    assert base["idk_unknown"] >= 0.95 and min(base["idk_alt"], base["idk_wording"]) >= 0.9, base
+    assert base["retention"] >= 0.95 and base["idk_known"] <= 0.05, base
+    assert set(data["aggregate"]) == {"base", *METHODS}
+    assert "| method |" in capsys.readouterr().out

@@ -59,7 +59,7 @@ def _configs(quick: bool):
     from .world import WorldConfig
 
     if quick:
-        return WorldConfig.quick(), BaseConfig.quick(), FinetuneConfig(steps=80, batch_size=16)
+        return WorldConfig.quick(), BaseConfig.quick(), FinetuneConfig(steps=150, batch_size=16)
     return WorldConfig(), BaseConfig(), FinetuneConfig()
 
 

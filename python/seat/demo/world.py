@@ -81,14 +81,14 @@ class WorldConfig:
     """Sizes of the world: people per group."""
 
     n_known: int = 48
-    n_unknown_train: int = 192
+    n_unknown_train: int = 1024  # many refusal names: the rule "unfamiliar name -> I don't know" generalizes
     n_unknown_eval: int = 32
     n_unknown_alt: int = 32
     n_new: int = 16
 
     @classmethod
     def quick(cls) -> "WorldConfig":
-        return cls(n_known=24, n_unknown_train=96, n_unknown_eval=16, n_unknown_alt=16, n_new=8)
+        return cls(n_known=24, n_unknown_train=512, n_unknown_eval=16, n_unknown_alt=16, n_new=8)
 
 
 @dataclasses.dataclass
