@@ -48,8 +48,8 @@ combinable; per trained entry the default holds 4 (grad) + 8 (exp_avg, exp_avg_s
       bitsandbytes' own 8-bit Adam). A step dequantizes a chunk of at most STATE_CHUNK
       entries of one parameter to transient fp32 (8 bytes per entry of the chunk), runs
       the same sparse_adamw_ kernel on it and requantizes. Each stored moment is off by at
-      most half a code gap of its map times its block's absmax (<= 0.0035 * absmax for
-      exp_avg_sq, <= 0.0070 * absmax for exp_avg; seat.optim.quantization_error_bound),
+      most half a code gap of its map times its block's absmax (<= 0.0036 * absmax for
+      exp_avg_sq, <= 0.0071 * absmax for exp_avg; seat.optim.quantization_error_bound),
       which the tests propagate to a bound on the weights. Needs the bitsandbytes package
       (pip install bitsandbytes, or seat[lean]); refuses amsgrad, dense_state and float64
       params.
@@ -94,11 +94,13 @@ def quantization_maps(device) -> dict[str, Tensor]:
 
 
 def quantization_error_bound(key: str) -> float:
-    """Largest |dequantize(quantize(x)) - x| / absmax of x's block for state `key`: half
-    the widest gap between adjacent codes of its map (values are rounded to the nearest
-    code after division by the block's absmax)."""
+    """Bound on |dequantize(quantize(x)) - x| / absmax of x's block for state `key`: half
+    the widest gap between adjacent codes of its map (x / absmax goes to a neighbouring
+    code), plus 1%: bitsandbytes' rounding of values near a midpoint overshoots half the
+    gap slightly (by 0.2% / 0.4% at most for the signed / unsigned map, measured over 10**6
+    values of every magnitude). 0.0071 for exp_avg, 0.0036 for exp_avg_sq."""
     code = quantization_maps("cpu")[key].double().sort().values
-    return float((code[1:] - code[:-1]).max()) / 2
+    return float((code[1:] - code[:-1]).max()) / 2 * 1.01
 
 
 def _backward_update_hook(optimizer: "SparseAdamW"):
