@@ -50,7 +50,7 @@ cudaError_t launch(const AdamWTensorRef* table, int64_t n, int64_t max_nnz, cons
 template <typename ParamIO>
 cudaError_t launch_fp32_state(const AdamWTensorRef* table, int64_t n, int64_t max_nnz, Dtype grad_dtype,
                               const double* scalars, bool maximize, bool stochastic, uint32_t step_key,
-                              bool dense_state, cudaStream_t stream, Dtype grad_dtype) {
+                              bool dense_state, cudaStream_t stream) {
   if (grad_dtype == Dtype::kBFloat16)
     return launch<ParamIO, float, uint16_t>(table, n, max_nnz, scalars, maximize, stochastic, step_key, dense_state,
                                             stream);
