@@ -70,8 +70,10 @@ def test_lean_checkpoint_resumes_bit_exactly(tmp_path):
 
 
 def test_handle_optimizer_passes_lean_options_through():
-    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    handle = seat.patch(model, seat.SeatConfig(density=0.5, targets=["0", "2"]))
-    opt = handle.optimizer(lr=1e-3, grad_dtype=torch.bfloat16, state_bits=8)
-    assert opt.grad_dtype == torch.bfloat16 and opt.state_bits == 8
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32))
+    handle = seat.patch(model, seat.SeatConfig(density=0.5))
+    opt = handle.optimizer(lr=1e-3, grad_dtype=torch.bfloat16, state_bits=8, update_in_backward=True)
+    assert opt.grad_dtype == torch.bfloat16 and opt.state_bits == 8 and opt.update_in_backward
+    assert all(opt.state[t.param]["exp_avg"].dtype == torch.uint8 for t in handle.targets.values())
     handle.unpatch()
