@@ -178,6 +178,9 @@ def main(argv=None) -> int:
     for mode, options in LEAN_MODES.items():
         run(bench_lean(f"lean: {mode} d=0.05", params, grads, 0.05, args.device, args.repeats, options))
 
+    for key in ("peak_bytes", "transient_bytes"):  # one CSV header for every row
+        for r in rows:
+            r.setdefault(key, None)
     naive = next(r for r in rows if r["method"].startswith("naive-seat d="))
     for r in rows:
         r["speedup_vs_naive"] = naive["ms"] / r["ms"]
