@@ -50,9 +50,12 @@ combinable; per trained entry the default holds 4 (grad) + 8 (exp_avg, exp_avg_s
       the same sparse_adamw_ kernel on it and requantizes. Each stored moment is off by at
       most half a code gap of its map times its block's absmax (<= 0.0036 * absmax for
       exp_avg_sq, <= 0.0071 * absmax for exp_avg; seat.optim.quantization_error_bound),
-      which the tests propagate to a bound on the weights. Needs the bitsandbytes package
-      (pip install bitsandbytes, or seat[lean]); refuses amsgrad, dense_state and float64
-      params.
+      which the tests propagate to a bound on the weights. Each parameter is stepped by its
+      own call, so stochastic rounding draws its bits per parameter (as with
+      update_in_backward). Step time: four bitsandbytes calls per chunk; on CPU its
+      blockwise kernels cost ~15 ms a call whatever the size (measured), on GPU they are
+      CUDA kernels. Needs the bitsandbytes package (pip install bitsandbytes, or
+      seat[lean]); refuses amsgrad, dense_state and float64 params.
 """
 from __future__ import annotations
 
@@ -214,7 +217,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 mode = "grad_dtype=torch.bfloat16" if grad_dtype == torch.bfloat16 else "state_bits=8"
                 raise ValueError(f"{mode} is a lean mode for float32 state; params at position {fp64} are float64 "
                                  "(whose state is float64): leave them to an optimizer without it")
-        self._qmaps = quantization_maps(all_params[0].device) if state_bits == 8 and all_params else None
+        self._qmaps: dict[torch.device, dict[str, Tensor]] = {}  # 8-bit code books, per device
         self._grads: dict[Tensor, Tensor] = {}
         self._has_grad: dict[Tensor, bool] = {}
         self._hooks = []
@@ -295,6 +298,11 @@ class SparseAdamW(torch.optim.Optimizer):
         p.grad = None
 
     # ------------------------------------------------------------------ 8-bit state
+    def _qmap(self, key: str, device: torch.device) -> Tensor:
+        if device not in self._qmaps:
+            self._qmaps[device] = quantization_maps(device)
+        return self._qmaps[device][key]
+
     def _init_quantized(self, p: Tensor, nnz: int) -> None:
         """uint8 codes (nnz,) and fp32 block absmax (ceil(nnz / QUANT_BLOCK),) per moment;
         zeros quantize exactly (absmax 0)."""
@@ -313,7 +321,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if codes.numel() == 0:
             return torch.zeros(0, dtype=torch.float32, device=p.device)
         absmax = state[f"{key}_absmax"][start // QUANT_BLOCK:start // QUANT_BLOCK + -(-codes.numel() // QUANT_BLOCK)]
-        return _bnb_functional().dequantize_blockwise(codes, absmax=absmax, code=self._qmaps[key],
+        return _bnb_functional().dequantize_blockwise(codes, absmax=absmax, code=self._qmap(key, p.device),
                                                       blocksize=QUANT_BLOCK)
 
     def _quantize_into(self, p: Tensor, key: str, values: Tensor, start: int) -> None:
@@ -324,8 +332,8 @@ class SparseAdamW(torch.optim.Optimizer):
         codes = state[key][start:start + values.numel()]
         first = start // QUANT_BLOCK
         absmax = state[f"{key}_absmax"][first:first + -(-values.numel() // QUANT_BLOCK)]
-        out, _ = _bnb_functional().quantize_blockwise(values, code=self._qmaps[key], absmax=absmax, out=codes,
-                                                      blocksize=QUANT_BLOCK)
+        out, _ = _bnb_functional().quantize_blockwise(values, code=self._qmap(key, p.device), absmax=absmax,
+                                                      out=codes, blocksize=QUANT_BLOCK)
         if out.data_ptr() != codes.data_ptr():  # a bitsandbytes that ignores out=: copy back
             codes.copy_(out)
 
