@@ -35,14 +35,19 @@ def _setup(tmp_path, optimizer_kwargs=None, **arg_overrides):
     return trainer, model
 
 
-def test_update_in_backward_trains_the_default_trajectory(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_update_in_backward_trains_the_default_trajectory(tmp_path, checkpointing):
     """With a linear LR schedule: the update of step t runs in backward t with the lr the
-    scheduler set after step t-1, as the default mode's step() t does."""
-    default, model_a = _setup(tmp_path / "a")
+    scheduler set after step t-1, as the default mode's step() t does. With gradient
+    checkpointing too: a weight is updated only after its gradient is complete, so the
+    recomputed forward of every segment still sees the old weights."""
+    default, model_a = _setup(tmp_path / "a", gradient_checkpointing=checkpointing)
     default.train()
-    lean, model_b = _setup(tmp_path / "b", optimizer_kwargs=dict(update_in_backward=True))
+    lean, model_b = _setup(tmp_path / "b", optimizer_kwargs=dict(update_in_backward=True),
+                           gradient_checkpointing=checkpointing)
     assert lean.seat._optimizer.update_in_backward and lean.seat._optimizer._grads == {}
     lean.train()
+    assert model_b.is_gradient_checkpointing == checkpointing
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(p, q) for p, q in zip(model_b.parameters(), _setup(tmp_path / "c")[1].parameters()))
