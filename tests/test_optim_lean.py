@@ -388,3 +388,42 @@ def test_lean_modes_refuse_what_they_cannot_do():
         thirty_two.load_state_dict(eight.state_dict())
     with pytest.raises(ValueError, match="torch.float32 but this optimizer has state_bits=8"):
         eight.load_state_dict(thirty_two.state_dict())
+
+
+def _transient_peak(fn) -> int:
+    """Largest (allocated - freed) bytes through torch's CPU allocator during fn()."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from _memory import measure_peak
+
+    return measure_peak(lambda _: fn()).transient_peak_bytes
+
+
+def test_lean_transients_are_one_chunk_or_one_param(monkeypatch):
+    """8-bit: one chunk's fp32 moments (8 B per entry) + bitsandbytes' codes while
+    quantizing (1 B); update_in_backward: one param's compact gradient at a time."""
+    monkeypatch.setattr(optim, "STATE_CHUNK", 4096)
+    params = [torch.nn.Parameter(torch.randn(160, 100)), torch.nn.Parameter(torch.randn(50, 30))]
+    masks = [random_mask(params[0], 0.8, seed=0), random_mask(params[1], 0.5, seed=1)]  # 12800 (4 chunks), 750
+    grads = [torch.randn_like(p) for p in params]
+
+    def run(opt, hook):
+        def update():
+            for p, g in zip(params, grads):
+                p.grad = g
+                hook(opt)(p)
+            opt.step()
+            opt.zero_grad()
+        update()  # first step outside: lazy set-up (code books) is not a transient
+        return _transient_peak(update)
+
+    eight = SparseAdamW(params, masks, lr=1e-3, state_bits=8)
+    peak = run(eight, lambda o: o.compact_)
+    assert 8 * 4096 <= peak <= 9 * 4096 + 2048, peak  # + bitsandbytes' own absmax, small scalars
+    in_backward = SparseAdamW(params, masks, lr=1e-3, update_in_backward=True)
+    peak = run(in_backward, lambda o: o._update_in_backward_)
+    assert 4 * 12800 <= peak <= 4 * 12800 + 1024, peak
+    default = SparseAdamW(params, masks, lr=1e-3)
+    assert run(default, lambda o: o.compact_) == 0

@@ -47,8 +47,9 @@ combinable; per trained entry the default holds 4 (grad) + 8 (exp_avg, exp_avg_s
       entry instead of 4; dynamic signed map for exp_avg, unsigned for exp_avg_sq, as
       bitsandbytes' own 8-bit Adam). A step dequantizes a chunk of at most STATE_CHUNK
       entries of one parameter to transient fp32 (8 bytes per entry of the chunk), runs
-      the same sparse_adamw_ kernel on it and requantizes. Each stored moment is off by at
-      most half a code gap of its map times its block's absmax (<= 0.0036 * absmax for
+      the same sparse_adamw_ kernel on it and requantizes (bitsandbytes adds 1 byte per entry
+      of the chunk while quantizing). Each stored moment is off by at most half the widest
+      code gap of its map (+1%) times its block's absmax (<= 0.0036 * absmax for
       exp_avg_sq, <= 0.0071 * absmax for exp_avg; seat.optim.quantization_error_bound),
       which the tests propagate to a bound on the weights. Each parameter is stepped by its
       own call, so stochastic rounding draws its bits per parameter (as with
@@ -517,6 +518,7 @@ class SparseAdamW(torch.optim.Optimizer):
                               [None if master is None else master[start:stop]], None, **hyper)
             self._quantize_into(p, "exp_avg", m, start)
             self._quantize_into(p, "exp_avg_sq", v, start)
+            del m, v  # before the next chunk's transients exist: one chunk's at a time
 
     def _step_quantized(self) -> None:
         for group_index, group in enumerate(self.param_groups):
