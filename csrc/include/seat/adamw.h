@@ -77,11 +77,19 @@ SEAT_HD uint16_t float_to_bf16(float x, bool stochastic, uint32_t random_bits) {
   return static_cast<uint16_t>((u + increment) >> 16);
 }
 
+// A compact gradient entry as the state type T: the state's own type, or bf16 bits (the
+// lean bf16-gradient mode: the gradient is stored in bf16 and upcast exactly on load).
+template <typename T>
+SEAT_HD T load_grad(const T* g) { return *g; }
+template <typename T>
+SEAT_HD T load_grad(const uint16_t* g) { return static_cast<T>(bf16_to_float(*g)); }
+
 // Element i of a tensor's masked entries, shared by CPU and CUDA (ParamIO: the param's
-// storage type and its load/store as the state type T). State is compact (indexed by i,
-// like grad) or, with dense_state, full-size (indexed by the entry's position).
-template <typename ParamIO, typename T>
-SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const T* grad, T* exp_avg,
+// storage type and its load/store as the state type T; G: the compact gradient's storage,
+// T or uint16_t bf16 bits). State is compact (indexed by i, like grad) or, with
+// dense_state, full-size (indexed by the entry's position).
+template <typename ParamIO, typename T, typename G = T>
+SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const G* grad, T* exp_avg,
                                   T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
                                   const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key,
                                   bool dense_state) {
@@ -89,7 +97,7 @@ SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_
   const int64_t at = dense_state ? pos : i;
   T w = master != nullptr ? master[at] : ParamIO::template load<T>(param + pos);
   T m = exp_avg[at], v = exp_avg_sq[at];
-  w = adamw_step<T>(w, grad[i], m, v, max_exp_avg_sq != nullptr ? max_exp_avg_sq + at : nullptr, s, maximize);
+  w = adamw_step<T>(w, load_grad<T>(grad + i), m, v, max_exp_avg_sq != nullptr ? max_exp_avg_sq + at : nullptr, s, maximize);
   exp_avg[at] = m;
   exp_avg_sq[at] = v;
   if (master != nullptr) master[at] = w;
