@@ -90,10 +90,11 @@ def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The optimizer's tensors: its per-parameter state (exp_avg, exp_avg_sq, step, and
-    for seat.optim.SparseAdamW idx), plus SparseAdamW's compact gradients and masks."""
+    for seat.optim.SparseAdamW idx), plus SparseAdamW's compact gradients, masks and
+    8-bit code books (state_bits=8: {device: {key: map}})."""
     tensors = [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
-    for attr in ("_grads", "_masks"):  # seat.optim.SparseAdamW
-        tensors += [v for v in getattr(opt, attr, {}).values() if isinstance(v, torch.Tensor)]
+    for attr in ("_grads", "_masks", "_qmaps"):  # seat.optim.SparseAdamW
+        tensors += list(_flatten(list(getattr(opt, attr, {}).values())))
     return tensors
 
 

@@ -218,16 +218,19 @@ def build_naive_seat(config, batch, device, dtype, gradient_checkpointing: bool 
     return step, alive, tokens, info
 
 
-def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_checkpointing: bool = False):
+def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_checkpointing: bool = False,
+               optimizer_kwargs: dict | None = None):
+    """seat.patch + handle.optimizer; optimizer_kwargs go to SparseAdamW (e.g. the lean
+    modes: grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8)."""
     model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     handle = seat.patch(model, density=DENSITY, chunk_size=chunk_size)
-    opt = handle.optimizer(lr=LR)
+    opt = handle.optimizer(lr=LR, **(optimizer_kwargs or {}))
 
     def step(phase):
         with phase("forward"):  # reference forward on x~, forward on x and x~, fused-linear loss
             loss = handle.loss(batch).loss
         with phase("backward"):  # SparseAdamW's hooks compact each dense grad and free it
-            loss.backward()
+            loss.backward()  # (update_in_backward=True: and apply its update)
         with phase("optimizer"):
             opt.step()
             opt.zero_grad()

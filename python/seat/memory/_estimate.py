@@ -10,8 +10,10 @@ tensors alive at its worst moment; the peak is the largest phase:
   ref_forward seat / naive: the no-grad forward of the base model on x~ (B sequences)
   loss        end of the trained forward (saved activations) + the loss's buffers
   backward    saved activations + gradients flowing back through the last block + the
-              dense weight gradient(s) alive
-  optimizer   dense methods: every dense gradient + the optimizer step's temporaries
+              dense weight gradient(s) alive (seat: one, in its gradient hook; with the
+              update in backward, also that hook's transients: see _gradient_hook_bytes)
+  optimizer   dense methods: every dense gradient + the optimizer step's temporaries;
+              seat with 8-bit state: one chunk's fp32 moments (see _chunk_update_bytes)
 
 Activations follow what transformers' Llama-style decoder (SDPA attention) saves for
 backward, per token and block, in bytes (es = bytes of the model dtype, H hidden,
@@ -168,11 +170,54 @@ def _mask_index_bytes(opts: Options, numel: int, nnz: int) -> int:
     return 4 * -(-numel // opts.implicit_block)  # implicit: a prefix count per block
 
 
-def _adam_state_bytes(opts: Options, nnz: int) -> int:
-    """exp_avg + exp_avg_sq of nnz entries."""
+def _adam_state_bytes(opts: Options, nnzs: list[int]) -> int:
+    """exp_avg + exp_avg_sq of weights with nnzs trained entries each (8-bit: uint8 codes
+    and one fp32 absmax per quant_block entries of each weight, each moment)."""
     if opts.optimizer_bits == 8:
-        return 2 * (nnz + 4 * -(-nnz // opts.quant_block))
-    return 2 * 4 * nnz
+        return sum(2 * (k + 4 * -(-k // opts.quant_block)) for k in nnzs)
+    return 2 * 4 * sum(nnzs)
+
+
+QUANT_CODE_BOOK_BYTES = 2 * 256 * 4  # the signed and unsigned 8-bit maps, fp32 (seat.optim.quantization_maps)
+
+
+def _chunk_update_bytes(opts: Options, nnz: int) -> int:
+    """The transients of an 8-bit step of one weight with nnz trained entries (see
+    seat.optim.SparseAdamW._update_param): at most state_chunk entries at a time are
+    dequantized to fp32 exp_avg and exp_avg_sq (8 B per entry), stepped in place, and
+    requantized; bitsandbytes' quantize_blockwise returns new codes and absmax (1 B +
+    4 / quant_block per entry), copied into the state, while both fp32 moments are alive.
+    (The index check of the chunk's view, 1 B per entry, comes and goes before that.)"""
+    if opts.optimizer_bits != 8 or nnz == 0:
+        return 0
+    chunk = min(nnz, opts.state_chunk)
+    return 8 * chunk + chunk + 4 * -(-chunk // opts.quant_block)
+
+
+def _gradient_hook_bytes(opts: Options, weights: list[tuple[int, int]]) -> dict[str, int]:
+    """What seat holds for one weight's gradient in backward, at the worst weight, on top
+    of the backward's working set. weights: (numel, nnz) of each target weight.
+
+    Default: the weight's dense gradient, until its post-accumulate-grad hook gathers it
+    into the persistent compact gradient and frees it. update_in_backward: the hook first
+    allocates a transient compact gradient (grad_dtype, nnz entries) and gathers into it
+    while the dense gradient is still alive (both coexist), frees the dense one, then
+    updates: with 8-bit state, one chunk's transients next to the compact gradient."""
+    es = opts.es
+    if not opts.optimizer_in_backward:
+        return {"transient dense gradient (one weight)": max(n for n, _ in weights) * es}
+    gs = GRAD_DTYPES[opts.grad_dtype]
+    worst: dict[str, int] = {}
+    for numel, nnz in sorted(set(weights)):
+        compact = {"its transient compact gradient (update in backward)": gs * nnz}
+        moments = [{"transient dense gradient (one weight)": numel * es, **compact}]
+        if opts.optimizer_bits == 8:
+            moments.append({**compact, "8-bit update in backward: one chunk's fp32 moments and new codes":
+                            _chunk_update_bytes(opts, nnz)})
+        for moment in moments:
+            if sum(moment.values()) > sum(worst.values()):
+                worst = moment
+    return worst
 
 
 def _fused_loss_bytes(arch: Architecture, opts: Options) -> dict[str, int]:
@@ -234,7 +279,9 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
         nnz = sum(nnzs)
         state["mask indices"] = sum(_mask_index_bytes(opts, n, k) for n, k in zip(shapes, nnzs))
         state["original values at the mask"] = es * nnz
-        state["optimizer state (exp_avg, exp_avg_sq)"] = _adam_state_bytes(opts, nnz)
+        state["optimizer state (exp_avg, exp_avg_sq)"] = _adam_state_bytes(opts, nnzs)
+        if opts.optimizer_bits == 8 and nnz:
+            state["8-bit code books"] = QUANT_CODE_BOOK_BYTES
         if opts.master_weights and es != 4:
             state["fp32 master values"] = 4 * nnz
         if not opts.optimizer_in_backward:
@@ -246,7 +293,12 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
                           "loss rows of the hidden states": (opts.n_ce + opts.n_kl) * H * es,
                           **_fused_loss_bytes(arch, opts)}
         phases["backward"] = {"activations": act, "backward through one block": back,
-                              "transient dense gradient (one weight)": largest * es}
+                              **_gradient_hook_bytes(opts, list(zip(shapes, nnzs)))}
+        if opts.optimizer_bits == 8 and not opts.optimizer_in_backward:
+            # the step updates one weight at a time, a chunk at a time; the compact
+            # gradients are state. (32-bit: sparse_adamw_ works in place, no transients.)
+            phases["optimizer"] = {"8-bit update: one chunk's fp32 moments and new codes":
+                                   max(_chunk_update_bytes(opts, k) for k in nnzs)}
         trainable = nnz
     elif opts.method == "naive":
         nnz = sum(nnz_for(n, opts.density) for n in shapes)

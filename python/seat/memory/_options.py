@@ -43,11 +43,20 @@ class Options:
         "block16" uint16 offsets in blocks of block16_size elements plus an int32 count
         per block, "implicit" hashed random mask (an int32 prefix count per block of
         implicit_block elements, no indices).
-    grad_dtype (seat): the compact gradient's dtype, "float32" (today) or "bfloat16".
-    optimizer_in_backward (seat): the update runs in the gradient hook, so no compact
-        gradient buffer exists.
-    optimizer_bits (seat): 32 (fp32 exp_avg / exp_avg_sq, today) or 8 (bitsandbytes-style
-        blockwise: 1 B per entry and an fp32 absmax per quant_block entries, each state).
+    grad_dtype (seat): the compact gradient's dtype, "float32" (default) or "bfloat16"
+        (SparseAdamW(grad_dtype=torch.bfloat16); one micro-batch per step: a second one
+        turns the buffer fp32 until zero_grad(), which is not modelled).
+    optimizer_in_backward (seat): SparseAdamW(update_in_backward=True): each weight's update
+        runs in its gradient hook, so no compact gradient buffer exists between steps; the
+        hook gathers into a transient compact gradient (grad_dtype) while the weight's
+        dense gradient is still alive, frees the dense one, then updates.
+    optimizer_bits (seat): 32 (fp32 exp_avg / exp_avg_sq) or 8 (SparseAdamW(state_bits=8):
+        bitsandbytes blockwise, 1 B per entry and an fp32 absmax per quant_block entries,
+        each moment, plus the two 256-entry fp32 code books). A weight's step dequantizes
+        at most state_chunk entries at a time into transient fp32 moments (8 B per entry
+        of the chunk), and bitsandbytes makes new codes and absmax (1 B + 4 / quant_block
+        per entry) while requantizing them: in the optimizer step, or with
+        optimizer_in_backward in the gradient hook, next to the transient compact gradient.
     master_weights (seat): fp32 copy of the trained entries of a low-precision model.
     lora_rank (lora). chunk_size (seat): rows per chunk of the fused loss, 0 = the
         kernel's choice (fp32 logits of a chunk under 64 MiB).
@@ -77,7 +86,8 @@ class Options:
     kl_rows: int | None = None
     block16_size: int = 65536
     implicit_block: int = 4096
-    quant_block: int = 256
+    quant_block: int = 256  # seat.optim.QUANT_BLOCK
+    state_chunk: int = 2**20  # seat.optim.STATE_CHUNK
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -94,8 +104,11 @@ class Options:
         _choice("optimizer_bits", self.optimizer_bits, OPTIMIZER_BITS)
         _int("lora_rank", self.lora_rank, 1)
         _int("chunk_size", self.chunk_size, 0)
-        for name in ("block16_size", "implicit_block", "quant_block"):
+        for name in ("block16_size", "implicit_block", "quant_block", "state_chunk"):
             _int(name, getattr(self, name), 1)
+        if self.state_chunk % self.quant_block:
+            raise ValueError(f"state_chunk must be a multiple of quant_block = {self.quant_block} (chunks "
+                             f"quantize whole blocks); got {self.state_chunk}")
         if self.block16_size > 65536:
             raise ValueError(f"block16_size must be <= 65536 (uint16 offsets); got {self.block16_size}")
         for name in ("ce_rows", "kl_rows"):
