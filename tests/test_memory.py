@@ -49,9 +49,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def measure_step(builder: str, config, batch, dtype, checkpointing: bool, device: str = "cpu"):
+def measure_step(builder: str, config, batch, dtype, checkpointing: bool, device: str = "cpu",
+                 optimizer_kwargs: dict | None = None):
     batch = {k: v.to(device) for k, v in batch.items()}
-    step, alive, _, info = bench.BUILDERS[builder](config, batch, device, dtype, gradient_checkpointing=checkpointing)
+    extra = {} if optimizer_kwargs is None else {"optimizer_kwargs": optimizer_kwargs}  # seat builders only
+    step, alive, _, info = bench.BUILDERS[builder](config, batch, device, dtype, gradient_checkpointing=checkpointing,
+                                                   **extra)
     try:
         step(bench.NULL_PHASE)  # warm-up: the optimizer state exists from here on
         with PeakMemory(device, alive()) as tracker:
@@ -128,6 +131,95 @@ def test_prediction_where_the_loss_chunks_dominate(builder, chunk_size):
     else:
         assert est.phases["loss"][key] < default / 3
     assert 0.85 <= est.peak / report.peak_bytes <= 1.15
+
+
+# the lean modes of seat.optim.SparseAdamW: (its keywords, seat.memory's options)
+LEAN_MODES = {
+    "bf16-grad": (dict(grad_dtype=torch.bfloat16), dict(grad_dtype="bfloat16")),
+    "in-backward": (dict(update_in_backward=True), dict(optimizer_in_backward=True)),
+    "8bit-state": (dict(state_bits=8), dict(optimizer_bits=8)),
+    "all-three": (dict(grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8),
+                  dict(grad_dtype="bfloat16", optimizer_in_backward=True, optimizer_bits=8)),
+}
+
+
+def _needs(mode: str) -> None:
+    if LEAN_MODES[mode][0].get("state_bits") == 8:
+        pytest.importorskip("bitsandbytes")
+
+
+def _check_state(est: sm.MemoryEstimate, report) -> None:
+    """The state alive between steps is counted exactly (the batch aside)."""
+    assert est.state_bytes - est.state["batch"] == pytest.approx(report.start_bytes - est.state["batch"], rel=1e-3)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ckpt"])
+@pytest.mark.parametrize("mode", list(LEAN_MODES))
+@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
+def test_lean_mode_prediction_within_15_percent_of_the_measured_peak(kind, dtype, mode, checkpointing):
+    """Every lean mode of SparseAdamW (handle.optimizer(**kw)), measured as the default
+    mode is above: its state exactly, the peak and the step's transient part within 15%."""
+    _needs(mode)
+    kwargs, options = LEAN_MODES[mode]
+    config = small_config(kind)
+    batch = bench.paired_batch(2, 64, config.vocab_size)
+    report = measure_step("seat", config, batch, getattr(torch, dtype), checkpointing, optimizer_kwargs=kwargs)
+    est = predict("seat", config, batch, dtype, checkpointing, **options)
+    _check_state(est, report)
+    default = predict("seat", config, batch, dtype, checkpointing)
+    assert est.state_bytes < default.state_bytes  # what the mode is for
+    ratio = est.peak / report.peak_bytes
+    print(f"{kind} {dtype} {mode} ckpt={checkpointing}: predicted {est.peak / 2**20:.2f} MiB ({est.peak_phase}), "
+          f"measured {report.peak_bytes / 2**20:.2f} MiB ({report.peak_phase}), ratio {ratio:.3f}")
+    assert 0.85 <= ratio <= 1.15
+    assert est.peak - est.state_bytes == pytest.approx(report.transient_peak_bytes, rel=0.15)
+    backward = sum(est.phases["backward"].values())
+    assert backward == pytest.approx(report.phases["backward"], rel=0.15)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ckpt"])
+@pytest.mark.parametrize("mode,state_chunk", [("default", None), *((m, None) for m in LEAN_MODES),
+                                              ("8bit-state", 2**16), ("all-three", 2**16)],
+                         ids=["default", *LEAN_MODES, "8bit-state-chunk64k", "all-three-chunk64k"])
+def test_lean_mode_transients_where_they_show(mode, state_chunk, checkpointing, monkeypatch):
+    """Density 0.5 on wide MLP weights and 8 tokens a sequence: the weights' gradients and
+    the update's transients, not the activations, make the backward and optimizer phases.
+    Each phase within 15%: the transient compact gradient next to the dense one (update in
+    backward), one chunk's fp32 moments (8-bit state: in the optimizer step, or in the
+    gradient hook), STATE_CHUNK honoured."""
+    import seat.optim
+
+    kwargs, options = LEAN_MODES.get(mode, ({}, {}))
+    if mode != "default":
+        _needs(mode)
+    monkeypatch.setattr(bench, "DENSITY", 0.5)  # read by build_seat and predict
+    if state_chunk is not None:
+        monkeypatch.setattr(seat.optim, "STATE_CHUNK", state_chunk)
+        options = {**options, "state_chunk": state_chunk}
+    config = small_config("llama")
+    config.intermediate_size = 2048
+    batch = bench.paired_batch(1, 8, config.vocab_size)
+    report = measure_step("seat", config, batch, torch.float32, checkpointing, optimizer_kwargs=kwargs)
+    est = predict("seat", config, batch, "float32", checkpointing, **options)
+    _check_state(est, report)
+    predicted = {phase: sum(est.phases.get(phase, {}).values()) for phase in ("backward", "optimizer")}
+    print(f"{mode} chunk={state_chunk} ckpt={checkpointing}: predicted "
+          + ", ".join(f"{k} {v / 2**20:.2f}" for k, v in predicted.items()) + " MiB; measured "
+          + ", ".join(f"{k} {report.phases[k] / 2**20:.2f}" for k in predicted) + " MiB (transients)")
+    assert est.peak_phase == "backward"  # the regime of this test
+    assert est.peak / report.peak_bytes == pytest.approx(1.0, abs=0.15)
+    assert predicted["backward"] == pytest.approx(report.phases["backward"], rel=0.15)
+    if options.get("optimizer_in_backward") and state_chunk is None:
+        # what the hook adds over the default mode's dense gradient: more than the tolerance
+        plain = predict("seat", config, batch, "float32", checkpointing)
+        assert predicted["backward"] - sum(plain.phases["backward"].values()) > 0.15 * predicted["backward"]
+    if predicted["optimizer"]:
+        assert predicted["optimizer"] == pytest.approx(report.phases["optimizer"], rel=0.15)
+    else:  # nothing the model leaves out of the step (what backward left behind aside)
+        assert report.phases["optimizer"] < 0.05 * report.transient_peak_bytes
+    if state_chunk is not None:
+        whole = predict("seat", config, batch, "float32", checkpointing, **LEAN_MODES[mode][1])
+        assert est.peak < whole.peak or predicted["optimizer"] < sum(whole.phases["optimizer"].values()) / 4
 
 
 @pytest.mark.cuda
