@@ -153,7 +153,7 @@ def _check_state(est: sm.MemoryEstimate, report) -> None:
     assert est.state_bytes - est.state["batch"] == pytest.approx(report.start_bytes - est.state["batch"], rel=1e-3)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ckpt"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("mode", list(LEAN_MODES))
 @pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
 def test_lean_mode_prediction_within_15_percent_of_the_measured_peak(kind, dtype, mode, checkpointing):
@@ -177,7 +177,7 @@ def test_lean_mode_prediction_within_15_percent_of_the_measured_peak(kind, dtype
     assert backward == pytest.approx(report.phases["backward"], rel=0.15)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ckpt"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("mode,state_chunk", [("default", None), *((m, None) for m in LEAN_MODES),
                                               ("8bit-state", 2**16), ("all-three", 2**16)],
                          ids=["default", *LEAN_MODES, "8bit-state-chunk64k", "all-three-chunk64k"])
@@ -237,6 +237,26 @@ def test_prediction_within_15_percent_on_cuda(builder, method, checkpointing):
     est = predict(method, config, batch, "bfloat16", checkpointing, device="cuda")
     ratio = est.peak / report.peak_bytes
     print(f"cuda {builder} ckpt={checkpointing}: predicted {est.peak / 2**20:.1f} MiB ({est.peak_phase}), "
+          f"measured {report.peak_bytes / 2**20:.1f} MiB ({report.peak_phase}), ratio {ratio:.3f}")
+    assert 0.85 <= ratio <= 1.15
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", list(LEAN_MODES))
+def test_lean_mode_prediction_within_15_percent_on_cuda(mode):
+    """The lean modes on a GPU, as test_prediction_within_15_percent_on_cuda (checkpointing)."""
+    import transformers as tf
+
+    _needs(mode)
+    kwargs, options = LEAN_MODES[mode]
+    config = tf.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                            num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=512,
+                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    batch = bench.paired_batch(2, 512, config.vocab_size)
+    report = measure_step("seat", config, batch, torch.bfloat16, True, device="cuda", optimizer_kwargs=kwargs)
+    est = predict("seat", config, batch, "bfloat16", True, device="cuda", **options)
+    ratio = est.peak / report.peak_bytes
+    print(f"cuda seat {mode} ckpt=True: predicted {est.peak / 2**20:.1f} MiB ({est.peak_phase}), "
           f"measured {report.peak_bytes / 2**20:.1f} MiB ({report.peak_phase}), ratio {ratio:.3f}")
     assert 0.85 <= ratio <= 1.15
 
@@ -319,12 +339,34 @@ def test_lean_modes_change_what_they_should():
     assert implicit.state["mask indices"] < numels / 1000
     assert est(grad_dtype="bfloat16").state["compact gradient"] == 2 * nnz
     assert "compact gradient" not in est(optimizer_in_backward=True).state
-    eight = est(optimizer_bits=8).state["optimizer state (exp_avg, exp_avg_sq)"]
-    assert 2 * nnz < eight < 2 * nnz * (1 + 4 / 256) + 8 * 7 * layers
+    eight = est(optimizer_bits=8)
+    nnzs = [sm.nnz_for(o * i, 0.05) for o, i in shapes] * layers
+    assert eight.state["optimizer state (exp_avg, exp_avg_sq)"] == sum(2 * (k + 4 * -(-k // 256)) for k in nnzs)
+    assert eight.state["8-bit code books"] == 2 * 256 * 4
+    # the step: one 2^20-entry chunk of one weight at a time, fp32 moments + bitsandbytes' new codes
+    assert eight.phases["optimizer"] == {"8-bit update: one chunk's fp32 moments and new codes": 2**20 * (9 + 4 / 256)}
+    assert "optimizer" not in base.phases and "optimizer" not in est(optimizer_bits=8, optimizer_in_backward=True).phases
+    # in backward: the transient compact gradient next to the largest weight's dense one
+    largest = base.arch.largest_block_linear
+    hook = est(optimizer_in_backward=True, grad_dtype="bfloat16").phases["backward"]
+    assert hook["transient dense gradient (one weight)"] == 2 * largest
+    assert hook["its transient compact gradient (update in backward)"] == 2 * sm.nnz_for(largest, 0.05)
+    # chunks of a whole weight at density 1: the 8-bit update outweighs the bf16 dense gradient
+    dense = sm.estimate("Llama-3-8B", density=1.0, optimizer_in_backward=True, optimizer_bits=8,
+                        state_chunk=2**26).phases["backward"]
+    assert "transient dense gradient (one weight)" not in dense
+    assert dense["8-bit update in backward: one chunk's fp32 moments and new codes"] == largest * (9 + 4 / 256)
     assert est(master_weights=True).state["fp32 master values"] == 4 * nnz
     assert "fp32 master values" not in est(master_weights=True, dtype="float32").state
     leanest = est(index_encoding="implicit", optimizer_in_backward=True, optimizer_bits=8)
     assert leanest.peak < base.peak - 4 * GB
+
+
+def test_lean_mode_constants_follow_seat_optim():
+    import seat.optim
+
+    opts = sm.Options()
+    assert opts.quant_block == seat.optim.QUANT_BLOCK and opts.state_chunk == seat.optim.STATE_CHUNK
 
 
 def test_methods_order_and_baseline_terms():
@@ -372,7 +414,8 @@ def test_import_seat_memory_is_light():
     (dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(density=-0.1), "density"),
     (dict(seq=-5), "seq"), (dict(batch=0), "batch"), (dict(method="adam"), "method"),
     (dict(index_encoding="int8"), "index_encoding"), (dict(optimizer_bits=4), "optimizer_bits"),
-    (dict(ce_rows=10**9), "ce_rows"),
+    (dict(ce_rows=10**9), "ce_rows"), (dict(state_chunk=0), "state_chunk"), (dict(state_chunk=1000), "state_chunk"),
+    (dict(grad_dtype="float16"), "grad_dtype"),
 ])
 def test_bad_input_names_the_argument(kwargs, argument):
     with pytest.raises(ValueError, match=f"^{argument}"):
