@@ -46,7 +46,7 @@ COLUMNS = (  # key, header, format
     ("recall_new", "recall new (ROUGE-L)", "{:.3f}"),
     ("exact_new_wording", "exact new, new wording", "{:.3f}"),
     ("retention", "retention known", "{:.3f}"),
-    ("lr", "lr", "{:g}"),
+    ("lr", "lr (mean over seeds)", "{:.2g}"),
     ("trainable_fraction", "trainable", "{:.4f}"),
     ("optimizer_state_bytes", "opt. state (bytes)", "{:,.0f}"),
     ("step_ms", "step ms", "{:.1f}"),
