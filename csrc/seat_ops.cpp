@@ -20,6 +20,21 @@ TORCH_LIBRARY(seat_C, m) {
       "sparse_adamw_(Tensor(a!)[] params, Tensor[] idxs, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, float[] scalars, "
       "bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
+  // Implicit random masks (seat/implicit_mask.h): element e of a param is trained iff
+  // mix32(key ^ mix32(e)) < threshold; block_offsets[b] is the compact slot of the first
+  // member of block b (blocks of `block` elements). counts[b] = members of block b.
+  m.def("implicit_block_counts_(Tensor(a!) counts, int numel, int key, int threshold, int block) -> ()");
+  m.def(
+      "masked_gather_implicit_(Tensor(a!) out, Tensor dense, Tensor block_offsets, int key, int threshold, "
+      "int block) -> ()");
+  m.def(
+      "masked_swap_implicit_(Tensor(a!) param, Tensor block_offsets, Tensor(b!) values, int key, int threshold, "
+      "int block) -> ()");
+  // sparse_adamw_ with implicit masks: keys[i] / thresholds[i] / block_offsets[i] instead of idxs[i].
+  m.def(
+      "sparse_adamw_implicit_(Tensor(a!)[] params, Tensor[] block_offsets, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, int[] keys, int[] thresholds, "
+      "int block, float[] scalars, bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
   // Fused log-softmax losses, per row (kl_div, paired_loss, fused_linear_paired_loss):
   // the first labels.numel() rows of logits are cross-entropy rows against labels (0 loss
   // and gradient where label == ignore_index), the rest KL rows against the matching

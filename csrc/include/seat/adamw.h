@@ -43,13 +43,6 @@ SEAT_HD T adamw_step(T w, T g, T& m, T& v, T* vmax, const AdamWScalars<T>& s, bo
   return w - s.step_size * (m / denom);
 }
 
-// 32-bit integer hash (Mueller's): counter-based random bits for stochastic rounding.
-SEAT_HD uint32_t mix32(uint32_t x) {
-  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
-  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
-  return (x >> 16) ^ x;
-}
-
 // Key of the i-th tensor of a call; the element at flat position `pos` gets the random
 // bits mix32(tensor_key ^ mix32(pos)).
 SEAT_HD uint32_t tensor_key(uint32_t step_key, uint32_t i) { return mix32(step_key ^ mix32(i)); }
@@ -80,12 +73,12 @@ SEAT_HD uint16_t float_to_bf16(float x, bool stochastic, uint32_t random_bits) {
 // Element i of a tensor's masked entries, shared by CPU and CUDA (ParamIO: the param's
 // storage type and its load/store as the state type T). State is compact (indexed by i,
 // like grad) or, with dense_state, full-size (indexed by the entry's position).
+// sparse_adamw_entry: the entry at flat position `pos` whose compact slot is `i` (from an
+// index array, or recomputed by an implicit mask: seat/implicit_mask.h).
 template <typename ParamIO, typename T>
-SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const T* grad, T* exp_avg,
-                                  T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
-                                  const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key,
-                                  bool dense_state) {
-  const int32_t pos = idx[i];
+SEAT_HD void sparse_adamw_entry(typename ParamIO::storage* param, int64_t pos, const T* grad, T* exp_avg,
+                                T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i, const AdamWScalars<T>& s,
+                                bool maximize, bool stochastic, uint32_t key, bool dense_state) {
   const int64_t at = dense_state ? pos : i;
   T w = master != nullptr ? master[at] : ParamIO::template load<T>(param + pos);
   T m = exp_avg[at], v = exp_avg_sq[at];
@@ -96,6 +89,15 @@ SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_
   const bool round_stochastic = stochastic && master == nullptr;
   ParamIO::store(param + pos, w, round_stochastic,
                  round_stochastic ? mix32(key ^ mix32(static_cast<uint32_t>(pos))) : 0u);
+}
+
+template <typename ParamIO, typename T>
+SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const T* grad, T* exp_avg,
+                                  T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
+                                  const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key,
+                                  bool dense_state) {
+  sparse_adamw_entry<ParamIO, T>(param, idx[i], grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, i, s, maximize,
+                                 stochastic, key, dense_state);
 }
 
 // bf16 storage as raw bits: the same code on CPU and GPU.

@@ -1,7 +1,9 @@
 """The seat ops: one torch.library custom op each (namespace `seat`), with a fake
 implementation, a pure-torch reference and kernels per backend (see _backend).
 
-  masked_gather_, masked_swap_, sparse_adamw_   sparse-update family
+  masked_gather_, masked_swap_, sparse_adamw_   sparse-update family (idx: int32 indices)
+  implicit_block_offsets_, masked_gather_implicit_, masked_swap_implicit_,
+  sparse_adamw_implicit_                        the same on implicit random masks (no idx)
   kl_div, paired_loss, fused_linear_paired_loss paired-KL loss family
 
 Importing this module registers the schemas (pure Python); native code loads on the
@@ -13,6 +15,8 @@ from ._backend import BACKENDS, use_backend
 from ._native import NativeBuildError
 from ._registry import OPS
 from .fused_linear_paired_loss import fused_linear_paired_loss
+from .implicit_masks import (implicit_block_offsets_, masked_gather_implicit_, masked_swap_implicit_,
+                             sparse_adamw_implicit_)
 from .kl_div import kl_div
 from .masked_gather import masked_gather_
 from .masked_swap import masked_swap_
@@ -21,5 +25,6 @@ from .sparse_adamw import sparse_adamw_
 
 __all__ = [
     "BACKENDS", "OPS", "NativeBuildError", "use_backend", "masked_gather_", "masked_swap_", "sparse_adamw_",
-    "kl_div", "paired_loss", "fused_linear_paired_loss",
+    "kl_div", "paired_loss", "fused_linear_paired_loss", "implicit_block_offsets_", "masked_gather_implicit_",
+    "masked_swap_implicit_", "sparse_adamw_implicit_",
 ]
