@@ -17,7 +17,9 @@ Masks may change during training (`set_masks`, the paper-faithful mode where a r
 mask is re-drawn every k steps). With dense_state=True the Adam state is kept full-size,
 for every entry of W, so an entry that leaves the mask and comes back finds its moments;
 with compact state (the default) kept entries keep theirs and new entries start at zero.
-A mask may be given as int32 indices or as a bool tensor of W's shape. Works with param groups, LR schedulers,
+A mask may be given as int32 indices, as a bool tensor of W's shape, or as a
+seat.masks.ImplicitMask (a seeded random mask that stores no indices: 4 bytes per 4096
+entries of W instead of 4 per trained entry; its state_dict entry is the mask's spec). Works with param groups, LR schedulers,
 state_dict / load_state_dict (the masks travel with the state and are checked on load),
 zero_grad, and gradient clipping on the compact buffers (clip_grad_norm_).
 """
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .masks import ImplicitMask, mask_gather_, mask_indices, mask_nnz
 from .ops import _checks
 
 
@@ -64,6 +67,19 @@ def _check_param(name: str, param: Tensor) -> None:
                          "make the parameter contiguous before building its mask")
     if not param.is_leaf or not param.requires_grad:
         raise ValueError(f"{name} must be a leaf tensor with requires_grad=True (a trainable parameter)")
+
+
+def _store_mask(state: dict, mask) -> None:
+    """The mask in a param's state: "idx" for int32 indices; "implicit_mask" (its spec,
+    what state_dict saves and load_state_dict compares) and "block_offsets" for an
+    ImplicitMask."""
+    for k in ("idx", "implicit_mask", "block_offsets"):
+        state.pop(k, None)
+    if isinstance(mask, ImplicitMask):
+        state["implicit_mask"] = mask.spec()
+        state["block_offsets"] = mask.block_offsets
+    else:
+        state["idx"] = mask
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -130,6 +146,14 @@ class SparseAdamW(torch.optim.Optimizer):
         out = {}
         for i, (p, idx) in enumerate(zip(params, resolved)):
             _check_param(f"params[{i}]", p)
+            if isinstance(idx, ImplicitMask):
+                if idx.numel != p.numel():
+                    raise ValueError(f"masks[{i}] is an ImplicitMask of {idx.numel} elements; its parameter has "
+                                     f"{p.numel()}")
+                if idx.device != p.device:
+                    raise ValueError(f"masks[{i}] is on {idx.device} but its parameter is on {p.device}")
+                out[p] = idx
+                continue
             if isinstance(idx, Tensor) and idx.dtype == torch.bool:
                 if idx.shape != p.shape:
                     raise ValueError(f"masks[{i}] is a bool mask of shape {tuple(idx.shape)}; its parameter has "
@@ -144,18 +168,18 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _init_param(self, p: Tensor, group: dict) -> None:
         idx = self._masks[p]
-        nnz, dtype = idx.numel(), _state_dtype(p)
+        nnz, dtype = mask_nnz(idx), _state_dtype(p)
         size = p.numel() if self.dense_state else nnz
         state = self.state[p]
         state["step"] = 0
-        state["idx"] = idx
+        _store_mask(state, idx)
         state["exp_avg"] = torch.zeros(size, dtype=dtype, device=p.device)
         state["exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
         if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
             flat = p.detach().view(-1)
-            state["master"] = (flat if self.dense_state else flat[idx.long()]).to(dtype)
+            state["master"] = (flat if self.dense_state else flat[mask_indices(idx).long()]).to(dtype)
         self._grads[p] = torch.zeros(nnz, dtype=dtype, device=p.device)
         self._has_grad[p] = False
         if self.compact_grads:
@@ -164,7 +188,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def compact_(self, p: Tensor) -> None:
         """Add p.grad's masked entries to p's compact gradient and free p.grad (what the
         post-accumulate-grad hook runs after each backward)."""
-        ops.masked_gather_(self._grads[p], p.grad, self._masks[p])
+        mask_gather_(self._grads[p], p.grad, self._masks[p])
         self._has_grad[p] = True
         p.grad = None
 
@@ -178,9 +202,11 @@ class SparseAdamW(torch.optim.Optimizer):
                                "optimizer.step() and zero_grad()")
         params = [p for group in self.param_groups for p in group["params"]]
         new_masks = self._resolve_masks(params, masks)
-        for p, new_idx in new_masks.items():
-            state, old_idx = self.state[p], self._masks[p]
+        for p, new_mask in new_masks.items():
+            state, old_mask = self.state[p], self._masks[p]
+            new_idx = mask_indices(new_mask)  # implicit masks materialized for the move only
             if not self.dense_state:
+                old_idx = mask_indices(old_mask)
                 # where each new entry sat in the old compact arrays (both are sorted)
                 where = torch.searchsorted(old_idx, new_idx).clamp_(max=max(old_idx.numel() - 1, 0))
                 kept = old_idx[where] == new_idx if old_idx.numel() else torch.zeros_like(new_idx, dtype=torch.bool)
@@ -190,8 +216,8 @@ class SparseAdamW(torch.optim.Optimizer):
                                  else torch.zeros(new_idx.numel(), dtype=state[key].dtype, device=p.device))
                         fresh[kept] = state[key][where[kept]]
                         state[key] = fresh
-            state["idx"] = new_idx
-            self._masks[p] = new_idx
+            _store_mask(state, new_mask)
+            self._masks[p] = new_mask
             self._grads[p] = torch.zeros(new_idx.numel(), dtype=_state_dtype(p), device=p.device)
 
     def remove_hooks(self) -> None:
@@ -211,7 +237,7 @@ class SparseAdamW(torch.optim.Optimizer):
             if p.grad is not None:
                 if p.grad.is_sparse:
                     raise ValueError("SparseAdamW does not take sparse-layout gradients")
-                ops.masked_gather_(self._grads[p], p.grad.contiguous(), idx)
+                mask_gather_(self._grads[p], p.grad.contiguous(), idx)
                 self._has_grad[p] = True
                 p.grad = None
 
@@ -257,16 +283,28 @@ class SparseAdamW(torch.optim.Optimizer):
                 batches[state["step"]].append(p)
             beta1, beta2 = group["betas"]
             for step, params in batches.items():
-                states = [self.state[p] for p in params]
-                ops.sparse_adamw_(
-                    params, [s["idx"] for s in states], [self._grads[p] for p in params],
-                    [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [s.get("master") for s in states], [s.get("max_exp_avg_sq") for s in states],
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
-                    stochastic_rounding=group["stochastic_rounding"],
-                    seed=(self.seed * 1_000_003 + group_index) % 2**63, dense_state=self.dense_state,
-                )
+                hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                             weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
+                             stochastic_rounding=group["stochastic_rounding"],
+                             seed=(self.seed * 1_000_003 + group_index) % 2**63, dense_state=self.dense_state)
+                # one launch per mask form (and implicit block size)
+                by_form: dict = defaultdict(list)
+                for p in params:
+                    mask = self._masks[p]
+                    by_form[mask.block if isinstance(mask, ImplicitMask) else None].append(p)
+                for block, ps in by_form.items():
+                    states = [self.state[p] for p in ps]
+                    lists = ([self._grads[p] for p in ps], [s["exp_avg"] for s in states],
+                             [s["exp_avg_sq"] for s in states], [s.get("master") for s in states],
+                             [s.get("max_exp_avg_sq") for s in states])
+                    if block is None:
+                        ops.sparse_adamw_(ps, [s["idx"] for s in states], *lists, **hyper)
+                    else:
+                        masks = [self._masks[p] for p in ps]
+                        ops.sparse_adamw_implicit_(
+                            ps, [m.block_offsets for m in masks], *lists, seeds=[m.seed for m in masks],
+                            param_ids=[m.param_id for m in masks], thresholds=[m.threshold for m in masks],
+                            block=block, **hyper)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
@@ -289,10 +327,16 @@ class SparseAdamW(torch.optim.Optimizer):
             p = id_map[key]
             restored = {k: (v.to(p.device, copy=True) if isinstance(v, Tensor) else copy.deepcopy(v))
                         for k, v in saved_state.items()}
-            if "idx" in restored and not torch.equal(restored["idx"], self._masks[p]):
+            mask = self._masks[p]
+            saved_mask = restored.get("implicit_mask", restored.get("idx"))
+            same = (isinstance(saved_mask, dict) and saved_mask == mask.spec() if isinstance(mask, ImplicitMask) else
+                    isinstance(saved_mask, Tensor) and torch.equal(saved_mask, mask))
+            if saved_mask is not None and not same:
                 raise ValueError(f"the state_dict's mask for parameter {key} differs from this optimizer's: "
                                  "build the optimizer with the masks the checkpoint was trained with")
-            restored["idx"] = self._masks[p]
+            for k in ("idx", "implicit_mask", "block_offsets"):
+                restored.pop(k, None)
+            _store_mask(restored, mask)
             new_state[p] = restored
         self.state = new_state
         for saved, group in zip(saved_groups, self.param_groups):

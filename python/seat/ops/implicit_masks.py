@@ -367,6 +367,7 @@ def check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, ma
             raise TypeError(f"{name} must be a list, got {type(value).__name__}")
         if isinstance(params, (list, tuple)) and len(value) != len(params):
             raise ValueError(f"{name} has {len(value)} entries but params has {len(params)}; pass one per param")
+    check_mask_args("", seed=0, param_id=0, threshold=0, block=block)  # block: one per call
     for i, (s, p, t) in enumerate(zip(seeds, param_ids, thresholds)):
         check_mask_args(f"the mask of params[{i}]: ", seed=s, param_id=p, threshold=t, block=block)
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
