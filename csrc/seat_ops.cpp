@@ -30,11 +30,12 @@ TORCH_LIBRARY(seat_C, m) {
   m.def(
       "masked_swap_implicit_(Tensor(a!) param, Tensor block_offsets, Tensor(b!) values, int key, int threshold, "
       "int block) -> ()");
-  // sparse_adamw_ with implicit masks: keys[i] / thresholds[i] / block_offsets[i] instead of idxs[i].
+  // sparse_adamw_ with implicit masks: keys[i] / thresholds[i] / blocks[i] / block_offsets[i]
+  // instead of idxs[i].
   m.def(
       "sparse_adamw_implicit_(Tensor(a!)[] params, Tensor[] block_offsets, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, int[] keys, int[] thresholds, "
-      "int block, float[] scalars, bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
+      "int[] blocks, float[] scalars, bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
   // Fused log-softmax losses, per row (kl_div, paired_loss, fused_linear_paired_loss):
   // the first labels.numel() rows of logits are cross-entropy rows against labels (0 loss
   // and gradient where label == ignore_index), the rest KL rows against the matching

@@ -173,9 +173,11 @@ def _ptr(t) -> int:
 
 
 def sparse_adamw_implicit_(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, keys,
-                           thresholds, block, scalars, maximize, stochastic_rounding, step_key,
+                           thresholds, blocks, scalars, maximize, stochastic_rounding, step_key,
                            dense_state=False) -> None:
-    """Launch over validated lists (masters / max_exp_avg_sqs entries empty when absent)."""
+    """Launch over validated lists (masters / max_exp_avg_sqs entries empty when absent):
+    one launch per (dtypes, master, amsgrad, mask block); each row keeps its list index i,
+    which keys stochastic rounding, so the grouping does not change the result."""
     groups: dict[tuple, list[tuple[int, ...]]] = {}
     for i, param in enumerate(params):
         if grads[i].numel() == 0:
@@ -184,12 +186,12 @@ def sparse_adamw_implicit_(params, block_offsets, grads, exp_avgs, exp_avg_sqs, 
         row = (param.data_ptr(), block_offsets[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                exp_avg_sqs[i].data_ptr(), _ptr(masters[i]), _ptr(max_exp_avg_sqs[i]), param.numel(), i, keys[i],
                thresholds[i])
-        groups.setdefault((param.dtype, grads[i].dtype, has_master, amsgrad), []).append(row)
+        groups.setdefault((param.dtype, grads[i].dtype, has_master, amsgrad, blocks[i]), []).append(row)
     if not groups:
         return
     device = params[0].device
     scalar_tensor = scalars.as_tensor(device)
-    for (param_dtype, state_dtype, has_master, amsgrad), rows in groups.items():
+    for (param_dtype, state_dtype, has_master, amsgrad, block), rows in groups.items():
         grid = (triton.cdiv(max(r[7] for r in rows), block), len(rows))
         sparse_adamw_implicit_kernel[grid](
             _table(rows, device), scalar_tensor, step_key, PARAM_DT=_TL_DTYPE[param_dtype],

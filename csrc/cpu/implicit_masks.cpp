@@ -129,11 +129,11 @@ void update_tensor(const seat::ImplicitMaskRef& mask, const at::Tensor& param, c
 void sparse_adamw_implicit_cpu(at::TensorList params, at::TensorList block_offsets, at::TensorList grads,
                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList masters,
                                at::TensorList max_exp_avg_sqs, at::IntArrayRef keys, at::IntArrayRef thresholds,
-                               int64_t block, at::ArrayRef<double> scalars, bool maximize, bool stochastic,
+                               at::IntArrayRef blocks, at::ArrayRef<double> scalars, bool maximize, bool stochastic,
                                int64_t step_key, bool dense_state) {
   TORCH_CHECK(scalars.size() == seat::kAdamWScalars, "sparse_adamw_implicit_ CPU kernel: expected 7 scalars");
-  TORCH_CHECK(keys.size() == params.size() && thresholds.size() == params.size(),
-              "sparse_adamw_implicit_ CPU kernel: one key and one threshold per param");
+  TORCH_CHECK(keys.size() == params.size() && thresholds.size() == params.size() && blocks.size() == params.size(),
+              "sparse_adamw_implicit_ CPU kernel: one key, threshold and block per param");
   const auto s32 = seat::adamw_scalars<float>(scalars.data());
   const auto s64 = seat::adamw_scalars<double>(scalars.data());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -141,7 +141,7 @@ void sparse_adamw_implicit_cpu(at::TensorList params, at::TensorList block_offse
     TORCH_CHECK(param.device().is_cpu() && param.is_contiguous(), "sparse_adamw_implicit_ CPU kernel: params[", i,
                 "] must be a contiguous CPU tensor");
     if (grads[i].numel() == 0) continue;
-    const auto mask = mask_ref(block_offsets[i], param.numel(), keys[i], thresholds[i], block,
+    const auto mask = mask_ref(block_offsets[i], param.numel(), keys[i], thresholds[i], blocks[i],
                                "sparse_adamw_implicit_ CPU kernel");
     const uint32_t key = seat::tensor_key(static_cast<uint32_t>(step_key), static_cast<uint32_t>(i));
     const auto state = grads[i].scalar_type();

@@ -96,14 +96,14 @@ struct HalfIO {
 };
 
 template <typename ParamIO, typename T>
-__global__ void adamw_kernel(const ImplicitAdamWTensorRef* __restrict__ table, int64_t block, AdamWScalars<T> s,
+__global__ void adamw_kernel(const ImplicitAdamWTensorRef* __restrict__ table, AdamWScalars<T> s,
                              bool maximize, bool stochastic, uint32_t step_key, bool dense_state) {
   __shared__ int32_t warp_counts[kWarps];
   const ImplicitAdamWTensorRef ref = table[blockIdx.y];
-  const ImplicitMaskRef m{ref.block_offsets, ref.numel, block, ref.threshold, ref.key};
+  const ImplicitMaskRef m{ref.block_offsets, ref.numel, ref.block, ref.threshold, ref.key};
   const uint32_t key = tensor_key(step_key, static_cast<uint32_t>(ref.list_index));
   auto* param = static_cast<typename ParamIO::storage*>(ref.param);
-  const int64_t n_blocks = implicit_n_blocks(ref.numel, block);
+  const int64_t n_blocks = implicit_n_blocks(ref.numel, ref.block);
   for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
     visit_block(m, b, warp_counts, [&](int64_t e, int64_t slot) {
       sparse_adamw_entry<ParamIO, T>(param, e, static_cast<const T*>(ref.grad), static_cast<T*>(ref.exp_avg),
@@ -138,11 +138,10 @@ cudaError_t gather_from(Acc* out, const void* dense, Dtype dense_dtype, const Im
 }
 
 template <typename ParamIO, typename T>
-cudaError_t launch_adamw(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks, int64_t block,
-                         const double* scalars, bool maximize, bool stochastic, uint32_t step_key, bool dense_state,
+cudaError_t launch_adamw(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks, const double* scalars, bool maximize, bool stochastic, uint32_t step_key, bool dense_state,
                          cudaStream_t stream) {
   const dim3 grid(grid_for(max_blocks), static_cast<unsigned>(n));
-  adamw_kernel<ParamIO, T><<<grid, kThreads, 0, stream>>>(table, block, adamw_scalars<T>(scalars), maximize,
+  adamw_kernel<ParamIO, T><<<grid, kThreads, 0, stream>>>(table, adamw_scalars<T>(scalars), maximize,
                                                           stochastic, step_key, dense_state);
   return cudaGetLastError();
 }
@@ -188,29 +187,28 @@ cudaError_t masked_swap_implicit(void* param, void* values, int64_t elem_size, c
   return cudaGetLastError();
 }
 
-cudaError_t sparse_adamw_implicit(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks, int64_t block,
+cudaError_t sparse_adamw_implicit(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks,
                                   Dtype param_dtype, Dtype state_dtype, const double* scalars, bool maximize,
                                   bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream) {
   if (n == 0 || max_blocks == 0) return cudaSuccess;
   if (n > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit: the binding splits larger calls
-  if (block % kThreads != 0) return cudaErrorInvalidValue;  // whole tiles per block (ballot over full warps)
   const bool fp32_state = state_dtype == Dtype::kFloat32;
   switch (param_dtype) {
     case Dtype::kBFloat16:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<BF16IO, float>(table, n, max_blocks, block, scalars, maximize, stochastic, step_key,
+      return launch_adamw<BF16IO, float>(table, n, max_blocks, scalars, maximize, stochastic, step_key,
                                          dense_state, stream);
     case Dtype::kFloat16:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<HalfIO, float>(table, n, max_blocks, block, scalars, maximize, false, step_key,
+      return launch_adamw<HalfIO, float>(table, n, max_blocks, scalars, maximize, false, step_key,
                                          dense_state, stream);
     case Dtype::kFloat32:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<PlainIO<float>, float>(table, n, max_blocks, block, scalars, maximize, false, step_key,
+      return launch_adamw<PlainIO<float>, float>(table, n, max_blocks, scalars, maximize, false, step_key,
                                                  dense_state, stream);
     case Dtype::kFloat64:
       if (fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<PlainIO<double>, double>(table, n, max_blocks, block, scalars, maximize, false, step_key,
+      return launch_adamw<PlainIO<double>, double>(table, n, max_blocks, scalars, maximize, false, step_key,
                                                    dense_state, stream);
   }
   return cudaErrorInvalidValue;

@@ -34,12 +34,13 @@ struct ImplicitAdamWTensorRef {
   int64_t numel;
   int64_t list_index;  // position in the op's lists: keys stochastic rounding
   int64_t threshold;
+  int64_t block;       // elements per mask block, a multiple of 256
   uint32_t key;        // the mask key
 };
 
-// AdamW over `n` tensors sharing (param_dtype, state_dtype) and the mask block size;
-// `table` in device memory; max_blocks (the most mask blocks of a tensor) sizes the grid.
-cudaError_t sparse_adamw_implicit(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks, int64_t block,
+// AdamW over `n` tensors sharing (param_dtype, state_dtype); `table` in device memory;
+// max_blocks (the most mask blocks of a tensor) sizes the grid.
+cudaError_t sparse_adamw_implicit(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks,
                                   Dtype param_dtype, Dtype state_dtype, const double* scalars, bool maximize,
                                   bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream);
 

@@ -72,11 +72,11 @@ void* ptr_or_null(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : n
 void sparse_adamw_implicit_cuda(at::TensorList params, at::TensorList block_offsets, at::TensorList grads,
                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList masters,
                                 at::TensorList max_exp_avg_sqs, at::IntArrayRef keys, at::IntArrayRef thresholds,
-                                int64_t block, at::ArrayRef<double> scalars, bool maximize, bool stochastic,
+                                at::IntArrayRef blocks, at::ArrayRef<double> scalars, bool maximize, bool stochastic,
                                 int64_t step_key, bool dense_state) {
   TORCH_CHECK(scalars.size() == seat::kAdamWScalars, "sparse_adamw_implicit_ CUDA kernel: expected 7 scalars");
-  TORCH_CHECK(keys.size() == params.size() && thresholds.size() == params.size(),
-              "sparse_adamw_implicit_ CUDA kernel: one key and one threshold per param");
+  TORCH_CHECK(keys.size() == params.size() && thresholds.size() == params.size() && blocks.size() == params.size(),
+              "sparse_adamw_implicit_ CUDA kernel: one key, threshold and block per param");
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
@@ -85,12 +85,12 @@ void sparse_adamw_implicit_cuda(at::TensorList params, at::TensorList block_offs
     TORCH_CHECK(params[i].is_cuda() && params[i].device() == device && params[i].is_contiguous(),
                 "sparse_adamw_implicit_ CUDA kernel: params[", i, "] must be contiguous on ", device);
     if (grads[i].numel() == 0) continue;
-    const auto m = mask_ref(params[i], block_offsets[i], keys[i], thresholds[i], block,
+    const auto m = mask_ref(params[i], block_offsets[i], keys[i], thresholds[i], blocks[i],
                             "sparse_adamw_implicit_ CUDA kernel");
     const auto key = std::make_pair(static_cast<int>(params[i].scalar_type()), static_cast<int>(grads[i].scalar_type()));
     groups[key].push_back({params[i].data_ptr(), m.block_offsets, grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                            exp_avg_sqs[i].data_ptr(), ptr_or_null(masters[i]), ptr_or_null(max_exp_avg_sqs[i]),
-                           params[i].numel(), static_cast<int64_t>(i), thresholds[i], m.key});
+                           params[i].numel(), static_cast<int64_t>(i), thresholds[i], blocks[i], m.key});
   }
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   for (const auto& [dtypes, refs] : groups) {
@@ -101,9 +101,11 @@ void sparse_adamw_implicit_cuda(at::TensorList params, at::TensorList block_offs
       std::memcpy(host.data_ptr(), refs.data() + first, bytes);
       at::Tensor table = host.to(device, /*non_blocking=*/true);
       int64_t max_blocks = 0;
-      for (int64_t j = 0; j < n; ++j) max_blocks = std::max(max_blocks, seat::implicit_n_blocks(refs[first + j].numel, block));
+      for (int64_t j = 0; j < n; ++j) {
+        max_blocks = std::max(max_blocks, seat::implicit_n_blocks(refs[first + j].numel, refs[first + j].block));
+      }
       const cudaError_t err = seat::cuda::sparse_adamw_implicit(
-          static_cast<const seat::cuda::ImplicitAdamWTensorRef*>(table.data_ptr()), n, max_blocks, block,
+          static_cast<const seat::cuda::ImplicitAdamWTensorRef*>(table.data_ptr()), n, max_blocks,
           seat::to_seat_dtype(static_cast<at::ScalarType>(dtypes.first), "sparse_adamw_implicit_ CUDA kernel"),
           seat::to_seat_dtype(static_cast<at::ScalarType>(dtypes.second), "sparse_adamw_implicit_ CUDA kernel"),
           scalars.data(), maximize, stochastic, static_cast<uint32_t>(step_key), dense_state, stream);

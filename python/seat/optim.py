@@ -287,24 +287,23 @@ class SparseAdamW(torch.optim.Optimizer):
                              weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
                              stochastic_rounding=group["stochastic_rounding"],
                              seed=(self.seed * 1_000_003 + group_index) % 2**63, dense_state=self.dense_state)
-                # one launch per mask form (and implicit block size)
+                # one call per mask form (int32 indices / implicit)
                 by_form: dict = defaultdict(list)
                 for p in params:
-                    mask = self._masks[p]
-                    by_form[mask.block if isinstance(mask, ImplicitMask) else None].append(p)
-                for block, ps in by_form.items():
+                    by_form[isinstance(self._masks[p], ImplicitMask)].append(p)
+                for implicit, ps in by_form.items():
                     states = [self.state[p] for p in ps]
                     lists = ([self._grads[p] for p in ps], [s["exp_avg"] for s in states],
                              [s["exp_avg_sq"] for s in states], [s.get("master") for s in states],
                              [s.get("max_exp_avg_sq") for s in states])
-                    if block is None:
+                    if not implicit:
                         ops.sparse_adamw_(ps, [s["idx"] for s in states], *lists, **hyper)
                     else:
                         masks = [self._masks[p] for p in ps]
                         ops.sparse_adamw_implicit_(
                             ps, [m.block_offsets for m in masks], *lists, seeds=[m.seed for m in masks],
                             param_ids=[m.param_id for m in masks], thresholds=[m.threshold for m in masks],
-                            block=block, **hyper)
+                            blocks=[m.block for m in masks], **hyper)
         return loss
 
     # ------------------------------------------------------------------ checkpoints

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from . import ops
 from .config import SeatConfig
-from .masks import magnitude_mask, param_seed, random_mask
+from .masks import (ImplicitMask, magnitude_mask, mask_indices, mask_nnz, mask_swap_, param_id_for, param_seed,
+                    random_mask)
 
 _HANDLE_ATTR = "_seat_handle"
 
@@ -39,7 +40,7 @@ class Target:
     name: str  # parameter name in the model, e.g. "model.layers.0.self_attn.q_proj.weight"
     module: torch.nn.Module
     param: torch.nn.Parameter
-    idx: Tensor  # (nnz,) int32, sorted: flat positions in param.view(-1)
+    idx: Tensor | ImplicitMask  # (nnz,) int32 sorted flat positions in param.view(-1), or an implicit mask
     original: Tensor  # (nnz,) param.dtype: the base values there
 
 
@@ -119,7 +120,7 @@ class SeatHandle:
             if not weight.is_contiguous():
                 raise ValueError(f"{name} is not contiguous; seat masks index a weight's flat storage")
             idx = self._build_mask(name, weight, masks)
-            original = weight.detach().view(-1)[idx.long()].clone()
+            original = weight.detach().view(-1)[mask_indices(idx).long()].clone()
             self.targets[name] = Target(name, module, weight, idx, original)
         if masks is not None:
             unknown = sorted(set(masks) - set(self.targets))
@@ -137,10 +138,19 @@ class SeatHandle:
     def _build_mask(self, name: str, weight: Tensor, masks) -> Tensor:
         if masks is not None and name in masks:
             idx = masks[name]
+            if isinstance(idx, ImplicitMask):
+                if idx.numel != weight.numel():
+                    raise ValueError(f"masks[{name!r}] is an ImplicitMask of {idx.numel} elements; the weight has "
+                                     f"{weight.numel()}")
+                return idx if idx.device == weight.device else idx.to(weight.device)
             if not isinstance(idx, Tensor) or idx.dtype != torch.int32:
-                raise TypeError(f"masks[{name!r}] must be an int32 tensor of flat indices (see seat.masks)")
+                raise TypeError(f"masks[{name!r}] must be an int32 tensor of flat indices or a "
+                                "seat.masks.ImplicitMask (see seat.masks)")
             ops._checks.index_values(f"masks[{name!r}]", idx, weight.numel())
             return idx.to(weight.device)
+        if self.config.mask_encoding == "implicit":
+            return ImplicitMask(weight, self.config.density, seed=self.config.seed, param_id=param_id_for(name),
+                                device=weight.device)
         if self.config.mask == "magnitude":
             return magnitude_mask(weight.detach(), self.config.density).to(weight.device)
         return random_mask(weight.numel(), self.config.density, seed=param_seed(self.config.seed, name),
@@ -154,7 +164,7 @@ class SeatHandle:
     @property
     def num_trainable(self) -> int:
         """Entries that train (the sum of the masks' sizes)."""
-        return sum(t.idx.numel() for t in self.targets.values())
+        return sum(mask_nnz(t.idx) for t in self.targets.values())
 
     @property
     def trainable_fraction(self) -> float:
@@ -199,7 +209,7 @@ class SeatHandle:
 
     def _swap_all(self) -> None:
         for t in self.targets.values():
-            ops.masked_swap_(t.param.data, t.idx, t.original)
+            mask_swap_(t.param.data, t.idx, t.original)
 
     def loss(self, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None):
         """The SEAT loss of a batch from seat.PairedCollator: a SeatLoss(loss, ce, kl)."""
@@ -237,7 +247,7 @@ class SeatHandle:
         self._check_patched()
         with torch.no_grad():
             for t in self.targets.values():
-                t.param.data.view(-1)[t.idx.long()] = t.original
+                t.param.data.view(-1)[mask_indices(t.idx).long()] = t.original
         self.unpatch()
 
     def __repr__(self) -> str:

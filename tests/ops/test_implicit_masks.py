@@ -205,7 +205,7 @@ class _Run:
                                        self.masters, self.max_exp_avg_sqs,
                                        seeds=[m["seed"] for m in self.masks],
                                        param_ids=[m["param_id"] for m in self.masks],
-                                       thresholds=[m["threshold"] for m in self.masks], block=self.block, **kw)
+                                       thresholds=[m["threshold"] for m in self.masks], blocks=[self.block] * len(self.masks), **kw)
         else:
             ops.sparse_adamw_(self.params, self.idxs, grads, self.exp_avgs, self.exp_avg_sqs, self.masters,
                               self.max_exp_avg_sqs, **kw)
@@ -307,7 +307,7 @@ def test_bad_offsets_never_write_out_of_bounds(backend):
 def test_sparse_adamw_implicit_rejects():
     run = _Run("fp32", "cpu")
     kw = dict(lr=1e-2, step=1, seeds=[m["seed"] for m in run.masks], param_ids=[m["param_id"] for m in run.masks],
-              thresholds=[m["threshold"] for m in run.masks], block=run.block)
+              thresholds=[m["threshold"] for m in run.masks], blocks=[run.block] * 4)
     grads = run.grads()
     with pytest.raises(ValueError, match="seeds has 1 entries but params has 4"):
         ops.sparse_adamw_implicit_(run.params, run.offsets, grads, run.exp_avgs, run.exp_avg_sqs,
@@ -318,9 +318,9 @@ def test_sparse_adamw_implicit_rejects():
     with pytest.raises(ValueError, match=r"block_offsets\[0\] is not a prefix count"):
         ops.sparse_adamw_implicit_(run.params, run.offsets, [torch.zeros(5), *grads[1:]],
                                    [torch.zeros(5), *run.exp_avgs[1:]], [torch.zeros(5), *run.exp_avg_sqs[1:]], **kw)
-    with pytest.raises(ValueError, match=r"^block must be a power of two"):
+    with pytest.raises(ValueError, match=r"the mask of params\[1\]: block must be a power of two"):
         ops.sparse_adamw_implicit_(run.params, run.offsets, grads, run.exp_avgs, run.exp_avg_sqs,
-                                   **{**kw, "block": 100})
+                                   **{**kw, "blocks": [256, 100, 256, 256]})
     with pytest.raises(ValueError, match=r"the mask of params\[2\]: threshold must be in"):
         ops.sparse_adamw_implicit_(run.params, run.offsets, grads, run.exp_avgs, run.exp_avg_sqs,
                                    **{**kw, "thresholds": [0, 0, 2**33, 0]})

@@ -23,10 +23,11 @@ indices `implicit_indices(...)` of the same mask. The ops:
   masked_gather_implicit_(out, dense, block_offsets, *, seed, param_id, threshold, block)
   masked_swap_implicit_(param, block_offsets, values, *, seed, param_id, threshold, block)
   sparse_adamw_implicit_(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters,
-                         max_exp_avg_sqs, *, seeds, param_ids, thresholds, block, lr, ...)
+                         max_exp_avg_sqs, *, seeds, param_ids, thresholds, blocks, lr, ...)
 
 are masked_gather_ / masked_swap_ / sparse_adamw_ with the mask given by (seed,
-param_id, threshold, block, block_offsets) instead of idx; shapes, dtypes and semantics
+param_id, threshold, block, block_offsets) instead of idx (sparse_adamw_implicit_: one
+of each per param, as lists); shapes, dtypes and semantics
 of the other arguments are theirs. Their references materialize the indices and run the
 idx ops' references: the oracle of the kernels. seat.masks.ImplicitMask wraps one mask.
 """
@@ -325,30 +326,31 @@ def masked_swap_implicit_(param: Tensor, block_offsets: Tensor, values: Tensor, 
 
 
 def _adamw_reference(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, seeds,
-                     param_ids, thresholds, block, **kwargs) -> None:
+                     param_ids, thresholds, blocks, **kwargs) -> None:
     idxs = [_materialize(p.numel(), o, s, i, t, f"grads[{n}]", g.numel())
             for n, (p, o, g, s, i, t) in enumerate(zip(params, block_offsets, grads, seeds, param_ids, thresholds))]
     _adamw_op.reference(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, **kwargs)
 
 
 def _adamw_native(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, seeds,
-                  param_ids, thresholds, block, lr, beta1, beta2, eps, weight_decay, step, maximize,
+                  param_ids, thresholds, blocks, lr, beta1, beta2, eps, weight_decay, step, maximize,
                   stochastic_rounding, seed, dense_state) -> None:
     s = _adamw.AdamWScalars.of(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     torch.ops.seat_C.sparse_adamw_implicit_(
         params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
-        [mask_key(a, b) for a, b in zip(seeds, param_ids)], list(thresholds), block,
+        [mask_key(a, b) for a, b in zip(seeds, param_ids)], list(thresholds), list(blocks),
         [s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.step_size, s.bias_correction2_sqrt],
         maximize, stochastic_rounding, _adamw.step_key(seed, step), dense_state)
 
 
 def _adamw_triton(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, seeds,
-                  param_ids, thresholds, block, maximize, stochastic_rounding, seed, dense_state, step,
+                  param_ids, thresholds, blocks, maximize, stochastic_rounding, seed, dense_state, step,
                   **hyper) -> None:
     from seat_kernels.implicit_masks import sparse_adamw_implicit_ as kernel
 
     kernel(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
-           keys=[mask_key(a, b) for a, b in zip(seeds, param_ids)], thresholds=list(thresholds), block=block,
+           keys=[mask_key(a, b) for a, b in zip(seeds, param_ids)], thresholds=list(thresholds),
+           blocks=list(blocks),
            scalars=_adamw.AdamWScalars.of(step=step, **hyper), maximize=maximize,
            stochastic_rounding=stochastic_rounding, step_key=_adamw.step_key(seed, step), dense_state=dense_state)
 
@@ -358,18 +360,17 @@ ADAMW = _registry.register("sparse_adamw_implicit_", _adamw_reference,
 
 
 def check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, seeds, param_ids,
-                thresholds, block, lr, beta1, beta2, eps, weight_decay, step, stochastic_rounding=False,
+                thresholds, blocks, lr, beta1, beta2, eps, weight_decay, step, stochastic_rounding=False,
                 dense_state=False, values: bool = True):
     """Validate everything; returns the common device (None for empty lists)."""
     for name, value in (("block_offsets", block_offsets), ("seeds", seeds), ("param_ids", param_ids),
-                        ("thresholds", thresholds)):
+                        ("thresholds", thresholds), ("blocks", blocks)):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"{name} must be a list, got {type(value).__name__}")
         if isinstance(params, (list, tuple)) and len(value) != len(params):
             raise ValueError(f"{name} has {len(value)} entries but params has {len(params)}; pass one per param")
-    check_mask_args("", seed=0, param_id=0, threshold=0, block=block)  # block: one per call
-    for i, (s, p, t) in enumerate(zip(seeds, param_ids, thresholds)):
-        check_mask_args(f"the mask of params[{i}]: ", seed=s, param_id=p, threshold=t, block=block)
+    for i, (s, p, t, b) in enumerate(zip(seeds, param_ids, thresholds, blocks)):
+        check_mask_args(f"the mask of params[{i}]: ", seed=s, param_id=p, threshold=t, block=b)
     lists = {"params": params, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              "masters": masters, "max_exp_avg_sqs": max_exp_avg_sqs}
     for name, value in lists.items():
@@ -384,7 +385,7 @@ def check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, ma
         grad = _checks.tensor(f"grads[{i}]", grads[i], ndim=1)  # its size is the mask's nnz
         _adamw_op.state_dtype_for(f"grads[{i}]", param, grad)
         offsets = block_offsets[i]
-        check_offsets(f"block_offsets[{i}]", offsets, param.numel(), block, grad.numel(), values=False)
+        check_offsets(f"block_offsets[{i}]", offsets, param.numel(), blocks[i], grad.numel(), values=False)
         named = {f"params[{i}]": param, f"block_offsets[{i}]": offsets, f"grads[{i}]": grad}
         for name in ("exp_avgs", "exp_avg_sqs", *_adamw_op._OPTIONAL):
             state = lists[name][i]
@@ -408,7 +409,7 @@ def check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, ma
             raise ValueError(f"stochastic_rounding supports bfloat16 params; params[{i}] is float16 without a "
                              "master copy: give it masters, or keep stochastic_rounding off")
         if values:
-            check_offsets(f"block_offsets[{i}]", offsets, param.numel(), block, grad.numel(), values=True)
+            check_offsets(f"block_offsets[{i}]", offsets, param.numel(), blocks[i], grad.numel(), values=True)
     return device
 
 
@@ -418,49 +419,52 @@ def check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, ma
 def _adamw_op_impl(
     params: List[Tensor], block_offsets: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
     exp_avg_sqs: List[Tensor], masters: List[Tensor], max_exp_avg_sqs: List[Tensor], *, seeds: List[int],
-    param_ids: List[int], thresholds: List[int], block: int, lr: float, beta1: float, beta2: float, eps: float,
+    param_ids: List[int], thresholds: List[int], blocks: List[int], lr: float, beta1: float, beta2: float, eps: float,
     weight_decay: float, step: int, maximize: bool = False, stochastic_rounding: bool = False, seed: int = 0,
     dense_state: bool = False,
 ) -> None:
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     device = check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, seeds=seeds,
-                         param_ids=param_ids, thresholds=thresholds, block=block,
+                         param_ids=param_ids, thresholds=thresholds, blocks=blocks,
                          stochastic_rounding=stochastic_rounding, dense_state=dense_state, **hyper)
     if device is None:
         return
     ADAMW.run(device, params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, seeds=seeds,
-              param_ids=param_ids, thresholds=thresholds, block=block, maximize=maximize,
+              param_ids=param_ids, thresholds=thresholds, blocks=blocks, maximize=maximize,
               stochastic_rounding=stochastic_rounding, seed=seed, dense_state=dense_state, **hyper)
 
 
 @_adamw_op_impl.register_fake
 def _(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, seeds, param_ids, thresholds,
-      block, lr, beta1, beta2, eps, weight_decay, step, maximize=False, stochastic_rounding=False, seed=0,
+      blocks, lr, beta1, beta2, eps, weight_decay, step, maximize=False, stochastic_rounding=False, seed=0,
       dense_state=False):
     check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, seeds=seeds,
-                param_ids=param_ids, thresholds=thresholds, block=block, values=False, lr=lr, beta1=beta1,
+                param_ids=param_ids, thresholds=thresholds, blocks=blocks, values=False, lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, stochastic_rounding=stochastic_rounding,
                 dense_state=dense_state)
 
 
 def sparse_adamw_implicit_(
     params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters=None, max_exp_avg_sqs=None, *, seeds, param_ids,
-    thresholds, block: int = DEFAULT_BLOCK, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    thresholds, blocks=None, lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
     weight_decay: float = 0.0, step: int, maximize: bool = False, stochastic_rounding: bool = False, seed: int = 0,
     dense_state: bool = False,
 ) -> None:
     """sparse_adamw_ with implicit masks: params[i]'s mask is (seeds[i], param_ids[i],
-    thresholds[i], block, block_offsets[i]); compact arrays hold its members in order."""
+    thresholds[i], blocks[i], block_offsets[i]); compact arrays hold its members in order.
+    blocks None: DEFAULT_BLOCK for every param."""
+    if blocks is None and isinstance(params, (list, tuple)):
+        blocks = [DEFAULT_BLOCK] * len(params)
     hyper = dict(lr=float(lr), beta1=float(beta1), beta2=float(beta2), eps=float(eps),
                  weight_decay=float(weight_decay), step=step)
     if isinstance(grads, (list, tuple)):
         masters = _adamw_op.absent_as_empty(masters, grads)
         max_exp_avg_sqs = _adamw_op.absent_as_empty(max_exp_avg_sqs, grads)
     check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, seeds=seeds,
-                param_ids=param_ids, thresholds=thresholds, block=block, values=False,
+                param_ids=param_ids, thresholds=thresholds, blocks=blocks, values=False,
                 stochastic_rounding=bool(stochastic_rounding), dense_state=bool(dense_state), **hyper)
     torch.ops.seat.sparse_adamw_implicit_(
         list(params), list(block_offsets), list(grads), list(exp_avgs), list(exp_avg_sqs), list(masters),
         list(max_exp_avg_sqs), seeds=[int(s) for s in seeds], param_ids=[int(p) for p in param_ids],
-        thresholds=[int(t) for t in thresholds], block=int(block), maximize=bool(maximize),
+        thresholds=[int(t) for t in thresholds], blocks=[int(b) for b in blocks], maximize=bool(maximize),
         stochastic_rounding=bool(stochastic_rounding), seed=int(seed), dense_state=bool(dense_state), **hyper)
