@@ -10,7 +10,7 @@ import dataclasses
 from typing import Sequence
 
 MASK_KINDS = ("random", "magnitude")
-MASK_ENCODINGS = ("int32", "implicit")
+MASK_ENCODINGS = ("int32", "implicit", "block16")
 KL_TOKENS = ("all", "answer")
 
 
@@ -28,6 +28,8 @@ class SeatConfig:
         with probability density, so its size is binomial (within a fraction of a
         percent of density * numel for real weights). Optimizer state, deltas and the
         trajectory for the same entries are the same as with int32 indices.
+        "block16" (any mask): the int32 mask's entries as uint16 offsets within blocks of
+        65536 elements (2 bytes per trained entry), same entries and trajectory.
     seed: seeds the masks (per weight, from its name) and stochastic rounding.
     targets: "all-linear" (every nn.Linear / GPT-2 Conv1D weight except the output
         embedding) or module-name patterns (fnmatch, e.g. ["*.q_proj", "*.v_proj"]).

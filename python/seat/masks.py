@@ -19,8 +19,11 @@ encoding="implicit")``) store no indices: element e is trained iff a counter-bas
 of (seed, param_id, e) falls below the density, and a per-block prefix count (4 bytes per
 4096 elements) lets the ops find each entry's compact slot. Their size is Binomial(numel,
 density) rather than exactly ``nnz_for``; ``.indices()`` materializes the same entries as
-an int32 index mask, and every op and ``SparseAdamW`` accept either form. The helpers
-``mask_nnz``, ``mask_indices``, ``mask_gather_`` and ``mask_swap_`` take either. ``dense_to_indices`` / ``indices_to_dense`` convert to and
+an int32 index mask, and every op and ``SparseAdamW`` accept either form.
+
+``Block16Mask`` stores any explicit mask (magnitude, importance) in 2 bytes per entry:
+uint16 offsets within blocks of 65536 elements plus an int32 per block. The helpers
+``mask_nnz``, ``mask_indices``, ``mask_gather_`` and ``mask_swap_`` take every form. ``dense_to_indices`` / ``indices_to_dense`` convert to and
 from a dense ``torch.bool`` mask.
 
 Errors name the argument and say what to do: TypeError for a wrong type or dtype,
@@ -40,11 +43,12 @@ __all__ = [
     "nnz_for", "random_mask", "magnitude_mask", "ImportanceScores", "param_seed", "build_masks",
     "dense_to_indices", "indices_to_dense", "MASK_KINDS", "IMPORTANCE_KINDS", "ENCODINGS", "ImplicitMask",
     "implicit_random_mask", "param_id_for", "mask_nnz", "mask_indices", "mask_gather_", "mask_swap_",
+    "Block16Mask", "encode_mask",
 ]
 
 MASK_KINDS = ("random", "magnitude")  # kinds build_masks draws itself
 IMPORTANCE_KINDS = ("grad", "wgrad")
-ENCODINGS = ("int32", "implicit")  # how build_masks returns a mask: int32 indices, or an ImplicitMask
+ENCODINGS = ("int32", "implicit", "block16")  # int32 indices, an ImplicitMask, or a Block16Mask
 
 INDEX_DTYPE = torch.int32
 _INT32_MAX = torch.iinfo(torch.int32).max
@@ -368,10 +372,13 @@ class ImportanceScores:
                              "batch and before zero_grad() (and check that the parameters require grad)")
         self.num_updates += 1
 
-    def masks(self, density: float) -> dict[str, torch.Tensor]:
+    def masks(self, density: float, encoding: str = "int32") -> dict[str, torch.Tensor]:
         """name -> the ``nnz_for(numel, density)`` entries of largest accumulated score,
         as sorted unique ``torch.int32`` flat indices on the parameter's device (ties:
-        lower index first)."""
+        lower index first); encoding="block16": as Block16Masks (2 bytes per entry)."""
+        if encoding not in ("int32", "block16"):
+            raise ValueError(f"encoding must be 'int32' or 'block16' (importance masks are chosen entries); "
+                             f"got {encoding!r}")
         d = _check_density(density)
         if self.num_updates == 0:
             raise ValueError("no importance has been accumulated yet; call update() after loss.backward() on "
@@ -382,11 +389,14 @@ class ImportanceScores:
                              f"so they have no importance: {', '.join(missing[:5])}"
                              f"{', ...' if len(missing) > 5 else ''}; check that they require grad and take part "
                              f"in the loss, or leave them out of params")
-        return {
+        out = {
             name: _top_indices(f"the importance scores of {name!r}", self._scores[name].view(-1),
                                nnz_for(p.numel(), d))
             for name, p in self._params
         }
+        if encoding == "block16":
+            out = {name: Block16Mask(out[name], p.numel()) for name, p in self._params}
+        return out
 
 
 # ----------------------------------------------------------------------------- per-parameter
@@ -422,7 +432,8 @@ def build_masks(named_params: NamedParams, density: float, *, kind: str = "rando
         device: where to put the masks (default: each parameter's own device).
         encoding: ``"int32"`` (default): index tensors. ``"implicit"`` (random masks only):
             ``ImplicitMask(p, density, seed=seed, param_id=param_id_for(name))`` each, no
-            index array (their sizes are binomial, not exactly nnz_for).
+            index array (their sizes are binomial, not exactly nnz_for). ``"block16"``: the
+            same entries as "int32" in a ``Block16Mask`` (2 bytes per entry).
 
     Returns:
         dict name -> 1-D ``torch.int32`` sorted unique flat indices, ``(nnz_for(numel,
@@ -453,7 +464,8 @@ def build_masks(named_params: NamedParams, density: float, *, kind: str = "rando
             mask = random_mask(p.numel(), d, seed=param_seed(s, name))
         else:
             mask = magnitude_mask(p, d)
-        out[name] = mask.to(p.device if device is None else device)
+        mask = mask.to(p.device if device is None else device)
+        out[name] = Block16Mask(mask, p.numel()) if encoding == "block16" else mask
     return out
 
 
@@ -646,33 +658,127 @@ def implicit_random_mask(numel_or_tensor, density: float, *, seed: int, param_id
     return ImplicitMask(numel_or_tensor, density, seed=seed, param_id=param_id, block=block, device=device)
 
 
-# ----------------------------------------------------------------------------- either form
+# ----------------------------------------------------------------------------- block16
+
+
+class Block16Mask:
+    """An explicit mask (any sorted unique entries: magnitude, importance, random) in 2
+    bytes per entry: the weight is cut into blocks of 65536 elements, and
+
+        block_starts  (ceil(numel / 65536) + 1,) int32: entries before each block
+        offsets       (nnz,) uint16: each entry's index within its block
+
+    (seat.ops.block16_masks). Compact slot j is the j-th entry, as with the int32 form, so
+    optimizer state and trajectories are identical.
+
+    Args:
+        idx: (nnz,) sorted unique int32 flat indices (any seat.masks mask).
+        numel: elements of the weight (or the weight).
+    """
+
+    def __init__(self, idx: torch.Tensor, numel_or_tensor):
+        from .ops import block16_masks as b16
+
+        self.numel = _numel_of("numel_or_tensor", numel_or_tensor)
+        if not isinstance(idx, torch.Tensor):
+            raise TypeError(f"idx must be a torch.Tensor of int32 indices; got {type(idx).__name__}")
+        self.block_starts, self.offsets = b16.encode_block16(idx, self.numel)
+
+    @classmethod
+    def from_encoding(cls, numel: int, block_starts: torch.Tensor, offsets: torch.Tensor) -> "Block16Mask":
+        """Wrap an encoding (validated: seat.ops.block16_masks.check_encoding)."""
+        from .ops import block16_masks as b16
+
+        n = _check_numel("numel", numel)
+        b16.check_encoding("", block_starts, offsets, n, values=True)
+        mask = cls.__new__(cls)
+        mask.numel, mask.block_starts, mask.offsets = n, block_starts, offsets
+        return mask
+
+    @property
+    def nnz(self) -> int:
+        return self.offsets.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.offsets.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the mask holds: 2 per entry + 4 per block of 65536 elements."""
+        return self.offsets.numel() * 2 + self.block_starts.numel() * 4
+
+    def indices(self) -> torch.Tensor:
+        """The same mask as (nnz,) sorted unique int32 flat indices."""
+        from .ops import block16_masks as b16
+
+        return b16.decode_block16(self.block_starts, self.offsets)
+
+    def to(self, device) -> "Block16Mask":
+        mask = Block16Mask.__new__(Block16Mask)
+        mask.numel, mask.block_starts, mask.offsets = self.numel, self.block_starts.to(device), self.offsets.to(device)
+        return mask
+
+    def gather_(self, out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """out += dense.view(-1)[entries] (seat.ops.masked_gather_block16_)."""
+        from . import ops
+
+        return ops.masked_gather_block16_(out, dense, self.block_starts, self.offsets)
+
+    def swap_(self, param: torch.Tensor, values: torch.Tensor) -> None:
+        """Exchange param.view(-1)[entries] and values (seat.ops.masked_swap_block16_)."""
+        from . import ops
+
+        ops.masked_swap_block16_(param, self.block_starts, self.offsets, values)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Block16Mask):
+            return NotImplemented
+        return (self.numel == other.numel and torch.equal(self.block_starts, other.block_starts)
+                and torch.equal(self.offsets.view(torch.int16), other.offsets.view(torch.int16)))
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Block16Mask(numel={self.numel}, nnz={self.nnz}, device={self.device})"
+
+
+def encode_mask(idx: torch.Tensor, numel: int, encoding: str):
+    """int32 indices -> the mask in ``encoding`` ("int32": unchanged, "block16")."""
+    if encoding == "int32":
+        return idx
+    if encoding == "block16":
+        return Block16Mask(idx, numel)
+    raise ValueError(f"encoding must be 'int32' or 'block16' for a mask given as indices; got {encoding!r}")
+
+
+# ----------------------------------------------------------------------------- every form
 
 
 def mask_nnz(mask) -> int:
-    """Entries of a mask: int32 indices or an ImplicitMask."""
-    return mask.nnz if isinstance(mask, ImplicitMask) else mask.numel()
+    """Entries of a mask: int32 indices, an ImplicitMask or a Block16Mask."""
+    return mask.nnz if isinstance(mask, (ImplicitMask, Block16Mask)) else mask.numel()
 
 
 def mask_indices(mask) -> torch.Tensor:
-    """A mask as int32 indices (materialized for an ImplicitMask)."""
-    return mask.indices() if isinstance(mask, ImplicitMask) else mask
+    """A mask as int32 indices (materialized for an ImplicitMask or a Block16Mask)."""
+    return mask.indices() if isinstance(mask, (ImplicitMask, Block16Mask)) else mask
 
 
 def mask_gather_(out: torch.Tensor, dense: torch.Tensor, mask) -> torch.Tensor:
-    """out += dense.view(-1)[mask] for either form of mask."""
+    """out += dense.view(-1)[mask] for every form of mask."""
     from . import ops
 
-    if isinstance(mask, ImplicitMask):
+    if isinstance(mask, (ImplicitMask, Block16Mask)):
         return mask.gather_(out, dense)
     return ops.masked_gather_(out, dense, mask)
 
 
 def mask_swap_(param: torch.Tensor, mask, values: torch.Tensor) -> None:
-    """Exchange param.view(-1)[mask] and values for either form of mask."""
+    """Exchange param.view(-1)[mask] and values for every form of mask."""
     from . import ops
 
-    if isinstance(mask, ImplicitMask):
+    if isinstance(mask, (ImplicitMask, Block16Mask)):
         mask.swap_(param, values)
     else:
         ops.masked_swap_(param, mask, values)

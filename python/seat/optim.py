@@ -17,9 +17,10 @@ Masks may change during training (`set_masks`, the paper-faithful mode where a r
 mask is re-drawn every k steps). With dense_state=True the Adam state is kept full-size,
 for every entry of W, so an entry that leaves the mask and comes back finds its moments;
 with compact state (the default) kept entries keep theirs and new entries start at zero.
-A mask may be given as int32 indices, as a bool tensor of W's shape, or as a
+A mask may be given as int32 indices, as a bool tensor of W's shape, as a
 seat.masks.ImplicitMask (a seeded random mask that stores no indices: 4 bytes per 4096
-entries of W instead of 4 per trained entry; its state_dict entry is the mask's spec). Works with param groups, LR schedulers,
+entries of W instead of 4 per trained entry; its state_dict entry is the mask's spec) or
+as a seat.masks.Block16Mask (any mask in 2 bytes per trained entry). Works with param groups, LR schedulers,
 state_dict / load_state_dict (the masks travel with the state and are checked on load),
 zero_grad, and gradient clipping on the compact buffers (clip_grad_norm_).
 """
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .masks import ImplicitMask, mask_gather_, mask_indices, mask_nnz
+from .masks import Block16Mask, ImplicitMask, mask_gather_, mask_indices, mask_nnz
 from .ops import _checks
 
 
@@ -69,17 +70,35 @@ def _check_param(name: str, param: Tensor) -> None:
         raise ValueError(f"{name} must be a leaf tensor with requires_grad=True (a trainable parameter)")
 
 
+_MASK_KEYS = ("idx", "implicit_mask", "block_offsets", "block_starts", "offsets")
+
+
 def _store_mask(state: dict, mask) -> None:
-    """The mask in a param's state: "idx" for int32 indices; "implicit_mask" (its spec,
-    what state_dict saves and load_state_dict compares) and "block_offsets" for an
-    ImplicitMask."""
-    for k in ("idx", "implicit_mask", "block_offsets"):
+    """The mask in a param's state (what state_dict saves and load_state_dict compares):
+    "idx" for int32 indices; "implicit_mask" (its spec) and "block_offsets" for an
+    ImplicitMask; "block_starts" and "offsets" for a Block16Mask."""
+    for k in _MASK_KEYS:
         state.pop(k, None)
     if isinstance(mask, ImplicitMask):
         state["implicit_mask"] = mask.spec()
         state["block_offsets"] = mask.block_offsets
+    elif isinstance(mask, Block16Mask):
+        state["block_starts"], state["offsets"] = mask.block_starts, mask.offsets
     else:
         state["idx"] = mask
+
+
+def _same_mask(saved: dict, mask) -> bool:
+    """Whether the mask saved in a state entry is `mask`."""
+    if isinstance(mask, ImplicitMask):
+        return saved.get("implicit_mask") == mask.spec()
+    if isinstance(mask, Block16Mask):
+        starts, offsets = saved.get("block_starts"), saved.get("offsets")
+        return (isinstance(starts, Tensor) and isinstance(offsets, Tensor) and offsets.dtype == torch.uint16
+                and torch.equal(starts, mask.block_starts)
+                and torch.equal(offsets.view(torch.int16), mask.offsets.view(torch.int16)))
+    idx = saved.get("idx")
+    return isinstance(idx, Tensor) and torch.equal(idx, mask)
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -146,10 +165,10 @@ class SparseAdamW(torch.optim.Optimizer):
         out = {}
         for i, (p, idx) in enumerate(zip(params, resolved)):
             _check_param(f"params[{i}]", p)
-            if isinstance(idx, ImplicitMask):
+            if isinstance(idx, (ImplicitMask, Block16Mask)):
                 if idx.numel != p.numel():
-                    raise ValueError(f"masks[{i}] is an ImplicitMask of {idx.numel} elements; its parameter has "
-                                     f"{p.numel()}")
+                    raise ValueError(f"masks[{i}] is a {type(idx).__name__} of {idx.numel} elements; its parameter "
+                                     f"has {p.numel()}")
                 if idx.device != p.device:
                     raise ValueError(f"masks[{i}] is on {idx.device} but its parameter is on {p.device}")
                 out[p] = idx
@@ -287,16 +306,19 @@ class SparseAdamW(torch.optim.Optimizer):
                              weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
                              stochastic_rounding=group["stochastic_rounding"],
                              seed=(self.seed * 1_000_003 + group_index) % 2**63, dense_state=self.dense_state)
-                # one call per mask form (int32 indices / implicit)
+                # one call per mask form (int32 indices / ImplicitMask / Block16Mask)
                 by_form: dict = defaultdict(list)
                 for p in params:
-                    by_form[isinstance(self._masks[p], ImplicitMask)].append(p)
-                for implicit, ps in by_form.items():
+                    by_form[type(self._masks[p])].append(p)
+                for form, ps in by_form.items():
                     states = [self.state[p] for p in ps]
                     lists = ([self._grads[p] for p in ps], [s["exp_avg"] for s in states],
                              [s["exp_avg_sq"] for s in states], [s.get("master") for s in states],
                              [s.get("max_exp_avg_sq") for s in states])
-                    if not implicit:
+                    if form is Block16Mask:
+                        ops.sparse_adamw_block16_(ps, [s["block_starts"] for s in states],
+                                                  [s["offsets"] for s in states], *lists, **hyper)
+                    elif form is not ImplicitMask:
                         ops.sparse_adamw_(ps, [s["idx"] for s in states], *lists, **hyper)
                     else:
                         masks = [self._masks[p] for p in ps]
@@ -327,13 +349,10 @@ class SparseAdamW(torch.optim.Optimizer):
             restored = {k: (v.to(p.device, copy=True) if isinstance(v, Tensor) else copy.deepcopy(v))
                         for k, v in saved_state.items()}
             mask = self._masks[p]
-            saved_mask = restored.get("implicit_mask", restored.get("idx"))
-            same = (isinstance(saved_mask, dict) and saved_mask == mask.spec() if isinstance(mask, ImplicitMask) else
-                    isinstance(saved_mask, Tensor) and torch.equal(saved_mask, mask))
-            if saved_mask is not None and not same:
+            if any(k in restored for k in _MASK_KEYS) and not _same_mask(restored, mask):
                 raise ValueError(f"the state_dict's mask for parameter {key} differs from this optimizer's: "
                                  "build the optimizer with the masks the checkpoint was trained with")
-            for k in ("idx", "implicit_mask", "block_offsets"):
+            for k in _MASK_KEYS:
                 restored.pop(k, None)
             _store_mask(restored, mask)
             new_state[p] = restored

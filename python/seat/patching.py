@@ -27,8 +27,8 @@ from torch import Tensor
 
 from . import ops
 from .config import SeatConfig
-from .masks import (ImplicitMask, magnitude_mask, mask_indices, mask_nnz, mask_swap_, param_id_for, param_seed,
-                    random_mask)
+from .masks import (Block16Mask, ImplicitMask, encode_mask, magnitude_mask, mask_indices, mask_nnz, mask_swap_,
+                    param_id_for, param_seed, random_mask)
 
 _HANDLE_ATTR = "_seat_handle"
 
@@ -138,23 +138,26 @@ class SeatHandle:
     def _build_mask(self, name: str, weight: Tensor, masks) -> Tensor:
         if masks is not None and name in masks:
             idx = masks[name]
-            if isinstance(idx, ImplicitMask):
+            if isinstance(idx, (ImplicitMask, Block16Mask)):
                 if idx.numel != weight.numel():
-                    raise ValueError(f"masks[{name!r}] is an ImplicitMask of {idx.numel} elements; the weight has "
-                                     f"{weight.numel()}")
+                    raise ValueError(f"masks[{name!r}] is a {type(idx).__name__} of {idx.numel} elements; the "
+                                     f"weight has {weight.numel()}")
                 return idx if idx.device == weight.device else idx.to(weight.device)
             if not isinstance(idx, Tensor) or idx.dtype != torch.int32:
-                raise TypeError(f"masks[{name!r}] must be an int32 tensor of flat indices or a "
-                                "seat.masks.ImplicitMask (see seat.masks)")
+                raise TypeError(f"masks[{name!r}] must be an int32 tensor of flat indices, a "
+                                "seat.masks.ImplicitMask or a Block16Mask (see seat.masks)")
             ops._checks.index_values(f"masks[{name!r}]", idx, weight.numel())
-            return idx.to(weight.device)
+            encoding = "block16" if self.config.mask_encoding == "block16" else "int32"  # implicit: drawn masks only
+            return encode_mask(idx.to(weight.device), weight.numel(), encoding)
         if self.config.mask_encoding == "implicit":
             return ImplicitMask(weight, self.config.density, seed=self.config.seed, param_id=param_id_for(name),
                                 device=weight.device)
         if self.config.mask == "magnitude":
-            return magnitude_mask(weight.detach(), self.config.density).to(weight.device)
-        return random_mask(weight.numel(), self.config.density, seed=param_seed(self.config.seed, name),
-                           device=weight.device)
+            idx = magnitude_mask(weight.detach(), self.config.density).to(weight.device)
+        else:
+            idx = random_mask(weight.numel(), self.config.density, seed=param_seed(self.config.seed, name),
+                              device=weight.device)
+        return encode_mask(idx, weight.numel(), self.config.mask_encoding)
 
     # ------------------------------------------------------------------ queries
     def _check_patched(self) -> None:
