@@ -151,3 +151,27 @@ def test_seat_config_mask_encoding():
         seat.SeatConfig(mask_encoding="uint16")
     with pytest.raises(ValueError, match="mask_encoding='implicit' stores a random mask"):
         seat.SeatConfig(mask="magnitude", mask_encoding="implicit")
+
+
+@pytest.mark.parametrize("mask", ["random", "magnitude"])
+def test_block16_masks_train_the_same_model_and_save_deltas(tmp_path, mask):
+    from seat.masks import Block16Mask
+
+    models = []
+    for encoding in ("int32", "block16"):
+        model = tiny_model("llama", seed=0)
+        handle = seat.patch(model, seat.SeatConfig(density=0.1, mask=mask, mask_encoding=encoding))
+        assert all(isinstance(t.idx, Block16Mask) == (encoding == "block16") for t in handle.targets.values())
+        opt = handle.optimizer(lr=1e-2)
+        for step in range(2):
+            handle.loss(paired_batch(seed=step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        handle.save_delta(tmp_path / encoding)
+        models.append(model)
+    for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.equal(p, q), n
+    fresh = tiny_model("llama", seed=0)
+    seat.load_delta(fresh, tmp_path / "block16")
+    for (n, p), (_, q) in zip(models[1].named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), n
