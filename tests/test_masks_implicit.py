@@ -186,7 +186,7 @@ def test_set_masks_moves_state_between_implicit_masks():
 
 def test_optimizer_refuses_a_mask_of_another_size():
     net = Net(torch.float32)
-    with pytest.raises(ValueError, match=r"masks\[1\] is an ImplicitMask of 10 elements; its parameter has 70"):
+    with pytest.raises(ValueError, match=r"masks\[1\] \(ImplicitMask\) covers 10 elements; its parameter has 70"):
         SparseAdamW(net.parameters(), [ImplicitMask(6300, 0.1, seed=0), ImplicitMask(10, 0.1, seed=0),
                                        ImplicitMask(90, 0.1, seed=0)], lr=1e-2)
 

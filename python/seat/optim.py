@@ -167,8 +167,8 @@ class SparseAdamW(torch.optim.Optimizer):
             _check_param(f"params[{i}]", p)
             if isinstance(idx, (ImplicitMask, Block16Mask)):
                 if idx.numel != p.numel():
-                    raise ValueError(f"masks[{i}] is a {type(idx).__name__} of {idx.numel} elements; its parameter "
-                                     f"has {p.numel()}")
+                    raise ValueError(f"masks[{i}] ({type(idx).__name__}) covers {idx.numel} elements; its "
+                                     f"parameter has {p.numel()}")
                 if idx.device != p.device:
                     raise ValueError(f"masks[{i}] is on {idx.device} but its parameter is on {p.device}")
                 out[p] = idx

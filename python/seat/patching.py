@@ -140,7 +140,7 @@ class SeatHandle:
             idx = masks[name]
             if isinstance(idx, (ImplicitMask, Block16Mask)):
                 if idx.numel != weight.numel():
-                    raise ValueError(f"masks[{name!r}] is a {type(idx).__name__} of {idx.numel} elements; the "
+                    raise ValueError(f"masks[{name!r}] ({type(idx).__name__}) covers {idx.numel} elements; the "
                                      f"weight has {weight.numel()}")
                 return idx if idx.device == weight.device else idx.to(weight.device)
             if not isinstance(idx, Tensor) or idx.dtype != torch.int32:
