@@ -36,6 +36,8 @@ def _samples(name: str, device):
                  {**kwargs, "maximize": True})]
     if name in IMPLICIT_OPS:
         return _implicit_samples(name, device, randn)
+    if name in BLOCK16_OPS:
+        return _block16_samples(name, device, randn)
     if name == "kl_div":
         kw = dict(temperature=1.0, reduction="mean", num_items=None, reverse=False, compute_grad=True)
         return [((randn(2, 3, 11, grad=True), randn(2, 3, 11), None), kw),
@@ -92,6 +94,29 @@ def _implicit_samples(name, device, randn):
               [randn(nnz_a).abs()]), {**one, "maximize": True, "stochastic_rounding": True})]
 
 
+BLOCK16_OPS = ("masked_gather_block16_", "masked_swap_block16_", "sparse_adamw_block16_")
+
+
+def _block16_samples(name, device, randn):
+    def enc(numel, *values):
+        return tuple(t.to(device) for t in ops.encode_block16(_idx(*values), numel))
+
+    a, b = enc(20, 0, 7, 19), enc(70_000, 3, 65_535, 65_536, 69_999)
+    if name == "masked_gather_block16_":
+        return [((randn(3), randn(4, 5), *a), {}), ((randn(4), randn(70_000, dtype=torch.bfloat16), *b), {})]
+    if name == "masked_swap_block16_":
+        return [((randn(4, 5), *a, randn(3)), {}),
+                ((randn(70_000, dtype=torch.float16), *b, randn(4, dtype=torch.float16)), {})]
+    kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3, maximize=False)
+    params = [randn(4, 5), randn(70_000, dtype=torch.bfloat16)]
+    state = lambda: [randn(3).abs(), randn(4).abs()]  # noqa: E731
+    empty = torch.empty(0, device=device)
+    return [((params, [a[0], b[0]], [a[1], b[1]], state(), state(), state(), [empty, randn(4)],
+              [empty, empty.clone()]), kwargs),
+            (([params[0]], [a[0]], [a[1]], [randn(3)], [randn(3)], [randn(3).abs()], [empty.clone()],
+              [randn(3).abs()]), {**kwargs, "maximize": True, "stochastic_rounding": True})]
+
+
 @pytest.mark.parametrize("name", sorted(ops.OPS))
 def test_opcheck(name, backend):
     device = backend_device(name, backend)
@@ -103,7 +128,7 @@ def test_opcheck(name, backend):
 
 def test_every_op_in_the_design_table_is_registered():
     expected = {"masked_gather_", "masked_swap_", "sparse_adamw_", "kl_div", "paired_loss",
-                "fused_linear_paired_loss", *IMPLICIT_OPS}
+                "fused_linear_paired_loss", *IMPLICIT_OPS, *BLOCK16_OPS}
     assert set(ops.OPS) == expected
     for name in expected:
         assert hasattr(torch.ops.seat, name)
