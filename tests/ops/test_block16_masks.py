@@ -167,3 +167,23 @@ def test_gather_rejects(over, error, message):
 def test_encode_rejects_unsorted():
     with pytest.raises(ValueError, match="idx must be sorted and unique"):
         ops.encode_block16(torch.tensor([5, 3], dtype=torch.int32), 10)
+
+
+def test_swap_and_adamw_reject():
+    g = _good()
+    param = torch.randn(70_000)
+    with pytest.raises(TypeError, match="values must have param's dtype"):
+        ops.masked_swap_block16_(param, g["block_starts"], g["offsets"], g["out"].double())
+    with pytest.raises(ValueError, match="values must be 1-D with one entry per index"):
+        ops.masked_swap_block16_(param, g["block_starts"], g["offsets"], torch.zeros(2))
+    n = g["offsets"].numel()
+    state = [torch.zeros(n)]
+    with pytest.raises(ValueError, match="offsets has 2 tensors but params has 1"):
+        ops.sparse_adamw_block16_([param], [g["block_starts"]], [g["offsets"]] * 2, state, state, state, lr=1e-3,
+                                  step=1)
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] must be 1-D with one entry per index \(offsets\[0\]"):
+        ops.sparse_adamw_block16_([param], [g["block_starts"]], [g["offsets"]], state, [torch.zeros(3)], state,
+                                  lr=1e-3, step=1)
+    with pytest.raises(ValueError, match=r"\[0\] block_starts must have ceil"):
+        ops.sparse_adamw_block16_([param], [g["block_starts"][:1]], [g["offsets"]], state, state, state, lr=1e-3,
+                                  step=1)

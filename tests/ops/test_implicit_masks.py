@@ -324,3 +324,16 @@ def test_sparse_adamw_implicit_rejects():
     with pytest.raises(ValueError, match=r"the mask of params\[2\]: threshold must be in"):
         ops.sparse_adamw_implicit_(run.params, run.offsets, grads, run.exp_avgs, run.exp_avg_sqs,
                                    **{**kw, "thresholds": [0, 0, 2**33, 0]})
+
+
+def test_swap_rejects():
+    args, offsets, idx = _mask(1000, 0.2, 256, "cpu")
+    param = torch.randn(1000)
+    with pytest.raises(TypeError, match="values must have param's dtype"):
+        ops.masked_swap_implicit_(param, offsets, torch.zeros(idx.numel(), dtype=torch.float64), **args)
+    with pytest.raises(ValueError, match="block_offsets is not a prefix count of a mask with 2 entries"):
+        ops.masked_swap_implicit_(param, offsets, torch.zeros(2), **args)
+    with pytest.raises(ValueError, match="param must be contiguous"):
+        ops.masked_swap_implicit_(torch.randn(50, 20).t(), offsets, torch.zeros(idx.numel()), **args)
+    with pytest.raises(ValueError, match="numel must be an int >= 0"):
+        ops.implicit_block_offsets_(torch.zeros(2, dtype=torch.int32), numel=-1, **args)
