@@ -60,7 +60,9 @@ void masked_gather_block16_cpu(at::Tensor out, const at::Tensor& dense, const at
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "masked_gather_block16_cpu_in",
                                     [&] {
       const scalar_t* d = dense.data_ptr<scalar_t>();
-      for_each_entry(m, [&](int64_t pos, int64_t j) { seat::gather_accumulate<acc_t>(o, j, static_cast<acc_t>(d[pos])); });
+      for_each_entry(m, [&](int64_t pos, int64_t j) {
+        seat::gather_accumulate<acc_t>(o, j, static_cast<acc_t>(d[pos]));
+      });
     });
   });
 }

@@ -77,7 +77,8 @@ void sparse_adamw_block16_cuda(at::TensorList params, at::TensorList block_start
                 "sparse_adamw_block16_ CUDA kernel: params[", i, "] must be contiguous on ", device);
     if (offsets[i].numel() == 0) continue;
     const auto m = block16_ref(params[i], block_starts[i], offsets[i], "sparse_adamw_block16_ CUDA kernel");
-    const auto key = std::make_pair(static_cast<int>(params[i].scalar_type()), static_cast<int>(grads[i].scalar_type()));
+    const auto key =
+        std::make_pair(static_cast<int>(params[i].scalar_type()), static_cast<int>(grads[i].scalar_type()));
     groups[key].push_back({params[i].data_ptr(), m.block_starts, m.offsets, grads[i].data_ptr(),
                            exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(), ptr_or_null(masters[i]),
                            ptr_or_null(max_exp_avg_sqs[i]), m.n_blocks, m.nnz, static_cast<int64_t>(i)});

@@ -74,7 +74,8 @@ __global__ void gather_kernel(Acc* __restrict__ out, const In* __restrict__ dens
   __shared__ int32_t warp_counts[kWarps];
   const int64_t n_blocks = implicit_n_blocks(m.numel, m.block);
   for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
-    visit_block(m, b, warp_counts, [&](int64_t e, int64_t slot) { gather_accumulate<Acc>(out, slot, load_as<Acc>(dense + e)); });
+    visit_block(m, b, warp_counts,
+                [&](int64_t e, int64_t slot) { gather_accumulate<Acc>(out, slot, load_as<Acc>(dense + e)); });
   }
 }
 
@@ -138,8 +139,8 @@ cudaError_t gather_from(Acc* out, const void* dense, Dtype dense_dtype, const Im
 }
 
 template <typename ParamIO, typename T>
-cudaError_t launch_adamw(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks, const double* scalars, bool maximize, bool stochastic, uint32_t step_key, bool dense_state,
-                         cudaStream_t stream) {
+cudaError_t launch_adamw(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks, const double* scalars,
+                         bool maximize, bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream) {
   const dim3 grid(grid_for(max_blocks), static_cast<unsigned>(n));
   adamw_kernel<ParamIO, T><<<grid, kThreads, 0, stream>>>(table, adamw_scalars<T>(scalars), maximize,
                                                           stochastic, step_key, dense_state);

@@ -87,7 +87,8 @@ void sparse_adamw_implicit_cuda(at::TensorList params, at::TensorList block_offs
     if (grads[i].numel() == 0) continue;
     const auto m = mask_ref(params[i], block_offsets[i], keys[i], thresholds[i], blocks[i],
                             "sparse_adamw_implicit_ CUDA kernel");
-    const auto key = std::make_pair(static_cast<int>(params[i].scalar_type()), static_cast<int>(grads[i].scalar_type()));
+    const auto key =
+        std::make_pair(static_cast<int>(params[i].scalar_type()), static_cast<int>(grads[i].scalar_type()));
     groups[key].push_back({params[i].data_ptr(), m.block_offsets, grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                            exp_avg_sqs[i].data_ptr(), ptr_or_null(masters[i]), ptr_or_null(max_exp_avg_sqs[i]),
                            params[i].numel(), static_cast<int64_t>(i), thresholds[i], blocks[i], m.key});

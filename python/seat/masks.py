@@ -12,19 +12,23 @@ A mask says which entries of a weight matrix SEAT trains. Its compact form is a 
   build_masks       one mask per named parameter (random or magnitude)
 
 ``nnz_for`` fixes the exact number of entries for a density, so every kind of mask of
-a tensor has the same size.
-
-Implicit random masks (``ImplicitMask``, ``implicit_random_mask``, ``build_masks(...,
-encoding="implicit")``) store no indices: element e is trained iff a counter-based hash
-of (seed, param_id, e) falls below the density, and a per-block prefix count (4 bytes per
-4096 elements) lets the ops find each entry's compact slot. Their size is Binomial(numel,
-density) rather than exactly ``nnz_for``; ``.indices()`` materializes the same entries as
-an int32 index mask, and every op and ``SparseAdamW`` accept either form.
-
-``Block16Mask`` stores any explicit mask (magnitude, importance) in 2 bytes per entry:
-uint16 offsets within blocks of 65536 elements plus an int32 per block. The helpers
-``mask_nnz``, ``mask_indices``, ``mask_gather_`` and ``mask_swap_`` take every form. ``dense_to_indices`` / ``indices_to_dense`` convert to and
+a tensor has the same size. ``dense_to_indices`` / ``indices_to_dense`` convert to and
 from a dense ``torch.bool`` mask.
+
+Two compact encodings cut the mask's own memory, with the same entries, compact slots and
+training trajectory as the int32 form:
+
+  ImplicitMask      a random mask that stores no indices: element e is trained iff a
+                    counter-based hash of (seed, param_id, e) falls below the density;
+                    a per-block prefix count (4 bytes per 4096 elements) gives each
+                    entry's compact slot. Its size is Binomial(numel, density), not
+                    exactly ``nnz_for``. (``implicit_random_mask``, or
+                    ``build_masks(..., encoding="implicit")``.)
+  Block16Mask       any explicit mask (magnitude, importance) in 2 bytes per entry:
+                    uint16 offsets within blocks of 65536 elements + an int32 per block.
+
+``.indices()`` materializes either as int32 indices; ``mask_nnz``, ``mask_indices``,
+``mask_gather_`` and ``mask_swap_`` take every form, and so do the ops and SparseAdamW.
 
 Errors name the argument and say what to do: TypeError for a wrong type or dtype,
 ValueError for a wrong value.

@@ -205,7 +205,8 @@ class _Run:
                                        self.masters, self.max_exp_avg_sqs,
                                        seeds=[m["seed"] for m in self.masks],
                                        param_ids=[m["param_id"] for m in self.masks],
-                                       thresholds=[m["threshold"] for m in self.masks], blocks=[self.block] * len(self.masks), **kw)
+                                       thresholds=[m["threshold"] for m in self.masks],
+                                       blocks=[self.block] * len(self.masks), **kw)
         else:
             ops.sparse_adamw_(self.params, self.idxs, grads, self.exp_avgs, self.exp_avg_sqs, self.masters,
                               self.max_exp_avg_sqs, **kw)
