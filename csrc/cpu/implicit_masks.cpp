@@ -9,6 +9,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
 #include "seat/adamw.h"
 #include "seat/implicit_mask.h"
 
@@ -28,12 +32,46 @@ seat::ImplicitMaskRef mask_ref(const at::Tensor& block_offsets, int64_t numel, i
   return {block_offsets.data_ptr<int32_t>(), numel, block, threshold, static_cast<uint32_t>(key)};
 }
 
-// Run f(e, slot) on every member of the mask, blocks in parallel.
+// flags[k] = membership of element begin + k, for k < len. A branch-free loop the
+// compiler vectorizes; cloned for AVX2 (32-bit lane multiplies) with a baseline fallback,
+// picked at load time, since the hash of every element is what bounds these kernels.
+__attribute__((target_clones("avx2", "default"))) void member_flags(uint32_t key, int64_t begin, int64_t len,
+                                                                    int64_t threshold, uint8_t* flags) {
+  const bool all = threshold > static_cast<int64_t>(UINT32_MAX);  // density 1
+  const uint32_t below = all ? 0u : static_cast<uint32_t>(threshold);
+  for (int64_t k = 0; k < len; ++k) {
+    flags[k] = static_cast<uint8_t>(all | (seat::mix32(key ^ seat::mix32(static_cast<uint32_t>(begin + k))) < below));
+  }
+}
+
+// Run f(e, slot) on every member of the mask, blocks in parallel: per block, the flags
+// first (vectorized), then the members in order, skipping 8 flags at a time where none is
+// set (most of them at low density). Same members and slots as
+// seat::for_each_member_in_block, including its bound on the block's slots.
 template <typename F>
 void for_each_member(const seat::ImplicitMaskRef& m, F f) {
   const int64_t n_blocks = seat::implicit_n_blocks(m.numel, m.block);
-#pragma omp parallel for schedule(static) if (n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
-  for (int64_t b = 0; b < n_blocks; ++b) seat::for_each_member_in_block(m, b, f);
+#pragma omp parallel if (n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
+  {
+    std::vector<uint8_t> flags(static_cast<size_t>(m.block) + 8, 0);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t begin = b * m.block;
+      const int64_t len = std::min(m.block, m.numel - begin);
+      member_flags(m.key, begin, len, m.threshold, flags.data());
+      std::fill(flags.begin() + len, flags.begin() + ((len + 7) & ~int64_t{7}), uint8_t{0});
+      int64_t slot = m.block_offsets[b];
+      const int64_t limit = m.block_offsets[b + 1];
+      for (int64_t k = 0; k < len && slot < limit; k += 8) {
+        uint64_t word;
+        std::memcpy(&word, flags.data() + k, sizeof(word));
+        if (word == 0) continue;
+        for (int64_t q = k; q < k + 8 && q < len && slot < limit; ++q) {
+          if (flags[q]) f(begin + q, slot++);
+        }
+      }
+    }
+  }
 }
 
 void implicit_block_counts_cpu(at::Tensor counts, int64_t numel, int64_t key, int64_t threshold, int64_t block) {
@@ -43,13 +81,17 @@ void implicit_block_counts_cpu(at::Tensor counts, int64_t numel, int64_t key, in
                   counts.numel() == n_blocks,
               "implicit_block_counts_ CPU kernel: counts must be a contiguous int32 CPU tensor of n_blocks entries");
   int32_t* out = counts.data_ptr<int32_t>();
-  const uint32_t k = static_cast<uint32_t>(key);
-#pragma omp parallel for schedule(static) if (n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    const int64_t begin = b * block, end = std::min(numel, begin + block);
-    int32_t c = 0;
-    for (int64_t e = begin; e < end; ++e) c += seat::implicit_member(k, e, threshold) ? 1 : 0;
-    out[b] = c;
+#pragma omp parallel if (n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
+  {
+    std::vector<uint8_t> flags(static_cast<size_t>(block));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const int64_t begin = b * block, len = std::min(block, numel - begin);
+      member_flags(static_cast<uint32_t>(key), begin, len, threshold, flags.data());
+      int32_t c = 0;
+      for (int64_t q = 0; q < len; ++q) c += flags[q];
+      out[b] = c;
+    }
   }
 }
 
