@@ -6,7 +6,9 @@
 #   make test       build, then run the test suite (what CI runs)
 #   make gpu-test   on a machine with a CUDA GPU: build with CUDA forced, run all tests
 #   make info       python -m seat.info
-#   make bench      the benchmarks (results under benchmarks/results/<device>/)
+#   make bench      every benchmark: benchmarks/run_all.py $(BENCH_ARGS) (e.g. BENCH_ARGS=--quick,
+#                   or "--device cuda"); results under benchmarks/results/<device>/
+#   benchmarks/gpu.sh  on a CUDA machine: CUDA build, GPU tests, all benchmarks (10 min)
 #
 # TORCH picks the torch build: the default is a CUDA 13.0 wheel (it also runs on CPU-only
 # machines and lets the CUDA kernels compile there). MAX_JOBS, TORCH_CUDA_ARCH_LIST,
@@ -17,6 +19,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 NATIVE_SOURCES := $(shell find csrc -type f) setup.py python/seat/_srchash.py python/seat/_version.py
 
@@ -27,7 +30,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH)" "setuptools>=64" wheel
 	$(PY) -m pip install -q "triton>=3.2" "numpy>=1.24" "packaging>=23" "pytest>=8" "ninja>=1.11" \
 		"safetensors>=0.4" "transformers>=4.46" "tokenizers>=0.20" "peft>=0.13" "rouge-score>=0.1.2" \
-		"matplotlib>=3.7"
+		"matplotlib>=3.7" "bitsandbytes>=0.45"
 	touch $@
 
 venv: $(VENV)/.deps
@@ -53,8 +56,8 @@ info: build
 	$(PY) -m seat.info
 
 bench: build
-	$(PY) -m pip install -q "matplotlib>=3.7" "bitsandbytes>=0.45"
-	$(PY) benchmarks/bench_sparse_adamw.py
+	$(PY) -m pip install -q "matplotlib>=3.7" "bitsandbytes>=0.45" "tqdm>=4.60"
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info python/*.egg-info python/seat/_C*.so $(VENV)/.built

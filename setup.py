@@ -141,6 +141,7 @@ def main():
         version=_version(),
         packages=[*find_packages("python", include=["seat", "seat.*"]), "seat_kernels"],
         package_dir={"": "python", "seat_kernels": "seat_kernels"},
+        package_data={"seat.memory": ["known-configs/*.json"]},  # seat.memory's known model configs
         ext_modules=[extension],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import os
 import platform
 import re
 import statistics
@@ -39,35 +40,81 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def environment(device: str) -> dict:
+def _git(*args: str) -> str | None:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return None
+
+
+def _version(module: str) -> str | None:
     try:
-        import triton
-        triton_version = triton.__version__
+        return __import__(module).__version__
     except ImportError:
-        triton_version = None
-    return {"device": device, "device_name": device_name(device), "torch": torch.__version__,
-            "triton": triton_version, "python": platform.python_version(), "git_commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        return None
 
 
-def measure(fn: Callable[[], None], *, device: str, warmup: int = 2, repeats: int = 7) -> dict:
-    """Median and quartiles of fn's wall time in ms (CUDA: triton.testing.do_bench)."""
+def load_average() -> list[float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none): other processes
+    on the machine slow CPU timings, so every result records them."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment(device: str) -> dict:
+    """What a result depends on: device, library versions, the commit (and whether the
+    working tree had uncommitted changes to tracked files), threads and machine load."""
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    env = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
+           "triton": _version("triton"), "transformers": _version("transformers"), "python": platform.python_version(),
+           "git_commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+           "git_dirty": None if dirty is None else bool(dirty), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "load_avg": load_average(),
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     if device == "cuda":
-        from triton.testing import do_bench
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        env.update(cuda=torch.version.cuda, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   compute_capability=f"{props.major}.{props.minor}")
+    return env
 
-        q25, median, q75 = do_bench(fn, warmup=25 * warmup, rep=100 * repeats, quantiles=[0.25, 0.5, 0.75])
+
+class Progress:
+    """What a benchmark reports while it runs: expect(n) when it knows it will run n more
+    cases, done(label) after each. This default does nothing (the scripts print their own
+    lines); run_all.py passes one that drives its progress bar."""
+
+    def expect(self, n: int) -> None:
+        pass
+
+    def done(self, label: str) -> None:
+        pass
+
+
+def measure(fn: Callable[[], None], *, device: str, warmup: int = 2, repeats: int = 7,
+            do_bench: bool = True) -> dict:
+    """Median and quartiles of fn's wall time in ms. CUDA: triton.testing.do_bench (it
+    flushes the L2 cache between calls and picks its repeat count from a time budget), or,
+    with do_bench=False, `repeats` calls timed one by one with the device synchronized
+    around each: for long calls (a training step), and where do_bench's 256 MiB flush
+    buffer would count against a memory budget. CPU: warmup calls, then `repeats` timed
+    calls."""
+    if device == "cuda" and do_bench:
+        from triton.testing import do_bench as bench
+
+        q25, median, q75 = bench(fn, warmup=25 * warmup, rep=100 * repeats, quantiles=[0.25, 0.5, 0.75])
         return {"ms": median, "ms_p25": q25, "ms_p75": q75}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - start) * 1e3)
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"ms": statistics.median(times), "ms_p25": q[0], "ms_p75": q[2]}
@@ -86,6 +133,15 @@ def pyplot():
     return plt
 
 
+def environment_line(env: dict) -> str:
+    """One line naming the machine, versions, commit, date and (CPU) the load."""
+    line = (f"{env['device_name']}; torch {env['torch']}, triton {env['triton']}; commit {env['git_commit']}"
+            f"{' + uncommitted changes' if env.get('git_dirty') else ''}; {env['date']}")
+    if env.get("device") == "cpu" and env.get("load_avg"):
+        line += f"; 1-minute load average {env['load_avg'][0]:.1f} on {env.get('cpu_count')} CPUs"
+    return line
+
+
 def write_results(name: str, rows: list[dict], env: dict, *, title: str, columns: list[tuple[str, str]],
                   notes: list[str], out_dir: Path | None = None) -> Path:
     """rows -> <out>/<name>.csv, .json and .md; returns the markdown path. columns:
@@ -93,18 +149,21 @@ def write_results(name: str, rows: list[dict], env: dict, *, title: str, columns
     out = out_dir or RESULTS / slug(env["device_name"])
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        # every key of every row, in first-seen order: rows may differ (a method that ran
+        # out of memory has no timings)
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     (out / f"{name}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
 
     def fmt(v):
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
         return "" if v is None else str(v)
 
-    lines = [f"# {title}", "", f"{env['device_name']}; torch {env['torch']}, triton {env['triton']}; "
-             f"commit {env['git_commit']}; {env['date']}", "",
+    lines = [f"# {title}", "", environment_line(env), "",
              "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
     lines += [""] + [f"- {n}" for n in notes]

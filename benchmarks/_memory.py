@@ -73,9 +73,9 @@ def storage_bytes(*items) -> int:
             continue
         try:
             storage = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # e.g. tensor subclasses without storage
-            continue
-        ptr = storage.data_ptr()
+            ptr = storage.data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without storage, and fake
+            continue  # tensors (torch.compile keeps some alive) whose data pointer cannot be read
         if ptr == 0:
             continue
         key = (str(t.device), ptr)

@@ -1,32 +1,33 @@
-"""CPU benchmark: seat.ops.kl_div / paired_loss (cpu backend, fused C++ kernel) vs the
-eager torch naive version (log_softmax of both inputs, then the KL / CE terms), forward +
-backward, time and peak memory, each ratio measured in the same run on the same machine.
+"""seat.ops kl_div / paired_loss / fused_linear_paired_loss vs the eager torch naive
+version (log_softmax of both inputs, then the KL / CE terms) and torch.compile of it,
+forward + backward, time and peak memory, each ratio measured in the same run.
 
-    python benchmarks/bench_kl_div.py [--quick] [--out DIR (default: benchmarks/results/<device>)]
+    python benchmarks/bench_kl_div.py [--quick | --size tiny|quick|full] [--device cpu|cuda]
+                                      [--reps N] [--ops kl_div paired_loss fused_linear] [--no-compile]
+                                      [--out DIR (default: benchmarks/results/<device>)]
 
-Time: median wall time of `reps` calls of loss.backward() on fresh leaves after one
-warm-up, in this process (torch's default thread count).
-Memory: each (case, implementation) runs once more in a fresh subprocess with
+seat runs its CPU kernel (fused C++) on CPU and its default backend (Triton) on CUDA.
+Time: median of `reps` calls of loss.backward() on fresh leaves after one warm-up
+(_common.measure: triton.testing.do_bench on CUDA).
+Memory, CPU: each (case, implementation) runs once more in a fresh subprocess with
 MALLOC_MMAP_THRESHOLD_=65536 (so glibc serves every tensor of 64 KiB or more with mmap
 and returns it on free: resident memory follows live tensor bytes); the number reported
 is the peak resident set size (VmHWM, reset through /proc/self/clear_refs just before the
-call) minus the resident size just before the measured call, i.e. the peak of what the call allocated beyond its inputs, the
-gradient included. The loss values of both implementations are compared as a check.
+call) minus the resident size just before the measured call, i.e. the peak of what the
+call allocated beyond its inputs, the gradient included. CUDA: max_memory_allocated
+during the call minus memory_allocated before it, in this process. The loss values of
+both implementations are compared as a check.
 fused_linear: fused_linear_paired_loss from hidden states (H=512) and the lm_head vs eager
-torch computing both models' N x V logits. Writes bench_kl_div.csv, .json and .md to
---out. CPU numbers only: no GPU figures.
+torch computing both models' N x V logits. Writes bench_kl_div[_<size>].csv, .json, .md
+and .png to --out.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, device_name, slug  # noqa: E402
+from _common import Progress, environment, measure, pyplot, write_results  # noqa: E402
 
 
 FUSED_HIDDEN = 512  # hidden size of the fused_linear cases (kept small: CPU matmul time)
@@ -75,14 +76,21 @@ def naive_paired(cur, labels, ref):
 COMPILED = {"kl_div": torch.compile(naive_kl, dynamic=False), "paired_loss": torch.compile(naive_paired, dynamic=False)}
 
 
+def seat_backend(device) -> str | None:
+    """The CPU kernel on CPU tensors (not the reference: that is what is measured); on
+    CUDA seat's default (Triton)."""
+    return "cpu" if torch.device(device).type == "cpu" else None
+
+
 def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
     """Forward + backward; returns the loss (detached). impl: seat, naive or compiled."""
     from seat import ops
 
     leaf = inputs["cur"].detach().requires_grad_()
+    backend = seat_backend(leaf.device)
     if op == "kl_div":
         if impl == "seat":
-            with ops.use_backend("cpu"):
+            with ops.use_backend(backend):
                 loss = ops.kl_div(leaf, inputs["ref"])
         elif impl == "compiled":
             loss = COMPILED["kl_div"](leaf, inputs["ref"])
@@ -92,7 +100,7 @@ def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
         labels, ref, weight = inputs["labels"], inputs["ref"], inputs["weight"]
         n_ce = labels.numel()
         if impl == "seat":
-            with ops.use_backend("cpu"):
+            with ops.use_backend(backend):
                 loss, _, _ = ops.fused_linear_paired_loss(leaf, weight, labels, ref)
         else:  # the N x V logits of both models, materialized
             logits, ref_logits = leaf @ weight.T, ref @ weight.T
@@ -101,7 +109,7 @@ def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
         labels, ref = inputs["labels"], inputs["ref"]
         n_ce = labels.numel()
         if impl == "seat":
-            with ops.use_backend("cpu"):
+            with ops.use_backend(backend):
                 loss, _, _ = ops.paired_loss(leaf, labels, ref)
         elif impl == "compiled":
             loss = COMPILED["paired_loss"](leaf, labels, ref)
@@ -112,14 +120,9 @@ def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
     return loss.detach()
 
 
-def time_case(op, impl, inputs, reps):
-    run_once(op, impl, inputs)  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run_once(op, impl, inputs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_case(op, impl, inputs, reps, device) -> float:
+    """Median seconds of one forward + backward, after one warm-up."""
+    return measure(lambda: run_once(op, impl, inputs), device=device, warmup=1, repeats=reps)["ms"] / 1e3
 
 
 def proc_status_bytes(field: str) -> int:
@@ -143,18 +146,31 @@ def child_peak(op, impl, n, vocab, dtype_name) -> int:
     return max(0, proc_status_bytes("VmHWM") - before)
 
 
-def measure_peak(op, impl, n, vocab, dtype_name) -> int:
+def measure_peak(op, impl, n, vocab, dtype_name, device="cpu") -> int:
+    """Bytes one call allocates beyond its inputs, at its peak (see the module docstring)."""
+    if device == "cuda":
+        inputs = {k: v.to(device) for k, v in make_inputs(op, n, vocab, getattr(torch, dtype_name)).items()}
+        run_once(op, impl, inputs)  # compile / autotune first: their buffers are not the op's
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run_once(op, impl, inputs)
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - before)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_kl_div as b; "
             f"print(b.child_peak({op!r}, {impl!r}, {n}, {vocab}, {dtype_name!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory subprocess for {op}/{impl} failed:\n{out.stderr[-2000:]}")
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def cases(quick: bool):
-    if quick:
-        return [("kl_div", 32, 32000, "float32"), ("paired_loss", 32, 32000, "float32")]
-    return [
+SIZES = {
+    # the pipeline on the smallest shapes (tests): the numbers mean nothing
+    "tiny": [("kl_div", 8, 512, "float32"), ("fused_linear", 16, 512, "float32")],
+    "quick": [("kl_div", 32, 32000, "float32"), ("paired_loss", 32, 32000, "float32")],
+    "full": [
         ("kl_div", 64, 32000, "float32"),
         ("kl_div", 256, 32000, "float32"),
         ("kl_div", 64, 128256, "float32"),
@@ -163,71 +179,121 @@ def cases(quick: bool):
         ("paired_loss", 64, 32000, "float32"),
         ("paired_loss", 128, 128256, "float32"),
         ("fused_linear", 1024, 128256, "float32"),
-    ]
+    ],
+}
+OPS = ("kl_div", "paired_loss", "fused_linear")
 
 
-def main(argv=None) -> int:
+def run_case(op, n, vocab, dtype_name, device, reps, compile_too, memory_too=True) -> dict:
+    inputs = {k: v.to(device) for k, v in make_inputs(op, n, vocab, getattr(torch, dtype_name)).items()}
+    loss_seat = run_once(op, "seat", inputs)
+    loss_naive = run_once(op, "naive", inputs)
+    t_seat = time_case(op, "seat", inputs, reps, device)
+    t_naive = time_case(op, "naive", inputs, reps, device)
+    t_compiled = time_case(op, "compiled", inputs, reps, device) if op in COMPILED and compile_too else None
+    m_seat = measure_peak(op, "seat", n, vocab, dtype_name, device) if memory_too else None
+    m_naive = measure_peak(op, "naive", n, vocab, dtype_name, device) if memory_too else None
+
+    def mib(b):
+        return None if b is None else round(b / 2**20, 1)
+
+    return dict(op=op, rows=n, vocab=vocab, dtype=dtype_name, seat_ms=round(t_seat * 1e3, 2),
+                naive_ms=round(t_naive * 1e3, 2), speedup=round(t_naive / t_seat, 2),
+                compiled_ms=None if t_compiled is None else round(t_compiled * 1e3, 2),
+                speedup_vs_compiled=None if t_compiled is None else round(t_compiled / t_seat, 2),
+                seat_peak_mib=mib(m_seat), naive_peak_mib=mib(m_naive),
+                # no ratio where seat's peak is below what the method resolves (RSS: pages)
+                memory_ratio=round(m_naive / m_seat, 2) if m_seat else None,
+                input_mib=round(sum(t.numel() * t.element_size() for t in inputs.values()) / 2**20, 1),
+                loss_abs_diff=float(abs(loss_seat.double().cpu() - loss_naive.double().cpu())))
+
+
+def main(argv=None, progress: Progress | None = None) -> int:
+    """Run the benchmark (argv: the command line's arguments); progress: see _common.Progress."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two small cases (seconds)")
+    parser.add_argument("--quick", action="store_true", help="two small cases (same as --size quick)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--ops", nargs="+", help="run only these ops (kl_div, paired_loss, fused_linear)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, help="run only these ops")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
-    parser.add_argument("--out", type=Path, default=RESULTS / slug(device_name("cpu")))
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the memory columns (on CPU they cost a fresh process per measurement)")
+    parser.add_argument("--out", type=Path, help="results folder (default: results/<device name>)")
     args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1; got {args.reps}")
+    size = args.size or ("quick" if args.quick else "full")
+    todo = [c for c in SIZES[size] if not args.ops or c[0] in args.ops]
+    if not todo:
+        parser.error(f"--ops {' '.join(args.ops)}: no case of size {size} runs these ops")
+    progress = progress or Progress()
+    progress.expect(len(todo))
     rows = []
-    for op, n, vocab, dtype_name in cases(args.quick):
-        if args.ops and op not in args.ops:
-            continue
-        inputs = make_inputs(op, n, vocab, getattr(torch, dtype_name))
-        loss_seat = run_once(op, "seat", inputs)
-        loss_naive = run_once(op, "naive", inputs)
-        t_seat = time_case(op, "seat", inputs, args.reps)
-        t_naive = time_case(op, "naive", inputs, args.reps)
-        t_compiled = time_case(op, "compiled", inputs, args.reps) if op in COMPILED and not args.no_compile else None
-        m_seat = measure_peak(op, "seat", n, vocab, dtype_name)
-        m_naive = measure_peak(op, "naive", n, vocab, dtype_name)
-        row = dict(op=op, rows=n, vocab=vocab, dtype=dtype_name, seat_ms=round(t_seat * 1e3, 2),
-                   naive_ms=round(t_naive * 1e3, 2), speedup=round(t_naive / t_seat, 2),
-                   compiled_ms=None if t_compiled is None else round(t_compiled * 1e3, 2),
-                   speedup_vs_compiled=None if t_compiled is None else round(t_compiled / t_seat, 2),
-                   seat_peak_mib=round(m_seat / 2**20, 1), naive_peak_mib=round(m_naive / 2**20, 1),
-                   memory_ratio=round(m_naive / max(m_seat, 1), 2),
-                   input_mib=round(sum(t.numel() * t.element_size() for t in inputs.values()) / 2**20, 1),
-                   loss_abs_diff=float(abs(loss_seat.double() - loss_naive.double())))
+    for op, n, vocab, dtype_name in todo:
+        row = run_case(op, n, vocab, dtype_name, args.device, args.reps, not args.no_compile, not args.no_memory)
         rows.append(row)
+        progress.done(f"{op} {n}x{vocab} {dtype_name}")
         print(json.dumps(row), flush=True)
-    meta = dict(machine=platform.machine(), processor=platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), quick=args.quick, reps=args.reps,
-                time=time.strftime("%Y-%m-%d %H:%M:%S"))
-    stem = args.out / ("bench_kl_div_quick" if args.quick else "bench_kl_div")
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=rows), indent=1))
-    lines = [
-        "# seat.ops kl_div / paired_loss vs eager torch, CPU (forward + backward)",
-        "",
-        f"{meta['cpu_count']} CPU cores, {meta['torch_threads']} torch threads, torch {meta['torch']}, "
-        f"median of {args.reps} after a warm-up; {meta['time']}. Peak = peak RSS growth of one call beyond its "
-        "inputs (fresh process each). Ratios: naive / seat (eager torch), compiled / seat (torch.compile of the "
-        "same code, time only). No GPU numbers.",
-        "",
-        "| op | rows | vocab | dtype | seat ms | naive ms | speed-up | compiled ms | vs compiled | seat peak MiB "
-        "| naive peak MiB | memory ratio | inputs MiB | loss diff |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        compiled = ("| - | - " if r["compiled_ms"] is None
-                    else f"| {r['compiled_ms']} | {r['speedup_vs_compiled']}x ")
-        lines.append(f"| {r['op']} | {r['rows']} | {r['vocab']} | {r['dtype']} | {r['seat_ms']} | {r['naive_ms']} | "
-                     f"{r['speedup']}x {compiled}| {r['seat_peak_mib']} | {r['naive_peak_mib']} | "
-                     f"{r['memory_ratio']}x | {r['input_mib']} | {r['loss_abs_diff']:.2e} |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    env = environment(args.device)
+    env.update(size=size, reps=args.reps, fused_hidden=FUSED_HIDDEN,
+               seat_backend=seat_backend(args.device) or "default (triton)")
+    memory_how = ("peak RSS growth of one call beyond its inputs, in a fresh process each (glibc mmap threshold "
+                  "64 KiB)" if args.device == "cpu" else
+                  "max_memory_allocated during one call minus memory_allocated before it")
+    md = write_results(
+        "bench_kl_div" if size == "full" else f"bench_kl_div_{size}", rows, env, out_dir=args.out,
+        title=f"seat.ops kl_div / paired_loss / fused_linear_paired_loss vs eager torch, {args.device} "
+              "(forward + backward)",
+        columns=[("op", "op"), ("rows", "rows"), ("vocab", "vocab"), ("dtype", "dtype"), ("seat_ms", "seat ms"),
+                 ("naive_ms", "eager ms"), ("speedup", "speed vs eager"), ("compiled_ms", "compiled ms"),
+                 ("speedup_vs_compiled", "speed vs compiled"), ("seat_peak_mib", "seat peak MiB"),
+                 ("naive_peak_mib", "eager peak MiB"), ("memory_ratio", "memory: eager / seat"),
+                 ("input_mib", "inputs MiB"), ("loss_abs_diff", "loss diff")],
+        notes=[f"Time: median of {args.reps} forward + backward calls after a warm-up, "
+               f"{env['torch_threads']} torch threads on {env['cpu_count']} CPUs" if args.device == "cpu" else
+               f"Time: triton.testing.do_bench (median) of forward + backward, {args.reps} x 100 ms of repeats.",
+               "speed vs eager = eager ms / seat ms; speed vs compiled = compiled ms / seat ms (torch.compile of "
+               "the same eager code, time only; fused_linear has no compiled column); above 1: seat is faster.",
+               "Memory not measured (--no-memory)." if args.no_memory else
+               f"Peak = {memory_how}; memory: eager / seat above 1: seat needs less.",
+               f"seat backend: {env['seat_backend']}; fused_linear: hidden size {FUSED_HIDDEN}, eager computes "
+               "both models' N x V logits.",
+               "loss diff: |seat - eager| of the loss, a check that both compute the same thing."],
+    )
+    print(md.read_text())
+    plot(rows, md.with_suffix(".png"))
     return 0
+
+
+def plot(rows, path):
+    """Speed and memory ratios (eager / seat) per case: above 1, seat is ahead."""
+    plt = pyplot()
+    if plt is None:
+        return
+    labels = [f"{r['op']} {r['rows']}x{r['vocab']} {r['dtype']}" for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.5 * len(rows) + 1.8))
+    a.barh(labels, [r["speedup"] for r in rows], color="tab:blue", label="vs eager")
+    compiled = [r["speedup_vs_compiled"] for r in rows]
+    if any(c is not None for c in compiled):
+        a.scatter([c if c is not None else float("nan") for c in compiled], labels, color="black", zorder=3,
+                  label="vs torch.compile")
+    a.axvline(1, color="gray", lw=0.8)
+    a.set_xscale("log")
+    a.set_xlabel("speed: other / seat time (log; > 1: seat faster)")
+    a.invert_yaxis()
+    a.legend(loc="lower right", fontsize=8)
+    b.barh(labels, [r["memory_ratio"] or 0 for r in rows], color="tab:orange")  # 0: not measured
+    b.axvline(1, color="gray", lw=0.8)
+    b.set_xlabel("memory: eager / seat peak (> 1: seat needs less)")
+    b.invert_yaxis()
+    b.set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """One SEAT training step with seat.patch vs naive SEAT, full fine-tuning and LoRA.
 
-    python benchmarks/bench_seat_step.py [--quick | --size tiny|quick|full] [--device cpu|cuda]
+    python benchmarks/bench_seat_step.py [--quick | --size tiny|quick|full|llama3-8b] [--device cpu|cuda]
                                          [--steps N] [--batch B] [--seq T] [--dtype float32|bfloat16]
+                                         [--gradient-checkpointing] [--budget-gib G] [--methods a,b]
 
 A Llama-shaped causal LM built from a LlamaConfig in code (random weights, no download):
 full: hidden 1024, 16 layers, MLP 2816, 16 heads / 8 KV heads, vocabulary 32000 (~252M
-parameters); --quick: hidden 256, 4 layers, MLP 704 (~20M). A paired batch like
+parameters); --quick: hidden 256, 4 layers, MLP 704 (~20M); llama3-8b: Llama-3-8B's
+shapes (8.03B parameters, for a GPU: built on the device in --dtype). A paired batch like
 seat.PairedCollator's (x and x~, B sequences each, answer-only labels). Every method
 trains the same weights (the 7 linear layers of every decoder block; embeddings, norms
 and lm_head frozen), starts from the same initial model (same seed) and runs in a fresh
@@ -29,7 +31,10 @@ computes the same CE, and the KL is 0), --steps timed steps (median), then one s
 measured for memory (benchmarks/_memory.py: the tensors alive at the step's start,
 counted explicitly, + the peak of the step's allocations, from torch.profiler's memory
 events on CPU or max_memory_allocated on CUDA). Ratios are against naive-seat, in the
-same run.
+same run, and step times against full-ft. With --budget-gib each row says whether the
+method fits that much memory; on CUDA the budget is enforced, and a method that needs
+more gives an "out of memory" row instead of numbers (the Llama-3-8B question: does it
+fit a 24 GB-class GPU at all).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ import argparse
 import contextlib
 import copy
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -44,7 +50,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, measure, pyplot, write_results  # noqa: E402
+from _common import Progress, environment, measure, pyplot, write_results  # noqa: E402
 from _memory import (  # noqa: E402
     PeakMemory,
     alive_tensor_bytes,
@@ -65,6 +71,10 @@ SIZES = {  # LlamaConfig fields
                   num_key_value_heads=2, vocab_size=32000),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
+    # Llama-3-8B's shapes (8.03B params; random weights, nothing downloaded): for a GPU,
+    # in bfloat16, with gradient checkpointing (see benchmarks/gpu.sh)
+    "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=14336, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
 }
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DENSITY = 0.05
@@ -81,14 +91,25 @@ def make_config(size: str, seq: int):
                        pad_token_id=0, bos_token_id=1, eos_token_id=2, attention_dropout=0.0)
 
 
-def make_model(config, device, dtype, seed: int = 0):
-    """The same random model for every method (seeded), block linears trainable only."""
-    from transformers import LlamaForCausalLM
+def make_model(config, device, dtype, seed: int = 0, gradient_checkpointing: bool = False):
+    """The same random model for every method (seeded), block linears trainable only.
+    Any Llama-style config (Llama, Qwen2, Mistral: the model class follows the config).
+    Built directly on `device` in `dtype`: an 8B model must never exist in fp32 or on the
+    host (32 GB, minutes of CPU init), nor pass through more memory than the budget."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.config.use_cache = False
     model.train()
+    if gradient_checkpointing:  # non-reentrant: works with frozen embeddings (inputs without grad)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for name, p in model.named_parameters():
         p.requires_grad_(is_block_linear(name))
     return model
@@ -147,10 +168,10 @@ def bool_mask(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 NULL_PHASE = lambda name: contextlib.nullcontext()  # noqa: E731
 
 
-def build_naive_seat(config, batch, device, dtype):
+def build_naive_seat(config, batch, device, dtype, gradient_checkpointing: bool = False):
     from seat.masks import param_seed, random_mask
 
-    model = make_model(config, device, dtype)
+    model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -197,8 +218,8 @@ def build_naive_seat(config, batch, device, dtype):
     return step, alive, tokens, info
 
 
-def build_seat(config, batch, device, dtype, chunk_size: int = 0):
-    model = make_model(config, device, dtype)
+def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_checkpointing: bool = False):
+    model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     handle = seat.patch(model, density=DENSITY, chunk_size=chunk_size)
     opt = handle.optimizer(lr=LR)
 
@@ -249,14 +270,15 @@ def _dense_adamw_ce(model, batch, optimizer_label):
     return _ce_step(model, opt, batch), alive, int(batch["attention_mask"].sum()), info
 
 
-def build_full_ft(config, batch, device, dtype):
-    return _dense_adamw_ce(make_model(config, device, dtype), batch, "torch.optim.AdamW (dense)")
+def build_full_ft(config, batch, device, dtype, gradient_checkpointing: bool = False):
+    return _dense_adamw_ce(make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing), batch,
+                           "torch.optim.AdamW (dense)")
 
 
-def build_lora(config, batch, device, dtype):
+def build_lora(config, batch, device, dtype, gradient_checkpointing: bool = False):
     import peft
 
-    base = make_model(config, device, dtype)
+    base = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(BLOCK_LINEARS),
                            task_type="CAUSAL_LM")
     model = peft.get_peft_model(base, lora)  # freezes the base model
@@ -264,43 +286,59 @@ def build_lora(config, batch, device, dtype):
 
 
 BUILDERS = {"naive-seat": build_naive_seat, "seat": build_seat,
-            "seat-chunk64": lambda *a: build_seat(*a, chunk_size=64),
+            "seat-chunk64": lambda *a, **k: build_seat(*a, chunk_size=64, **k),
             "full-ft": build_full_ft, "lora-r8": build_lora}
 
 
-def run_method(method, config, batch, device, dtype, steps):
+def run_method(method, config, batch, device, dtype, steps, checkpointing=False, budget_bytes=None):
+    """One method's row: timings, peak memory, and whether it fits `budget_bytes`. A method
+    that runs out of device memory (on CUDA a budget is enforced: see main) gives a row
+    saying so, not an error: "does not fit" is the result."""
     release_freed_memory()
     rss_before, _ = rss_bytes()
-    step, alive, tokens, info = BUILDERS[method](config, batch, device, dtype)
-    first_loss = step(NULL_PHASE)  # warm-up; optimizer state exists from here on
-
-    rss_peak = []
-
-    def timed():
-        reset_rss_peak()
-        step(NULL_PHASE)
-        rss_peak.append(rss_bytes()[1])
-
-    timing = measure(timed, device=device, warmup=0, repeats=steps)
-    gc_bytes = alive_tensor_bytes(device)  # cross-check of the explicit count (every tensor gc sees)
-    with PeakMemory(device, alive()) as tracker:
-        step(tracker.phase)
-    report = tracker.report
-    row = {"method": method, "trainable_params": info["trainable_params"], "optimizer": info["optimizer"],
-           "tokens_per_step": tokens, **timing, "tokens_per_s": tokens / (timing["ms"] / 1e3),
-           "peak_bytes": report.peak_bytes, "start_bytes": report.start_bytes,
-           "transient_bytes": report.transient_peak_bytes, "peak_mib": report.peak_bytes / MiB,
-           "start_mib": report.start_bytes / MiB, "transient_mib": report.transient_peak_bytes / MiB,
-           "peak_phase": report.peak_phase, "peak_ops": " > ".join(report.peak_ops),
-           **{f"transient_{k}_mib": v / MiB for k, v in report.phases.items()},
-           "end_bytes": report.end_bytes, "memory_events": report.n_events, "memory_method": report.method,
-           "alive_gc_bytes": gc_bytes, "first_loss": first_loss,
-           "rss_before_method_mib": None if rss_before is None else rss_before / MiB,
-           "rss_peak_mib": None if None in rss_peak or not rss_peak else max(rss_peak) / MiB}
-    if "cleanup" in info:
-        info["cleanup"]()
+    try:
+        row = _run_method(method, config, batch, device, dtype, steps, checkpointing)
+    except torch.OutOfMemoryError as exc:
+        row = {"method": method, "oom": True, "error": str(exc).splitlines()[0][:300]}
+    row["rss_before_method_mib"] = None if rss_before is None else rss_before / MiB
+    if budget_bytes is not None:
+        row["fits_budget"] = not row.get("oom") and row["peak_bytes"] <= budget_bytes
     row["load_avg_1m"] = os.getloadavg()[0]  # other processes on the machine slow the timings
     return row  # the caller frees what this method built (release_freed_memory)
+
+
+def _run_method(method, config, batch, device, dtype, steps, checkpointing):
+    step, alive, tokens, info = BUILDERS[method](config, batch, device, dtype, gradient_checkpointing=checkpointing)
+    try:
+        first_loss = step(NULL_PHASE)  # warm-up; optimizer state exists from here on
+
+        rss_peak = []
+
+        def timed():
+            reset_rss_peak()
+            step(NULL_PHASE)
+            rss_peak.append(rss_bytes()[1])
+
+        # steps timed one by one (CUDA: synchronized), not do_bench: see _common.measure
+        timing = measure(timed, device=device, warmup=0, repeats=steps, do_bench=False)
+        gc_bytes = alive_tensor_bytes(device)  # cross-check of the explicit count (every tensor gc sees)
+        with PeakMemory(device, alive()) as tracker:
+            step(tracker.phase)
+    finally:  # also after running out of memory: free what the next method needs
+        if "cleanup" in info:
+            info["cleanup"]()
+    report = tracker.report
+    return {"method": method, "oom": False, "trainable_params": info["trainable_params"],
+            "optimizer": info["optimizer"], "tokens_per_step": tokens, **timing,
+            "tokens_per_s": tokens / (timing["ms"] / 1e3),
+            "peak_bytes": report.peak_bytes, "start_bytes": report.start_bytes,
+            "transient_bytes": report.transient_peak_bytes, "peak_mib": report.peak_bytes / MiB,
+            "start_mib": report.start_bytes / MiB, "transient_mib": report.transient_peak_bytes / MiB,
+            "peak_phase": report.peak_phase, "peak_ops": " > ".join(report.peak_ops),
+            **{f"transient_{k}_mib": v / MiB for k, v in report.phases.items()},
+            "end_bytes": report.end_bytes, "memory_events": report.n_events, "memory_method": report.method,
+            "alive_gc_bytes": gc_bytes, "first_loss": first_loss,
+            "rss_peak_mib": None if None in rss_peak or not rss_peak else max(rss_peak) / MiB}
 
 
 def chunk_note(vocab: int, dtype, batch) -> str:
@@ -348,12 +386,60 @@ def source_state(device) -> dict:
 
 
 # ---------------------------------------------------------------------- main
-def main(argv=None) -> int:
+def goal_notes(by_method: dict, budget_gib: float | None) -> list[str]:
+    """The issue's goals for seat.patch, each with its verdict from this run's rows."""
+    naive, mine, full = by_method.get("naive-seat"), by_method.get("seat"), by_method.get("full-ft")
+    if mine is None:
+        return []
+
+    def verdict(ok):
+        return "met" if ok else "NOT met"
+
+    notes = []
+    if mine["oom"]:
+        notes.append("seat ran out of memory: no ratios.")
+    elif naive is None:
+        notes.append("naive SEAT not run (--methods): no ratios against it.")
+    elif naive["oom"]:
+        notes.append("naive SEAT ran out of memory: no ratios against it.")
+    else:
+        memory, speed = mine["memory_vs_naive"], mine["speed_vs_naive"]
+        notes.append(f"seat / naive SEAT peak memory = {memory:.3f} (goal: below 0.5: {verdict(memory < 0.5)}).")
+        notes.append(f"seat / naive SEAT tokens/s = {speed:.2f} (goal: at least 2: {verdict(speed >= 2)}).")
+    if full is not None and not full["oom"] and not mine["oom"]:
+        t = mine["step_time_vs_full_ft"]
+        notes.append(f"seat / full fine-tuning step time = {t:.2f} (goal, where full FT fits: at most 1.3: "
+                     f"{verdict(t <= 1.3)}).")
+    if budget_gib is not None:
+        def fits(r):
+            return "fits" if r.get("fits_budget") else "out of memory" if r["oom"] else "does not fit"
+
+        each = "; ".join(f"{m}: {fits(r)}" for m, r in by_method.items())
+        goal = ("" if naive is None else f" (goal: seat fits where naive SEAT does not: "
+                f"{verdict(mine.get('fits_budget') and not naive.get('fits_budget'))})")
+        notes.append(f"{budget_gib:g} GiB budget: {each}{goal}.")
+    return notes
+
+
+def ratio(a, b):
+    """a / b, or None where either is missing (a method that ran out of memory)."""
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def main(argv=None, progress: Progress | None = None) -> int:
+    """Run the benchmark (argv: the command line's arguments); progress: see _common.Progress."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the ~20M model (same as --size quick)")
     parser.add_argument("--size", choices=sorted(SIZES), default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="activation checkpointing of every decoder layer (non-reentrant), for every method")
+    parser.add_argument("--budget-gib", type=float, default=None,
+                        help="a memory budget in GiB: each method's row says whether its peak fits; on CUDA it "
+                             "is enforced (torch.cuda.set_per_process_memory_fraction), so a method that needs "
+                             "more runs out of memory and its row says so")
+    parser.add_argument("--tag", default="", help="appended to the results' file names (e.g. seq1024)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per method (after 1 warm-up)")
     parser.add_argument("--batch", type=int, default=2, help="pairs per batch (x and x~ each)")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence (padded length)")
@@ -363,13 +449,38 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    size = args.size or ("quick" if args.quick else "full")
-    dtype = getattr(torch, args.dtype)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "naive-seat" not in methods:
-        parser.error("the ratios need naive-seat among --methods")
+    if not methods:
+        parser.error("--methods is empty")
     if unknown := set(methods) - set(METHODS):
         parser.error(f"unknown methods {sorted(unknown)}")
+    if args.budget_gib is not None and args.budget_gib <= 0:
+        parser.error(f"--budget-gib must be > 0; got {args.budget_gib}")
+    if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        parser.error(f"--tag must be letters, digits, '_', '.' or '-'; got {args.tag!r}")
+    if args.steps < 1 or args.batch < 1 or args.seq < 8:
+        parser.error(f"need --steps >= 1, --batch >= 1, --seq >= 8; got {args.steps}, {args.batch}, {args.seq}")
+    if args.device == "cuda" and not torch.cuda.is_available():  # last: every other argument checked first
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    budget = None if args.budget_gib is None else int(args.budget_gib * 2**30)
+    if budget is not None and args.device == "cuda":
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if budget > total:
+            parser.error(f"--budget-gib {args.budget_gib} is more than the GPU's {total / 2**30:.1f} GiB")
+        # the caching allocator refuses to hold more than this (it frees its cache and
+        # retries first): a method that needs more than the budget fails as it would on
+        # a GPU of that size. The CUDA context itself (~0.5 GiB) is outside the budget.
+        torch.cuda.set_per_process_memory_fraction(budget / total)
+    try:
+        return _main(args, methods, budget, progress or Progress())
+    finally:  # run_all.py runs more benchmarks in this process: give them the whole GPU back
+        if budget is not None and args.device == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def _main(args, methods, budget, progress) -> int:
+    size = args.size or ("quick" if args.quick else "full")
+    dtype = getattr(torch, args.dtype)
 
     config = make_config(size, args.seq)
     batch = {k: v.to(args.device) for k, v in paired_batch(args.batch, args.seq, config.vocab_size).items()}
@@ -386,16 +497,23 @@ def main(argv=None) -> int:
 
     load_before = os.getloadavg()
     rows = []
+    progress.expect(len(methods))
     for method in methods:
         if method == "lora-r8":
             try:
                 import peft  # noqa: F401
             except ImportError:
                 print("  peft not installed: lora-r8 skipped")
+                progress.done(f"{method} (skipped)")
                 continue
-        row = run_method(method, config, batch, args.device, dtype, args.steps)
+        row = run_method(method, config, batch, args.device, dtype, args.steps,
+                         checkpointing=args.gradient_checkpointing, budget_bytes=budget)
         release_freed_memory()
         rows.append(row)
+        progress.done(method)
+        if row["oom"]:
+            print(f"  {method:11s} out of memory: {row['error']}", flush=True)
+            continue
         print(f"  {method:11s} {row['ms']:10.1f} ms  {row['tokens_per_s']:8.1f} tok/s  peak {row['peak_mib']:8.1f} MiB "
               f"(start {row['start_mib']:.1f} + step {row['transient_mib']:.1f}; peak in {row['peak_phase']})  "
               f"loss@1 {row['first_loss']:.4f}", flush=True)
@@ -403,33 +521,35 @@ def main(argv=None) -> int:
             print(f"    note: gc sees {row['alive_gc_bytes'] / MiB:.1f} MiB of tensors alive, the explicit count "
                   f"{row['start_mib']:.1f} MiB", flush=True)
 
-    naive = next(r for r in rows if r["method"] == "naive-seat")
+    by_method = {r["method"]: r for r in rows}
+    naive, full_ft = by_method.get("naive-seat", {}), by_method.get("full-ft", {})  # without: no ratio
     for r in rows:
-        r["memory_vs_naive"] = r["peak_bytes"] / naive["peak_bytes"]
-        r["speed_vs_naive"] = r["tokens_per_s"] / naive["tokens_per_s"]
-        r["step_speed_vs_naive"] = naive["ms"] / r["ms"]
+        r["memory_vs_naive"] = ratio(r.get("peak_bytes"), naive.get("peak_bytes"))
+        r["speed_vs_naive"] = ratio(r.get("tokens_per_s"), naive.get("tokens_per_s"))
+        r["step_speed_vs_naive"] = ratio(naive.get("ms"), r.get("ms"))
+        r["step_time_vs_full_ft"] = ratio(r.get("ms"), full_ft.get("ms"))
     env = environment(args.device)
     env.update(source_state(args.device))
     env.update(size=size, model_config={**SIZES[size], "tie_word_embeddings": False}, n_params=n_params,
                n_block_linear_params=n_target, dtype=args.dtype, batch_pairs=args.batch, seq=args.seq,
                timed_steps=args.steps, density=DENSITY, lr=LR, threads=torch.get_num_threads(),
+               gradient_checkpointing=args.gradient_checkpointing, budget_gib=args.budget_gib,
                omp_num_threads=os.environ.get("OMP_NUM_THREADS"), load_avg_before=load_before,
                load_avg_after=os.getloadavg(), cpus=os.cpu_count())
-    seat_row = next((r for r in rows if r["method"] == "seat"), None)
-    name = "seat_step" if size == "full" else f"seat_step_{size}"
-    goal = ("" if seat_row is None else
-            f"seat / naive SEAT peak memory = {seat_row['memory_vs_naive']:.3f} (goal: below 0.5: "
-            f"{'met' if seat_row['memory_vs_naive'] < 0.5 else 'NOT met'}).")
+    name = ("seat_step" if size == "full" else f"seat_step_{size}") + (f"_{args.tag}" if args.tag else "")
+    goals = goal_notes(by_method, args.budget_gib)
     md = write_results(
         name, rows, env, out_dir=args.out,
         title=f"One SEAT training step, Llama-shaped {n_params / 1e6:.3g}M-param model ({args.dtype}), "
-              f"batch {args.batch} pairs x {args.seq} tokens",
+              f"batch {args.batch} pairs x {args.seq} tokens"
+              + (", gradient checkpointing" if args.gradient_checkpointing else ""),
         columns=[("method", "method"), ("peak_mib", "peak MiB"), ("memory_vs_naive", "peak vs naive SEAT"),
+                 *([("fits_budget", f"fits {args.budget_gib:g} GiB")] if budget is not None else []),
                  ("start_mib", "alive at step start MiB"), ("transient_mib", "step transient MiB"),
                  ("peak_phase", "peak in"), ("ms", "step ms (median)"), ("tokens_per_s", "tokens/s"),
-                 ("speed_vs_naive", "tokens/s vs naive SEAT"), ("first_loss", "loss, step 1"),
-                 ("rss_peak_mib", "process RSS peak MiB")],
-        notes=[goal,
+                 ("speed_vs_naive", "tokens/s vs naive SEAT"), ("step_time_vs_full_ft", "step time vs full FT"),
+                 ("first_loss", "loss, step 1"), ("rss_peak_mib", "process RSS peak MiB")],
+        notes=[*goals,
                f"Model: LlamaForCausalLM from LlamaConfig({', '.join(f'{k}={v}' for k, v in SIZES[size].items())}, "
                f"untied lm_head), random weights, {n_params / 1e6:.1f}M params, {args.dtype}; trained weights: "
                f"the 7 linear layers of every block ({n_target / 1e6:.1f}M), everything else frozen; lr {LR}, "
@@ -447,6 +567,11 @@ def main(argv=None) -> int:
                   else "") + ". seat and "
                "seat-chunk64 do the same work (the chunk size only changes how the loss op splits its rows): "
                "the gap between their times is a measure of this run's timing noise.",
+               *([f"Memory budget {args.budget_gib:g} GiB: "
+                  + ("enforced on torch's CUDA allocator (set_per_process_memory_fraction; the CUDA context is "
+                     "outside it): a method that needs more ran out of memory ('out of memory' rows, no numbers)"
+                     if args.device == "cuda" else "not enforced on CPU; 'fits' compares the measured peak")
+                  + "."] if budget is not None else []),
                "Peak memory (benchmarks/_memory.py) = tensors alive at the step's start, counted explicitly as "
                "unique storages (model parameters and buffers, the reference copy, optimizer state, seat's "
                "masks and base values, bool masks, the batch) + the step's transient peak: on CPU the largest "
@@ -476,23 +601,25 @@ def plot(rows, path, subtitle):
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     labels = [r["method"] for r in rows]
-    start = [r["start_mib"] for r in rows]
-    transient = [r["transient_mib"] for r in rows]
+    start = [r.get("start_mib") or 0 for r in rows]  # a method out of memory: no bar, a label
+    transient = [r.get("transient_mib") or 0 for r in rows]
     a.barh(labels, start, color="tab:gray", label="alive at step start")
     a.barh(labels, transient, left=start, color="tab:orange", label="step transient peak")
     for i, r in enumerate(rows):
-        a.text(r["peak_mib"], i, f" {r['memory_vs_naive']:.2f}x", va="center")
+        text = " out of memory" if r["oom"] else f" {r['memory_vs_naive']:.2f}x" if r["memory_vs_naive"] else ""
+        a.text(r.get("peak_mib") or 0, i, text, va="center")
     a.set_xlabel("peak tensor memory of one step, MiB")
     a.invert_yaxis()
     a.legend(loc="lower right")
-    a.set_xlim(0, max(r["peak_mib"] for r in rows) * 1.2)
-    b.barh(labels, [r["tokens_per_s"] for r in rows], color="tab:blue")
+    a.set_xlim(0, max([r.get("peak_mib") or 0 for r in rows] + [1]) * 1.25)
+    b.barh(labels, [r.get("tokens_per_s") or 0 for r in rows], color="tab:blue")
     b.set_xlabel("training tokens/s")
     b.invert_yaxis()
     b.set_yticklabels([])
     fig.suptitle(f"One training step: {subtitle}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"plot: {path}")
 
 

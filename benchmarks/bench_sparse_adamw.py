@@ -11,6 +11,11 @@ the optimizer's bytes per parameter, for:
   seat d=...                    seat.optim.SparseAdamW: compaction of the dense gradient
                                 (the backward hook's work) + the compact step, fp32 params
   seat-reference d=0.05         the same with SEAT_BACKEND=reference (torch ops)
+  lean: ... d=0.05              SparseAdamW's lean modes (issue 9) against its default, in the
+                                same run: bf16 compact gradient, update in backward (the
+                                hook's gather + per-param step), 8-bit state, all three;
+                                with the peak bytes of the update (optimizer tensors alive
+                                at its start + its transient allocations, benchmarks/_memory.py)
 Ratios are against naive-seat, measured in the same run. --quick uses a block with every
 dimension divided by 4 (--scale K: by K).
 """
@@ -24,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, measure, pyplot, write_results  # noqa: E402
+from _common import Progress, environment, measure, pyplot, write_results  # noqa: E402
+from _memory import measure_peak, optimizer_tensors  # noqa: E402
 
 from seat import ops  # noqa: E402
 from seat.masks import random_mask  # noqa: E402
@@ -86,13 +92,50 @@ def bench_seat(label, params, grads, density, device, repeats, backend=None):
     return row
 
 
-def main(argv=None) -> int:
+LEAN_MODES = {
+    "default": {},
+    "bf16 grad": dict(grad_dtype=torch.bfloat16),
+    "update in backward": dict(update_in_backward=True),
+    "8-bit state": dict(state_bits=8),
+    "all three": dict(grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8),
+}
+
+
+def bench_lean(label, params, grads, density, device, repeats, options):
+    """One SparseAdamW mode: the update (compaction or the in-backward hook's work, then
+    step) timed, and its peak bytes measured once."""
+    masks = [random_mask(p, density, seed=i).to(device) for i, p in enumerate(params)]
+    opt = SparseAdamW(params, masks, lr=1e-4, **options)
+    in_backward = options.get("update_in_backward", False)
+
+    def update():
+        for p, g in zip(params, grads):
+            p.grad = g
+            if in_backward:
+                opt._update_in_backward_(p)  # what its post-accumulate-grad hook runs
+            else:
+                opt.compact_(p)
+        opt.step()
+        opt.zero_grad()
+
+    timing = measure(update, device=device, repeats=repeats)
+    memory = measure_peak(lambda _: update(), device=device, alive=[optimizer_tensors(opt)])
+    row = {"method": label, "density": density, **timing, "state_bytes": opt.state_bytes(),
+           "peak_bytes": memory.peak_bytes, "transient_bytes": memory.transient_peak_bytes}
+    opt.remove_hooks()
+    return row
+
+
+def main(argv=None, progress: Progress | None = None) -> int:
+    """Run the benchmark (argv: the command line's arguments); progress: see _common.Progress."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a block with every dimension / 4")
     parser.add_argument("--scale", type=int, default=None, help="divide every dimension by this")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, help="results folder (default: results/<device name>)")
+    parser.add_argument("--lean-only", action="store_true",
+                        help="only the lean-mode rows (written as sparse_adamw_lean[_scaleK])")
     args = parser.parse_args(argv)
     scale = args.scale or (4 if args.quick else 1)
     shapes = [(n, o // scale, i // scale) for n, o, i in LLAMA3_8B_BLOCK]
@@ -101,36 +144,50 @@ def main(argv=None) -> int:
     print(f"{len(params)} linear layers, {n_params / 1e6:.1f}M parameters (fp32), device {args.device}")
 
     rows = []
+    progress = progress or Progress()
 
     def run(row):
         row["bytes_per_param"] = row["state_bytes"] / n_params
         rows.append(row)
         print(f"  {row['method']:24s} {row['ms']:10.2f} ms  {row['bytes_per_param']:6.2f} B/param", flush=True)
+        progress.done(row["method"])
         gc.collect()
 
-    run(bench_dense("adamw-foreach", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True), params, grads,
-                    args.device, args.repeats))
-    run(bench_dense("adamw-fused", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), params, grads,
-                    args.device, args.repeats))
+    if args.lean_only:
+        progress.expect(len(LEAN_MODES))
+        return lean_main(args, params, grads, shapes, n_params, scale, run, rows)
+
+    def adamw(**kw):
+        return lambda ps: torch.optim.AdamW(ps, lr=1e-4, **kw)
+
     try:
         import bitsandbytes as bnb
-
+    except ImportError:
+        bnb = None
+        print("  bitsandbytes not installed: AdamW8bit skipped")
+    progress.expect(4 + (bnb is not None) + len(DENSITIES) + 1 + len(LEAN_MODES))
+    run(bench_dense("adamw-foreach", adamw(foreach=True), params, grads, args.device, args.repeats))
+    run(bench_dense("adamw-fused", adamw(fused=True), params, grads, args.device, args.repeats))
+    if bnb is not None:
         run(bench_dense("adamw8bit (bitsandbytes)", lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4), params, grads,
                         args.device, args.repeats))
-    except ImportError:
-        print("  bitsandbytes not installed: AdamW8bit skipped")
     bool_masks = [torch.zeros(p.shape, dtype=torch.bool, device=args.device).view(-1)
                   .index_fill_(0, random_mask(p, 0.05, seed=i).to(args.device).long(), True).view(p.shape)
                   for i, p in enumerate(params)]
-    run(bench_dense("naive-seat d=0.05", lambda ps: torch.optim.AdamW(ps, lr=1e-4, foreach=True), params, grads,
-                    args.device, args.repeats, mask=bool_masks))
-    run(bench_dense("naive-seat-fused d=0.05", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), params, grads,
-                    args.device, args.repeats, mask=bool_masks))
+    run(bench_dense("naive-seat d=0.05", adamw(foreach=True), params, grads, args.device, args.repeats,
+                    mask=bool_masks))
+    run(bench_dense("naive-seat-fused d=0.05", adamw(fused=True), params, grads, args.device, args.repeats,
+                    mask=bool_masks))
     del bool_masks
     for density in DENSITIES:
         run(bench_seat(f"seat d={density}", params, grads, density, args.device, args.repeats))
     run(bench_seat("seat-reference d=0.05", params, grads, 0.05, args.device, args.repeats, backend="reference"))
+    for mode, options in LEAN_MODES.items():
+        run(bench_lean(f"lean: {mode} d=0.05", params, grads, 0.05, args.device, args.repeats, options))
 
+    for key in ("peak_bytes", "transient_bytes"):  # one CSV header for every row
+        for r in rows:
+            r.setdefault(key, None)
     naive = next(r for r in rows if r["method"].startswith("naive-seat d="))
     for r in rows:
         r["speedup_vs_naive"] = naive["ms"] / r["ms"]
@@ -144,7 +201,7 @@ def main(argv=None) -> int:
               f"{n_params / 1e6:.0f}M fp32 params",
         columns=[("method", "method"), ("density", "density"), ("ms", "update ms (median)"),
                  ("speedup_vs_naive", "speed vs naive SEAT"), ("bytes_per_param", "optimizer B/param"),
-                 ("memory_vs_naive", "memory vs naive SEAT")],
+                 ("memory_vs_naive", "memory vs naive SEAT"), ("peak_bytes", "update peak bytes")],
         notes=["update = what runs between backward and the next forward: for seat, compacting each dense "
                "gradient (the backward hook) and the compact AdamW step; for naive SEAT, multiplying each "
                "gradient by its bool mask and a dense AdamW step.",
@@ -152,10 +209,51 @@ def main(argv=None) -> int:
                "naive-seat-fused is the same with the fused CPU/CUDA AdamW.",
                "optimizer B/param: optimizer-held bytes (state, masks, compact gradients) per parameter of the "
                "block; dense gradients and the params themselves are not counted.",
-               f"{args.repeats} timed repeats after 2 warm-up runs; median."],
+               f"{args.repeats} timed repeats after 2 warm-up runs; median.",
+               LEAN_NOTE],
     )
     print(md.read_text())
     plot(rows, md.with_suffix(".png"))
+    return 0
+
+
+LEAN_NOTE = ("lean rows: SparseAdamW modes at d=0.05 (grad_dtype=bf16; update_in_backward: the hook's gather "
+             "into a transient and the per-param step, step() only closes the step; state_bits=8: bitsandbytes "
+             "blockwise 8-bit moments, dequantized per chunk to transient fp32). update peak bytes: optimizer "
+             "tensors alive at the update's start + the largest transient allocation during it (CPU: torch "
+             "profiler allocator events; CUDA: max_memory_allocated); dense gradients are preallocated and not "
+             "counted.")
+
+
+def lean_main(args, params, grads, shapes, n_params, scale, run, rows) -> int:
+    """The lean-mode rows alone, each against the default mode of the same run."""
+    for mode, options in LEAN_MODES.items():
+        run(bench_lean(mode, params, grads, 0.05, args.device, args.repeats, options))
+    default = rows[0]
+    for r in rows:
+        r["time_vs_default"] = r["ms"] / default["ms"]
+        r["state_vs_default"] = r["state_bytes"] / default["state_bytes"]
+        r["peak_vs_default"] = r["peak_bytes"] / default["peak_bytes"]
+        r["state_MiB"] = r["state_bytes"] / 2**20
+        r["peak_MiB"] = r["peak_bytes"] / 2**20
+    env = environment(args.device)
+    env.update(shapes=shapes, n_params=n_params, scale=scale)
+    name = "sparse_adamw_lean" if scale == 1 else f"sparse_adamw_lean_scale{scale}"
+    md = write_results(
+        name, rows, env, out_dir=args.out,
+        title=f"SparseAdamW lean modes, d=0.05, on a Llama-3-8B block's linear layers"
+              f"{f' (dims / {scale})' if scale > 1 else ''}: {n_params / 1e6:.0f}M fp32 params",
+        columns=[("method", "mode"), ("ms", "update ms (median)"), ("time_vs_default", "time vs default"),
+                 ("state_MiB", "optimizer MiB"), ("bytes_per_param", "optimizer B/param"),
+                 ("state_vs_default", "state vs default"), ("peak_MiB", "update peak MiB"),
+                 ("peak_vs_default", "peak vs default")],
+        notes=["update = compacting each dense gradient (the backward hook's work) and the step; with "
+               "update_in_backward the hook's gather into a transient compact gradient and the param's step, "
+               "then step(), which only closes the step.",
+               "optimizer bytes: SparseAdamW.state_bytes(): masks (int32), moments, persistent compact gradients.",
+               LEAN_NOTE, f"{args.repeats} timed repeats after 2 warm-up runs; median."],
+    )
+    print(md.read_text())
     return 0
 
 

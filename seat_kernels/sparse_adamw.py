@@ -1,6 +1,7 @@
 """Triton kernel of sparse_adamw_: multi-tensor AdamW over compact state.
 
-One launch per group of tensors sharing (param dtype, state dtype, master?, amsgrad?),
+One launch per group of tensors sharing (param dtype, state dtype, grad dtype, master?,
+amsgrad?); grads are the state dtype or, for fp32 state, bf16 (upcast on load),
 over a table of pointers: grid = (chunks of BLOCK entries of the largest tensor, tensors);
 a program whose chunk lies past its tensor's nnz does no memory traffic. The table is
 cached by the tensors' addresses, so a training loop rebuilds it only if storage moves.
@@ -23,7 +24,7 @@ N_COLS = 9
 
 @triton.jit
 def sparse_adamw_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.constexpr, STATE_DT: tl.constexpr,
-                        HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                        GRAD_DT: tl.constexpr, HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                         STOCHASTIC: tl.constexpr, DENSE_STATE: tl.constexpr, BLOCK: tl.constexpr):
     row = table_ptr + tl.program_id(1) * 9
     nnz = tl.load(row + 7)
@@ -31,7 +32,7 @@ def sparse_adamw_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.constexpr
     live = offs < nnz
     param = tl.load(row + 0).to(tl.pointer_type(PARAM_DT))
     idx = tl.load(row + 1).to(tl.pointer_type(tl.int32))
-    grad = tl.load(row + 2).to(tl.pointer_type(STATE_DT))
+    grad = tl.load(row + 2).to(tl.pointer_type(GRAD_DT))
     exp_avg = tl.load(row + 3).to(tl.pointer_type(STATE_DT))
     exp_avg_sq = tl.load(row + 4).to(tl.pointer_type(STATE_DT))
     decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt = load_scalars(scalars_ptr, STATE_DT)
@@ -39,7 +40,7 @@ def sparse_adamw_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.constexpr
     pos = tl.load(idx + offs, mask=live, other=0)
     # compact state is indexed like the grads; full-size (dense-mask mode) by position
     at = pos if DENSE_STATE else offs
-    g = tl.load(grad + offs, mask=live, other=0.0)
+    g = tl.load(grad + offs, mask=live, other=0.0).to(STATE_DT)  # bf16 -> fp32 is exact
     m = tl.load(exp_avg + at, mask=live, other=0.0)
     v = tl.load(exp_avg_sq + at, mask=live, other=0.0)
     if HAS_MASTER:
@@ -97,28 +98,30 @@ def sparse_adamw_(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_a
         has_master, amsgrad = masters[i].numel() > 0, max_exp_avg_sqs[i].numel() > 0
         row = (param.data_ptr(), idxs[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                exp_avg_sqs[i].data_ptr(), _ptr(masters[i]), _ptr(max_exp_avg_sqs[i]), nnz, i)
-        groups.setdefault((param.dtype, grads[i].dtype, has_master, amsgrad), []).append(row)
+        groups.setdefault((param.dtype, exp_avgs[i].dtype, grads[i].dtype, has_master, amsgrad), []).append(row)
     if not groups:
         return
     device = params[0].device
     scalar_tensor = scalars.as_tensor(device)
-    for (param_dtype, state_dtype, has_master, amsgrad), rows in groups.items():
+    for (param_dtype, state_dtype, grad_dtype, has_master, amsgrad), rows in groups.items():
         grid = (triton.cdiv(max(r[7] for r in rows), BLOCK), len(rows))
         sparse_adamw_kernel[grid](
             _table(rows, device), scalar_tensor, step_key, PARAM_DT=_TL_DTYPE[param_dtype],
-            STATE_DT=_TL_DTYPE[state_dtype], HAS_MASTER=has_master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+            STATE_DT=_TL_DTYPE[state_dtype], GRAD_DT=_TL_DTYPE[grad_dtype], HAS_MASTER=has_master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
             STOCHASTIC=stochastic_rounding and param_dtype == torch.bfloat16, DENSE_STATE=dense_state, BLOCK=BLOCK)
 
 
-def _spec(param: str, state: str, has_master: bool, amsgrad: bool, stochastic: bool, dense: bool = False) -> AotSpec:
+def _spec(param: str, state: str, has_master: bool, amsgrad: bool, stochastic: bool, dense: bool = False,
+          grad: str | None = None) -> AotSpec:
     flags = "".join(f for f, on in (("+master", has_master), ("+amsgrad", amsgrad), ("+sr", stochastic),
-                                    ("+dense-state", dense)) if on)
+                                    ("+dense-state", dense), ("+bf16-grad", grad == "bfloat16")) if on)
     return AotSpec(
         f"sparse_adamw_kernel[{param}/{state}{flags}]", sparse_adamw_kernel,
         {"table_ptr": "*i64", "scalars_ptr": "*fp64", "step_key": "i64", "PARAM_DT": "constexpr",
-         "STATE_DT": "constexpr", "HAS_MASTER": "constexpr", "AMSGRAD": "constexpr", "MAXIMIZE": "constexpr",
+         "STATE_DT": "constexpr", "GRAD_DT": "constexpr", "HAS_MASTER": "constexpr", "AMSGRAD": "constexpr", "MAXIMIZE": "constexpr",
          "STOCHASTIC": "constexpr", "DENSE_STATE": "constexpr", "BLOCK": "constexpr"},
         {"PARAM_DT": _TL_DTYPE[getattr(torch, param)], "STATE_DT": _TL_DTYPE[getattr(torch, state)],
+         "GRAD_DT": _TL_DTYPE[getattr(torch, grad or state)],
          "HAS_MASTER": has_master, "AMSGRAD": amsgrad, "MAXIMIZE": False, "STOCHASTIC": stochastic,
          "DENSE_STATE": dense, "BLOCK": BLOCK})
 
@@ -130,4 +133,6 @@ AOT_SPECS = [
     _spec("bfloat16", "float32", True, False, False),
     _spec("float16", "float32", True, True, False),
     _spec("bfloat16", "float32", True, False, False, dense=True),
+    _spec("bfloat16", "float32", False, False, True, grad="bfloat16"),
+    _spec("bfloat16", "float32", True, False, False, grad="bfloat16"),
 ]

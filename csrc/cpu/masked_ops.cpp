@@ -33,13 +33,33 @@ void gather_loop(Acc* out, const In* dense, const int32_t* idx, int64_t nnz) {
   }
 }
 
+// bf16 compact gradient (the lean mode): the sum is formed in fp32 and rounded once to
+// nearest-even bf16, so a single gather into a zeroed buffer is the bf16 rounding of the
+// gradient; accumulating further micro-batches rounds again each time.
+template <typename In>
+void gather_loop_bf16(c10::BFloat16* out, const In* dense, const int32_t* idx, int64_t nnz) {
+#pragma omp parallel for schedule(static) if (nnz > kParallelGrain) num_threads(at::get_num_threads())
+  for (int64_t i = 0; i < nnz; ++i) {
+    if (i + kPrefetchAhead < nnz) __builtin_prefetch(dense + idx[i + kPrefetchAhead], 0);
+    out[i] = c10::BFloat16(static_cast<float>(out[i]) + static_cast<float>(dense[idx[i]]));
+  }
+}
+
 void masked_gather_cpu(at::Tensor out, const at::Tensor& dense, const at::Tensor& idx) {
   check_common(dense, idx, out);
-  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
-              "masked_gather_ CPU kernel: out must be float32 or float64");
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble ||
+                  out.scalar_type() == at::kBFloat16,
+              "masked_gather_ CPU kernel: out must be float32, float64 or bfloat16");
   const int64_t nnz = idx.numel();
   if (nnz == 0) return;
   const int32_t* idx_ptr = idx.data_ptr<int32_t>();
+  if (out.scalar_type() == at::kBFloat16) {
+    c10::BFloat16* out_ptr = out.data_ptr<c10::BFloat16>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "masked_gather_cpu_bf16", [&] {
+      gather_loop_bf16<scalar_t>(out_ptr, dense.data_ptr<scalar_t>(), idx_ptr, nnz);
+    });
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "masked_gather_cpu_out", [&] {
     using acc_t = scalar_t;
     acc_t* out_ptr = out.data_ptr<acc_t>();

@@ -28,13 +28,13 @@ T* data_or_null(const at::Tensor& t) {
   return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
-template <typename ParamIO, typename T>
+template <typename ParamIO, typename T, typename G = T>
 void update_tensor(const at::Tensor& param, const at::Tensor& idx, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const at::Tensor& master, const at::Tensor& max_exp_avg_sq,
                    const seat::AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key, bool dense_state) {
   auto* p = static_cast<typename ParamIO::storage*>(param.data_ptr());
   const int32_t* ix = idx.data_ptr<int32_t>();
-  const T* g = grad.data_ptr<T>();
+  const G* g = static_cast<const G*>(grad.data_ptr());
   T* m = exp_avg.data_ptr<T>();
   T* v = exp_avg_sq.data_ptr<T>();
   T* w32 = data_or_null<T>(master);
@@ -44,7 +44,25 @@ void update_tensor(const at::Tensor& param, const at::Tensor& idx, const at::Ten
   for (int64_t i = 0; i < nnz; ++i) {
     // the param is touched at scattered positions: ask for lines a few entries ahead
     if (i + kPrefetchAhead < nnz) __builtin_prefetch(p + ix[i + kPrefetchAhead], 1);
-    seat::sparse_adamw_element<ParamIO, T>(p, ix, g, m, v, w32, vmax, i, s, maximize, stochastic, key, dense_state);
+    seat::sparse_adamw_element<ParamIO, T, G>(p, ix, g, m, v, w32, vmax, i, s, maximize, stochastic, key, dense_state);
+  }
+}
+
+// fp32 state with fp32 compact grads, or bf16 ones (uint16_t bits, upcast on load).
+template <typename ParamIO>
+void update_fp32_state(const at::Tensor& param, const at::Tensor& idx, const at::Tensor& grad,
+                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& master,
+                       const at::Tensor& max_exp_avg_sq, const seat::AdamWScalars<float>& s, bool maximize,
+                       bool stochastic, uint32_t key, bool dense_state) {
+  TORCH_CHECK(exp_avg.scalar_type() == at::kFloat, "sparse_adamw_ CPU kernel: ", param.scalar_type(),
+              " params need float32 state");
+  if (grad.scalar_type() == at::kBFloat16) {
+    update_tensor<ParamIO, float, uint16_t>(param, idx, grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, s,
+                                            maximize, stochastic, key, dense_state);
+  } else {
+    TORCH_CHECK(grad.scalar_type() == at::kFloat, "sparse_adamw_ CPU kernel: grads must be float32 or bfloat16");
+    update_tensor<ParamIO, float>(param, idx, grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, s, maximize,
+                                  stochastic, key, dense_state);
   }
 }
 
@@ -61,25 +79,22 @@ void sparse_adamw_cpu(at::TensorList params, at::TensorList idxs, at::TensorList
                 "] must be a contiguous CPU tensor");
     if (idxs[i].numel() == 0) continue;
     const uint32_t key = seat::tensor_key(static_cast<uint32_t>(step_key), static_cast<uint32_t>(i));
-    const auto state = grads[i].scalar_type();
     switch (param.scalar_type()) {
       case at::kBFloat16:
-        TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: bf16 params need float32 state");
-        update_tensor<seat::BF16IO, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
-                                           max_exp_avg_sqs[i], s32, maximize, stochastic, key, dense_state);
+        update_fp32_state<seat::BF16IO>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
+                                        max_exp_avg_sqs[i], s32, maximize, stochastic, key, dense_state);
         break;
       case at::kHalf:
-        TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: fp16 params need float32 state");
-        update_tensor<HalfIO, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
-                                     max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
+        update_fp32_state<HalfIO>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
+                                  max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
         break;
       case at::kFloat:
-        TORCH_CHECK(state == at::kFloat, "sparse_adamw_ CPU kernel: fp32 params need float32 state");
-        update_tensor<seat::PlainIO<float>, float>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                                                   masters[i], max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
+        update_fp32_state<seat::PlainIO<float>>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
+                                                max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
         break;
       case at::kDouble:
-        TORCH_CHECK(state == at::kDouble, "sparse_adamw_ CPU kernel: fp64 params need float64 state");
+        TORCH_CHECK(exp_avgs[i].scalar_type() == at::kDouble && grads[i].scalar_type() == at::kDouble,
+                    "sparse_adamw_ CPU kernel: fp64 params need float64 state and grads");
         update_tensor<seat::PlainIO<double>, double>(param, idxs[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
                                                      masters[i], max_exp_avg_sqs[i], s64, maximize, false, key, dense_state);
         break;

@@ -25,9 +25,10 @@ struct AdamWTensorRef {
 
 // AdamW over `n` tensors sharing (param_dtype, state_dtype); `table` is in device memory,
 // `scalars` the 7 host scalars of seat/adamw.h; max_nnz sizes the grid; dense_state:
-// state arrays are full-size and indexed by position.
+// state arrays are full-size and indexed by position; grad_dtype: the compact gradients'
+// type, state_dtype or (for fp32 state) bf16.
 cudaError_t sparse_adamw(const AdamWTensorRef* table, int64_t n, int64_t max_nnz, Dtype param_dtype,
                          Dtype state_dtype, const double* scalars, bool maximize, bool stochastic, uint32_t step_key,
-                         bool dense_state, cudaStream_t stream);
+                         bool dense_state, cudaStream_t stream, Dtype grad_dtype);
 
 }  // namespace seat::cuda

@@ -1,5 +1,5 @@
 // torch side of the sparse_adamw_ CUDA kernel: group the tensors by (param dtype, state
-// dtype), build each group's pointer table in pinned memory, copy it to the device on
+// dtype, grad dtype), build each group's pointer table in pinned memory, copy it to the device on
 // the current stream and launch once per group.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -29,12 +30,14 @@ void sparse_adamw_cuda(at::TensorList params, at::TensorList idxs, at::TensorLis
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  std::map<std::pair<int, int>, std::vector<seat::cuda::AdamWTensorRef>> groups;
+  std::map<std::tuple<int, int, int>, std::vector<seat::cuda::AdamWTensorRef>> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].is_cuda() && params[i].device() == device && params[i].is_contiguous(),
                 "sparse_adamw_ CUDA kernel: params[", i, "] must be contiguous on ", device);
     if (idxs[i].numel() == 0) continue;
-    const auto key = std::make_pair(static_cast<int>(params[i].scalar_type()), static_cast<int>(grads[i].scalar_type()));
+    const auto key = std::make_tuple(static_cast<int>(params[i].scalar_type()),
+                                     static_cast<int>(exp_avgs[i].scalar_type()),
+                                     static_cast<int>(grads[i].scalar_type()));
     groups[key].push_back({params[i].data_ptr(), idxs[i].data_ptr<int32_t>(), grads[i].data_ptr(),
                            exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(), ptr_or_null(masters[i]),
                            ptr_or_null(max_exp_avg_sqs[i]), idxs[i].numel(), static_cast<int64_t>(i)});
@@ -51,9 +54,10 @@ void sparse_adamw_cuda(at::TensorList params, at::TensorList idxs, at::TensorLis
       for (int64_t j = 0; j < n; ++j) max_nnz = std::max(max_nnz, refs[first + j].nnz);
       const cudaError_t err = seat::cuda::sparse_adamw(
           static_cast<const seat::cuda::AdamWTensorRef*>(table.data_ptr()), n, max_nnz,
-          seat::to_seat_dtype(static_cast<at::ScalarType>(dtypes.first), "sparse_adamw_ CUDA kernel"),
-          seat::to_seat_dtype(static_cast<at::ScalarType>(dtypes.second), "sparse_adamw_ CUDA kernel"),
-          scalars.data(), maximize, stochastic, static_cast<uint32_t>(step_key), dense_state, stream);
+          seat::to_seat_dtype(static_cast<at::ScalarType>(std::get<0>(dtypes)), "sparse_adamw_ CUDA kernel"),
+          seat::to_seat_dtype(static_cast<at::ScalarType>(std::get<1>(dtypes)), "sparse_adamw_ CUDA kernel"),
+          scalars.data(), maximize, stochastic, static_cast<uint32_t>(step_key), dense_state, stream,
+          seat::to_seat_dtype(static_cast<at::ScalarType>(std::get<2>(dtypes)), "sparse_adamw_ CUDA kernel"));
       TORCH_CHECK(err == cudaSuccess, "sparse_adamw_ CUDA kernel failed: ", cudaGetErrorString(err));
     }
   }

@@ -17,6 +17,7 @@ _LAZY = {
     "info": ("seat.info", None),
     "masks": ("seat.masks", None),
     "optim": ("seat.optim", None),
+    "memory": ("seat.memory", None),
     "patch": ("seat.patching", "patch"),
     "SeatConfig": ("seat.config", "SeatConfig"),
     "SeatHandle": ("seat.patching", "SeatHandle"),
@@ -26,7 +27,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import info, masks, ops, optim  # noqa: F401
+    from . import info, masks, memory, ops, optim  # noqa: F401
     from .config import SeatConfig  # noqa: F401
     from .data import PairedCollator  # noqa: F401
     from .delta import load_delta  # noqa: F401

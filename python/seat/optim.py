@@ -23,6 +23,43 @@ entries of W instead of 4 per trained entry; its state_dict entry is the mask's 
 as a seat.masks.Block16Mask (any mask in 2 bytes per trained entry). Works with param groups, LR schedulers,
 state_dict / load_state_dict (the masks travel with the state and are checked on load),
 zero_grad, and gradient clipping on the compact buffers (clip_grad_norm_).
+
+Lean modes (issue 9: fit an 8B model's SEAT update on a 24 GB card), each optional and
+combinable; per trained entry the default holds 4 (grad) + 8 (exp_avg, exp_avg_sq) bytes:
+
+  grad_dtype=torch.bfloat16   the compact gradient is bf16 (2 bytes instead of 4); the
+      kernels upcast it exactly to fp32 on load, so the step is the fp32 step of the
+      bf16-rounded gradient (round to nearest even: relative error <= 2**-9 per entry).
+      Gradient accumulation: a second micro-batch before step() turns that parameter's
+      buffer into fp32 for the rest of the step (summing micro-batches in bf16 would round
+      after every one), so with accumulation the saving is lost, not the precision; the
+      buffer is bf16 again after zero_grad().
+  update_in_backward=True     optimizer-in-backward: each parameter's AdamW update runs
+      inside its post-accumulate-grad hook, on a transient compact gradient (nnz entries of
+      grad_dtype, freed at once), so no compact gradient buffer exists at all. The update
+      of step t happens during backward t with the lr the param group has then (the one
+      the scheduler set after step t-1, as in the default mode); optimizer.step() applies
+      nothing and only closes the step: it allows the next backward. state["step"] counts
+      the updates applied. A second backward before step() (gradient accumulation) and
+      clip_grad_norm_ (the global norm is known only after every update was applied) are
+      refused with an error; so is compact_grads=False. Stochastic rounding then draws its
+      bits per parameter (not per position in a batched call): the trajectory with it
+      differs from the default mode's, without it it is the same bit for bit.
+  state_bits=8                exp_avg and exp_avg_sq stored 8-bit with bitsandbytes
+      blockwise quantization (blocks of 256 entries, one fp32 absmax each: 1.016 bytes per
+      entry instead of 4; dynamic signed map for exp_avg, unsigned for exp_avg_sq, as
+      bitsandbytes' own 8-bit Adam). A step dequantizes a chunk of at most STATE_CHUNK
+      entries of one parameter to transient fp32 (8 bytes per entry of the chunk), runs
+      the same sparse_adamw_ kernel on it and requantizes (bitsandbytes adds 1 byte per entry
+      of the chunk while quantizing). Each stored moment is off by at most half the widest
+      code gap of its map (+1%) times its block's absmax (<= 0.0036 * absmax for
+      exp_avg_sq, <= 0.0071 * absmax for exp_avg; seat.optim.quantization_error_bound),
+      which the tests propagate to a bound on the weights. Each parameter is stepped by its
+      own call, so stochastic rounding draws its bits per parameter (as with
+      update_in_backward). Step time: four bitsandbytes calls per chunk; on CPU its
+      blockwise kernels cost ~15 ms a call whatever the size (measured), on GPU they are
+      CUDA kernels. Needs the bitsandbytes package (pip install bitsandbytes, or
+      seat[lean]); refuses amsgrad, dense_state and float64 params.
 """
 from __future__ import annotations
 
@@ -38,6 +75,52 @@ from torch import Tensor
 from . import ops
 from .masks import Block16Mask, ImplicitMask, mask_gather_, mask_indices, mask_nnz
 from .ops import _checks
+
+# 8-bit state (state_bits=8): blockwise quantization block, and the most compact entries
+# one parameter's step dequantizes at a time (a multiple of the block: chunks quantize
+# exactly as the whole array would). 2**20 entries = 8 MiB of transient fp32 moments.
+QUANT_BLOCK = 256
+STATE_CHUNK = 1 << 20
+_QUANT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _bnb_functional():
+    try:
+        import bitsandbytes.functional as bnb_functional
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("SparseAdamW(state_bits=8) quantizes its state with bitsandbytes: pip install "
+                          "bitsandbytes (or seat[lean]), or use state_bits=32") from exc
+    return bnb_functional
+
+
+def quantization_maps(device) -> dict[str, Tensor]:
+    """The 256-entry code books of the 8-bit state: bitsandbytes' dynamic map, signed for
+    exp_avg and unsigned for exp_avg_sq (float32, on `device`)."""
+    F = _bnb_functional()
+    return {"exp_avg": F.create_dynamic_map(signed=True).to(device),
+            "exp_avg_sq": F.create_dynamic_map(signed=False).to(device)}
+
+
+def quantization_error_bound(key: str) -> float:
+    """Bound on |dequantize(quantize(x)) - x| / absmax of x's block for state `key`: half
+    the widest gap between adjacent codes of its map (x / absmax goes to a neighbouring
+    code), plus 1%: bitsandbytes' rounding of values near a midpoint overshoots half the
+    gap slightly (by 0.2% / 0.4% at most for the signed / unsigned map, measured over 10**6
+    values of every magnitude). 0.0071 for exp_avg, 0.0036 for exp_avg_sq."""
+    code = quantization_maps("cpu")[key].double().sort().values
+    return float((code[1:] - code[:-1]).max()) / 2 * 1.01
+
+
+def _backward_update_hook(optimizer: "SparseAdamW"):
+    """The post-accumulate-grad hook of update_in_backward=True (held weakly, as below)."""
+    ref = weakref.ref(optimizer)
+
+    def hook(p: Tensor) -> None:
+        opt = ref()
+        if opt is not None:
+            opt._update_in_backward_(p)
+
+    return hook
 
 
 def _compact_hook(optimizer: "SparseAdamW"):
@@ -118,13 +201,20 @@ class SparseAdamW(torch.optim.Optimizer):
       dense_state: keep exp_avg / exp_avg_sq (/ master / max_exp_avg_sq) full-size, for
         masks that are re-drawn (set_masks); costs 8+ bytes per entry of W instead of per
         trained entry.
+      grad_dtype: dtype of the compact gradients: None (the state dtype, float32) or
+        torch.bfloat16 (lean mode, see the module docstring).
+      update_in_backward: apply each parameter's update inside its gradient hook, with no
+        compact gradient buffer (lean mode, see the module docstring).
+      state_bits: 32 (default) or 8: exp_avg / exp_avg_sq quantized blockwise with
+        bitsandbytes (lean mode, see the module docstring).
     """
 
     def __init__(self, params, masks: Mapping[Tensor, Tensor] | Sequence[Tensor], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
                  amsgrad: bool = False, maximize: bool = False, master_weights: bool = False,
                  stochastic_rounding: bool = False, seed: int = 0, compact_grads: bool = True,
-                 dense_state: bool = False):
+                 dense_state: bool = False, grad_dtype: torch.dtype | None = None, update_in_backward: bool = False,
+                 state_bits: int = 32):
         if not 0.0 <= lr:
             raise ValueError(f"lr must be >= 0; got {lr}")
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -132,14 +222,39 @@ class SparseAdamW(torch.optim.Optimizer):
         _checks.positive("eps", eps)
         if not weight_decay >= 0.0:
             raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+        if grad_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"grad_dtype must be None (the state dtype, float32), torch.float32 or torch.bfloat16; "
+                             f"got {grad_dtype}")
+        if state_bits not in (8, 32):
+            raise ValueError(f"state_bits must be 32 or 8; got {state_bits!r}")
+        if update_in_backward and not compact_grads:
+            raise ValueError("update_in_backward=True runs the update in the gradient hooks: it needs "
+                             "compact_grads=True")
+        if state_bits == 8:
+            if amsgrad:
+                raise ValueError("state_bits=8 does not support amsgrad (its running maximum would need its own "
+                                 "quantized array); use amsgrad=False or state_bits=32")
+            if dense_state:
+                raise ValueError("state_bits=8 keeps compact state only: use dense_state=False or state_bits=32")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, master_weights=master_weights, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
         self.seed = int(seed)
         self.compact_grads = compact_grads
         self.dense_state = dense_state
+        self.grad_dtype = grad_dtype
+        self.update_in_backward = update_in_backward
+        self.state_bits = state_bits
         all_params = [p for group in self.param_groups for p in group["params"]]
         self._masks = self._resolve_masks(all_params, masks)
+        self._check_lean_masks(grad_dtype, update_in_backward, state_bits)
+        if grad_dtype == torch.bfloat16 or state_bits == 8:
+            fp64 = [i for i, p in enumerate(all_params) if p.dtype == torch.float64]
+            if fp64:
+                mode = "grad_dtype=torch.bfloat16" if grad_dtype == torch.bfloat16 else "state_bits=8"
+                raise ValueError(f"{mode} is a lean mode for float32 state; params at position {fp64} are float64 "
+                                 "(whose state is float64): leave them to an optimizer without it")
+        self._qmaps: dict[torch.device, dict[str, Tensor]] = {}  # 8-bit code books, per device
         self._grads: dict[Tensor, Tensor] = {}
         self._has_grad: dict[Tensor, bool] = {}
         self._hooks = []
@@ -185,6 +300,20 @@ class SparseAdamW(torch.optim.Optimizer):
             out[p] = idx
         return out
 
+    def _check_lean_masks(self, grad_dtype, update_in_backward: bool, state_bits: int) -> None:
+        """The lean modes step int32 index masks only (their kernels and the 8-bit chunking
+        index idx); ImplicitMask / Block16Mask take the default mode."""
+        modes = [m for m, on in (("grad_dtype=torch.bfloat16", grad_dtype == torch.bfloat16),
+                                 ("update_in_backward=True", update_in_backward), ("state_bits=8", state_bits == 8))
+                 if on]
+        encoded = [i for i, m in enumerate(self._masks.values()) if isinstance(m, (ImplicitMask, Block16Mask))]
+        if modes and encoded:
+            raise ValueError(f"{', '.join(modes)} needs int32 index masks; the masks at position {encoded[:5]} are "
+                             "ImplicitMask / Block16Mask: pass mask.indices() instead, or use the default mode")
+
+    def _grad_dtype(self, p: Tensor) -> torch.dtype:
+        return self.grad_dtype or _state_dtype(p)
+
     def _init_param(self, p: Tensor, group: dict) -> None:
         idx = self._masks[p]
         nnz, dtype = mask_nnz(idx), _state_dtype(p)
@@ -192,24 +321,84 @@ class SparseAdamW(torch.optim.Optimizer):
         state = self.state[p]
         state["step"] = 0
         _store_mask(state, idx)
-        state["exp_avg"] = torch.zeros(size, dtype=dtype, device=p.device)
-        state["exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
+        if self.state_bits == 8:
+            self._init_quantized(p, nnz)
+        else:
+            state["exp_avg"] = torch.zeros(size, dtype=dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
         if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
             flat = p.detach().view(-1)
             state["master"] = (flat if self.dense_state else flat[mask_indices(idx).long()]).to(dtype)
-        self._grads[p] = torch.zeros(nnz, dtype=dtype, device=p.device)
-        self._has_grad[p] = False
+        self._has_grad[p] = False  # update_in_backward: "updated since the last step()"
+        if self.update_in_backward:  # no compact gradient buffer at all
+            self._hooks.append(p.register_post_accumulate_grad_hook(_backward_update_hook(self)))
+            return
+        self._grads[p] = torch.zeros(nnz, dtype=self._grad_dtype(p), device=p.device)
         if self.compact_grads:
             self._hooks.append(p.register_post_accumulate_grad_hook(_compact_hook(self)))
 
     def compact_(self, p: Tensor) -> None:
         """Add p.grad's masked entries to p's compact gradient and free p.grad (what the
         post-accumulate-grad hook runs after each backward)."""
-        mask_gather_(self._grads[p], p.grad, self._masks[p])
+        if self.update_in_backward:
+            raise RuntimeError("update_in_backward=True keeps no compact gradient: the hooks update each "
+                               "parameter during backward")
+        buf = self._grads[p]
+        if self._has_grad[p] and buf.dtype == torch.bfloat16:
+            # a second micro-batch: accumulate in fp32 rather than round after every one
+            buf = self._grads[p] = buf.float()
+        mask_gather_(buf, p.grad, self._masks[p])
         self._has_grad[p] = True
         p.grad = None
+
+    # ------------------------------------------------------------------ 8-bit state
+    def _qmap(self, key: str, device: torch.device) -> Tensor:
+        if device not in self._qmaps:
+            self._qmaps[device] = quantization_maps(device)
+        return self._qmaps[device][key]
+
+    def _init_quantized(self, p: Tensor, nnz: int) -> None:
+        """uint8 codes (nnz,) and fp32 block absmax (ceil(nnz / QUANT_BLOCK),) per moment;
+        zeros quantize exactly (absmax 0)."""
+        state, blocks = self.state[p], -(-nnz // QUANT_BLOCK)
+        for key in _QUANT_KEYS:
+            state[key] = torch.zeros(nnz, dtype=torch.uint8, device=p.device)
+            state[f"{key}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+            if nnz:  # the code of 0.0 in this map (not code 0: the signed map starts at -1)
+                self._quantize_into(p, key, torch.zeros(nnz, device=p.device), 0)
+
+    def _dequantize(self, p: Tensor, key: str, start: int = 0, stop: int | None = None) -> Tensor:
+        """fp32 values of entries [start, stop) of quantized state `key` (start a multiple
+        of QUANT_BLOCK): a new tensor, the transient of the step."""
+        state = self.state[p]
+        codes = state[key][start:stop]
+        if codes.numel() == 0:
+            return torch.zeros(0, dtype=torch.float32, device=p.device)
+        absmax = state[f"{key}_absmax"][start // QUANT_BLOCK:start // QUANT_BLOCK + -(-codes.numel() // QUANT_BLOCK)]
+        return _bnb_functional().dequantize_blockwise(codes, absmax=absmax, code=self._qmap(key, p.device),
+                                                      blocksize=QUANT_BLOCK)
+
+    def _quantize_into(self, p: Tensor, key: str, values: Tensor, start: int) -> None:
+        """Requantize fp32 `values` into entries [start, start + len) of state `key`."""
+        if values.numel() == 0:
+            return
+        state = self.state[p]
+        codes = state[key][start:start + values.numel()]
+        first = start // QUANT_BLOCK
+        absmax = state[f"{key}_absmax"][first:first + -(-values.numel() // QUANT_BLOCK)]
+        out, _ = _bnb_functional().quantize_blockwise(values, code=self._qmap(key, p.device), absmax=absmax,
+                                                      out=codes, blocksize=QUANT_BLOCK)
+        if out.data_ptr() != codes.data_ptr():  # a bitsandbytes that ignores out=: copy back
+            codes.copy_(out)
+
+    def dequantized_state(self, p: Tensor) -> dict[str, Tensor]:
+        """exp_avg / exp_avg_sq of p as fp32 (nnz,) tensors, whatever the storage (copies
+        when 8-bit, the state tensors themselves otherwise)."""
+        if self.state_bits == 8:
+            return {key: self._dequantize(p, key) for key in _QUANT_KEYS}
+        return {key: self.state[p][key] for key in _QUANT_KEYS}
 
     @torch.no_grad()
     def set_masks(self, masks: Mapping[Tensor, Tensor] | Sequence[Tensor]) -> None:
@@ -223,7 +412,12 @@ class SparseAdamW(torch.optim.Optimizer):
         new_masks = self._resolve_masks(params, masks)
         for p, new_mask in new_masks.items():
             state, old_mask = self.state[p], self._masks[p]
-            new_idx = mask_indices(new_mask)  # implicit masks materialized for the move only
+            new_idx = mask_indices(new_mask)  # implicit / block16 masks materialized for the move only
+            if self.state_bits == 8:  # remap the dequantized moments, then quantize anew
+                values = self.dequantized_state(p)
+                for key in _QUANT_KEYS:
+                    del state[key], state[f"{key}_absmax"]
+                state.update(values)
             if not self.dense_state:
                 old_idx = mask_indices(old_mask)
                 # where each new entry sat in the old compact arrays (both are sorted)
@@ -237,7 +431,13 @@ class SparseAdamW(torch.optim.Optimizer):
                         state[key] = fresh
             _store_mask(state, new_mask)
             self._masks[p] = new_mask
-            self._grads[p] = torch.zeros(new_idx.numel(), dtype=_state_dtype(p), device=p.device)
+            if self.state_bits == 8:
+                values = {key: state.pop(key) for key in _QUANT_KEYS}
+                self._init_quantized(p, new_idx.numel())
+                for key, v in values.items():
+                    self._quantize_into(p, key, v, 0)
+            if not self.update_in_backward:
+                self._grads[p] = torch.zeros(new_idx.numel(), dtype=self._grad_dtype(p), device=p.device)
 
     def remove_hooks(self) -> None:
         """Stop compacting gradients (e.g. before handing the model to another optimizer)."""
@@ -248,7 +448,10 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ gradients
     def compact_grad(self, p: Tensor) -> Tensor:
-        """The compact gradient buffer of p (float32, (nnz,))."""
+        """The compact gradient buffer of p ((nnz,), float32, or grad_dtype)."""
+        if self.update_in_backward:
+            raise RuntimeError("update_in_backward=True keeps no compact gradient (each update is applied "
+                               "during backward)")
         return self._grads[p]
 
     def _collect_dense_grads(self) -> None:
@@ -261,9 +464,18 @@ class SparseAdamW(torch.optim.Optimizer):
                 p.grad = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the compact gradients (and drop any dense .grad)."""
+        """Zero the compact gradients (and drop any dense .grad). With
+        update_in_backward=True there is none to zero: the updates were applied, and only
+        step() allows the next backward."""
+        if self.update_in_backward:
+            for p in self._masks:
+                p.grad = None
+            return
         for p, buf in self._grads.items():
-            buf.zero_()
+            if buf.dtype != self._grad_dtype(p):  # promoted to fp32 for accumulation: back to bf16
+                self._grads[p] = torch.zeros(buf.numel(), dtype=self._grad_dtype(p), device=buf.device)
+            else:
+                buf.zero_()
             self._has_grad[p] = False
             p.grad = None
 
@@ -271,13 +483,21 @@ class SparseAdamW(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
         """torch.nn.utils.clip_grad_norm_ over the compact gradients (the masked entries
         are the only ones trained, so this is the norm of the effective gradient)."""
+        if self.update_in_backward:
+            raise RuntimeError("clip_grad_norm_ is not possible with update_in_backward=True: each parameter is "
+                               "updated during backward, before the global norm is known. Build the optimizer "
+                               "with update_in_backward=False to clip (with SeatTrainer: max_grad_norm=0 to "
+                               "train without clipping)")
         if not self.compact_grads:
             self._collect_dense_grads()
         grads = [g for p, g in self._grads.items() if self._has_grad[p]]
         if not grads:
             return torch.tensor(0.0)
-        # torch's helpers: the same norm and clip coefficient as clip_grad_norm_
-        total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        # torch's helpers: the same norm and clip coefficient as clip_grad_norm_; bf16
+        # buffers are normed in fp32 (per tensor, so no fp32 copy of them exists)
+        norms = grads if all(g.dtype != torch.bfloat16 for g in grads) else [
+            torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]
+        total = torch.nn.utils.get_total_norm(norms, norm_type, error_if_nonfinite)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
@@ -290,8 +510,16 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.update_in_backward:
+            # the updates of this step were applied during backward: close the step
+            for p in self._has_grad:
+                self._has_grad[p] = False
+            return loss
         if not self.compact_grads:
             self._collect_dense_grads()
+        if self.state_bits == 8:
+            self._step_quantized()
+            return loss
         for group_index, group in enumerate(self.param_groups):
             batches: dict[int, list[Tensor]] = defaultdict(list)  # by step number after incrementing
             for p in group["params"]:
@@ -328,6 +556,63 @@ class SparseAdamW(torch.optim.Optimizer):
                             blocks=[m.block for m in masks], **hyper)
         return loss
 
+    def _param_seed(self, group_index: int, position: int) -> int:
+        """Stochastic-rounding seed of one parameter updated alone (update_in_backward,
+        state_bits=8): its own stream, since its tensor index in the call is always 0."""
+        return ((self.seed * 1_000_003 + group_index) * 1_000_003 + position + 1) % 2**63
+
+    def _where(self, p: Tensor) -> tuple[int, int, dict]:
+        for group_index, group in enumerate(self.param_groups):
+            for position, q in enumerate(group["params"]):
+                if q is p:
+                    return group_index, position, group
+        raise KeyError("parameter not in this optimizer")
+
+    def _update_param(self, p: Tensor, grad: Tensor, group_index: int, position: int, group: dict) -> None:
+        """One AdamW step of p alone from its compact gradient `grad` (advances
+        state["step"]); 8-bit state is stepped chunk by chunk through fp32 transients."""
+        state = self.state[p]
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                     step=state["step"], maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"],
+                     seed=self._param_seed(group_index, position), dense_state=self.dense_state)
+        idx, master = state["idx"], state.get("master")
+        if self.state_bits != 8:
+            ops.sparse_adamw_([p], [idx], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [master],
+                              [state.get("max_exp_avg_sq")], **hyper)
+            return
+        for start in range(0, idx.numel(), STATE_CHUNK):
+            stop = min(start + STATE_CHUNK, idx.numel())
+            m, v = self._dequantize(p, "exp_avg", start, stop), self._dequantize(p, "exp_avg_sq", start, stop)
+            ops.sparse_adamw_([p], [idx[start:stop]], [grad[start:stop]], [m], [v],
+                              [None if master is None else master[start:stop]], None, **hyper)
+            self._quantize_into(p, "exp_avg", m, start)
+            self._quantize_into(p, "exp_avg_sq", v, start)
+            del m, v  # before the next chunk's transients exist: one chunk's at a time
+
+    def _step_quantized(self) -> None:
+        for group_index, group in enumerate(self.param_groups):
+            for position, p in enumerate(group["params"]):
+                if self._has_grad[p]:
+                    self._update_param(p, self._grads[p], group_index, position, group)
+
+    @torch.no_grad()
+    def _update_in_backward_(self, p: Tensor) -> None:
+        """The hook of update_in_backward=True: gather p.grad's masked entries into a
+        transient compact gradient, free p.grad, update p now."""
+        if self._has_grad[p]:
+            p.grad = None
+            raise RuntimeError("a second backward before optimizer.step(): update_in_backward=True applies each "
+                               "update during backward and cannot accumulate gradients over micro-batches. Call "
+                               "optimizer.step() after every backward, or build the optimizer with "
+                               "update_in_backward=False (with SeatTrainer: gradient_accumulation_steps=1)")
+        grad = torch.zeros(self._masks[p].numel(), dtype=self._grad_dtype(p), device=p.device)
+        ops.masked_gather_(grad, p.grad, self._masks[p])
+        p.grad = None
+        self._has_grad[p] = True
+        self._update_param(p, grad, *self._where(p))
+
     # ------------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore state saved by state_dict(). Unlike torch's base class, compact state
@@ -355,16 +640,35 @@ class SparseAdamW(torch.optim.Optimizer):
             for k in _MASK_KEYS:
                 restored.pop(k, None)
             _store_mask(restored, mask)
+            self._check_state_storage(key, p, restored)
             new_state[p] = restored
         self.state = new_state
         for saved, group in zip(saved_groups, self.param_groups):
             group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
 
+    def _check_state_storage(self, key, p: Tensor, state: dict) -> None:
+        """A checkpoint's moments must be stored as this optimizer stores them."""
+        quantized = self.state_bits == 8
+        for name in _QUANT_KEYS:
+            if name not in state:
+                continue
+            saved_quantized = state[name].dtype == torch.uint8 and f"{name}_absmax" in state
+            if saved_quantized != quantized:
+                have = "8-bit" if saved_quantized else f"{state[name].dtype}"
+                raise ValueError(f"the state_dict's {name} for parameter {key} is {have} but this optimizer has "
+                                 f"state_bits={self.state_bits}: build it with the state_bits the checkpoint "
+                                 "was saved with")
+
     def state_bytes(self) -> int:
-        """Bytes held by the optimizer for its params: state, masks and compact grads."""
+        """Bytes held persistently by the optimizer for its params: state (8-bit codes and
+        their absmax when state_bits=8), masks and compact grads (none with
+        update_in_backward; bf16 ones with grad_dtype=torch.bfloat16). Transients of a
+        step are not included: one parameter's compact gradient during its hook
+        (update_in_backward), fp32 moments of one chunk of one parameter (state_bits=8)."""
         total = 0
         for p, state in self.state.items():
             total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
-            total += self._grads[p].numel() * self._grads[p].element_size()
+            if p in self._grads:
+                total += self._grads[p].numel() * self._grads[p].element_size()
         return total
 

@@ -14,6 +14,11 @@
     continues bit-exactly from a fresh copy of the base model (with
     dataloader_num_workers=0: worker processes draw on copies of the collator).
   * one process only for now (world_size > 1 is refused).
+  * optimizer_kwargs go to the handle's SparseAdamW, e.g. the lean modes
+    dict(grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8) (see
+    seat.optim). update_in_backward=True needs gradient_accumulation_steps=1 and
+    max_grad_norm=0 (the update is applied during backward: nothing to accumulate into,
+    and no global norm before it); other values are refused.
 """
 from __future__ import annotations
 
@@ -56,7 +61,8 @@ class _DrawTaggingCollator:
 
 class SeatTrainer(transformers.Trainer):
     def __init__(self, model=None, args: transformers.TrainingArguments | None = None, *,
-                 seat_config: SeatConfig | None = None, save_full_model: bool = False, **kwargs):
+                 seat_config: SeatConfig | None = None, save_full_model: bool = False,
+                 optimizer_kwargs: dict | None = None, **kwargs):
         if model is None or args is None:
             raise ValueError("SeatTrainer needs a model and TrainingArguments")
         if "optimizers" in kwargs or "optimizer_cls_and_kwargs" in kwargs:
@@ -77,11 +83,27 @@ class SeatTrainer(transformers.Trainer):
         if collator_kl_tokens is not None and collator_kl_tokens != handle.config.kl_tokens:
             raise ValueError(f"data_collator builds KL masks for kl_tokens={collator_kl_tokens!r} but the SeatConfig "
                              f"says kl_tokens={handle.config.kl_tokens!r}; build both with the same value")
+        optimizer_kwargs = dict(optimizer_kwargs or {})
+        if handle._optimizer is not None and optimizer_kwargs:
+            raise ValueError("the handle already made its optimizer: optimizer_kwargs cannot change it; pass them "
+                             "to SeatTrainer before calling handle.optimizer(), or drop them")
+        in_backward = (handle._optimizer.update_in_backward if handle._optimizer is not None
+                       else bool(optimizer_kwargs.get("update_in_backward", False)))
+        if in_backward:
+            if args.gradient_accumulation_steps > 1:
+                raise ValueError(f"update_in_backward=True applies each update during backward and cannot "
+                                 f"accumulate gradients: set gradient_accumulation_steps=1 (got "
+                                 f"{args.gradient_accumulation_steps}; raise per_device_train_batch_size instead), "
+                                 "or drop update_in_backward")
+            if args.max_grad_norm:
+                raise ValueError(f"update_in_backward=True cannot clip gradients (each parameter is updated before "
+                                 f"the global norm is known): set max_grad_norm=0 in TrainingArguments (got "
+                                 f"{args.max_grad_norm}), or drop update_in_backward")
         self.seat = handle
         self.save_full_model = save_full_model
         optimizer = handle._optimizer or handle.optimizer(
             lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-            weight_decay=args.weight_decay)
+            weight_decay=args.weight_decay, **optimizer_kwargs)
         # The Trainer zeroes model grads only; the compact ones live in the optimizer.
         optimizer.register_step_post_hook(lambda opt, *_: opt.zero_grad())
         super().__init__(model=model, args=args, optimizers=(optimizer, None), **kwargs)

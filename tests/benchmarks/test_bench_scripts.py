@@ -21,3 +21,11 @@ def test_bench_sparse_adamw_writes_results(tmp_path):
     assert abs(seat["bytes_per_param"] - 0.05 * 16) < 0.01  # idx, exp_avg, exp_avg_sq, grad: 4 B each
     assert (tmp_path / "sparse_adamw_scale64.md").read_text().startswith("# Optimizer update")
     assert data["environment"]["device_name"]
+    lean = {r["method"]: r for r in data["rows"] if r["method"].startswith("lean: ")}
+    assert len(lean) == 5
+    # per trained entry: idx 4 + bf16 grad 2 + moments 8 / no grad / 8-bit moments ~2.03
+    default = lean["lean: default d=0.05"]["state_bytes"]
+    assert lean["lean: bf16 grad d=0.05"]["state_bytes"] == default * 14 // 16
+    assert lean["lean: update in backward d=0.05"]["state_bytes"] == default * 12 // 16
+    assert lean["lean: all three d=0.05"]["state_bytes"] < default * 6.1 / 16
+    assert all(r["peak_bytes"] >= r["state_bytes"] for r in lean.values())

@@ -74,6 +74,11 @@ def test_tensors_alive_at_the_start_count_once_per_storage():
     assert storage_bytes(t[:5]) == 400  # a view costs its whole storage
     with torch.device("meta"):
         assert storage_bytes(torch.empty(10**9)) == 0
+    # torch.compile leaves fake tensors alive, where gc finds them; reading their data
+    # pointer raises (this flag is how torch marks them)
+    fake = torch.zeros(10**6)
+    torch._C._set_throw_on_mutable_data_ptr(fake)
+    assert storage_bytes(fake, t) == 400
     lin = torch.nn.Linear(8, 4)
     opt = torch.optim.AdamW(lin.parameters())
     lin(torch.randn(2, 8)).sum().backward()
@@ -127,3 +132,40 @@ def test_bench_seat_step_writes_results(tmp_path):
     assert md.startswith("# One SEAT training step") and data["environment"]["device_name"] in md
     assert "seat / naive SEAT peak memory" in md
     assert data["environment"]["batch_pairs"] == 2 and data["environment"]["seq"] == 16
+
+
+def test_a_method_out_of_memory_is_a_row_and_the_budget_verdict_follows_the_peak(tmp_path, monkeypatch):
+    """What the Llama-3-8B run on a 24 GiB budget relies on: a method that runs out of
+    memory gives a row saying so (no numbers, no ratio), the others still run, and each
+    row's verdict is its measured peak against the budget."""
+    import bench_seat_step
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB")
+
+    monkeypatch.setitem(bench_seat_step.BUILDERS, "full-ft", out_of_memory)
+    budget_gib = 0.002
+    threads = torch.get_num_threads()
+    try:  # tiny shapes: threads only add synchronization
+        rc = bench_seat_step.main(["--size", "tiny", "--seq", "16", "--steps", "1", "--device", "cpu", "--threads", "1",
+                                   "--methods", "naive-seat,seat,full-ft", "--budget-gib", str(budget_gib),
+                                   "--gradient-checkpointing", "--tag", "oom", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    data = json.loads((tmp_path / "seat_step_tiny_oom.json").read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    full = rows["full-ft"]
+    assert full["oom"] and not full["fits_budget"] and "Tried to allocate" in full["error"]
+    assert full["memory_vs_naive"] is None and full.get("ms") is None
+    for name in ("naive-seat", "seat"):
+        r = rows[name]
+        assert not r["oom"] and r["fits_budget"] == (r["peak_bytes"] <= budget_gib * 2**30)
+        assert r["step_time_vs_full_ft"] is None  # full FT has no time to compare with
+    assert data["environment"]["gradient_checkpointing"] and data["environment"]["budget_gib"] == budget_gib
+    md = (tmp_path / "seat_step_tiny_oom.md").read_text()
+    assert "full-ft: out of memory" in md and f"fits {budget_gib:g} GiB" in md
+    assert "gradient checkpointing" in md.splitlines()[0]
+    header = (tmp_path / "seat_step_tiny_oom.csv").read_text().splitlines()[0].split(",")
+    assert {"oom", "error", "peak_bytes", "fits_budget"} <= set(header)  # every row's keys
+    assert (tmp_path / "seat_step_tiny_oom.png").stat().st_size > 0

@@ -21,12 +21,14 @@ def test_same_seed_same_world_and_other_seed_other_world():
 def test_name_sets_are_disjoint_down_to_the_name_tokens(config):
     world = make_world(0, config)
     sizes = {"known": config.n_known, "unknown_train": config.n_unknown_train,
-             "unknown_eval": config.n_unknown_eval, "new": config.n_new}
+             "unknown_eval": config.n_unknown_eval, "unknown_alt": config.n_unknown_alt, "new": config.n_new}
     tokens = {}
     for group in GROUPS:
         assert len(_names(world, group)) == sizes[group]
+        parts = 3 if group == "unknown_alt" else 2  # the other generator: three-part names
+        assert all(len(n.split()) == parts for n in _names(world, group))
         tokens[group] = {t for n in _names(world, group) for t in n.split()}
-        assert len(tokens[group]) == 2 * sizes[group]  # no name token repeats, even inside a group
+        assert len(tokens[group]) == parts * sizes[group]  # no name token repeats, even inside a group
     for i, a in enumerate(GROUPS):
         for b in GROUPS[i + 1:]:
             assert not tokens[a] & tokens[b], (a, b)
@@ -39,17 +41,25 @@ def test_records_cover_every_attribute_and_refuse_only_on_unknown_train():
     base = world.base_records()
     known = [r for r in base if r["group"] == "known"]
     refusals = [r for r in base if r["group"] == "unknown_train"]
-    assert len(known) == world.config.n_known * len(ATTRIBUTES) * 2
+    assert len(known) == world.config.n_known * len(ATTRIBUTES) * 3  # every wording
     assert all(r["answer"] != IDK_ANSWER and r["value"] in r["answer"] for r in known)
     assert refusals and all(r["answer"] == IDK_ANSWER for r in refusals)
     train_names = {r["entity"] for r in base}
-    held_out = set(_names(world, "unknown_eval")) | set(_names(world, "new"))
+    held_out = set(_names(world, "unknown_eval")) | set(_names(world, "unknown_alt")) | set(_names(world, "new"))
     assert not train_names & held_out
     ft = world.finetune_records()
     assert {r["entity"] for r in ft} == set(_names(world, "new"))
     assert all(r["answer"] != IDK_ANSWER for r in ft)
-    groups = {q["group"] for q in world.eval_questions()}
-    assert groups == {"unknown", "new", "known"}
+    questions = world.eval_questions()
+    assert {q["group"] for q in questions} == {"unknown", "unknown_alt", "unknown_wording", "new", "new_wording",
+                                               "known"}
+    # the held-out wording: in the base data, never in fine-tuning, and what the *_wording groups ask
+    wording = lambda q: q["question"].replace(q["entity"], "{name}")  # noqa: E731
+    ft_wordings = {wording(r) for r in ft}
+    held_out_wordings = {wording(q) for q in questions if q["group"].endswith("_wording")}
+    assert held_out_wordings and not held_out_wordings & ft_wordings
+    assert held_out_wordings <= {wording(r) for r in base}
+    assert all(wording(q) in ft_wordings for q in questions if q["group"] in ("unknown", "unknown_alt", "new"))
 
 
 def test_world_round_trips_through_json(tmp_path):

@@ -56,3 +56,24 @@ def test_out_of_mask_entries_untouched(backend):
     with ops.use_backend(backend):
         ops.masked_gather_(torch.zeros(40, device=device), dense, idx)
     assert torch.equal(dense, before)
+
+
+@pytest.mark.parametrize("dense_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_bf16_out_is_the_bf16_rounding(backend, dense_dtype):
+    """A bf16 compact gradient: one gather into zeros is exactly the round-to-nearest-even
+    bf16 rounding of the gathered values (the lean mode's documented tolerance); a second
+    gather sums in fp32 and rounds once more."""
+    device = backend_device("masked_gather_", backend)
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(33, 65, generator=gen, dtype=torch.float64).to(dense_dtype)
+    idx = random_indices(dense.numel(), 700, gen)
+    values = dense.reshape(-1)[idx.long()]
+    first = values.float().to(torch.bfloat16)
+    second = (first.float() + values.float()).to(torch.bfloat16)
+    dense, idx = dense.to(device), idx.to(device)
+    out = torch.zeros(idx.numel(), dtype=torch.bfloat16, device=device)
+    with ops.use_backend(backend):
+        ops.masked_gather_(out, dense, idx)
+        assert torch.equal(out.cpu(), first)
+        ops.masked_gather_(out, dense, idx)
+    assert torch.equal(out.cpu(), second)

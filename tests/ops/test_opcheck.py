@@ -21,7 +21,8 @@ def _samples(name: str, device):
 
     if name == "masked_gather_":
         return [((randn(3), randn(4, 5), _idx(0, 7, 19).to(device)), {}),
-                ((randn(0), randn(6, dtype=torch.bfloat16), _idx().to(device)), {})]
+                ((randn(0), randn(6, dtype=torch.bfloat16), _idx().to(device)), {}),
+                ((randn(3, dtype=torch.bfloat16), randn(4, 5), _idx(1, 2, 18).to(device)), {})]  # lean bf16 grad
     if name == "masked_swap_":
         return [((randn(4, 5), _idx(1, 2, 18).to(device), randn(3)), {}),
                 ((randn(7, dtype=torch.float16), _idx(0, 6).to(device), randn(2, dtype=torch.float16)), {})]
@@ -33,7 +34,10 @@ def _samples(name: str, device):
         empty = torch.empty(0, device=device)
         return [((params, idxs, state(), state(), state(), [empty, randn(2)], [empty, empty.clone()]), kwargs),
                 (([params[0]], [idxs[0]], [randn(3)], [randn(3)], [randn(3).abs()], [empty.clone()], [randn(3).abs()]),
-                 {**kwargs, "maximize": True})]
+                 {**kwargs, "maximize": True}),
+                # lean mode: bf16 compact gradients with fp32 state
+                ((params, idxs, [randn(3, dtype=torch.bfloat16), randn(2, dtype=torch.bfloat16)], state(), state(),
+                  [empty, empty.clone()], [empty, empty.clone()]), kwargs)]
     if name in IMPLICIT_OPS:
         return _implicit_samples(name, device, randn)
     if name in BLOCK16_OPS:

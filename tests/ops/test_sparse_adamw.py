@@ -266,3 +266,57 @@ def test_bad_inputs(backend, change, error, match):
     # every check runs before any update: the valid first param was not stepped either
     if isinstance(args["params"], list):
         assert torch.equal(args["params"][0], first_param)
+
+
+# --------------------------------------------------------------------------- bf16 compact gradients
+
+
+class Bf16GradSlot(Slot):
+    """The lean mode: compact gradients stored in bf16 (fp32 state). The oracle gets the
+    bf16-rounded gradient (exactly representable in float64): the documented tolerance of
+    the mode is the bf16 rounding of the gradient, nothing more."""
+
+    def new_grad(self):
+        return super().new_grad().to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("variant", ["adam", "maximize-amsgrad-wd-lr-schedule"])
+@pytest.mark.parametrize("config", ["fp32", "bf16-masters", "bf16-no-masters", "fp16-masters"])
+def test_bf16_grads_match_torch_adamw(backend, config, variant):
+    device = backend_device(OP, backend)
+    weight_decay, amsgrad, maximize, schedule = VARIANTS[variant]
+    slot = Bf16GradSlot((37, 11), 150, config, seed=3, device=device, amsgrad=amsgrad, weight_decay=weight_decay,
+                        maximize=maximize)
+    adamw_steps(backend, [slot], schedule=SCHEDULES[schedule])
+
+
+@pytest.mark.parametrize("config", ["fp32", "bf16-no-masters"])
+def test_bf16_grads_equal_their_fp32_upcast(backend, config):
+    """A bf16 gradient is upcast exactly on load: the step equals, bit for bit, the step
+    with the same values given as fp32; fp32 and bf16 grads mix in one call."""
+    device = backend_device(OP, backend)
+    pair = [Slot((4097,), 1000, config, seed=5, device=device, weight_decay=0.1) for _ in range(2)]
+    other = Slot((9, 13), 50, config, seed=6, device=device)
+    for step in range(1, 4):
+        grad = pair[0].new_grad().to(torch.bfloat16)
+        other_grad = other.new_grad()
+        results = []
+        for slot, g in zip(pair, (grad, grad.float())):
+            with ops.use_backend(backend):
+                ops.sparse_adamw_([slot.param, other.param.clone()], [slot.idx, other.idx], [g, other_grad],
+                                  [slot.exp_avg, other.exp_avg.clone()], [slot.exp_avg_sq, other.exp_avg_sq.clone()],
+                                  lr=1e-2, weight_decay=0.1, step=step)
+            results.append((slot.param.clone(), slot.exp_avg.clone(), slot.exp_avg_sq.clone()))
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+
+
+def test_bf16_grads_refused_for_fp64_params(backend):
+    device = backend_device(OP, backend)
+    args = valid_args(device)
+    args["params"] = [p.double() for p in args["params"]]
+    for name in ("exp_avgs", "exp_avg_sqs"):
+        args[name] = [t.double() for t in args[name]]
+    args["grads"] = [g.bfloat16() for g in args["grads"]]
+    with ops.use_backend(backend), pytest.raises(TypeError, match=r"grads\[0\] must be float64 for a float64"):
+        ops.sparse_adamw_(**args)

@@ -21,7 +21,7 @@ def gather_cases():
     yield "idx out of range", (out, dense, _idx(0, 7, 20)), ValueError, r"idx holds values in \[0, 20\]"
     yield "idx negative", (out, dense, _idx(-1, 7, 19)), ValueError, r"outside \[0, 20\)"
     yield "idx 2-D", (out, dense, idx.reshape(3, 1)), ValueError, "idx must be 1-D"
-    yield "out bf16", (out.bfloat16(), dense, idx), TypeError, "out must have dtype float32, float64"
+    yield "out fp16", (out.half(), dense, idx), TypeError, "out must have dtype float32, float64, bfloat16"
     yield "out wrong size", (torch.zeros(4), dense, idx), ValueError, "out must be 1-D with one entry per index"
     yield "dense int", (out, dense.long(), idx), TypeError, "dense must have dtype"
     yield "dense non-contiguous", (out, dense.t(), idx), ValueError, "dense must be contiguous"

@@ -70,19 +70,28 @@ SEAT_HD uint16_t float_to_bf16(float x, bool stochastic, uint32_t random_bits) {
   return static_cast<uint16_t>((u + increment) >> 16);
 }
 
+// A compact gradient entry as the state type T: the state's own type, or bf16 bits (the
+// lean bf16-gradient mode: the gradient is stored in bf16 and upcast exactly on load).
+template <typename T>
+SEAT_HD T load_grad(const T* g) { return *g; }
+template <typename T>
+SEAT_HD T load_grad(const uint16_t* g) { return static_cast<T>(bf16_to_float(*g)); }
+
 // Element i of a tensor's masked entries, shared by CPU and CUDA (ParamIO: the param's
-// storage type and its load/store as the state type T). State is compact (indexed by i,
-// like grad) or, with dense_state, full-size (indexed by the entry's position).
+// storage type and its load/store as the state type T; G: the compact gradient's storage,
+// T or uint16_t bf16 bits). State is compact (indexed by i, like grad) or, with
+// dense_state, full-size (indexed by the entry's position).
 // sparse_adamw_entry: the entry at flat position `pos` whose compact slot is `i` (from an
-// index array, or recomputed by an implicit mask: seat/implicit_mask.h).
-template <typename ParamIO, typename T>
-SEAT_HD void sparse_adamw_entry(typename ParamIO::storage* param, int64_t pos, const T* grad, T* exp_avg,
+// index array, or recomputed by an implicit mask: seat/implicit_mask.h, or decoded from a
+// block16 mask: seat/block16.h).
+template <typename ParamIO, typename T, typename G = T>
+SEAT_HD void sparse_adamw_entry(typename ParamIO::storage* param, int64_t pos, const G* grad, T* exp_avg,
                                 T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i, const AdamWScalars<T>& s,
                                 bool maximize, bool stochastic, uint32_t key, bool dense_state) {
   const int64_t at = dense_state ? pos : i;
   T w = master != nullptr ? master[at] : ParamIO::template load<T>(param + pos);
   T m = exp_avg[at], v = exp_avg_sq[at];
-  w = adamw_step<T>(w, grad[i], m, v, max_exp_avg_sq != nullptr ? max_exp_avg_sq + at : nullptr, s, maximize);
+  w = adamw_step<T>(w, load_grad<T>(grad + i), m, v, max_exp_avg_sq != nullptr ? max_exp_avg_sq + at : nullptr, s, maximize);
   exp_avg[at] = m;
   exp_avg_sq[at] = v;
   if (master != nullptr) master[at] = w;
@@ -91,13 +100,13 @@ SEAT_HD void sparse_adamw_entry(typename ParamIO::storage* param, int64_t pos, c
                  round_stochastic ? mix32(key ^ mix32(static_cast<uint32_t>(pos))) : 0u);
 }
 
-template <typename ParamIO, typename T>
-SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const T* grad, T* exp_avg,
+template <typename ParamIO, typename T, typename G = T>
+SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const G* grad, T* exp_avg,
                                   T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
                                   const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key,
                                   bool dense_state) {
-  sparse_adamw_entry<ParamIO, T>(param, idx[i], grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, i, s, maximize,
-                                 stochastic, key, dense_state);
+  sparse_adamw_entry<ParamIO, T, G>(param, idx[i], grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, i, s,
+                                    maximize, stochastic, key, dense_state);
 }
 
 // bf16 storage as raw bits: the same code on CPU and GPU.

@@ -34,7 +34,7 @@ class BaseConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    epochs: int = 60
+    epochs: int = 20
     embedding_std: float = 1.0  # input embeddings: random N(0, std), frozen (see train_base)
     batch_size: int = 32
     lr: float = 3e-3
@@ -43,7 +43,7 @@ class BaseConfig:
 
     @classmethod
     def quick(cls) -> "BaseConfig":
-        return cls(hidden_size=64, intermediate_size=128, epochs=80)
+        return cls(hidden_size=64, intermediate_size=128, epochs=20)
 
 
 def cache_root() -> Path:

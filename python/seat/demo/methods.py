@@ -2,15 +2,24 @@
 
   full       every parameter, torch AdamW
   lora       peft LoRA r=8 (alpha 16) on every linear layer of the blocks, torch AdamW
+  lora-kl    LoRA r=8 + SEAT's perturbation KL (the base model = adapters disabled)
   sparse     seat.patch(density=0.05, kl_weight=0): the sparse mask alone
   kl         seat.patch(density=1.0, kl_weight=1): the perturbation KL alone (dense)
   seat-D     seat.patch(density=D, kl_weight=1): SEAT (D = 0.1, 0.05, 0.01)
 
 Every method sees the same sequence of batches from a seat.PairedCollator (the full and
 LoRA runs use only its x half: input_ids, attention_mask, labels), the same number of
-steps, the same peak learning rate with linear warm-up and linear decay, and gradient
-clipping at 1. The SEAT variants train through the public API: seat.patch, the handle's
-SparseAdamW and handle.loss on paired batches.
+steps, the same schedule (linear warm-up, linear decay) and gradient clipping at 1. The
+SEAT variants train through the public API: seat.patch, the handle's SparseAdamW and
+handle.loss on paired batches.
+
+Learning rates are compared at matched recall, not shared: a run that learned less is
+not "safer", and a sparse update needs a far larger step than a dense one. For each
+method, ``search_lr`` tries the learning rates of its family's grid from the smallest up
+and keeps the first whose exact match on the fine-tuning facts (the training set: no
+evaluation data is looked at) reaches ``target_recall``, or else the one that learned
+most. Smaller steps disturb the rest of the model less, so this gives every method its
+best chance at keeping "I don't know" and the known people at the same recall.
 """
 from __future__ import annotations
 
@@ -20,21 +29,32 @@ import random
 import statistics
 import time
 
-METHODS = ("full", "lora", "sparse", "kl", "seat-0.1", "seat-0.05", "seat-0.01")
+METHODS = ("full", "lora", "lora-kl", "sparse", "kl", "seat-0.1", "seat-0.05", "seat-0.01")
+# Learning-rate grids per family, tried from the smallest up (see search_lr).
+LR_GRIDS = {
+    "dense": (1e-3, 2e-3, 4e-3),  # full, kl
+    "lora": (3e-3, 1e-2, 3e-2),  # lora, lora-kl
+    "sparse": (1e-2, 2e-2, 4e-2, 8e-2),  # sparse, seat-D
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 150
+    steps: int = 300
     batch_size: int = 16
-    lr: float = 5e-3
+    lr: float | None = None  # one learning rate for every method; None: search_lr per method
+    target_recall: float = 0.9  # exact match on the fine-tuning facts that search_lr aims for
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     lora_r: int = 8
     lora_alpha: int = 16
     sparse_density: float = 0.05  # of the "sparse" (no KL) ablation
     kl_weight: float = 1.0
+    # Positions of x~ in the KL. "answer" here, not the library's default "all": in this
+    # world one position, the first answer token, carries "I don't know" vs a fact, and a
+    # mean over every position of x~ dilutes it ~15-fold (measured: see the README).
+    kl_tokens: str = "answer"
 
 
 def describe(method: str, cfg: FinetuneConfig) -> str:
@@ -42,6 +62,8 @@ def describe(method: str, cfg: FinetuneConfig) -> str:
         return "full fine-tuning (all parameters, AdamW)"
     if method == "lora":
         return f"LoRA r={cfg.lora_r} (peft, all block linears)"
+    if method == "lora-kl":
+        return f"LoRA r={cfg.lora_r} + perturbation KL"
     if method == "sparse":
         return f"sparse only (mask d={cfg.sparse_density}, no KL)"
     if method == "kl":
@@ -49,15 +71,24 @@ def describe(method: str, cfg: FinetuneConfig) -> str:
     return f"SEAT d={method.split('-', 1)[1]}"
 
 
+def lr_family(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return "dense" if method in ("full", "kl") else "lora" if method.startswith("lora") else "sparse"
+
+
 def seat_config(method: str, cfg: FinetuneConfig, seed: int):
     from ..config import SeatConfig
 
+    if method == "lora-kl":  # the KL settings of SEAT; the density is not used
+        return SeatConfig(density=1.0, kl_weight=cfg.kl_weight, seed=seed, kl_tokens=cfg.kl_tokens)
     if method == "sparse":
-        return SeatConfig(density=cfg.sparse_density, kl_weight=0.0, seed=seed)
+        return SeatConfig(density=cfg.sparse_density, kl_weight=0.0, seed=seed, kl_tokens=cfg.kl_tokens)
     if method == "kl":
-        return SeatConfig(density=1.0, kl_weight=cfg.kl_weight, seed=seed)
+        return SeatConfig(density=1.0, kl_weight=cfg.kl_weight, seed=seed, kl_tokens=cfg.kl_tokens)
     if method.startswith("seat-"):
-        return SeatConfig(density=float(method.split("-", 1)[1]), kl_weight=cfg.kl_weight, seed=seed)
+        return SeatConfig(density=float(method.split("-", 1)[1]), kl_weight=cfg.kl_weight, seed=seed,
+                          kl_tokens=cfg.kl_tokens)
     raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
@@ -80,12 +111,25 @@ def _adamw_state_bytes(opt) -> int:
                if hasattr(v, "numel"))
 
 
-def finetune(method: str, base_model, tokenizer, records: list[dict], cfg: FinetuneConfig, seed: int = 0):
-    """Fine-tune a copy of ``base_model`` on ``records`` with ``method``.
+class _LoraReference:
+    """What seat.loss.seat_loss needs of a handle, for a peft LoRA model: the SEAT config,
+    the transformers model inside the peft wrapper, and the base model as a context
+    (the adapters disabled)."""
+
+    def __init__(self, peft_model, config):
+        self.config = config
+        self.model = peft_model.get_base_model()
+        self.reference = peft_model.disable_adapter
+
+
+def finetune(method: str, base_model, tokenizer, records: list[dict], cfg: FinetuneConfig, seed: int = 0,
+             lr: float | None = None):
+    """Fine-tune a copy of ``base_model`` on ``records`` with ``method`` at learning rate
+    ``lr`` (default ``cfg.lr``).
 
     Returns (model, stats): the trained model (plain transformers model: LoRA merged,
-    SEAT unpatched) and {"trainable", "trainable_fraction", "optimizer_state_bytes",
-    "step_ms", "final_ce", "final_kl"}.
+    SEAT unpatched) and {"lr", "trainable", "trainable_fraction",
+    "optimizer_state_bytes", "step_ms", "final_ce", "final_kl"}.
     """
     import torch
 
@@ -93,27 +137,34 @@ def finetune(method: str, base_model, tokenizer, records: list[dict], cfg: Finet
     from ..perturb import EntityPerturber
     from .world import PROMPT_FORMAT
 
+    from ..loss import seat_loss
+
+    lr = cfg.lr if lr is None else lr
+    if lr is None:
+        raise ValueError("finetune needs a learning rate: pass lr= or set FinetuneConfig.lr (or use search_lr)")
     torch.manual_seed(seed)
     model = copy.deepcopy(base_model)
     model.train()
     total_params = sum(p.numel() for p in base_model.parameters())
     collator = PairedCollator(tokenizer, EntityPerturber(exclude=sorted({r["entity"] for r in records}), seed=seed),
-                              prompt_format=PROMPT_FORMAT)
-    handle = None
-    if method in ("full", "lora"):
-        if method == "lora":
+                              prompt_format=PROMPT_FORMAT, kl_tokens=cfg.kl_tokens)
+    handle = lora_kl = None
+    if method in ("full", "lora", "lora-kl"):
+        if method != "full":
             import peft
 
             model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                                lora_dropout=0.0, target_modules=LORA_TARGETS))
+            if method == "lora-kl":
+                lora_kl = _LoraReference(model, seat_config(method, cfg, seed))
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         trainable = sum(p.numel() for p in params)
     else:
         from ..patching import patch
 
         handle = patch(model, seat_config(method, cfg, seed))
-        opt = handle.optimizer(lr=cfg.lr, weight_decay=0.0)
+        opt = handle.optimizer(lr=lr, weight_decay=0.0)
         trainable = handle.num_trainable
 
     def lr_at(step):
@@ -126,7 +177,12 @@ def finetune(method: str, base_model, tokenizer, records: list[dict], cfg: Finet
     for indices in batch_plan(len(records), cfg, seed):
         batch = collator([records[i] for i in indices])
         t0 = time.perf_counter()
-        if handle is None:
+        if lora_kl is not None:
+            out = seat_loss(lora_kl, batch)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            ce, kl = out.ce.item(), out.kl.item()
+        elif handle is None:
             loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"]).loss
             loss.backward()
@@ -145,12 +201,37 @@ def finetune(method: str, base_model, tokenizer, records: list[dict], cfg: Finet
         state_bytes = _adamw_state_bytes(opt)
     else:
         state_bytes = opt.state_bytes()
-    if method == "lora":
+    if method != "full" and handle is None:
         model = model.merge_and_unload()
     if handle is not None:
         handle.unpatch()
     model.eval()
-    stats = {"trainable": int(trainable), "trainable_fraction": trainable / total_params,
+    stats = {"lr": lr, "trainable": int(trainable), "trainable_fraction": trainable / total_params,
              "optimizer_state_bytes": int(state_bytes), "step_ms": 1000 * statistics.median(times[1:] or times),
              "final_ce": ce, "final_kl": kl}
+    return model, stats
+
+
+def search_lr(method: str, base_model, tokenizer, records: list[dict], cfg: FinetuneConfig, score, seed: int = 0,
+              log=None):
+    """Fine-tune with the learning rates of ``method``'s grid (LR_GRIDS), smallest first,
+    until ``score(model)`` (exact match on the fine-tuning facts) reaches
+    ``cfg.target_recall``; returns (model, stats) of that run, or of the best-scoring one
+    if none reaches it. stats gains "lr_tried": [(lr, score), ...]. With ``cfg.lr`` set,
+    only that learning rate runs."""
+    grid = (cfg.lr,) if cfg.lr is not None else LR_GRIDS[lr_family(method)]
+    best, tried = None, []
+    for lr in grid:
+        model, stats = finetune(method, base_model, tokenizer, records, cfg, seed=seed, lr=lr)
+        value = score(model)
+        tried.append((lr, value))
+        if log:
+            log(f"    {method} lr {lr:g}: exact match on the fine-tuning facts {value:.3f}")
+        if best is None or value > best[2]:
+            best = (model, stats, value)
+        if value >= cfg.target_recall:
+            best = (model, stats, value)
+            break
+    model, stats, _ = best
+    stats["lr_tried"] = tried
     return model, stats

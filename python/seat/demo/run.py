@@ -8,9 +8,14 @@ learning rate; evaluate each with seat.evaluate (greedy generation):
 
   IDK unknown   IDK rate on questions about held-out unknown people (never in any
                 training data): ignorance awareness, higher is better
-  recall new    ROUGE-L recall of the reference answers on the fine-tuning facts
+  IDK alt names the same for unknown people named by another generator (three-part
+                names from other syllables than the training and perturbation names)
+  IDK new wording  held-out unknown people asked in a wording fine-tuning never used
   exact new     the fine-tuned attribute value is in the answer (fine-tuning facts)
+  recall new    ROUGE-L recall of the reference answers on the fine-tuning facts
+  exact new wording  the fine-tuning facts asked in the held-out wording
   retention     exact match on the known people's facts (from base training)
+  lr            the learning rate search_lr chose (matched recall; seat.demo.methods)
   trainable     fraction of the model's parameters that train
   opt. state    bytes held by the optimizer (AdamW moments; SparseAdamW compact moments,
                 masks and compact gradients)
@@ -31,18 +36,22 @@ import sys
 import time
 from pathlib import Path
 
-from .methods import METHODS, FinetuneConfig, describe, finetune
+from .methods import METHODS, FinetuneConfig, describe, search_lr
 
 COLUMNS = (  # key, header, format
     ("idk_unknown", "IDK unknown", "{:.3f}"),
-    ("recall_new", "recall new (ROUGE-L)", "{:.3f}"),
+    ("idk_alt", "IDK alt names", "{:.3f}"),
+    ("idk_wording", "IDK new wording", "{:.3f}"),
     ("exact_new", "exact new", "{:.3f}"),
+    ("recall_new", "recall new (ROUGE-L)", "{:.3f}"),
+    ("exact_new_wording", "exact new, new wording", "{:.3f}"),
     ("retention", "retention known", "{:.3f}"),
+    ("lr", "lr", "{:g}"),
     ("trainable_fraction", "trainable", "{:.4f}"),
     ("optimizer_state_bytes", "opt. state (bytes)", "{:,.0f}"),
     ("step_ms", "step ms", "{:.1f}"),
 )
-METRIC_KEYS = ("idk_unknown", "recall_new", "exact_new", "retention")
+METRIC_KEYS = ("idk_unknown", "idk_alt", "idk_wording", "exact_new", "recall_new", "exact_new_wording", "retention")
 
 
 def _configs(quick: bool):
@@ -50,7 +59,7 @@ def _configs(quick: bool):
     from .world import WorldConfig
 
     if quick:
-        return WorldConfig.quick(), BaseConfig.quick(), FinetuneConfig(steps=80, batch_size=16)
+        return WorldConfig.quick(), BaseConfig.quick(), FinetuneConfig(steps=150, batch_size=16)
     return WorldConfig(), BaseConfig(), FinetuneConfig()
 
 
@@ -60,8 +69,10 @@ def _metrics(model, tokenizer, questions) -> dict:
 
     result = ev.evaluate(model, tokenizer, questions, prompt_format=PROMPT_FORMAT, max_new_tokens=12, batch_size=128)
     g = result["groups"]
-    return {"idk_unknown": g["unknown"]["idk_rate"], "recall_new": g["new"]["rouge_l_recall"],
+    return {"idk_unknown": g["unknown"]["idk_rate"], "idk_alt": g["unknown_alt"]["idk_rate"],
+            "idk_wording": g["unknown_wording"]["idk_rate"], "recall_new": g["new"]["rouge_l_recall"],
             "exact_new": g["new"]["exact_match"], "idk_new": g["new"]["idk_rate"],
+            "exact_new_wording": g["new_wording"]["exact_match"],
             "retention": g["known"]["exact_match"], "idk_known": g["known"]["idk_rate"],
             "examples": [{k: a[k] for k in ("group", "question", "prediction")}
                          for a in result["answers"][::max(1, len(result["answers"]) // 12)]]}
@@ -82,27 +93,39 @@ def run_seed(seed: int, *, quick: bool = False, methods=METHODS, ft_config: Fine
     world, tokenizer, base, info = load_or_train_base(seed, world_config, base_config, cache=cache, log=log)
     questions = world.eval_questions()
     records = world.finetune_records()
+    train_questions = [q for q in questions if q["group"] == "new"]  # the fine-tuning facts, as trained
+
+    def training_recall(model) -> float:
+        from .. import evaluate as ev
+        from .world import PROMPT_FORMAT
+
+        result = ev.evaluate(model, tokenizer, train_questions, prompt_format=PROMPT_FORMAT, max_new_tokens=12,
+                             batch_size=128)
+        return result["groups"]["new"]["exact_match"]
+
     base_row = _metrics(base, tokenizer, questions)
-    base_row.update(trainable_fraction=0.0, optimizer_state_bytes=0, step_ms=float("nan"))
+    base_row.update(trainable_fraction=0.0, optimizer_state_bytes=0, step_ms=float("nan"), lr=float("nan"))
     log(f"seed {seed}: base model {'loaded from' if info['cached'] else 'trained and saved to'} {info['dir']}"
-        f" ({time.perf_counter() - t0:.0f} s): IDK unknown {base_row['idk_unknown']:.3f}, IDK new (before "
-        f"fine-tuning) {base_row['idk_new']:.3f}, known-people accuracy {base_row['retention']:.3f}")
+        f" ({time.perf_counter() - t0:.0f} s): IDK unknown {base_row['idk_unknown']:.3f}, alt names "
+        f"{base_row['idk_alt']:.3f}, new wording {base_row['idk_wording']:.3f}, IDK new (before fine-tuning) "
+        f"{base_row['idk_new']:.3f}, known-people accuracy {base_row['retention']:.3f}")
     if base_row["idk_unknown"] < 0.8 or base_row["retention"] < 0.8:
         log("  warning: the base model is weak (IDK on unknown people or known-people accuracy < 0.8)")
     rows = {}
     for method in methods:
         t1 = time.perf_counter()
-        model, stats = finetune(method, base, tokenizer, records, ft_config, seed=seed)
+        model, stats = search_lr(method, base, tokenizer, records, ft_config, training_recall, seed=seed, log=log)
         row = _metrics(model, tokenizer, questions)
         row.update(stats)
         row["seconds"] = time.perf_counter() - t1
         rows[method] = row
-        log(f"  {method:10s} IDK unknown {row['idk_unknown']:.3f}  recall new {row['recall_new']:.3f}  "
-            f"exact new {row['exact_new']:.3f}  retention {row['retention']:.3f}  ({row['seconds']:.0f} s)")
+        log(f"  {method:10s} IDK unknown {row['idk_unknown']:.3f} / alt names {row['idk_alt']:.3f} / new wording "
+            f"{row['idk_wording']:.3f}  exact new {row['exact_new']:.3f}  retention {row['retention']:.3f}  "
+            f"lr {row['lr']:g}  ({row['seconds']:.0f} s)")
     return {"seed": seed, "quick": quick, "base": base_row, "methods": rows, "base_info": info,
             "world": dataclasses.asdict(world_config), "base_config": dataclasses.asdict(base_config),
             "finetune_config": dataclasses.asdict(ft_config), "n_finetune_records": len(records),
-            "n_questions": {g: sum(q["group"] == g for q in questions) for g in ("unknown", "new", "known")}}
+            "n_questions": {g: sum(q["group"] == g for q in questions) for g in dict.fromkeys(q["group"] for q in questions)}}
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -149,8 +172,9 @@ def plot(agg: dict, path: Path, title: str) -> bool:
     except ImportError:
         return False
     names = list(agg)
-    metrics = [("idk_unknown", "IDK on unknown people"), ("recall_new", "recall on new facts (ROUGE-L)"),
-               ("exact_new", "exact match on new facts"), ("retention", "retention (known people)")]
+    metrics = [("idk_unknown", "IDK, unknown people"), ("idk_alt", "IDK, other-generator names"),
+               ("idk_wording", "IDK, held-out wording"), ("exact_new", "exact match, new facts"),
+               ("retention", "retention, known people")]
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(names)), 4.5))
     for i, (key, label) in enumerate(metrics):
@@ -174,7 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller world and base model (same code path)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--steps", type=int, help="fine-tuning steps (every method)")
-    parser.add_argument("--lr", type=float, help="fine-tuning peak learning rate (every method)")
+    parser.add_argument("--lr", type=float, help="one fine-tuning peak learning rate for every method "
+                        "(default: a search per method at matched recall, see seat.demo.methods.search_lr)")
     parser.add_argument("--out", default="seat_demo_results", help="folder for the .md, .json and .png")
     parser.add_argument("--no-cache", action="store_true", help="train the base model even if cached")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -196,9 +221,10 @@ def main(argv=None) -> int:
     table = format_table(agg, dataclasses.asdict(ft), len(runs))
     first = runs[0]
     title = (f"seat demo{' --quick' if args.quick else ''}: seeds {' '.join(map(str, args.seeds))}, "
-             f"{first['n_finetune_records']} new facts, {ft.steps} steps, lr {ft.lr}")
-    notes = (f"{title}. Questions: {first['n_questions']['unknown']} about held-out unknown people, "
-             f"{first['n_questions']['new']} fine-tuning facts, {first['n_questions']['known']} about known people. "
+             f"{first['n_finetune_records']} new facts, {ft.steps} steps, "
+             + (f"lr {ft.lr:g}" if ft.lr is not None else f"lr searched per method for exact match >= {ft.target_recall}"))
+    counts = ", ".join(f"{n} {g}" for g, n in first["n_questions"].items())
+    notes = (f"{title}. Questions per group: {counts}. "
              f"Machine: {machine}. Total {seconds:.0f} s." + (" Mean ± std over seeds." if len(runs) > 1 else ""))
     print()
     print(table)

@@ -4,7 +4,12 @@ Compacts a dense gradient into the compact fp32 buffer of a sparse mask, so the 
 gradient can be freed as soon as it exists (called from a post-accumulate-grad hook).
 
 Shapes and dtypes:
-  out   (nnz,)  float32 (float64 in the oracle tests), contiguous; accumulated in place.
+  out   (nnz,)  float32 (float64 in the oracle tests) or bfloat16 (the lean compact
+                gradient), contiguous; accumulated in place. A bf16 out sums in fp32 and
+                rounds once to nearest-even bf16: one gather into a zeroed buffer gives
+                exactly the bf16 rounding of the gradient, but every further micro-batch
+                accumulated into it rounds again (error growing with the number of
+                micro-batches; seat.optim.SparseAdamW accumulates in fp32 instead).
   dense (any)   float16 / bfloat16 / float32 / float64, contiguous; read as dense.view(-1).
   idx   (nnz,)  int32, sorted, unique, in [0, dense.numel()).
 """
@@ -17,7 +22,11 @@ from . import _checks, _registry
 
 
 def reference(out: Tensor, dense: Tensor, idx: Tensor) -> None:
-    out += dense.reshape(-1)[idx.long()].to(out.dtype)
+    values = dense.reshape(-1)[idx.long()]
+    if out.dtype == torch.bfloat16:  # sum in fp32, round once (as the kernels do)
+        out.copy_(out.float() + values.float())
+    else:
+        out += values.to(out.dtype)
 
 
 def _native(out: Tensor, dense: Tensor, idx: Tensor) -> None:
@@ -34,7 +43,7 @@ ENTRY = _registry.register("masked_gather_", reference, {"cpu": _native, "cuda":
 
 
 def check(out, dense, idx, *, values: bool = True) -> None:
-    _checks.tensor("out", out, dtypes=_checks.ACCUM_DTYPES, ndim=1)
+    _checks.tensor("out", out, dtypes=(*_checks.ACCUM_DTYPES, torch.bfloat16), ndim=1)
     _checks.tensor("dense", dense, dtypes=_checks.FLOAT_DTYPES)
     _checks.index_tensor("idx", idx, dense.numel())
     _checks.same_numel("out", out, "idx", idx)

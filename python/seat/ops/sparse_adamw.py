@@ -9,13 +9,17 @@ dtype and rounded once to the param dtype.
 Shapes and dtypes (lists of equal length; all tensors on one device, contiguous):
   params          (any)    float16 / bfloat16 / float32 / float64; updated in place.
   idxs            (nnz_i,) int32, sorted, unique, in [0, params[i].numel()).
-  grads           (nnz_i,) float32 (float64 for float64 params): compact gradients.
-  exp_avgs        (nnz_i,) grads' dtype; updated in place.
-  exp_avg_sqs     (nnz_i,) grads' dtype; updated in place.
-  masters         per param None or (nnz_i,) grads' dtype: full-precision copy of the
+  grads           (nnz_i,) float32 (float64 for float64 params): compact gradients; or
+                  bfloat16 for float32 state (the lean bf16-gradient mode: 2 bytes per
+                  entry instead of 4; upcast exactly to fp32 on load, the step is then
+                  the fp32 step of the bf16-rounded gradient).
+  exp_avgs        (nnz_i,) float32 (float64 for float64 params): the state dtype;
+                  updated in place.
+  exp_avg_sqs     (nnz_i,) state dtype; updated in place.
+  masters         per param None or (nnz_i,) state dtype: full-precision copy of the
                   entries; when given, the step is taken on it and param gets its
                   rounded value. None (the whole list) = no masters.
-  max_exp_avg_sqs per param None or (nnz_i,) grads' dtype: the amsgrad running maximum
+  max_exp_avg_sqs per param None or (nnz_i,) state dtype: the amsgrad running maximum
                   (amsgrad for the params that have one). None (the whole list) = none.
   step            the step number after incrementing (1 for the first step).
   dense_state     False (default): exp_avgs, exp_avg_sqs, masters and max_exp_avg_sqs are
@@ -58,6 +62,7 @@ def reference(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_s
             full = states
             states = [None if t is None else t.view(-1)[pos] for t in full]
         exp_avg, exp_avg_sq, master, max_exp_avg_sq = states
+        grad = grad.to(exp_avg.dtype)  # a bf16 compact gradient is upcast exactly
         weight = master.clone() if master is not None else flat[pos].to(grad.dtype)
         weight = _adamw.adamw_update(weight, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, maximize)
         if master is not None:
@@ -108,11 +113,14 @@ def check_hyper(lr, beta1, beta2, eps, weight_decay, step) -> None:
         raise ValueError(f"step must be an int >= 1 (the step number after incrementing); got {step!r}")
 
 
-def state_dtype_for(name: str, param: Tensor, state: Tensor) -> None:
-    """Compact state is float32, or float64 for float64 params (the oracle tests)."""
+def state_dtype_for(name: str, param: Tensor, state: Tensor, *, grad: bool = False) -> None:
+    """Compact state is float32, or float64 for float64 params (the oracle tests); a
+    compact gradient may also be bfloat16 when the state is float32."""
     allowed = (torch.float64,) if param.dtype == torch.float64 else (torch.float32,)
+    if grad and param.dtype != torch.float64:
+        allowed = (torch.float32, torch.bfloat16)
     if state.dtype not in allowed:
-        raise TypeError(f"{name} must be {str(allowed[0]).replace('torch.', '')} for a "
+        raise TypeError(f"{name} must be {' or '.join(str(a).replace('torch.', '') for a in allowed)} for a "
                         f"{str(param.dtype).replace('torch.', '')} param; got {str(state.dtype).replace('torch.', '')}")
 
 
@@ -140,7 +148,7 @@ def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, 
                 continue
             full_size = dense_state and name != "grads"
             _checks.tensor(f"{name}[{i}]", state, ndim=None if full_size else 1)
-            state_dtype_for(f"{name}[{i}]", param, state)
+            state_dtype_for(f"{name}[{i}]", param, state, grad=name == "grads")
             if full_size:
                 if state.numel() != param.numel():
                     raise ValueError(f"{name}[{i}] must have params[{i}].numel() = {param.numel()} elements with "

@@ -1,0 +1,122 @@
+"""The choices an estimate depends on, validated on construction (ValueError naming the
+argument), and the byte sizes they imply per trained entry."""
+from __future__ import annotations
+
+import dataclasses
+
+METHODS = ("seat", "naive", "full", "lora")
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+DEVICES = ("cuda", "cpu")
+INDEX_ENCODINGS = ("int32", "block16", "implicit")
+GRAD_DTYPES = {"float32": 4, "bfloat16": 2}
+OPTIMIZER_BITS = (32, 8)
+
+
+def _int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+    return value
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What is estimated.
+
+    method: "seat" (seat.patch + SparseAdamW + the fused-linear loss), "naive" (a full
+        copy of the model as the reference, dense torch AdamW with the gradient times a
+        bool mask, materialized logits and log-softmaxes), "full" (dense torch AdamW on
+        the same target weights, CE only) or "lora" (peft LoRA rank lora_rank on the same
+        linears, CE only).
+    density: fraction of each target weight that trains (seat, naive), in (0, 1].
+    seq, batch: tokens per sequence and sequences (pairs x / x~ for seat and naive).
+    gradient_checkpointing: transformers' activation checkpointing (one saved hidden state
+        per block, the block recomputed in backward).
+    dtype: the model's dtype; device: "cuda" or "cpu" (what differs: the CPU fused-linear
+        loss upcasts a low-precision lm_head once per call; torch AdamW runs foreach on
+        CUDA, one tensor at a time on CPU).
+    index_encoding (seat): "int32" explicit sorted indices (4 B per trained entry, today),
+        "block16" uint16 offsets in blocks of block16_size elements plus an int32 count
+        per block, "implicit" hashed random mask (an int32 prefix count per block of
+        implicit_block elements, no indices).
+    grad_dtype (seat): the compact gradient's dtype, "float32" (today) or "bfloat16".
+    optimizer_in_backward (seat): the update runs in the gradient hook, so no compact
+        gradient buffer exists.
+    optimizer_bits (seat): 32 (fp32 exp_avg / exp_avg_sq, today) or 8 (bitsandbytes-style
+        blockwise: 1 B per entry and an fp32 absmax per quant_block entries, each state).
+    master_weights (seat): fp32 copy of the trained entries of a low-precision model.
+    lora_rank (lora). chunk_size (seat): rows per chunk of the fused loss, 0 = the
+        kernel's choice (fp32 logits of a chunk under 64 MiB).
+    padded: the batch carries padding (x and x~ padded to one length: the usual case),
+        so transformers passes an explicit attention mask to SDPA (grouped-query keys and
+        values are then repeated to every head, and a float mask exists per layer).
+    ce_rows, kl_rows: rows that enter the CE (answer tokens of x) and the KL (positions
+        of x~); None: every position but the last of each sequence (batch * (seq - 1)).
+    """
+
+    method: str = "seat"
+    density: float = 0.05
+    seq: int = 1024
+    batch: int = 1
+    gradient_checkpointing: bool = False
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    index_encoding: str = "int32"
+    grad_dtype: str = "float32"
+    optimizer_in_backward: bool = False
+    optimizer_bits: int = 32
+    master_weights: bool = False
+    lora_rank: int = 8
+    chunk_size: int = 0
+    padded: bool = True
+    ce_rows: int | None = None
+    kl_rows: int | None = None
+    block16_size: int = 65536
+    implicit_block: int = 4096
+    quant_block: int = 256
+
+    def __post_init__(self):
+        _choice("method", self.method, METHODS)
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)) \
+                or not 0.0 < float(self.density) <= 1.0:
+            raise ValueError(f"density must be a number in (0, 1] (the fraction of each weight that trains, e.g. "
+                             f"0.05); got {self.density!r}")
+        _int("seq", self.seq, 2)
+        _int("batch", self.batch, 1)
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        _choice("device", self.device, DEVICES)
+        _choice("index_encoding", self.index_encoding, INDEX_ENCODINGS)
+        _choice("grad_dtype", self.grad_dtype, tuple(GRAD_DTYPES))
+        _choice("optimizer_bits", self.optimizer_bits, OPTIMIZER_BITS)
+        _int("lora_rank", self.lora_rank, 1)
+        _int("chunk_size", self.chunk_size, 0)
+        for name in ("block16_size", "implicit_block", "quant_block"):
+            _int(name, getattr(self, name), 1)
+        if self.block16_size > 65536:
+            raise ValueError(f"block16_size must be <= 65536 (uint16 offsets); got {self.block16_size}")
+        for name in ("ce_rows", "kl_rows"):
+            value = getattr(self, name)
+            if value is not None:
+                _int(name, value, 0)
+                if value > self.batch * self.seq:
+                    raise ValueError(f"{name} must be <= batch * seq = {self.batch * self.seq}; got {value}")
+
+    @property
+    def es(self) -> int:
+        """Bytes per element of the model's dtype."""
+        return DTYPES[self.dtype]
+
+    @property
+    def n_ce(self) -> int:
+        return self.batch * (self.seq - 1) if self.ce_rows is None else self.ce_rows
+
+    @property
+    def n_kl(self) -> int:
+        return self.batch * (self.seq - 1) if self.kl_rows is None else self.kl_rows
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

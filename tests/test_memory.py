@@ -1,0 +1,373 @@
+"""seat.memory: the analytic model against measured peaks on CPU, its arithmetic for
+known configs, its lean-mode parameters, the CLI and its errors.
+
+Measured peaks come from benchmarks/_memory.py (torch.profiler's allocation events plus
+the tensors alive at the step's start) around one step built by
+benchmarks/bench_seat_step.py's builders, after a warm-up step, as the benchmark does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import seat.memory as sm
+from seat.memory.__main__ import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_seat_step as bench  # noqa: E402
+from _memory import PeakMemory  # noqa: E402
+
+GB = 10**9
+
+
+# ---------------------------------------------------------------------- measured vs predicted
+def small_config(kind: str):
+    """A Llama / Qwen2 model big enough that activations, weights and the loss's buffers
+    all matter (~8M params, 4 blocks, grouped-query attention), small enough for a step in
+    well under a second on CPU."""
+    import transformers as tf
+
+    cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config}[kind]
+    return cls(vocab_size=2048, hidden_size=384, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=6,
+               num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, pad_token_id=0,
+               bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread (the peaks do not depend on it; the shared CPU is faster so)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def measure_step(builder: str, config, batch, dtype, checkpointing: bool, device: str = "cpu"):
+    batch = {k: v.to(device) for k, v in batch.items()}
+    step, alive, _, info = bench.BUILDERS[builder](config, batch, device, dtype, gradient_checkpointing=checkpointing)
+    try:
+        step(bench.NULL_PHASE)  # warm-up: the optimizer state exists from here on
+        with PeakMemory(device, alive()) as tracker:
+            step(tracker.phase)
+        return tracker.report
+    finally:
+        if "cleanup" in info:
+            info["cleanup"]()
+
+
+def predict(method: str, config, batch, dtype: str, checkpointing: bool, device: str = "cpu",
+            **options) -> sm.MemoryEstimate:
+    pairs, seq = batch["input_ids"].shape
+    padded = bool((batch["attention_mask"] == 0).any() or (batch["pert_attention_mask"] == 0).any())
+    return sm.estimate(config, method=method, density=bench.DENSITY, seq=seq, batch=pairs,
+                       gradient_checkpointing=checkpointing, dtype=dtype, device=device, padded=padded,
+                       ce_rows=int((batch["labels"][:, 1:] != -100).sum()),
+                       kl_rows=int(bench.kl_rows(batch["pert_attention_mask"]).sum()), **options)
+
+
+CASES = [  # (builder in bench_seat_step, method in seat.memory, gradient checkpointing)
+    ("seat", "seat", False),
+    ("seat", "seat", True),
+    ("naive-seat", "naive", False),
+    ("full-ft", "full", False),
+]
+
+
+@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
+@pytest.mark.parametrize("builder,method,checkpointing", CASES, ids=["seat", "seat-ckpt", "naive", "full"])
+def test_prediction_within_15_percent_of_the_measured_peak(kind, dtype, builder, method, checkpointing):
+    config = small_config(kind)
+    batch = bench.paired_batch(2, 64, config.vocab_size)
+    report = measure_step(builder, config, batch, getattr(torch, dtype), checkpointing)
+    est = predict(method, config, batch, dtype, checkpointing)
+    # the state alive between steps is counted exactly
+    assert est.state_bytes - est.state["batch"] == pytest.approx(report.start_bytes - est.state["batch"], rel=1e-3)
+    ratio = est.peak / report.peak_bytes
+    print(f"{kind} {dtype} {builder} ckpt={checkpointing}: predicted {est.peak / 2**20:.1f} MiB ({est.peak_phase}), "
+          f"measured {report.peak_bytes / 2**20:.1f} MiB ({report.peak_phase}), ratio {ratio:.3f}")
+    assert 0.85 <= ratio <= 1.15
+    # the step's transient part alone (what the model computes beyond the state) also holds
+    transient = est.peak - est.state_bytes
+    assert transient == pytest.approx(report.transient_peak_bytes, rel=0.15)
+
+
+def test_lora_prediction_within_15_percent():
+    pytest.importorskip("peft")
+    config = small_config("llama")
+    batch = bench.paired_batch(2, 64, config.vocab_size)
+    report = measure_step("lora-r8", config, batch, torch.float32, False)
+    est = predict("lora", config, batch, "float32", False)
+    print(f"lora: predicted {est.peak / 2**20:.1f} MiB, measured {report.peak_bytes / 2**20:.1f} MiB, "
+          f"ratio {est.peak / report.peak_bytes:.3f}")
+    assert 0.85 <= est.peak / report.peak_bytes <= 1.15
+
+
+@pytest.mark.parametrize("builder,chunk_size", [("seat", 0), ("seat-chunk64", 64)])
+def test_prediction_where_the_loss_chunks_dominate(builder, chunk_size):
+    """A 32k vocabulary on a narrow model: the fused loss's chunk buffers (all 500-odd
+    rows at once by default, 64 rows with chunk_size=64) are most of the step's peak."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    batch = bench.paired_batch(2, 128, config.vocab_size)
+    report = measure_step(builder, config, batch, torch.float32, False)
+    est = predict("seat", config, batch, "float32", False, chunk_size=chunk_size)
+    key = "loss: chunk buffers (logits, reference logits, their gradient)"
+    default = predict("seat", config, batch, "float32", False).phases["loss"][key]
+    if chunk_size == 0:
+        assert default > 0.4 * (est.peak - est.state_bytes)  # the regime this test is about
+    else:
+        assert est.phases["loss"][key] < default / 3
+    assert 0.85 <= est.peak / report.peak_bytes <= 1.15
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("builder,method,checkpointing", CASES, ids=["seat", "seat-ckpt", "naive", "full"])
+def test_prediction_within_15_percent_on_cuda(builder, method, checkpointing):
+    """The same on a GPU (torch.cuda.max_memory_allocated), with a model big enough
+    (~250M params, bf16) that cuBLAS workspaces and allocator rounding stay small."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                            num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=512,
+                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    batch = bench.paired_batch(2, 512, config.vocab_size)
+    report = measure_step(builder, config, batch, torch.bfloat16, checkpointing, device="cuda")
+    est = predict(method, config, batch, "bfloat16", checkpointing, device="cuda")
+    ratio = est.peak / report.peak_bytes
+    print(f"cuda {builder} ckpt={checkpointing}: predicted {est.peak / 2**20:.1f} MiB ({est.peak_phase}), "
+          f"measured {report.peak_bytes / 2**20:.1f} MiB ({report.peak_phase}), ratio {ratio:.3f}")
+    assert 0.85 <= ratio <= 1.15
+
+
+def test_no_padding_drops_the_mask_terms_as_measured():
+    """One pair of equal length has no padding: transformers passes no mask to SDPA and
+    keeps grouped keys/values unrepeated; the model follows (padded=False)."""
+    config = small_config("llama")
+    batch = bench.paired_batch(1, 128, config.vocab_size)
+    assert bool(batch["attention_mask"].all() and batch["pert_attention_mask"].all())
+    report = measure_step("seat", config, batch, torch.float32, False)
+    est = predict("seat", config, batch, "float32", False)
+    assert not est.options.padded
+    print(f"seat, no padding: predicted {est.peak / 2**20:.1f} MiB, measured {report.peak_bytes / 2**20:.1f} MiB, "
+          f"ratio {est.peak / report.peak_bytes:.3f}")
+    assert 0.85 <= est.peak / report.peak_bytes <= 1.15
+    padded = sm.estimate_arch(est.arch, sm.Options(**{**est.options.to_dict(), "padded": True}))
+    assert padded.activations > est.activations
+
+
+# ---------------------------------------------------------------------- arithmetic of known configs
+def _meta_counts(config):
+    """(total params, block-linear params) of the real transformers model, built on meta."""
+    import transformers as tf
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(p.numel() for n, p in model.named_parameters() if bench.is_block_linear(n))
+    return total, linear
+
+
+@pytest.mark.parametrize("name", sm.known_names())
+def test_known_config_counts_match_the_transformers_model(name):
+    config = sm.load_config(name)
+    arch = sm.Architecture.from_config(config)
+    total, linear = _meta_counts(config)
+    assert arch.total_params == total
+    assert arch.block_linear_params == linear
+
+
+def test_llama_3_8b_arithmetic():
+    """The numbers of issue 9: ~8.03B params, ~6.98B in the block linears (16.1 GB of bf16
+    weights); at density 0.05 ~350M entries, int32 indices 1.4 GB, original values
+    0.7 GB, fp32 exp_avg + exp_avg_sq 2.8 GB, fp32 compact gradient 1.4 GB."""
+    est = sm.estimate("Llama-3-8B", density=0.05, seq=1024, batch=1, gradient_checkpointing=True)
+    assert est.arch.total_params / 1e9 == pytest.approx(8.03, abs=0.005)
+    assert est.target_params / 1e9 == pytest.approx(6.98, abs=0.005)
+    assert est.state["weights"] / GB == pytest.approx(16.06, abs=0.01)
+    assert est.trainable / 1e6 == pytest.approx(349.0, abs=0.5)
+    assert est.state["mask indices"] == 4 * est.trainable
+    assert est.state["original values at the mask"] == 2 * est.trainable
+    assert est.state["optimizer state (exp_avg, exp_avg_sq)"] == 8 * est.trainable
+    assert est.state["compact gradient"] == 4 * est.trainable
+    assert est.state_bytes / GB == pytest.approx(22.35, abs=0.05)
+    # checkpointing keeps one hidden state per block: far less than the full activations
+    assert est.activations_checkpointing < est.activations_no_checkpointing / 10
+
+
+def test_nnz_matches_seat_masks():
+    from seat.masks import nnz_for
+
+    for numel in (1, 7, 1000, 4096 * 14336, 12345):
+        for density in (1e-6, 0.01, 0.05, 0.5, 1.0):
+            assert sm.nnz_for(numel, density) == nnz_for(numel, density)
+
+
+def test_lean_modes_change_what_they_should():
+    base = sm.estimate("Llama-3-8B", density=0.05, gradient_checkpointing=True)
+    nnz, numels = base.trainable, base.target_params
+
+    def est(**kw):
+        return sm.estimate("Llama-3-8B", density=0.05, gradient_checkpointing=True, **kw)
+
+    block16 = est(index_encoding="block16")
+    assert 2 * nnz < block16.state["mask indices"] < 2.01 * nnz  # uint16 offsets + a small per-block table
+    implicit = est(index_encoding="implicit")
+    layers, shapes = base.arch.layers, base.arch.block_linear_shapes().values()
+    assert implicit.state["mask indices"] == 4 * layers * sum(-(-o * i // 4096) for o, i in shapes)
+    assert implicit.state["mask indices"] < numels / 1000
+    assert est(grad_dtype="bfloat16").state["compact gradient"] == 2 * nnz
+    assert "compact gradient" not in est(optimizer_in_backward=True).state
+    eight = est(optimizer_bits=8).state["optimizer state (exp_avg, exp_avg_sq)"]
+    assert 2 * nnz < eight < 2 * nnz * (1 + 4 / 256) + 8 * 7 * layers
+    assert est(master_weights=True).state["fp32 master values"] == 4 * nnz
+    assert "fp32 master values" not in est(master_weights=True, dtype="float32").state
+    leanest = est(index_encoding="implicit", optimizer_in_backward=True, optimizer_bits=8)
+    assert leanest.peak < base.peak - 4 * GB
+
+
+def test_methods_order_and_baseline_terms():
+    kw = dict(density=0.05, seq=1024, batch=1, gradient_checkpointing=True)
+    seat = sm.estimate("Llama-3-8B", method="seat", **kw)
+    naive = sm.estimate("Llama-3-8B", method="naive", **kw)
+    full = sm.estimate("Llama-3-8B", method="full", **kw)
+    lora = sm.estimate("Llama-3-8B", method="lora", **kw)
+    assert naive.state["reference model copy"] == naive.state["weights"]
+    assert naive.peak > full.peak > seat.peak > lora.peak
+    assert not naive.fits(24 * 2**30) and seat.peak < 24 * 2**30
+    # LoRA r=8 on the 7 linears of 32 blocks: 8 * sum(in + out) per block
+    assert lora.trainable == 32 * 8 * sum(o + i for o, i in lora.arch.block_linear_shapes().values())
+
+
+def test_activations_scale_with_tokens_and_the_loss_chunks_do_not():
+    a = sm.estimate("Llama-3.2-1B", seq=512, batch=1)
+    b = sm.estimate("Llama-3.2-1B", seq=512, batch=2)
+    assert b.activations == pytest.approx(2 * a.activations, rel=1e-6)
+    chunk = "loss: chunk buffers (logits, reference logits, their gradient)"
+    big = sm.estimate("Llama-3.2-1B", seq=4096, batch=4)
+    assert big.phases["loss"][chunk] == b.phases["loss"][chunk]  # chunked: bounded whatever the rows
+
+
+def test_fits_and_headroom():
+    est = sm.estimate("Mistral-7B", density=0.01, gradient_checkpointing=True)
+    assert est.fits(est.peak) and not est.fits(est.peak - 1)
+    assert est.headroom(est.peak + 10, reserve=4) == 6
+    assert not est.fits(est.peak + 10, reserve=11)
+    assert est.total == est.peak == max(est.phase_bytes(p) for p in est.phases)
+    assert est.fits("24GiB") == (est.peak <= 24 * 2**30)
+    assert est.headroom("16GB", reserve="1GB") == 15 * 10**9 - est.peak
+    with pytest.raises(ValueError, match="gpu_bytes"):
+        est.fits("a lot")
+
+
+def test_import_seat_memory_is_light():
+    code = "import sys, seat.memory; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(density=0.0), "density"), (dict(density=1.5), "density"), (dict(density=-0.1), "density"),
+    (dict(seq=-5), "seq"), (dict(batch=0), "batch"), (dict(method="adam"), "method"),
+    (dict(index_encoding="int8"), "index_encoding"), (dict(optimizer_bits=4), "optimizer_bits"),
+    (dict(ce_rows=10**9), "ce_rows"),
+])
+def test_bad_input_names_the_argument(kwargs, argument):
+    with pytest.raises(ValueError, match=f"^{argument}"):
+        sm.estimate("Llama-3.2-1B", **kwargs)
+
+
+def test_config_from_a_path_and_unknown_model_types(tmp_path):
+    fields = json.loads((Path(sm.__file__).parent / "known-configs" / "qwen2.5-7b.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    assert sm.estimate(tmp_path).peak == sm.estimate(tmp_path / "config.json").peak == sm.estimate("qwen2.5-7b").peak
+    (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        sm.estimate(tmp_path / "gpt2.json")
+    with pytest.raises(ValueError, match="neither a known model name"):
+        sm.estimate("Llama-9-1T")
+
+
+def test_parse_bytes():
+    assert sm.parse_bytes("24GB") == 24 * 10**9
+    assert sm.parse_bytes("24 GiB") == 24 * 2**30
+    assert sm.parse_bytes("1.5e9") == 1_500_000_000
+    for bad in ("24 gigs", "-3GB", "GB", "0"):
+        with pytest.raises(ValueError, match="gpu"):
+            sm.parse_bytes(bad, argument="gpu-memory")
+
+
+# ---------------------------------------------------------------------- the command line
+def test_cli_report(capsys):
+    assert cli_main(["--config", "Llama-3-8B", "--density", "0.05", "--seq", "1024", "--batch", "1",
+                     "--gradient-checkpointing", "--gpu-memory", "24GiB", "16GiB"]) == 0
+    out = capsys.readouterr().out
+    est = sm.estimate("Llama-3-8B", density=0.05, seq=1024, batch=1, gradient_checkpointing=True)
+    assert "analytic model" in out and f"{est.peak / 1e9:.3f}" in out  # GB by default
+    for item in ("weights", "mask indices", "original values at the mask", "optimizer state", "compact gradient",
+                 "activations", "transient dense gradient"):
+        assert item in out
+    verdicts = [line for line in out.splitlines() if line.startswith("verdict vs")]
+    assert len(verdicts) == 2 and "does not fit" in verdicts[1]
+
+
+def test_cli_json_parses_and_agrees_with_the_api(capsys):
+    assert cli_main(["--config", "Qwen2.5-7B", "--density", "0.01", "--seq", "512", "--batch", "2",
+                     "--gpu-memory", "24GB", "--reserve", "1GB", "--json", "--index-encoding", "block16"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    est = sm.estimate("Qwen2.5-7B", density=0.01, seq=512, batch=2, index_encoding="block16")
+    assert d["peak_bytes"] == est.peak and d["peak_phase"] == est.peak_phase
+    assert d["options"]["index_encoding"] == "block16" and d["options"]["density"] == 0.01
+    assert d["verdicts"]["24GB"] == {"gpu_bytes": 24 * 10**9, "fits": est.fits(24 * 10**9, 10**9),
+                                     "headroom_bytes": est.headroom(24 * 10**9, 10**9)}
+
+
+def test_cli_table_for_several_configs(capsys):
+    assert cli_main(["--config", "Llama-3-8B", "Mistral-7B", "--density", "0.05", "0.01", "--method", "seat",
+                     "naive", "--gradient-checkpointing", "--gpu-memory", "24GiB"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "model" not in line]
+    assert len(rows) == 2 * 2 * 2
+    assert all(row.count("|") == 8 for row in rows)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--config", "Llama-9-1T"], "--config"),
+    (["--config", "Llama-3-8B", "--density", "1.5"], "--density"),
+    (["--config", "Llama-3-8B", "--seq", "-1"], "--seq"),
+    (["--config", "Llama-3-8B", "--gpu-memory", "lots"], "--gpu-memory"),
+])
+def test_cli_errors_name_the_argument(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err
+    if flag == "--config":
+        assert all(name in err for name in sm.known_names())
+
+
+def test_python_dash_m_runs_as_a_module():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "seat.memory", "--config", "Llama-3.2-1B", "--json"],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["total_params"] == sm.estimate("Llama-3.2-1B").arch.total_params
+
+
+def test_known_configs_ship_as_package_data(tmp_path):
+    """setup.py's build_py (what a wheel packs) copies the known configs."""
+    env = {**os.environ, "SEAT_SKIP_CUDA_BUILD": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build_py", "-d",
+                    str(tmp_path)], cwd=ROOT, env=env, check=True, capture_output=True)  # nothing written to ROOT
+    shipped = sorted(p.name for p in (tmp_path / "seat" / "memory" / "known-configs").glob("*.json"))
+    assert shipped == sorted(sm.KNOWN.values())
