@@ -38,7 +38,8 @@ def _setup(tmp_path, seed=0, records=RECORDS, mask_encoding="int32", **arg_overr
                 save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, data_seed=0,
                 dataloader_num_workers=0, remove_unused_columns=False, lr_scheduler_type="linear")
     args.update(arg_overrides)
-    trainer = seat.SeatTrainer(model, transformers.TrainingArguments(**args), seat_config=seat.SeatConfig(density=0.2, mask_encoding=mask_encoding),
+    seat_config = seat.SeatConfig(density=0.2, mask_encoding=mask_encoding)
+    trainer = seat.SeatTrainer(model, transformers.TrainingArguments(**args), seat_config=seat_config,
                                train_dataset=records, data_collator=collator, processing_class=tokenizer)
     return trainer, model, collator
 
