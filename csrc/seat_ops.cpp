@@ -20,6 +20,30 @@ TORCH_LIBRARY(seat_C, m) {
       "sparse_adamw_(Tensor(a!)[] params, Tensor[] idxs, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, float[] scalars, "
       "bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
+  // Implicit random masks (seat/implicit_mask.h): element e of a param is trained iff
+  // mix32(key ^ mix32(e)) < threshold; block_offsets[b] is the compact slot of the first
+  // member of block b (blocks of `block` elements). counts[b] = members of block b.
+  m.def("implicit_block_counts_(Tensor(a!) counts, int numel, int key, int threshold, int block) -> ()");
+  m.def(
+      "masked_gather_implicit_(Tensor(a!) out, Tensor dense, Tensor block_offsets, int key, int threshold, "
+      "int block) -> ()");
+  m.def(
+      "masked_swap_implicit_(Tensor(a!) param, Tensor block_offsets, Tensor(b!) values, int key, int threshold, "
+      "int block) -> ()");
+  // sparse_adamw_ with implicit masks: keys[i] / thresholds[i] / blocks[i] / block_offsets[i]
+  // instead of idxs[i].
+  m.def(
+      "sparse_adamw_implicit_(Tensor(a!)[] params, Tensor[] block_offsets, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, int[] keys, int[] thresholds, "
+      "int[] blocks, float[] scalars, bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
+  // Block16-encoded masks (seat/block16.h): block_starts (int32, n_blocks + 1) and offsets
+  // (uint16, one per entry) instead of idx; entry j sits at block * 65536 + offsets[j].
+  m.def("masked_gather_block16_(Tensor(a!) out, Tensor dense, Tensor block_starts, Tensor offsets) -> ()");
+  m.def("masked_swap_block16_(Tensor(a!) param, Tensor block_starts, Tensor offsets, Tensor(b!) values) -> ()");
+  m.def(
+      "sparse_adamw_block16_(Tensor(a!)[] params, Tensor[] block_starts, Tensor[] offsets, Tensor[] grads, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, "
+      "float[] scalars, bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
   // Fused log-softmax losses, per row (kl_div, paired_loss, fused_linear_paired_loss):
   // the first labels.numel() rows of logits are cross-entropy rows against labels (0 loss
   // and gradient where label == ignore_index), the rest KL rows against the matching

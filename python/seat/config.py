@@ -10,6 +10,7 @@ import dataclasses
 from typing import Sequence
 
 MASK_KINDS = ("random", "magnitude")
+MASK_ENCODINGS = ("int32", "implicit", "block16")
 KL_TOKENS = ("all", "answer")
 
 
@@ -20,6 +21,15 @@ class SeatConfig:
     density: fraction of each target matrix that trains, in (0, 1].
     mask: "random" (seeded, exact count) or "magnitude" (largest |w|); importance masks are
         built with seat.masks.ImportanceScores and passed to patch(model, masks=...).
+    mask_encoding: how a mask is stored. "int32" (default): sorted int32 indices, exactly
+        round(density * numel) entries per weight (4 bytes per trained entry).
+        "implicit" (random masks only): the mask is a hash of (seed, weight name, entry)
+        and stores no indices (4 bytes per 4096 entries of a weight); each entry is in it
+        with probability density, so its size is binomial (within a fraction of a
+        percent of density * numel for real weights). Optimizer state, deltas and the
+        trajectory for the same entries are the same as with int32 indices.
+        "block16" (any mask): the int32 mask's entries as uint16 offsets within blocks of
+        65536 elements (2 bytes per trained entry), same entries and trajectory.
     seed: seeds the masks (per weight, from its name) and stochastic rounding.
     targets: "all-linear" (every nn.Linear / GPT-2 Conv1D weight except the output
         embedding) or module-name patterns (fnmatch, e.g. ["*.q_proj", "*.v_proj"]).
@@ -33,6 +43,7 @@ class SeatConfig:
 
     density: float = 0.05
     mask: str = "random"
+    mask_encoding: str = "int32"
     seed: int = 0
     targets: str | Sequence[str] = "all-linear"
     kl_weight: float = 1.0
@@ -52,6 +63,11 @@ class SeatConfig:
         if self.mask not in MASK_KINDS:
             raise ValueError(f"mask must be one of {MASK_KINDS}; got {self.mask!r} (importance masks: build them "
                              "with seat.masks.ImportanceScores and pass patch(model, masks=...))")
+        if self.mask_encoding not in MASK_ENCODINGS:
+            raise ValueError(f"mask_encoding must be one of {MASK_ENCODINGS}; got {self.mask_encoding!r}")
+        if self.mask_encoding == "implicit" and self.mask != "random":
+            raise ValueError(f"mask_encoding='implicit' stores a random mask as its seed; mask={self.mask!r} chooses "
+                             "entries and needs mask_encoding='int32'")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0; got {self.seed!r}")
         if isinstance(self.targets, str):

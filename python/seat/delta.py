@@ -2,11 +2,15 @@
 
 A delta directory holds
   delta.safetensors   for each trained weight NAME: "idx/NAME" (nnz,) int32 flat indices
-                      and "values/NAME" (nnz,) in the weight's dtype: the trained values
+                      (int32 masks only) and "values/NAME" (nnz,) in the weight's dtype:
+                      the trained values
   seat_config.json    format version, seat version, model class, the SeatConfig, and per
                       weight: shape, dtype, nnz and the sha256 of the base values at the
                       mask (what the delta overwrites), so loading onto another base model,
-                      or a weight of another shape or dtype, is an error.
+                      or a weight of another shape or dtype, is an error. A weight trained
+                      with an implicit mask stores no indices: its "mask" entry holds the
+                      ImplicitMask spec (seed, param id, density, block), from which the
+                      loader recomputes the same entries (format version 2).
 The directory is written to a temporary sibling and renamed into place, so a crash never
 leaves a half-written delta (an existing one is replaced only once the new one is whole).
 """
@@ -25,7 +29,8 @@ from torch import Tensor
 from ._version import __version__
 
 FORMAT = "seat-delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-weight "mask" specs of implicit masks; version 1 deltas still load
+READ_VERSIONS = (1, 2)
 WEIGHTS_FILE = "delta.safetensors"
 CONFIG_FILE = "seat_config.json"
 
@@ -64,12 +69,18 @@ def save_delta(handle, directory) -> None:
     """Write `handle`'s trained values (see the module docstring)."""
     from safetensors.torch import save_file
 
+    from .masks import ImplicitMask, mask_indices, mask_nnz
+
     tensors, weights = {}, {}
     for name, t in handle.targets.items():
-        tensors[f"idx/{name}"] = t.idx.detach().cpu().contiguous()
-        tensors[f"values/{name}"] = t.param.detach().view(-1)[t.idx.long()].cpu().contiguous()
+        idx = mask_indices(t.idx)
+        tensors[f"values/{name}"] = t.param.detach().view(-1)[idx.long()].cpu().contiguous()
         weights[name] = {"shape": list(t.param.shape), "dtype": str(t.param.dtype).replace("torch.", ""),
-                         "nnz": t.idx.numel(), "base_sha256": _sha256(t.original)}
+                         "nnz": mask_nnz(t.idx), "base_sha256": _sha256(t.original)}
+        if isinstance(t.idx, ImplicitMask):
+            weights[name]["mask"] = t.idx.spec()
+        else:
+            tensors[f"idx/{name}"] = idx.detach().cpu().contiguous()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "seat_version": __version__,
             "model_class": type(handle.model).__name__, "config": handle.config.to_dict(), "weights": weights}
 
@@ -89,8 +100,9 @@ def read_delta(directory) -> tuple[dict, dict[str, Tensor]]:
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory} is not a seat delta: {name} is missing")
     meta = json.loads((directory / CONFIG_FILE).read_text())
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise DeltaMismatchError(f"{directory / CONFIG_FILE} is not a {FORMAT} v{FORMAT_VERSION} file "
+    if meta.get("format") != FORMAT or meta.get("format_version") not in READ_VERSIONS:
+        versions = "/".join(map(str, READ_VERSIONS))
+        raise DeltaMismatchError(f"{directory / CONFIG_FILE} is not a {FORMAT} v{versions} file "
                                  f"(format {meta.get('format')!r} v{meta.get('format_version')!r})")
     return meta, load_file(str(directory / WEIGHTS_FILE))
 
@@ -115,7 +127,19 @@ def load_delta(model: torch.nn.Module, directory, *, strict_class: bool = True) 
         if list(p.shape) != info["shape"] or dtype != info["dtype"]:
             raise DeltaMismatchError(f"{name}: the delta expects shape {info['shape']} {info['dtype']}, the model "
                                      f"has {list(p.shape)} {dtype}")
-        idx, values = tensors[f"idx/{name}"], tensors[f"values/{name}"]
+        values = tensors[f"values/{name}"]
+        if "mask" in info:  # an implicit mask: recompute its entries from the spec
+            from .masks import ImplicitMask
+
+            spec = info["mask"]
+            if spec.get("numel") != p.numel():
+                raise DeltaMismatchError(f"{name}: the delta's mask covers {spec.get('numel')} elements, the weight "
+                                         f"has {p.numel()}")
+            idx = ImplicitMask.from_spec(spec, device=p.device).indices().cpu()
+        elif f"idx/{name}" in tensors:
+            idx = tensors[f"idx/{name}"]
+        else:
+            raise DeltaMismatchError(f"{name}: delta.safetensors has no indices and {CONFIG_FILE} no mask for it")
         if idx.dtype != torch.int32 or idx.numel() != info["nnz"] or values.numel() != info["nnz"]:
             raise DeltaMismatchError(f"{name}: delta.safetensors is inconsistent with {CONFIG_FILE}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= p.numel()):

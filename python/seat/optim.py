@@ -17,7 +17,10 @@ Masks may change during training (`set_masks`, the paper-faithful mode where a r
 mask is re-drawn every k steps). With dense_state=True the Adam state is kept full-size,
 for every entry of W, so an entry that leaves the mask and comes back finds its moments;
 with compact state (the default) kept entries keep theirs and new entries start at zero.
-A mask may be given as int32 indices or as a bool tensor of W's shape. Works with param groups, LR schedulers,
+A mask may be given as int32 indices, as a bool tensor of W's shape, as a
+seat.masks.ImplicitMask (a seeded random mask that stores no indices: 4 bytes per 4096
+entries of W instead of 4 per trained entry; its state_dict entry is the mask's spec) or
+as a seat.masks.Block16Mask (any mask in 2 bytes per trained entry). Works with param groups, LR schedulers,
 state_dict / load_state_dict (the masks travel with the state and are checked on load),
 zero_grad, and gradient clipping on the compact buffers (clip_grad_norm_).
 
@@ -70,6 +73,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .masks import Block16Mask, ImplicitMask, mask_gather_, mask_indices, mask_nnz
 from .ops import _checks
 
 # 8-bit state (state_bits=8): blockwise quantization block, and the most compact entries
@@ -149,6 +153,37 @@ def _check_param(name: str, param: Tensor) -> None:
         raise ValueError(f"{name} must be a leaf tensor with requires_grad=True (a trainable parameter)")
 
 
+_MASK_KEYS = ("idx", "implicit_mask", "block_offsets", "block_starts", "offsets")
+
+
+def _store_mask(state: dict, mask) -> None:
+    """The mask in a param's state (what state_dict saves and load_state_dict compares):
+    "idx" for int32 indices; "implicit_mask" (its spec) and "block_offsets" for an
+    ImplicitMask; "block_starts" and "offsets" for a Block16Mask."""
+    for k in _MASK_KEYS:
+        state.pop(k, None)
+    if isinstance(mask, ImplicitMask):
+        state["implicit_mask"] = mask.spec()
+        state["block_offsets"] = mask.block_offsets
+    elif isinstance(mask, Block16Mask):
+        state["block_starts"], state["offsets"] = mask.block_starts, mask.offsets
+    else:
+        state["idx"] = mask
+
+
+def _same_mask(saved: dict, mask) -> bool:
+    """Whether the mask saved in a state entry is `mask`."""
+    if isinstance(mask, ImplicitMask):
+        return saved.get("implicit_mask") == mask.spec()
+    if isinstance(mask, Block16Mask):
+        starts, offsets = saved.get("block_starts"), saved.get("offsets")
+        return (isinstance(starts, Tensor) and isinstance(offsets, Tensor) and offsets.dtype == torch.uint16
+                and torch.equal(starts, mask.block_starts)
+                and torch.equal(offsets.view(torch.int16), mask.offsets.view(torch.int16)))
+    idx = saved.get("idx")
+    return isinstance(idx, Tensor) and torch.equal(idx, mask)
+
+
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW over compact state (see the module docstring).
 
@@ -212,6 +247,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self.state_bits = state_bits
         all_params = [p for group in self.param_groups for p in group["params"]]
         self._masks = self._resolve_masks(all_params, masks)
+        self._check_lean_masks(grad_dtype, update_in_backward, state_bits)
         if grad_dtype == torch.bfloat16 or state_bits == 8:
             fp64 = [i for i, p in enumerate(all_params) if p.dtype == torch.float64]
             if fp64:
@@ -244,6 +280,14 @@ class SparseAdamW(torch.optim.Optimizer):
         out = {}
         for i, (p, idx) in enumerate(zip(params, resolved)):
             _check_param(f"params[{i}]", p)
+            if isinstance(idx, (ImplicitMask, Block16Mask)):
+                if idx.numel != p.numel():
+                    raise ValueError(f"masks[{i}] ({type(idx).__name__}) covers {idx.numel} elements; its "
+                                     f"parameter has {p.numel()}")
+                if idx.device != p.device:
+                    raise ValueError(f"masks[{i}] is on {idx.device} but its parameter is on {p.device}")
+                out[p] = idx
+                continue
             if isinstance(idx, Tensor) and idx.dtype == torch.bool:
                 if idx.shape != p.shape:
                     raise ValueError(f"masks[{i}] is a bool mask of shape {tuple(idx.shape)}; its parameter has "
@@ -256,16 +300,27 @@ class SparseAdamW(torch.optim.Optimizer):
             out[p] = idx
         return out
 
+    def _check_lean_masks(self, grad_dtype, update_in_backward: bool, state_bits: int) -> None:
+        """The lean modes step int32 index masks only (their kernels and the 8-bit chunking
+        index idx); ImplicitMask / Block16Mask take the default mode."""
+        modes = [m for m, on in (("grad_dtype=torch.bfloat16", grad_dtype == torch.bfloat16),
+                                 ("update_in_backward=True", update_in_backward), ("state_bits=8", state_bits == 8))
+                 if on]
+        encoded = [i for i, m in enumerate(self._masks.values()) if isinstance(m, (ImplicitMask, Block16Mask))]
+        if modes and encoded:
+            raise ValueError(f"{', '.join(modes)} needs int32 index masks; the masks at position {encoded[:5]} are "
+                             "ImplicitMask / Block16Mask: pass mask.indices() instead, or use the default mode")
+
     def _grad_dtype(self, p: Tensor) -> torch.dtype:
         return self.grad_dtype or _state_dtype(p)
 
     def _init_param(self, p: Tensor, group: dict) -> None:
         idx = self._masks[p]
-        nnz, dtype = idx.numel(), _state_dtype(p)
+        nnz, dtype = mask_nnz(idx), _state_dtype(p)
         size = p.numel() if self.dense_state else nnz
         state = self.state[p]
         state["step"] = 0
-        state["idx"] = idx
+        _store_mask(state, idx)
         if self.state_bits == 8:
             self._init_quantized(p, nnz)
         else:
@@ -275,7 +330,7 @@ class SparseAdamW(torch.optim.Optimizer):
             state["max_exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
         if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
             flat = p.detach().view(-1)
-            state["master"] = (flat if self.dense_state else flat[idx.long()]).to(dtype)
+            state["master"] = (flat if self.dense_state else flat[mask_indices(idx).long()]).to(dtype)
         self._has_grad[p] = False  # update_in_backward: "updated since the last step()"
         if self.update_in_backward:  # no compact gradient buffer at all
             self._hooks.append(p.register_post_accumulate_grad_hook(_backward_update_hook(self)))
@@ -294,7 +349,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if self._has_grad[p] and buf.dtype == torch.bfloat16:
             # a second micro-batch: accumulate in fp32 rather than round after every one
             buf = self._grads[p] = buf.float()
-        ops.masked_gather_(buf, p.grad, self._masks[p])
+        mask_gather_(buf, p.grad, self._masks[p])
         self._has_grad[p] = True
         p.grad = None
 
@@ -355,14 +410,16 @@ class SparseAdamW(torch.optim.Optimizer):
                                "optimizer.step() and zero_grad()")
         params = [p for group in self.param_groups for p in group["params"]]
         new_masks = self._resolve_masks(params, masks)
-        for p, new_idx in new_masks.items():
-            state, old_idx = self.state[p], self._masks[p]
+        for p, new_mask in new_masks.items():
+            state, old_mask = self.state[p], self._masks[p]
+            new_idx = mask_indices(new_mask)  # implicit / block16 masks materialized for the move only
             if self.state_bits == 8:  # remap the dequantized moments, then quantize anew
                 values = self.dequantized_state(p)
                 for key in _QUANT_KEYS:
                     del state[key], state[f"{key}_absmax"]
                 state.update(values)
             if not self.dense_state:
+                old_idx = mask_indices(old_mask)
                 # where each new entry sat in the old compact arrays (both are sorted)
                 where = torch.searchsorted(old_idx, new_idx).clamp_(max=max(old_idx.numel() - 1, 0))
                 kept = old_idx[where] == new_idx if old_idx.numel() else torch.zeros_like(new_idx, dtype=torch.bool)
@@ -372,8 +429,8 @@ class SparseAdamW(torch.optim.Optimizer):
                                  else torch.zeros(new_idx.numel(), dtype=state[key].dtype, device=p.device))
                         fresh[kept] = state[key][where[kept]]
                         state[key] = fresh
-            state["idx"] = new_idx
-            self._masks[p] = new_idx
+            _store_mask(state, new_mask)
+            self._masks[p] = new_mask
             if self.state_bits == 8:
                 values = {key: state.pop(key) for key in _QUANT_KEYS}
                 self._init_quantized(p, new_idx.numel())
@@ -402,7 +459,7 @@ class SparseAdamW(torch.optim.Optimizer):
             if p.grad is not None:
                 if p.grad.is_sparse:
                     raise ValueError("SparseAdamW does not take sparse-layout gradients")
-                ops.masked_gather_(self._grads[p], p.grad.contiguous(), idx)
+                mask_gather_(self._grads[p], p.grad.contiguous(), idx)
                 self._has_grad[p] = True
                 p.grad = None
 
@@ -473,16 +530,30 @@ class SparseAdamW(torch.optim.Optimizer):
                 batches[state["step"]].append(p)
             beta1, beta2 = group["betas"]
             for step, params in batches.items():
-                states = [self.state[p] for p in params]
-                ops.sparse_adamw_(
-                    params, [s["idx"] for s in states], [self._grads[p] for p in params],
-                    [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                    [s.get("master") for s in states], [s.get("max_exp_avg_sq") for s in states],
-                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
-                    stochastic_rounding=group["stochastic_rounding"],
-                    seed=(self.seed * 1_000_003 + group_index) % 2**63, dense_state=self.dense_state,
-                )
+                hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                             weight_decay=group["weight_decay"], step=step, maximize=group["maximize"],
+                             stochastic_rounding=group["stochastic_rounding"],
+                             seed=(self.seed * 1_000_003 + group_index) % 2**63, dense_state=self.dense_state)
+                # one call per mask form (int32 indices / ImplicitMask / Block16Mask)
+                by_form: dict = defaultdict(list)
+                for p in params:
+                    by_form[type(self._masks[p])].append(p)
+                for form, ps in by_form.items():
+                    states = [self.state[p] for p in ps]
+                    lists = ([self._grads[p] for p in ps], [s["exp_avg"] for s in states],
+                             [s["exp_avg_sq"] for s in states], [s.get("master") for s in states],
+                             [s.get("max_exp_avg_sq") for s in states])
+                    if form is Block16Mask:
+                        ops.sparse_adamw_block16_(ps, [s["block_starts"] for s in states],
+                                                  [s["offsets"] for s in states], *lists, **hyper)
+                    elif form is not ImplicitMask:
+                        ops.sparse_adamw_(ps, [s["idx"] for s in states], *lists, **hyper)
+                    else:
+                        masks = [self._masks[p] for p in ps]
+                        ops.sparse_adamw_implicit_(
+                            ps, [m.block_offsets for m in masks], *lists, seeds=[m.seed for m in masks],
+                            param_ids=[m.param_id for m in masks], thresholds=[m.threshold for m in masks],
+                            blocks=[m.block for m in masks], **hyper)
         return loss
 
     def _param_seed(self, group_index: int, position: int) -> int:
@@ -562,10 +633,13 @@ class SparseAdamW(torch.optim.Optimizer):
             p = id_map[key]
             restored = {k: (v.to(p.device, copy=True) if isinstance(v, Tensor) else copy.deepcopy(v))
                         for k, v in saved_state.items()}
-            if "idx" in restored and not torch.equal(restored["idx"], self._masks[p]):
+            mask = self._masks[p]
+            if any(k in restored for k in _MASK_KEYS) and not _same_mask(restored, mask):
                 raise ValueError(f"the state_dict's mask for parameter {key} differs from this optimizer's: "
                                  "build the optimizer with the masks the checkpoint was trained with")
-            restored["idx"] = self._masks[p]
+            for k in _MASK_KEYS:
+                restored.pop(k, None)
+            _store_mask(restored, mask)
             self._check_state_storage(key, p, restored)
             new_state[p] = restored
         self.state = new_state

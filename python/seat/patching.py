@@ -27,7 +27,8 @@ from torch import Tensor
 
 from . import ops
 from .config import SeatConfig
-from .masks import magnitude_mask, param_seed, random_mask
+from .masks import (Block16Mask, ImplicitMask, encode_mask, magnitude_mask, mask_indices, mask_nnz, mask_swap_,
+                    param_id_for, param_seed, random_mask)
 
 _HANDLE_ATTR = "_seat_handle"
 
@@ -39,7 +40,7 @@ class Target:
     name: str  # parameter name in the model, e.g. "model.layers.0.self_attn.q_proj.weight"
     module: torch.nn.Module
     param: torch.nn.Parameter
-    idx: Tensor  # (nnz,) int32, sorted: flat positions in param.view(-1)
+    idx: Tensor | ImplicitMask  # (nnz,) int32 sorted flat positions in param.view(-1), or an implicit mask
     original: Tensor  # (nnz,) param.dtype: the base values there
 
 
@@ -119,7 +120,7 @@ class SeatHandle:
             if not weight.is_contiguous():
                 raise ValueError(f"{name} is not contiguous; seat masks index a weight's flat storage")
             idx = self._build_mask(name, weight, masks)
-            original = weight.detach().view(-1)[idx.long()].clone()
+            original = weight.detach().view(-1)[mask_indices(idx).long()].clone()
             self.targets[name] = Target(name, module, weight, idx, original)
         if masks is not None:
             unknown = sorted(set(masks) - set(self.targets))
@@ -137,14 +138,26 @@ class SeatHandle:
     def _build_mask(self, name: str, weight: Tensor, masks) -> Tensor:
         if masks is not None and name in masks:
             idx = masks[name]
+            if isinstance(idx, (ImplicitMask, Block16Mask)):
+                if idx.numel != weight.numel():
+                    raise ValueError(f"masks[{name!r}] ({type(idx).__name__}) covers {idx.numel} elements; the "
+                                     f"weight has {weight.numel()}")
+                return idx if idx.device == weight.device else idx.to(weight.device)
             if not isinstance(idx, Tensor) or idx.dtype != torch.int32:
-                raise TypeError(f"masks[{name!r}] must be an int32 tensor of flat indices (see seat.masks)")
+                raise TypeError(f"masks[{name!r}] must be an int32 tensor of flat indices, a "
+                                "seat.masks.ImplicitMask or a Block16Mask (see seat.masks)")
             ops._checks.index_values(f"masks[{name!r}]", idx, weight.numel())
-            return idx.to(weight.device)
+            encoding = "block16" if self.config.mask_encoding == "block16" else "int32"  # implicit: drawn masks only
+            return encode_mask(idx.to(weight.device), weight.numel(), encoding)
+        if self.config.mask_encoding == "implicit":
+            return ImplicitMask(weight, self.config.density, seed=self.config.seed, param_id=param_id_for(name),
+                                device=weight.device)
         if self.config.mask == "magnitude":
-            return magnitude_mask(weight.detach(), self.config.density).to(weight.device)
-        return random_mask(weight.numel(), self.config.density, seed=param_seed(self.config.seed, name),
-                           device=weight.device)
+            idx = magnitude_mask(weight.detach(), self.config.density).to(weight.device)
+        else:
+            idx = random_mask(weight.numel(), self.config.density, seed=param_seed(self.config.seed, name),
+                              device=weight.device)
+        return encode_mask(idx, weight.numel(), self.config.mask_encoding)
 
     # ------------------------------------------------------------------ queries
     def _check_patched(self) -> None:
@@ -154,7 +167,7 @@ class SeatHandle:
     @property
     def num_trainable(self) -> int:
         """Entries that train (the sum of the masks' sizes)."""
-        return sum(t.idx.numel() for t in self.targets.values())
+        return sum(mask_nnz(t.idx) for t in self.targets.values())
 
     @property
     def trainable_fraction(self) -> float:
@@ -199,7 +212,7 @@ class SeatHandle:
 
     def _swap_all(self) -> None:
         for t in self.targets.values():
-            ops.masked_swap_(t.param.data, t.idx, t.original)
+            mask_swap_(t.param.data, t.idx, t.original)
 
     def loss(self, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None):
         """The SEAT loss of a batch from seat.PairedCollator: a SeatLoss(loss, ce, kl)."""
@@ -237,7 +250,7 @@ class SeatHandle:
         self._check_patched()
         with torch.no_grad():
             for t in self.targets.values():
-                t.param.data.view(-1)[t.idx.long()] = t.original
+                t.param.data.view(-1)[mask_indices(t.idx).long()] = t.original
         self.unpatch()
 
     def __repr__(self) -> str:

@@ -32,6 +32,7 @@ import transformers
 from .config import SeatConfig
 from .delta import load_delta
 from .loss import kl_row_mask
+from .masks import mask_indices
 from .patching import handle_of, patch
 
 DELTA_DIR = "seat_delta"
@@ -170,7 +171,7 @@ class SeatTrainer(transformers.Trainer):
             # base-value check holds, and its trained values are written bit-exactly.
             with torch.no_grad():
                 for t in self.seat.targets.values():
-                    t.param.data.view(-1)[t.idx.long()] = t.original
+                    t.param.data.view(-1)[mask_indices(t.idx).long()] = t.original
             load_delta(self.model, checkpoint / DELTA_DIR)
         else:
             super()._load_from_checkpoint(resume_from_checkpoint, model=model)

@@ -79,3 +79,99 @@ def test_missing_files_are_reported(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a seat delta"):
         seat.load_delta(tiny_model(), tmp_path / "empty")
+
+
+def _trained_implicit(kind="llama", dtype=torch.float32, seed=0):
+    model = tiny_model(kind, seed=seed, dtype=dtype)
+    handle = seat.patch(model, seat.SeatConfig(density=0.1, mask_encoding="implicit", seed=4))
+    opt = handle.optimizer(lr=1e-2)
+    for step in range(2):
+        handle.loss(paired_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model, handle
+
+
+@pytest.mark.parametrize("kind,dtype", [("llama", torch.float32), ("qwen2", torch.bfloat16)])
+def test_implicit_mask_delta_round_trip_is_bit_exact(tmp_path, kind, dtype):
+    """A delta of an implicit-mask run stores the masks' seeds, no indices, and reloads
+    bit-exactly; the base-values check still guards it."""
+    from safetensors.torch import load_file
+
+    from seat.masks import ImplicitMask
+
+    model, handle = _trained_implicit(kind, dtype)
+    assert all(isinstance(t.idx, ImplicitMask) for t in handle.targets.values())
+    handle.save_delta(tmp_path / "delta")
+    meta = json.loads((tmp_path / "delta" / "seat_config.json").read_text())
+    assert meta["format_version"] == 2 and meta["config"]["mask_encoding"] == "implicit"
+    for name, info in meta["weights"].items():
+        assert info["mask"] == handle.targets[name].idx.spec() and info["mask"]["seed"] == 4
+    assert not any(k.startswith("idx/") for k in load_file(str(tmp_path / "delta" / "delta.safetensors")))
+    fresh = tiny_model(kind, dtype=dtype)
+    seat.load_delta(fresh, tmp_path / "delta")
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(DeltaMismatchError, match="base values under the mask differ"):
+        seat.load_delta(tiny_model(kind, seed=1, dtype=dtype), tmp_path / "delta")
+
+
+def test_implicit_mask_delta_is_values_only(tmp_path):
+    _, handle = _trained_implicit()
+    handle.save_delta(tmp_path / "d")
+    size = (tmp_path / "d" / "delta.safetensors").stat().st_size
+    assert size < 4 * handle.num_trainable + 16_384  # 4 B value per entry (fp32), no index
+
+
+def test_implicit_and_int32_masks_train_the_same_model():
+    """seat.patch with mask_encoding='implicit' and with the same entries as int32 indices
+    (patch(masks=...)) give bit-identical weights after training."""
+    a, handle = _trained_implicit()
+    model = tiny_model("llama", seed=0)
+    masks = {name: t.idx.indices() for name, t in handle.targets.items()}
+    h2 = seat.patch(model, seat.SeatConfig(density=0.1, seed=4), masks=masks)
+    opt = h2.optimizer(lr=1e-2)
+    for step in range(2):
+        h2.loss(paired_batch(seed=step)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for (n, p), (_, q) in zip(a.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), n
+    with h2.reference():  # the reference swap works on either form
+        pass
+    h2.revert()
+    handle.revert()
+    for (n, p), (_, q) in zip(a.named_parameters(), tiny_model("llama", seed=0).named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_seat_config_mask_encoding():
+    assert seat.SeatConfig().mask_encoding == "int32"
+    with pytest.raises(ValueError, match="mask_encoding must be one of"):
+        seat.SeatConfig(mask_encoding="uint16")
+    with pytest.raises(ValueError, match="mask_encoding='implicit' stores a random mask"):
+        seat.SeatConfig(mask="magnitude", mask_encoding="implicit")
+
+
+@pytest.mark.parametrize("mask", ["random", "magnitude"])
+def test_block16_masks_train_the_same_model_and_save_deltas(tmp_path, mask):
+    from seat.masks import Block16Mask
+
+    models = []
+    for encoding in ("int32", "block16"):
+        model = tiny_model("llama", seed=0)
+        handle = seat.patch(model, seat.SeatConfig(density=0.1, mask=mask, mask_encoding=encoding))
+        assert all(isinstance(t.idx, Block16Mask) == (encoding == "block16") for t in handle.targets.values())
+        opt = handle.optimizer(lr=1e-2)
+        for step in range(2):
+            handle.loss(paired_batch(seed=step)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        handle.save_delta(tmp_path / encoding)
+        models.append(model)
+    for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.equal(p, q), n
+    fresh = tiny_model("llama", seed=0)
+    seat.load_delta(fresh, tmp_path / "block16")
+    for (n, p), (_, q) in zip(models[1].named_parameters(), fresh.named_parameters()):
+        assert torch.equal(p, q), n

@@ -22,7 +22,7 @@ RECORDS = [
 ]
 
 
-def _setup(tmp_path, seed=0, records=RECORDS, **arg_overrides):
+def _setup(tmp_path, seed=0, records=RECORDS, mask_encoding="int32", **arg_overrides):
     texts = [r["question"] + " " + r["answer"] for r in RECORDS]
     tokenizer = word_tokenizer(texts)
     torch.manual_seed(seed)
@@ -38,7 +38,8 @@ def _setup(tmp_path, seed=0, records=RECORDS, **arg_overrides):
                 save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, data_seed=0,
                 dataloader_num_workers=0, remove_unused_columns=False, lr_scheduler_type="linear")
     args.update(arg_overrides)
-    trainer = seat.SeatTrainer(model, transformers.TrainingArguments(**args), seat_config=seat.SeatConfig(density=0.2),
+    seat_config = seat.SeatConfig(density=0.2, mask_encoding=mask_encoding)
+    trainer = seat.SeatTrainer(model, transformers.TrainingArguments(**args), seat_config=seat_config,
                                train_dataset=records, data_collator=collator, processing_class=tokenizer)
     return trainer, model, collator
 
@@ -74,6 +75,17 @@ def test_checkpoints_are_deltas_and_resume_is_bit_exact(tmp_path, accumulation, 
 
     resumed_trainer, resumed, _ = _setup(tmp_path / "a", **options)  # a fresh base model, same seeds
     resumed_trainer.train(resume_from_checkpoint=str(checkpoint))
+    for name, p in resumed.named_parameters():
+        assert torch.equal(p, uninterrupted[name]), name
+
+
+@pytest.mark.parametrize("mask_encoding", ["implicit", "block16"])
+def test_resume_is_bit_exact_with_compact_mask_encodings(tmp_path, mask_encoding):
+    trainer, model, _ = _setup(tmp_path / "a", mask_encoding=mask_encoding)
+    trainer.train()
+    uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
+    resumed_trainer, resumed, _ = _setup(tmp_path / "a", mask_encoding=mask_encoding)
+    resumed_trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     for name, p in resumed.named_parameters():
         assert torch.equal(p, uninterrupted[name]), name
 

@@ -43,13 +43,6 @@ SEAT_HD T adamw_step(T w, T g, T& m, T& v, T* vmax, const AdamWScalars<T>& s, bo
   return w - s.step_size * (m / denom);
 }
 
-// 32-bit integer hash (Mueller's): counter-based random bits for stochastic rounding.
-SEAT_HD uint32_t mix32(uint32_t x) {
-  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
-  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
-  return (x >> 16) ^ x;
-}
-
 // Key of the i-th tensor of a call; the element at flat position `pos` gets the random
 // bits mix32(tensor_key ^ mix32(pos)).
 SEAT_HD uint32_t tensor_key(uint32_t step_key, uint32_t i) { return mix32(step_key ^ mix32(i)); }
@@ -88,12 +81,13 @@ SEAT_HD T load_grad(const uint16_t* g) { return static_cast<T>(bf16_to_float(*g)
 // storage type and its load/store as the state type T; G: the compact gradient's storage,
 // T or uint16_t bf16 bits). State is compact (indexed by i, like grad) or, with
 // dense_state, full-size (indexed by the entry's position).
+// sparse_adamw_entry: the entry at flat position `pos` whose compact slot is `i` (from an
+// index array, or recomputed by an implicit mask: seat/implicit_mask.h, or decoded from a
+// block16 mask: seat/block16.h).
 template <typename ParamIO, typename T, typename G = T>
-SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const G* grad, T* exp_avg,
-                                  T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
-                                  const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key,
-                                  bool dense_state) {
-  const int32_t pos = idx[i];
+SEAT_HD void sparse_adamw_entry(typename ParamIO::storage* param, int64_t pos, const G* grad, T* exp_avg,
+                                T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i, const AdamWScalars<T>& s,
+                                bool maximize, bool stochastic, uint32_t key, bool dense_state) {
   const int64_t at = dense_state ? pos : i;
   T w = master != nullptr ? master[at] : ParamIO::template load<T>(param + pos);
   T m = exp_avg[at], v = exp_avg_sq[at];
@@ -104,6 +98,15 @@ SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_
   const bool round_stochastic = stochastic && master == nullptr;
   ParamIO::store(param + pos, w, round_stochastic,
                  round_stochastic ? mix32(key ^ mix32(static_cast<uint32_t>(pos))) : 0u);
+}
+
+template <typename ParamIO, typename T, typename G = T>
+SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const G* grad, T* exp_avg,
+                                  T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
+                                  const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key,
+                                  bool dense_state) {
+  sparse_adamw_entry<ParamIO, T, G>(param, idx[i], grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, i, s,
+                                    maximize, stochastic, key, dense_state);
 }
 
 // bf16 storage as raw bits: the same code on CPU and GPU.

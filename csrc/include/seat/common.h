@@ -31,4 +31,12 @@ SEAT_HD void swap_bits(Bits* a, Bits* b) {
   *b = t;
 }
 
+// 32-bit integer hash (Mueller's): the counter-based random bits of stochastic rounding
+// (seat/adamw.h) and the membership test of implicit masks (seat/implicit_mask.h).
+SEAT_HD uint32_t mix32(uint32_t x) {
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+  x = ((x >> 16) ^ x) * 0x45D9F3Bu;
+  return (x >> 16) ^ x;
+}
+
 }  // namespace seat
