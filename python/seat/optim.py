@@ -60,6 +60,14 @@ combinable; per trained entry the default holds 4 (grad) + 8 (exp_avg, exp_avg_s
       blockwise kernels cost ~15 ms a call whatever the size (measured), on GPU they are
       CUDA kernels. Needs the bitsandbytes package (pip install bitsandbytes, or
       seat[lean]); refuses amsgrad, dense_state and float64 params.
+
+update_in_backward=True and state_bits=8 take every form of mask: an ImplicitMask /
+Block16Mask is gathered and stepped with its own kernels (masked_gather_implicit_ /
+sparse_adamw_implicit_, the block16 ones), giving the trajectory of the int32 mask with
+the same entries bit for bit. Their kernels step a whole parameter, so with state_bits=8
+the fp32 transient is the moments of the whole parameter (8 bytes per trained entry of
+it), not of one STATE_CHUNK. grad_dtype=torch.bfloat16 needs int32 index masks (the
+implicit / block16 kernels read compact gradients of the state dtype only).
 """
 from __future__ import annotations
 
@@ -301,15 +309,14 @@ class SparseAdamW(torch.optim.Optimizer):
         return out
 
     def _check_lean_masks(self, grad_dtype, update_in_backward: bool, state_bits: int) -> None:
-        """The lean modes step int32 index masks only (their kernels and the 8-bit chunking
-        index idx); ImplicitMask / Block16Mask take the default mode."""
-        modes = [m for m, on in (("grad_dtype=torch.bfloat16", grad_dtype == torch.bfloat16),
-                                 ("update_in_backward=True", update_in_backward), ("state_bits=8", state_bits == 8))
-                 if on]
+        """update_in_backward=True and state_bits=8 step every form of mask (int32 indices,
+        ImplicitMask, Block16Mask); grad_dtype=torch.bfloat16 needs int32 index masks (the
+        implicit / block16 kernels take compact gradients of the state dtype only)."""
         encoded = [i for i, m in enumerate(self._masks.values()) if isinstance(m, (ImplicitMask, Block16Mask))]
-        if modes and encoded:
-            raise ValueError(f"{', '.join(modes)} needs int32 index masks; the masks at position {encoded[:5]} are "
-                             "ImplicitMask / Block16Mask: pass mask.indices() instead, or use the default mode")
+        if grad_dtype == torch.bfloat16 and encoded:
+            raise ValueError(f"grad_dtype=torch.bfloat16 needs int32 index masks; the masks at position "
+                             f"{encoded[:5]} are ImplicitMask / Block16Mask: pass mask.indices() instead, or "
+                             "use grad_dtype=None (update_in_backward=True and state_bits=8 do take them)")
 
     def _grad_dtype(self, p: Tensor) -> torch.dtype:
         return self.grad_dtype or _state_dtype(p)
@@ -577,11 +584,21 @@ class SparseAdamW(torch.optim.Optimizer):
         hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                      step=state["step"], maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"],
                      seed=self._param_seed(group_index, position), dense_state=self.dense_state)
-        idx, master = state["idx"], state.get("master")
+        mask, master = self._masks[p], state.get("master")
         if self.state_bits != 8:
-            ops.sparse_adamw_([p], [idx], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [master],
-                              [state.get("max_exp_avg_sq")], **hyper)
+            self._adamw_one(p, mask, grad, state["exp_avg"], state["exp_avg_sq"], master,
+                            state.get("max_exp_avg_sq"), hyper)
             return
+        if isinstance(mask, (ImplicitMask, Block16Mask)):
+            # their kernels step a whole parameter (the mask is found from the element index,
+            # not from a slot): the transient is the fp32 moments of the whole parameter,
+            # 8 bytes per trained entry of p, rather than of one STATE_CHUNK
+            m, v = self._dequantize(p, "exp_avg"), self._dequantize(p, "exp_avg_sq")
+            self._adamw_one(p, mask, grad, m, v, master, None, hyper)
+            self._quantize_into(p, "exp_avg", m, 0)
+            self._quantize_into(p, "exp_avg_sq", v, 0)
+            return
+        idx = mask
         for start in range(0, idx.numel(), STATE_CHUNK):
             stop = min(start + STATE_CHUNK, idx.numel())
             m, v = self._dequantize(p, "exp_avg", start, stop), self._dequantize(p, "exp_avg_sq", start, stop)
@@ -590,6 +607,20 @@ class SparseAdamW(torch.optim.Optimizer):
             self._quantize_into(p, "exp_avg", m, start)
             self._quantize_into(p, "exp_avg_sq", v, start)
             del m, v  # before the next chunk's transients exist: one chunk's at a time
+
+    @staticmethod
+    def _adamw_one(p: Tensor, mask, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, master, max_exp_avg_sq,
+                   hyper: dict) -> None:
+        """One AdamW step of p alone, with the kernel of its mask's form."""
+        lists = ([grad], [exp_avg], [exp_avg_sq], [master], [max_exp_avg_sq])
+        if isinstance(mask, Block16Mask):
+            ops.sparse_adamw_block16_([p], [mask.block_starts], [mask.offsets], *lists, **hyper)
+        elif isinstance(mask, ImplicitMask):
+            ops.sparse_adamw_implicit_([p], [mask.block_offsets], *lists, seeds=[mask.seed],
+                                       param_ids=[mask.param_id], thresholds=[mask.threshold], blocks=[mask.block],
+                                       **hyper)
+        else:
+            ops.sparse_adamw_([p], [mask], *lists, **hyper)
 
     def _step_quantized(self) -> None:
         for group_index, group in enumerate(self.param_groups):
@@ -607,8 +638,9 @@ class SparseAdamW(torch.optim.Optimizer):
                                "update during backward and cannot accumulate gradients over micro-batches. Call "
                                "optimizer.step() after every backward, or build the optimizer with "
                                "update_in_backward=False (with SeatTrainer: gradient_accumulation_steps=1)")
-        grad = torch.zeros(self._masks[p].numel(), dtype=self._grad_dtype(p), device=p.device)
-        ops.masked_gather_(grad, p.grad, self._masks[p])
+        mask = self._masks[p]
+        grad = torch.zeros(mask_nnz(mask), dtype=self._grad_dtype(p), device=p.device)
+        mask_gather_(grad, p.grad, mask)  # the gather of the mask's form
         p.grad = None
         self._has_grad[p] = True
         self._update_param(p, grad, *self._where(p))
@@ -664,7 +696,8 @@ class SparseAdamW(torch.optim.Optimizer):
         their absmax when state_bits=8), masks and compact grads (none with
         update_in_backward; bf16 ones with grad_dtype=torch.bfloat16). Transients of a
         step are not included: one parameter's compact gradient during its hook
-        (update_in_backward), fp32 moments of one chunk of one parameter (state_bits=8)."""
+        (update_in_backward), fp32 moments of one chunk of one parameter (state_bits=8;
+        of the whole parameter with an ImplicitMask / Block16Mask)."""
         total = 0
         for p, state in self.state.items():
             total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))

@@ -1,0 +1,160 @@
+"""seat.optim.SparseAdamW lean modes (update_in_backward=True, state_bits=8) with
+ImplicitMask and Block16Mask masks (issue 9): each is the same lean mode with the int32
+mask holding the same entries, bit for bit; the float64 oracle; checkpoints; and the
+combination still refused (bf16 compact gradients)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from test_optim import Tiny, _batch, _oracle
+
+from seat import optim
+from seat.masks import Block16Mask, ImplicitMask, mask_indices, random_mask
+from seat.optim import SparseAdamW
+
+DENSITIES = (0.2, 0.06, 1.0)
+
+
+def _encoded_masks(model, form):
+    """Masks of `form` ("implicit" / "block16") for Tiny: sparse, nearly empty, full."""
+    params = list(model.parameters())
+    if form == "implicit":
+        return [ImplicitMask(p, d, seed=7, param_id=i, block=256) for i, (p, d) in enumerate(zip(params, DENSITIES))]
+    return [Block16Mask(random_mask(p, d, seed=i), p) for i, (p, d) in enumerate(zip(params, DENSITIES))]
+
+
+def _train(model, opt, sched, steps, dtype, start=0):
+    for step in range(start, start + steps):
+        x, y = _batch(step, dtype, "cpu")
+        (model(x) - y).float().pow(2).mean().backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad()
+
+
+def _snapshot(model, opt):
+    out = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        out += [v.clone() for v in opt.dequantized_state(p).values()]
+        out += [opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq", "master", "max_exp_avg_sq",
+                                                   "exp_avg_absmax", "exp_avg_sq_absmax") if k in opt.state[p]]
+    return out, [opt.state[p]["step"] for p in model.parameters()]
+
+
+LEAN = [dict(update_in_backward=True), dict(update_in_backward=True, amsgrad=True, weight_decay=0.1),
+        dict(update_in_backward=True, master_weights=True), dict(update_in_backward=True, dense_state=True),
+        dict(update_in_backward=True, stochastic_rounding=True, seed=3),
+        dict(state_bits=8, update_in_backward=True, stochastic_rounding=True, seed=3),
+        dict(state_bits=8), dict(state_bits=8, master_weights=True),
+        dict(state_bits=8, update_in_backward=True), dict(state_bits=8, update_in_backward=True, master_weights=True)]
+
+
+@pytest.mark.parametrize("form", ["implicit", "block16"])
+@pytest.mark.parametrize("options", LEAN, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_encoded_mask_equals_int32_mask_bit_for_bit(form, options):
+    bf16 = options.get("master_weights") or options.get("stochastic_rounding")
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    results = []
+    for encoded in (True, False):
+        model = Tiny(dtype, "cpu")
+        masks = _encoded_masks(model, form)
+        if not encoded:
+            masks = [mask_indices(m) for m in masks]
+        opt = SparseAdamW(model.parameters(), masks, **{"lr": 1e-2, "weight_decay": 0.01, **options})
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+        _train(model, opt, sched, 6, dtype)
+        results.append(_snapshot(model, opt))
+    (a, sa), (b, sb) = results
+    assert sa == sb == [6, 6, 6]
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("form", ["implicit", "block16"])
+def test_8bit_encoded_mask_across_chunks_equals_int32(monkeypatch, form):
+    """An int32 mask steps its 8-bit state in STATE_CHUNK pieces; an encoded one dequantizes
+    the whole parameter: the same values (chunks are whole quantization blocks)."""
+    monkeypatch.setattr(optim, "STATE_CHUNK", 512)
+    results = []
+    for encoded in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(96, 80)
+        params = list(model.parameters())
+        masks = ([ImplicitMask(p, 0.4, seed=3, param_id=i, block=256) for i, p in enumerate(params)]
+                 if form == "implicit" else [Block16Mask(random_mask(p, 0.4, seed=i), p) for i, p in enumerate(params)])
+        assert mask_indices(masks[0]).numel() > 4 * 512  # several chunks
+        if not encoded:
+            masks = [mask_indices(m) for m in masks]
+        opt = SparseAdamW(params, masks, lr=1e-2, state_bits=8, update_in_backward=True)
+        g = torch.Generator().manual_seed(11)
+        for _ in range(4):
+            model(torch.randn(4, 96, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        results.append(_snapshot(model, opt)[0])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("form", ["implicit", "block16"])
+def test_update_in_backward_with_encoded_mask_follows_the_float64_oracle(form):
+    model = Tiny(torch.float64, "cpu")
+    enc = _encoded_masks(model, form)
+    masks = {p: mask_indices(m) for p, m in zip(model.parameters(), enc)}
+    hyper = dict(lr=1e-2, weight_decay=0.05)
+    schedule = lambda s: 1.0 / (1 + 0.1 * s)  # noqa: E731 - an LR schedule
+    params, leaves, ref_opt, ref_sched = _oracle(model, masks, hyper, schedule)
+    opt = SparseAdamW(model.parameters(), enc, update_in_backward=True, **hyper)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    assert opt._grads == {}
+    for step in range(10):
+        x, y = _batch(step, torch.float64, "cpu")
+        loss = (model(x) - y).pow(2).mean()
+        dense = torch.autograd.grad(loss, params, retain_graph=True)
+        for leaf, p, g in zip(leaves, params, dense):
+            leaf.grad = g.reshape(-1)[masks[p].long()].clone()
+        loss.backward()
+        opt.step()
+        ref_opt.step()
+        ref_sched.step()
+        sched.step()
+        opt.zero_grad()
+    for p, leaf in zip(params, leaves):
+        torch.testing.assert_close(p.detach().view(-1)[masks[p].long()], leaf.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("form", ["implicit", "block16"])
+@pytest.mark.parametrize("options", [dict(update_in_backward=True), dict(state_bits=8),
+                                     dict(state_bits=8, update_in_backward=True)],
+                         ids=["in-backward", "8-bit", "8-bit-in-backward"])
+def test_encoded_lean_state_dict_round_trip_continues_identically(tmp_path, form, options):
+    model = Tiny(torch.float32, "cpu")
+    masks = _encoded_masks(model, form)
+    opt = SparseAdamW(model.parameters(), masks, lr=1e-2, weight_decay=0.01, **options)
+    _train(model, opt, None, 3, torch.float32)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    _train(model, opt, None, 3, torch.float32, start=3)
+    resumed = Tiny(torch.float32, "cpu")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = SparseAdamW(resumed.parameters(), _encoded_masks(resumed, form), lr=1e-2, weight_decay=0.01, **options)
+    opt2.load_state_dict(ckpt["opt"])
+    _train(resumed, opt2, None, 3, torch.float32, start=3)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    # another mask is refused
+    other = [mask_indices(m) for m in _encoded_masks(resumed, form)]
+    opt3 = SparseAdamW(resumed.parameters(), other, lr=1e-2, **options)
+    with pytest.raises(ValueError, match="mask for parameter 0 differs"):
+        opt3.load_state_dict(ckpt["opt"])
+
+
+@pytest.mark.parametrize("form", ["implicit", "block16"])
+def test_bf16_grads_still_refuse_encoded_masks(form):
+    model = Tiny(torch.float32, "cpu")
+    with pytest.raises(ValueError, match="grad_dtype=torch.bfloat16 needs int32 index masks; the masks at "
+                                         "position \\[0, 1, 2\\] are ImplicitMask / Block16Mask"):
+        SparseAdamW(model.parameters(), _encoded_masks(model, form), update_in_backward=True, state_bits=8,
+                    grad_dtype=torch.bfloat16)
