@@ -9,6 +9,8 @@ import torch
 from test_optim import Tiny, _batch, _oracle
 
 from seat import optim
+from seat.memory import Options
+from seat.memory._estimate import _chunk_update_bytes
 from seat.masks import Block16Mask, ImplicitMask, mask_indices, random_mask
 from seat.optim import SparseAdamW
 
@@ -158,3 +160,56 @@ def test_bf16_grads_still_refuse_encoded_masks(form):
                                          "position \\[0, 1, 2\\] are ImplicitMask / Block16Mask"):
         SparseAdamW(model.parameters(), _encoded_masks(model, form), update_in_backward=True, state_bits=8,
                     grad_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("form", ["implicit", "block16"])
+def test_8bit_encoded_transient_is_the_whole_param(monkeypatch, form):
+    """The documented larger transient: fp32 moments of the whole parameter (8 B per entry)
+    + bitsandbytes' codes while quantizing (1 B), not one STATE_CHUNK's."""
+    from test_optim_lean import _transient_peak
+
+    monkeypatch.setattr(optim, "STATE_CHUNK", 4096)
+    params = [torch.nn.Parameter(torch.randn(160, 100)), torch.nn.Parameter(torch.randn(50, 30))]
+    masks = ([ImplicitMask(p, d, seed=2, param_id=i, block=256) for i, (p, d) in enumerate(zip(params, (0.8, 0.5)))]
+             if form == "implicit" else
+             [Block16Mask(random_mask(p, d, seed=i), p) for i, (p, d) in enumerate(zip(params, (0.8, 0.5)))])
+    nnz = masks[0].nnz
+    assert nnz > 3 * 4096
+    grads = [torch.randn_like(p) for p in params]
+    opt = SparseAdamW(params, masks, lr=1e-3, state_bits=8)
+
+    def update():
+        for p, g in zip(params, grads):
+            p.grad = g
+            opt.compact_(p)
+        opt.step()
+        opt.zero_grad()
+
+    update()  # lazy set-up (code books) is not a transient
+    peak = _transient_peak(update)
+    assert 8 * nnz <= peak <= 9 * nnz + 2048 + 4 * nnz // 256, peak
+    # and seat.memory models it
+    opts = Options(index_encoding=form, optimizer_bits=8, state_chunk=4096)
+    assert _chunk_update_bytes(opts, nnz) == 9 * nnz + 4 * -(-nnz // 256)
+
+
+@pytest.mark.parametrize("form", ["implicit", "block16"])
+def test_8bit_set_masks_to_an_encoded_mask_keeps_training(form):
+    model = Tiny(torch.float32, "cpu")
+    opt = SparseAdamW(model.parameters(), _encoded_masks(model, form), lr=1e-2, state_bits=8,
+                      update_in_backward=True)
+    _train(model, opt, None, 2, torch.float32)
+    before = {p: dict(zip(mask_indices(opt._masks[p]).tolist(), opt.dequantized_state(p)["exp_avg"].tolist()))
+              for p in model.parameters()}
+    new = [ImplicitMask(p, 0.5, seed=9, param_id=i, block=256) if form == "implicit"
+           else Block16Mask(random_mask(p, 0.5, seed=9 + i), p) for i, p in enumerate(model.parameters())]
+    opt.set_masks(new)
+    for p, m in zip(model.parameters(), new):
+        after = opt.dequantized_state(p)["exp_avg"]
+        assert after.numel() == m.nnz and opt.state[p]["exp_avg"].dtype == torch.uint8
+        absmax = opt.state[p]["exp_avg_absmax"].repeat_interleave(256)[:after.numel()]
+        for j, pos in enumerate(mask_indices(m).tolist()):
+            old = before[p].get(pos, 0.0)
+            assert abs(after[j].item() - old) <= optim.quantization_error_bound("exp_avg") * absmax[j].item() + 1e-9
+    _train(model, opt, None, 2, torch.float32, start=2)
+    assert all(opt.state[p]["step"] == 4 for p in model.parameters())

@@ -187,10 +187,11 @@ def _chunk_update_bytes(opts: Options, nnz: int) -> int:
     dequantized to fp32 exp_avg and exp_avg_sq (8 B per entry), stepped in place, and
     requantized; bitsandbytes' quantize_blockwise returns new codes and absmax (1 B +
     4 / quant_block per entry), copied into the state, while both fp32 moments are alive.
-    (The index check of the chunk's view, 1 B per entry, comes and goes before that.)"""
+    (The index check of the chunk's view, 1 B per entry, comes and goes before that.)
+    With a block16 or implicit mask the kernels step a whole weight: the chunk is nnz."""
     if opts.optimizer_bits != 8 or nnz == 0:
         return 0
-    chunk = min(nnz, opts.state_chunk)
+    chunk = min(nnz, opts.state_chunk) if opts.index_encoding == "int32" else nnz
     return 8 * chunk + chunk + 4 * -(-chunk // opts.quant_block)
 
 

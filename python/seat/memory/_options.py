@@ -53,8 +53,8 @@ class Options:
     optimizer_bits (seat): 32 (fp32 exp_avg / exp_avg_sq) or 8 (SparseAdamW(state_bits=8):
         bitsandbytes blockwise, 1 B per entry and an fp32 absmax per quant_block entries,
         each moment, plus the two 256-entry fp32 code books). A weight's step dequantizes
-        at most state_chunk entries at a time into transient fp32 moments (8 B per entry
-        of the chunk), and bitsandbytes makes new codes and absmax (1 B + 4 / quant_block
+        at most state_chunk entries at a time (all its entries with a block16 / implicit
+        index_encoding) into transient fp32 moments (8 B per entry of the chunk), and bitsandbytes makes new codes and absmax (1 B + 4 / quant_block
         per entry) while requantizing them: in the optimizer step, or with
         optimizer_in_backward in the gradient hook, next to the transient compact gradient.
     master_weights (seat): fp32 copy of the trained entries of a low-precision model.
