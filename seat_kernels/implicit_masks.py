@@ -95,6 +95,7 @@ N_COLS = 11
 
 @triton.jit
 def sparse_adamw_implicit_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.constexpr, STATE_DT: tl.constexpr,
+                                 GRAD_DT: tl.constexpr,
                                  HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                                  STOCHASTIC: tl.constexpr, DENSE_STATE: tl.constexpr, MASK_BLOCK: tl.constexpr,
                                  TILE: tl.constexpr):
@@ -108,7 +109,7 @@ def sparse_adamw_implicit_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.
     first = tl.load(offsets + b, mask=in_tensor, other=0)
     limit = tl.load(offsets + b + 1, mask=in_tensor, other=0)
     param = tl.load(row + 0).to(tl.pointer_type(PARAM_DT))
-    grad = tl.load(row + 2).to(tl.pointer_type(STATE_DT))
+    grad = tl.load(row + 2).to(tl.pointer_type(GRAD_DT))
     exp_avg = tl.load(row + 3).to(tl.pointer_type(STATE_DT))
     exp_avg_sq = tl.load(row + 4).to(tl.pointer_type(STATE_DT))
     mask_key = tl.load(row + 9).to(tl.uint32)
@@ -123,7 +124,7 @@ def sparse_adamw_implicit_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.
         live = member & (slot < limit)
         # compact state is indexed like the grads; full-size (dense_state) by position
         at = pos if DENSE_STATE else slot.to(tl.int64)
-        g = tl.load(grad + slot, mask=live, other=0.0)
+        g = tl.load(grad + slot, mask=live, other=0.0).to(STATE_DT)  # bf16 -> fp32 is exact
         m = tl.load(exp_avg + at, mask=live, other=0.0)
         v = tl.load(exp_avg_sq + at, mask=live, other=0.0)
         if HAS_MASTER:
@@ -189,16 +190,18 @@ def sparse_adamw_implicit_(params, block_offsets, grads, exp_avgs, exp_avg_sqs, 
         row = (param.data_ptr(), block_offsets[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                exp_avg_sqs[i].data_ptr(), _ptr(masters[i]), _ptr(max_exp_avg_sqs[i]), param.numel(), i, keys[i],
                thresholds[i])
-        groups.setdefault((param.dtype, grads[i].dtype, has_master, amsgrad, blocks[i]), []).append(row)
+        groups.setdefault((param.dtype, exp_avgs[i].dtype, grads[i].dtype, has_master, amsgrad, blocks[i]),
+                         []).append(row)
     if not groups:
         return
     device = params[0].device
     scalar_tensor = scalars.as_tensor(device)
-    for (param_dtype, state_dtype, has_master, amsgrad, block), rows in groups.items():
+    for (param_dtype, state_dtype, grad_dtype, has_master, amsgrad, block), rows in groups.items():
         grid = (triton.cdiv(max(r[7] for r in rows), block), len(rows))
         sparse_adamw_implicit_kernel[grid](
             _table(rows, device), scalar_tensor, step_key, PARAM_DT=_TL_DTYPE[param_dtype],
-            STATE_DT=_TL_DTYPE[state_dtype], HAS_MASTER=has_master, AMSGRAD=amsgrad, MAXIMIZE=maximize,
+            STATE_DT=_TL_DTYPE[state_dtype], GRAD_DT=_TL_DTYPE[grad_dtype], HAS_MASTER=has_master, AMSGRAD=amsgrad,
+            MAXIMIZE=maximize,
             STOCHASTIC=stochastic_rounding and param_dtype == torch.bfloat16, DENSE_STATE=dense_state,
             MASK_BLOCK=block, TILE=_tile(block, ADAMW_TILE))
 
@@ -208,16 +211,18 @@ _MASK_CONST = {"MASK_BLOCK": _AOT_BLOCK, "TILE": TILE}
 
 
 def _adamw_spec(param: str, state: str, has_master: bool, amsgrad: bool, stochastic: bool,
-                dense: bool = False) -> AotSpec:
+                dense: bool = False, grad: str | None = None) -> AotSpec:
     flags = "".join(f for f, on in (("+master", has_master), ("+amsgrad", amsgrad), ("+sr", stochastic),
-                                    ("+dense-state", dense)) if on)
+                                    ("+dense-state", dense), ("+bf16-grad", grad == "bfloat16")) if on)
     return AotSpec(
         f"sparse_adamw_implicit_kernel[{param}/{state}{flags}]", sparse_adamw_implicit_kernel,
         {"table_ptr": "*i64", "scalars_ptr": "*fp64", "step_key": "i64", "PARAM_DT": "constexpr",
-         "STATE_DT": "constexpr", "HAS_MASTER": "constexpr", "AMSGRAD": "constexpr", "MAXIMIZE": "constexpr",
+         "STATE_DT": "constexpr", "GRAD_DT": "constexpr", "HAS_MASTER": "constexpr", "AMSGRAD": "constexpr",
+         "MAXIMIZE": "constexpr",
          "STOCHASTIC": "constexpr", "DENSE_STATE": "constexpr", "MASK_BLOCK": "constexpr", "TILE": "constexpr"},
         {"PARAM_DT": _TL_DTYPE[getattr(torch, param)], "STATE_DT": _TL_DTYPE[getattr(torch, state)],
-         "HAS_MASTER": has_master, "AMSGRAD": amsgrad, "MAXIMIZE": False, "STOCHASTIC": stochastic,
+         "GRAD_DT": _TL_DTYPE[getattr(torch, grad or state)], "HAS_MASTER": has_master, "AMSGRAD": amsgrad,
+         "MAXIMIZE": False, "STOCHASTIC": stochastic,
          "DENSE_STATE": dense, **_MASK_CONST, "TILE": ADAMW_TILE})
 
 
@@ -240,4 +245,6 @@ AOT_SPECS = [
     _adamw_spec("bfloat16", "float32", True, False, False),
     _adamw_spec("float16", "float32", True, True, False),
     _adamw_spec("bfloat16", "float32", True, False, False, dense=True),
+    _adamw_spec("bfloat16", "float32", False, False, True, grad="bfloat16"),
+    _adamw_spec("bfloat16", "float32", True, False, False, grad="bfloat16"),
 ]

@@ -205,15 +205,3 @@ def test_block_offsets_are_reused_by_ops_without_recount(monkeypatch):
         opt.step()
         opt.zero_grad()
     assert calls == []
-
-
-@pytest.mark.parametrize("mode", [dict(grad_dtype=torch.bfloat16),
-                                  dict(grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8)],
-                         ids=["bf16-grad", "all-lean"])
-def test_bf16_grads_refuse_encoded_masks(mode):
-    """update_in_backward and state_bits=8 take implicit masks (tests/test_optim_lean_encoded.py);
-    bf16 compact gradients do not yet."""
-    net = Net(torch.float32)
-    masks = [ImplicitMask(p, 0.2, seed=1, param_id=i) for i, p in enumerate(net.parameters())]
-    with pytest.raises(ValueError, match="needs int32 index masks; the masks at position \\[0, 1, 2\\]"):
-        SparseAdamW(net.parameters(), masks, lr=1e-2, **mode)

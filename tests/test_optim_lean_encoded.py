@@ -1,7 +1,6 @@
 """seat.optim.SparseAdamW lean modes (update_in_backward=True, state_bits=8) with
 ImplicitMask and Block16Mask masks (issue 9): each is the same lean mode with the int32
-mask holding the same entries, bit for bit; the float64 oracle; checkpoints; and the
-combination still refused (bf16 compact gradients)."""
+mask holding the same entries, bit for bit; the float64 oracle; checkpoints; transients."""
 from __future__ import annotations
 
 import pytest
@@ -48,6 +47,11 @@ LEAN = [dict(update_in_backward=True), dict(update_in_backward=True, amsgrad=Tru
         dict(update_in_backward=True, master_weights=True), dict(update_in_backward=True, dense_state=True),
         dict(update_in_backward=True, stochastic_rounding=True, seed=3),
         dict(state_bits=8, update_in_backward=True, stochastic_rounding=True, seed=3),
+        dict(grad_dtype=torch.bfloat16), dict(grad_dtype=torch.bfloat16, master_weights=True),
+        dict(grad_dtype=torch.bfloat16, compact_grads=False),
+        dict(grad_dtype=torch.bfloat16, update_in_backward=True),
+        dict(grad_dtype=torch.bfloat16, state_bits=8, update_in_backward=True),
+        dict(grad_dtype=torch.bfloat16, state_bits=8, update_in_backward=True, stochastic_rounding=True, seed=3),
         dict(state_bits=8), dict(state_bits=8, master_weights=True),
         dict(state_bits=8, update_in_backward=True), dict(state_bits=8, update_in_backward=True, master_weights=True)]
 
@@ -129,8 +133,9 @@ def test_update_in_backward_with_encoded_mask_follows_the_float64_oracle(form):
 
 @pytest.mark.parametrize("form", ["implicit", "block16"])
 @pytest.mark.parametrize("options", [dict(update_in_backward=True), dict(state_bits=8),
-                                     dict(state_bits=8, update_in_backward=True)],
-                         ids=["in-backward", "8-bit", "8-bit-in-backward"])
+                                     dict(state_bits=8, update_in_backward=True), dict(grad_dtype=torch.bfloat16),
+                                     dict(state_bits=8, update_in_backward=True, grad_dtype=torch.bfloat16)],
+                         ids=["in-backward", "8-bit", "8-bit-in-backward", "bf16-grad", "all-three"])
 def test_encoded_lean_state_dict_round_trip_continues_identically(tmp_path, form, options):
     model = Tiny(torch.float32, "cpu")
     masks = _encoded_masks(model, form)
@@ -154,12 +159,26 @@ def test_encoded_lean_state_dict_round_trip_continues_identically(tmp_path, form
 
 
 @pytest.mark.parametrize("form", ["implicit", "block16"])
-def test_bf16_grads_still_refuse_encoded_masks(form):
-    model = Tiny(torch.float32, "cpu")
-    with pytest.raises(ValueError, match="grad_dtype=torch.bfloat16 needs int32 index masks; the masks at "
-                                         "position \\[0, 1, 2\\] are ImplicitMask / Block16Mask"):
-        SparseAdamW(model.parameters(), _encoded_masks(model, form), update_in_backward=True, state_bits=8,
-                    grad_dtype=torch.bfloat16)
+def test_bf16_grad_accumulation_with_encoded_mask_equals_int32(form):
+    """A second micro-batch turns the bf16 buffer into fp32, as with an int32 mask."""
+    results = []
+    for encoded in (True, False):
+        model = Tiny(torch.float32, "cpu")
+        masks = _encoded_masks(model, form)
+        if not encoded:
+            masks = [mask_indices(m) for m in masks]
+        opt = SparseAdamW(model.parameters(), masks, lr=1e-2, grad_dtype=torch.bfloat16)
+        for step in range(3):
+            for micro in range(2):
+                x, y = _batch(2 * step + micro, torch.float32, "cpu")
+                (model(x) - y).pow(2).mean().backward()
+            assert all(opt.compact_grad(p).dtype == torch.float32 for p in model.parameters())
+            opt.step()
+            opt.zero_grad()
+            assert all(opt.compact_grad(p).dtype == torch.bfloat16 for p in model.parameters())
+        results.append(_snapshot(model, opt)[0])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("form", ["implicit", "block16"])

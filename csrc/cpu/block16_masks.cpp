@@ -104,19 +104,36 @@ T* data_or_null(const at::Tensor& t) {
   return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
 }
 
-template <typename ParamIO, typename T>
+template <typename ParamIO, typename T, typename G = T>
 void update_tensor(const Block16Ref& mask, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                    const at::Tensor& exp_avg_sq, const at::Tensor& master, const at::Tensor& max_exp_avg_sq,
                    const seat::AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key, bool dense_state) {
   auto* p = static_cast<typename ParamIO::storage*>(param.data_ptr());
-  const T* g = grad.data_ptr<T>();
+  const G* g = static_cast<const G*>(grad.data_ptr());
   T* m = exp_avg.data_ptr<T>();
   T* v = exp_avg_sq.data_ptr<T>();
   T* w32 = data_or_null<T>(master);
   T* vmax = data_or_null<T>(max_exp_avg_sq);
   for_each_entry(mask, [&](int64_t pos, int64_t j) {
-    seat::sparse_adamw_entry<ParamIO, T>(p, pos, g, m, v, w32, vmax, j, s, maximize, stochastic, key, dense_state);
+    seat::sparse_adamw_entry<ParamIO, T, G>(p, pos, g, m, v, w32, vmax, j, s, maximize, stochastic, key, dense_state);
   });
+}
+
+// fp32 state with fp32 compact grads, or bf16 ones (uint16_t bits, upcast on load).
+template <typename ParamIO>
+void update_fp32_state(const Block16Ref& mask, const at::Tensor& param, const at::Tensor& grad,
+                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& master,
+                       const at::Tensor& max_exp_avg_sq, const seat::AdamWScalars<float>& s, bool maximize,
+                       bool stochastic, uint32_t key, bool dense_state) {
+  if (grad.scalar_type() == at::kBFloat16) {
+    update_tensor<ParamIO, float, uint16_t>(mask, param, grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, s,
+                                            maximize, stochastic, key, dense_state);
+  } else {
+    TORCH_CHECK(grad.scalar_type() == at::kFloat,
+                "sparse_adamw_block16_ CPU kernel: grads must be float32 or bfloat16");
+    update_tensor<ParamIO, float>(mask, param, grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, s, maximize,
+                                  stochastic, key, dense_state);
+  }
 }
 
 void sparse_adamw_block16_cpu(at::TensorList params, at::TensorList block_starts, at::TensorList offsets,
@@ -133,25 +150,26 @@ void sparse_adamw_block16_cpu(at::TensorList params, at::TensorList block_starts
     if (offsets[i].numel() == 0) continue;
     const auto mask = block16_ref(block_starts[i], offsets[i], param.numel(), "sparse_adamw_block16_ CPU kernel");
     const uint32_t key = seat::tensor_key(static_cast<uint32_t>(step_key), static_cast<uint32_t>(i));
-    const auto state = grads[i].scalar_type();
+    const auto state = exp_avgs[i].scalar_type();
     switch (param.scalar_type()) {
       case at::kBFloat16:
         TORCH_CHECK(state == at::kFloat, "sparse_adamw_block16_ CPU kernel: bf16 params need float32 state");
-        update_tensor<seat::BF16IO, float>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
+        update_fp32_state<seat::BF16IO>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
                                            max_exp_avg_sqs[i], s32, maximize, stochastic, key, dense_state);
         break;
       case at::kHalf:
         TORCH_CHECK(state == at::kFloat, "sparse_adamw_block16_ CPU kernel: fp16 params need float32 state");
-        update_tensor<HalfIO, float>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
+        update_fp32_state<HalfIO>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
                                      max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
         break;
       case at::kFloat:
         TORCH_CHECK(state == at::kFloat, "sparse_adamw_block16_ CPU kernel: fp32 params need float32 state");
-        update_tensor<seat::PlainIO<float>, float>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
+        update_fp32_state<seat::PlainIO<float>>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
                                                    max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
         break;
       case at::kDouble:
-        TORCH_CHECK(state == at::kDouble, "sparse_adamw_block16_ CPU kernel: fp64 params need float64 state");
+        TORCH_CHECK(state == at::kDouble && grads[i].scalar_type() == at::kDouble,
+                    "sparse_adamw_block16_ CPU kernel: fp64 params need float64 state and grads");
         update_tensor<seat::PlainIO<double>, double>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
                                                      max_exp_avg_sqs[i], s64, maximize, false, key, dense_state);
         break;

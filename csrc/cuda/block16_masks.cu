@@ -51,7 +51,7 @@ struct HalfIO {
   __device__ static void store(__half* p, T w, bool, uint32_t) { *p = __float2half_rn(static_cast<float>(w)); }
 };
 
-template <typename ParamIO, typename T>
+template <typename ParamIO, typename T, typename G = T>
 __global__ void adamw_kernel(const Block16AdamWTensorRef* __restrict__ table, AdamWScalars<T> s, bool maximize,
                              bool stochastic, uint32_t step_key, bool dense_state) {
   const Block16AdamWTensorRef ref = table[blockIdx.y];
@@ -62,7 +62,7 @@ __global__ void adamw_kernel(const Block16AdamWTensorRef* __restrict__ table, Ad
   auto* param = static_cast<typename ParamIO::storage*>(ref.param);
   for (int64_t j = begin + threadIdx.x; j < end; j += kThreads) {
     const int64_t pos = block16_position(ref.block_starts, ref.offsets, ref.n_blocks, j);
-    sparse_adamw_entry<ParamIO, T>(param, pos, static_cast<const T*>(ref.grad), static_cast<T*>(ref.exp_avg),
+    sparse_adamw_entry<ParamIO, T, G>(param, pos, static_cast<const G*>(ref.grad), static_cast<T*>(ref.exp_avg),
                                    static_cast<T*>(ref.exp_avg_sq), static_cast<T*>(ref.master),
                                    static_cast<T*>(ref.max_exp_avg_sq), j, s, maximize, stochastic, key,
                                    dense_state);
@@ -91,13 +91,26 @@ cudaError_t gather_from(Acc* out, const void* dense, Dtype dense_dtype, const Bl
   return cudaGetLastError();
 }
 
-template <typename ParamIO, typename T>
+template <typename ParamIO, typename T, typename G = T>
 cudaError_t launch_adamw(const Block16AdamWTensorRef* table, int64_t n, int64_t max_nnz, const double* scalars,
                          bool maximize, bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((max_nnz + kChunk - 1) / kChunk), static_cast<unsigned>(n));
-  adamw_kernel<ParamIO, T><<<grid, kThreads, 0, stream>>>(table, adamw_scalars<T>(scalars), maximize, stochastic,
+  adamw_kernel<ParamIO, T, G><<<grid, kThreads, 0, stream>>>(table, adamw_scalars<T>(scalars), maximize, stochastic,
                                                           step_key, dense_state);
   return cudaGetLastError();
+}
+
+// fp32 state: fp32 compact grads, or bf16 ones (raw bits, upcast on load: the lean mode).
+template <typename ParamIO>
+cudaError_t launch_fp32_state(const Block16AdamWTensorRef* table, int64_t n, int64_t max_nnz, Dtype grad_dtype,
+                              const double* scalars, bool maximize, bool stochastic, uint32_t step_key,
+                              bool dense_state, cudaStream_t stream) {
+  if (grad_dtype == Dtype::kBFloat16)
+    return launch_adamw<ParamIO, float, uint16_t>(table, n, max_nnz, scalars, maximize, stochastic, step_key,
+                                                  dense_state, stream);
+  if (grad_dtype != Dtype::kFloat32) return cudaErrorInvalidValue;
+  return launch_adamw<ParamIO, float>(table, n, max_nnz, scalars, maximize, stochastic, step_key, dense_state,
+                                      stream);
 }
 
 }  // namespace
@@ -135,24 +148,26 @@ cudaError_t masked_swap_block16(void* param, void* values, int64_t elem_size, co
 
 cudaError_t sparse_adamw_block16(const Block16AdamWTensorRef* table, int64_t n, int64_t max_nnz, Dtype param_dtype,
                                  Dtype state_dtype, const double* scalars, bool maximize, bool stochastic,
-                                 uint32_t step_key, bool dense_state, cudaStream_t stream) {
+                                 uint32_t step_key, bool dense_state, cudaStream_t stream,
+                                 Dtype grad_dtype) {
   if (n == 0 || max_nnz == 0) return cudaSuccess;
   if (n > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit: the binding splits larger calls
   const bool fp32_state = state_dtype == Dtype::kFloat32;
   switch (param_dtype) {
     case Dtype::kBFloat16:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<BF16IO, float>(table, n, max_nnz, scalars, maximize, stochastic, step_key, dense_state,
-                                         stream);
+      return launch_fp32_state<BF16IO>(table, n, max_nnz, grad_dtype, scalars, maximize, stochastic, step_key,
+                                         dense_state, stream);
     case Dtype::kFloat16:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<HalfIO, float>(table, n, max_nnz, scalars, maximize, false, step_key, dense_state, stream);
+      return launch_fp32_state<HalfIO>(table, n, max_nnz, grad_dtype, scalars, maximize, false, step_key,
+                                         dense_state, stream);
     case Dtype::kFloat32:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<PlainIO<float>, float>(table, n, max_nnz, scalars, maximize, false, step_key, dense_state,
-                                                 stream);
+      return launch_fp32_state<PlainIO<float>>(table, n, max_nnz, grad_dtype, scalars, maximize, false, step_key,
+                                         dense_state, stream);
     case Dtype::kFloat64:
-      if (fp32_state) return cudaErrorInvalidValue;
+      if (fp32_state || grad_dtype != Dtype::kFloat64) return cudaErrorInvalidValue;
       return launch_adamw<PlainIO<double>, double>(table, n, max_nnz, scalars, maximize, false, step_key,
                                                    dense_state, stream);
   }

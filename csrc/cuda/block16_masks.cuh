@@ -41,10 +41,12 @@ struct Block16AdamWTensorRef {
   int64_t list_index;  // position in the op's lists: keys stochastic rounding
 };
 
-// AdamW over `n` tensors sharing (param_dtype, state_dtype); `table` in device memory;
+// AdamW over `n` tensors sharing (param_dtype, state_dtype, grad_dtype: the state dtype, or
+// bf16 for fp32 state); `table` in device memory;
 // max_nnz sizes the grid.
 cudaError_t sparse_adamw_block16(const Block16AdamWTensorRef* table, int64_t n, int64_t max_nnz, Dtype param_dtype,
                                  Dtype state_dtype, const double* scalars, bool maximize, bool stochastic,
-                                 uint32_t step_key, bool dense_state, cudaStream_t stream);
+                                 uint32_t step_key, bool dense_state, cudaStream_t stream,
+                                 Dtype grad_dtype);
 
 }  // namespace seat::cuda

@@ -96,7 +96,7 @@ struct HalfIO {
   __device__ static void store(__half* p, T w, bool, uint32_t) { *p = __float2half_rn(static_cast<float>(w)); }
 };
 
-template <typename ParamIO, typename T>
+template <typename ParamIO, typename T, typename G = T>
 __global__ void adamw_kernel(const ImplicitAdamWTensorRef* __restrict__ table, AdamWScalars<T> s,
                              bool maximize, bool stochastic, uint32_t step_key, bool dense_state) {
   __shared__ int32_t warp_counts[kWarps];
@@ -107,7 +107,7 @@ __global__ void adamw_kernel(const ImplicitAdamWTensorRef* __restrict__ table, A
   const int64_t n_blocks = implicit_n_blocks(ref.numel, ref.block);
   for (int64_t b = blockIdx.x; b < n_blocks; b += gridDim.x) {
     visit_block(m, b, warp_counts, [&](int64_t e, int64_t slot) {
-      sparse_adamw_entry<ParamIO, T>(param, e, static_cast<const T*>(ref.grad), static_cast<T*>(ref.exp_avg),
+      sparse_adamw_entry<ParamIO, T, G>(param, e, static_cast<const G*>(ref.grad), static_cast<T*>(ref.exp_avg),
                                      static_cast<T*>(ref.exp_avg_sq), static_cast<T*>(ref.master),
                                      static_cast<T*>(ref.max_exp_avg_sq), slot, s, maximize, stochastic, key,
                                      dense_state);
@@ -138,13 +138,26 @@ cudaError_t gather_from(Acc* out, const void* dense, Dtype dense_dtype, const Im
   return cudaGetLastError();
 }
 
-template <typename ParamIO, typename T>
+template <typename ParamIO, typename T, typename G = T>
 cudaError_t launch_adamw(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks, const double* scalars,
                          bool maximize, bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream) {
   const dim3 grid(grid_for(max_blocks), static_cast<unsigned>(n));
-  adamw_kernel<ParamIO, T><<<grid, kThreads, 0, stream>>>(table, adamw_scalars<T>(scalars), maximize,
+  adamw_kernel<ParamIO, T, G><<<grid, kThreads, 0, stream>>>(table, adamw_scalars<T>(scalars), maximize,
                                                           stochastic, step_key, dense_state);
   return cudaGetLastError();
+}
+
+// fp32 state: fp32 compact grads, or bf16 ones (raw bits, upcast on load: the lean mode).
+template <typename ParamIO>
+cudaError_t launch_fp32_state(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks, Dtype grad_dtype,
+                              const double* scalars, bool maximize, bool stochastic, uint32_t step_key,
+                              bool dense_state, cudaStream_t stream) {
+  if (grad_dtype == Dtype::kBFloat16)
+    return launch_adamw<ParamIO, float, uint16_t>(table, n, max_blocks, scalars, maximize, stochastic, step_key,
+                                                  dense_state, stream);
+  if (grad_dtype != Dtype::kFloat32) return cudaErrorInvalidValue;
+  return launch_adamw<ParamIO, float>(table, n, max_blocks, scalars, maximize, stochastic, step_key, dense_state,
+                                      stream);
 }
 
 }  // namespace
@@ -190,25 +203,26 @@ cudaError_t masked_swap_implicit(void* param, void* values, int64_t elem_size, c
 
 cudaError_t sparse_adamw_implicit(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks,
                                   Dtype param_dtype, Dtype state_dtype, const double* scalars, bool maximize,
-                                  bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream) {
+                                  bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream,
+                                 Dtype grad_dtype) {
   if (n == 0 || max_blocks == 0) return cudaSuccess;
   if (n > 65535) return cudaErrorInvalidConfiguration;  // grid.y limit: the binding splits larger calls
   const bool fp32_state = state_dtype == Dtype::kFloat32;
   switch (param_dtype) {
     case Dtype::kBFloat16:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<BF16IO, float>(table, n, max_blocks, scalars, maximize, stochastic, step_key,
+      return launch_fp32_state<BF16IO>(table, n, max_blocks, grad_dtype, scalars, maximize, stochastic, step_key,
                                          dense_state, stream);
     case Dtype::kFloat16:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<HalfIO, float>(table, n, max_blocks, scalars, maximize, false, step_key,
+      return launch_fp32_state<HalfIO>(table, n, max_blocks, grad_dtype, scalars, maximize, false, step_key,
                                          dense_state, stream);
     case Dtype::kFloat32:
       if (!fp32_state) return cudaErrorInvalidValue;
-      return launch_adamw<PlainIO<float>, float>(table, n, max_blocks, scalars, maximize, false, step_key,
+      return launch_fp32_state<PlainIO<float>>(table, n, max_blocks, grad_dtype, scalars, maximize, false, step_key,
                                                  dense_state, stream);
     case Dtype::kFloat64:
-      if (fp32_state) return cudaErrorInvalidValue;
+      if (fp32_state || grad_dtype != Dtype::kFloat64) return cudaErrorInvalidValue;
       return launch_adamw<PlainIO<double>, double>(table, n, max_blocks, scalars, maximize, false, step_key,
                                                    dense_state, stream);
   }

@@ -38,10 +38,12 @@ struct ImplicitAdamWTensorRef {
   uint32_t key;        // the mask key
 };
 
-// AdamW over `n` tensors sharing (param_dtype, state_dtype); `table` in device memory;
+// AdamW over `n` tensors sharing (param_dtype, state_dtype, grad_dtype: the state dtype, or
+// bf16 for fp32 state); `table` in device memory;
 // max_blocks (the most mask blocks of a tensor) sizes the grid.
 cudaError_t sparse_adamw_implicit(const ImplicitAdamWTensorRef* table, int64_t n, int64_t max_blocks,
                                   Dtype param_dtype, Dtype state_dtype, const double* scalars, bool maximize,
-                                  bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream);
+                                  bool stochastic, uint32_t step_key, bool dense_state, cudaStream_t stream,
+                                 Dtype grad_dtype);
 
 }  // namespace seat::cuda

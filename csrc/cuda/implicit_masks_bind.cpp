@@ -8,6 +8,7 @@
 
 #include <cstring>
 #include <map>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -80,7 +81,7 @@ void sparse_adamw_implicit_cuda(at::TensorList params, at::TensorList block_offs
   if (params.empty()) return;
   const at::Device device = params[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  std::map<std::pair<int, int>, std::vector<seat::cuda::ImplicitAdamWTensorRef>> groups;
+  std::map<std::tuple<int, int, int>, std::vector<seat::cuda::ImplicitAdamWTensorRef>> groups;
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].is_cuda() && params[i].device() == device && params[i].is_contiguous(),
                 "sparse_adamw_implicit_ CUDA kernel: params[", i, "] must be contiguous on ", device);
@@ -88,7 +89,8 @@ void sparse_adamw_implicit_cuda(at::TensorList params, at::TensorList block_offs
     const auto m = mask_ref(params[i], block_offsets[i], keys[i], thresholds[i], blocks[i],
                             "sparse_adamw_implicit_ CUDA kernel");
     const auto key =
-        std::make_pair(static_cast<int>(params[i].scalar_type()), static_cast<int>(grads[i].scalar_type()));
+        std::make_tuple(static_cast<int>(params[i].scalar_type()), static_cast<int>(exp_avgs[i].scalar_type()),
+                        static_cast<int>(grads[i].scalar_type()));
     groups[key].push_back({params[i].data_ptr(), m.block_offsets, grads[i].data_ptr(), exp_avgs[i].data_ptr(),
                            exp_avg_sqs[i].data_ptr(), ptr_or_null(masters[i]), ptr_or_null(max_exp_avg_sqs[i]),
                            params[i].numel(), static_cast<int64_t>(i), thresholds[i], blocks[i], m.key});
@@ -107,9 +109,10 @@ void sparse_adamw_implicit_cuda(at::TensorList params, at::TensorList block_offs
       }
       const cudaError_t err = seat::cuda::sparse_adamw_implicit(
           static_cast<const seat::cuda::ImplicitAdamWTensorRef*>(table.data_ptr()), n, max_blocks,
-          seat::to_seat_dtype(static_cast<at::ScalarType>(dtypes.first), "sparse_adamw_implicit_ CUDA kernel"),
-          seat::to_seat_dtype(static_cast<at::ScalarType>(dtypes.second), "sparse_adamw_implicit_ CUDA kernel"),
-          scalars.data(), maximize, stochastic, static_cast<uint32_t>(step_key), dense_state, stream);
+          seat::to_seat_dtype(static_cast<at::ScalarType>(std::get<0>(dtypes)), "sparse_adamw_implicit_ CUDA kernel"),
+          seat::to_seat_dtype(static_cast<at::ScalarType>(std::get<1>(dtypes)), "sparse_adamw_implicit_ CUDA kernel"),
+          scalars.data(), maximize, stochastic, static_cast<uint32_t>(step_key), dense_state, stream,
+          seat::to_seat_dtype(static_cast<at::ScalarType>(std::get<2>(dtypes)), "sparse_adamw_implicit_ CUDA kernel"));
       TORCH_CHECK(err == cudaSuccess, "sparse_adamw_implicit_ CUDA kernel failed: ", cudaGetErrorString(err));
     }
   }

@@ -61,13 +61,14 @@ combinable; per trained entry the default holds 4 (grad) + 8 (exp_avg, exp_avg_s
       CUDA kernels. Needs the bitsandbytes package (pip install bitsandbytes, or
       seat[lean]); refuses amsgrad, dense_state and float64 params.
 
-update_in_backward=True and state_bits=8 take every form of mask: an ImplicitMask /
-Block16Mask is gathered and stepped with its own kernels (masked_gather_implicit_ /
-sparse_adamw_implicit_, the block16 ones), giving the trajectory of the int32 mask with
-the same entries bit for bit. Their kernels step a whole parameter, so with state_bits=8
-the fp32 transient is the moments of the whole parameter (8 bytes per trained entry of
-it), not of one STATE_CHUNK. grad_dtype=torch.bfloat16 needs int32 index masks (the
-implicit / block16 kernels read compact gradients of the state dtype only).
+Every lean mode takes every form of mask: an ImplicitMask / Block16Mask is gathered and
+stepped with its own kernels (masked_gather_implicit_ / sparse_adamw_implicit_, the
+block16 ones; they read bf16 compact gradients like sparse_adamw_), giving the trajectory
+of the int32 mask with the same entries bit for bit. Their kernels step a whole
+parameter, so with state_bits=8 the fp32 transient is the moments of the whole parameter
+(8 bytes per trained entry of it), not of one STATE_CHUNK. Their gathers write fp32, so
+with grad_dtype=torch.bfloat16 a gather goes through a transient fp32 copy of one
+parameter's compact gradient (4 bytes per trained entry of it) before rounding to bf16.
 """
 from __future__ import annotations
 
@@ -255,7 +256,6 @@ class SparseAdamW(torch.optim.Optimizer):
         self.state_bits = state_bits
         all_params = [p for group in self.param_groups for p in group["params"]]
         self._masks = self._resolve_masks(all_params, masks)
-        self._check_lean_masks(grad_dtype, update_in_backward, state_bits)
         if grad_dtype == torch.bfloat16 or state_bits == 8:
             fp64 = [i for i, p in enumerate(all_params) if p.dtype == torch.float64]
             if fp64:
@@ -308,15 +308,18 @@ class SparseAdamW(torch.optim.Optimizer):
             out[p] = idx
         return out
 
-    def _check_lean_masks(self, grad_dtype, update_in_backward: bool, state_bits: int) -> None:
-        """update_in_backward=True and state_bits=8 step every form of mask (int32 indices,
-        ImplicitMask, Block16Mask); grad_dtype=torch.bfloat16 needs int32 index masks (the
-        implicit / block16 kernels take compact gradients of the state dtype only)."""
-        encoded = [i for i, m in enumerate(self._masks.values()) if isinstance(m, (ImplicitMask, Block16Mask))]
-        if grad_dtype == torch.bfloat16 and encoded:
-            raise ValueError(f"grad_dtype=torch.bfloat16 needs int32 index masks; the masks at position "
-                             f"{encoded[:5]} are ImplicitMask / Block16Mask: pass mask.indices() instead, or "
-                             "use grad_dtype=None (update_in_backward=True and state_bits=8 do take them)")
+    @staticmethod
+    def _gather(out: Tensor, dense: Tensor, mask) -> None:
+        """out += dense.view(-1)[mask]. The implicit / block16 gathers write fp32 (or fp64)
+        only: a bf16 `out` (grad_dtype=torch.bfloat16) takes the sum through a transient
+        fp32 copy of one parameter's compact gradient, rounded to nearest even once, as
+        the int32 gather rounds it."""
+        if out.dtype == torch.bfloat16 and isinstance(mask, (ImplicitMask, Block16Mask)):
+            tmp = torch.zeros(out.numel(), dtype=torch.float32, device=out.device)
+            mask_gather_(tmp, dense, mask)
+            out.add_(tmp)
+            return
+        mask_gather_(out, dense, mask)
 
     def _grad_dtype(self, p: Tensor) -> torch.dtype:
         return self.grad_dtype or _state_dtype(p)
@@ -356,7 +359,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if self._has_grad[p] and buf.dtype == torch.bfloat16:
             # a second micro-batch: accumulate in fp32 rather than round after every one
             buf = self._grads[p] = buf.float()
-        mask_gather_(buf, p.grad, self._masks[p])
+        self._gather(buf, p.grad, self._masks[p])
         self._has_grad[p] = True
         p.grad = None
 
@@ -466,7 +469,7 @@ class SparseAdamW(torch.optim.Optimizer):
             if p.grad is not None:
                 if p.grad.is_sparse:
                     raise ValueError("SparseAdamW does not take sparse-layout gradients")
-                mask_gather_(self._grads[p], p.grad.contiguous(), idx)
+                self._gather(self._grads[p], p.grad.contiguous(), idx)
                 self._has_grad[p] = True
                 p.grad = None
 
@@ -640,7 +643,7 @@ class SparseAdamW(torch.optim.Optimizer):
                                "update_in_backward=False (with SeatTrainer: gradient_accumulation_steps=1)")
         mask = self._masks[p]
         grad = torch.zeros(mask_nnz(mask), dtype=self._grad_dtype(p), device=p.device)
-        mask_gather_(grad, p.grad, mask)  # the gather of the mask's form
+        self._gather(grad, p.grad, mask)  # the gather of the mask's form
         p.grad = None
         self._has_grad[p] = True
         self._update_param(p, grad, *self._where(p))

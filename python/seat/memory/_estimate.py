@@ -203,7 +203,9 @@ def _gradient_hook_bytes(opts: Options, weights: list[tuple[int, int]]) -> dict[
     into the persistent compact gradient and frees it. update_in_backward: the hook first
     allocates a transient compact gradient (grad_dtype, nnz entries) and gathers into it
     while the dense gradient is still alive (both coexist), frees the dense one, then
-    updates: with 8-bit state, one chunk's transients next to the compact gradient."""
+    updates: with 8-bit state, one chunk's transients next to the compact gradient. With
+    a bf16 compact gradient and a block16 / implicit mask, the gather writes an fp32 copy
+    first (4 B per entry, next to the dense gradient)."""
     es = opts.es
     if not opts.optimizer_in_backward:
         return {"transient dense gradient (one weight)": max(n for n, _ in weights) * es}
@@ -211,7 +213,11 @@ def _gradient_hook_bytes(opts: Options, weights: list[tuple[int, int]]) -> dict[
     worst: dict[str, int] = {}
     for numel, nnz in sorted(set(weights)):
         compact = {"its transient compact gradient (update in backward)": gs * nnz}
-        moments = [{"transient dense gradient (one weight)": numel * es, **compact}]
+        gather = {}
+        if gs != 4 and opts.index_encoding != "int32":
+            # the block16 / implicit gathers write fp32: a bf16 gradient goes through an fp32 copy
+            gather = {"fp32 gather of a bf16 compact gradient (block16 / implicit mask)": 4 * nnz}
+        moments = [{"transient dense gradient (one weight)": numel * es, **compact, **gather}]
         if opts.optimizer_bits == 8:
             moments.append({**compact, "8-bit update in backward: one chunk's fp32 moments and new codes":
                             _chunk_update_bytes(opts, nnz)})

@@ -257,7 +257,7 @@ def check_adamw(params, block_starts, offsets, grads, exp_avgs, exp_avg_sqs, mas
                 continue
             full_size = dense_state and name != "grads"
             _checks.tensor(f"{name}[{i}]", state, ndim=None if full_size else 1)
-            _adamw_op.state_dtype_for(f"{name}[{i}]", param, state)
+            _adamw_op.state_dtype_for(f"{name}[{i}]", param, state, grad=name == "grads")
             if full_size:
                 if state.numel() != param.numel():
                     raise ValueError(f"{name}[{i}] must have params[{i}].numel() = {param.numel()} elements with "

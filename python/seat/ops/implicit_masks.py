@@ -383,7 +383,7 @@ def check_adamw(params, block_offsets, grads, exp_avgs, exp_avg_sqs, masters, ma
     for i in range(len(params)):
         param = _checks.tensor(f"params[{i}]", params[i], dtypes=_checks.FLOAT_DTYPES)
         grad = _checks.tensor(f"grads[{i}]", grads[i], ndim=1)  # its size is the mask's nnz
-        _adamw_op.state_dtype_for(f"grads[{i}]", param, grad)
+        _adamw_op.state_dtype_for(f"grads[{i}]", param, grad, grad=True)  # bf16 for fp32 state
         offsets = block_offsets[i]
         check_offsets(f"block_offsets[{i}]", offsets, param.numel(), blocks[i], grad.numel(), values=False)
         named = {f"params[{i}]": param, f"block_offsets[{i}]": offsets, f"grads[{i}]": grad}
