@@ -320,6 +320,28 @@ def test_lean_mode_prediction_within_15_percent_on_cuda(mode):
     assert 0.85 <= ratio <= 1.15
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("encoding", ["implicit", "block16"])
+def test_mask_encoding_prediction_within_15_percent_on_cuda(encoding):
+    """The mask encodings on a GPU, as test_prediction_within_15_percent_on_cuda
+    (checkpointing; the masks' bytes exactly)."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                            num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=512,
+                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    batch = bench.paired_batch(2, 512, config.vocab_size)
+    masks: list = []
+    report = measure_step("seat", config, batch, torch.bfloat16, True, device="cuda",
+                          seat_kwargs=dict(mask_encoding=encoding), masks=masks)
+    est = predict("seat", config, batch, "bfloat16", True, device="cuda", index_encoding=encoding)
+    assert est.state["mask indices"] == sum(_mask_bytes(m) for m in masks)
+    ratio = est.peak / report.peak_bytes
+    print(f"cuda seat {encoding} ckpt=True: predicted {est.peak / 2**20:.1f} MiB ({est.peak_phase}), "
+          f"measured {report.peak_bytes / 2**20:.1f} MiB ({report.peak_phase}), ratio {ratio:.3f}")
+    assert 0.85 <= ratio <= 1.15
+
+
 def test_no_padding_drops_the_mask_terms_as_measured():
     """One pair of equal length has no padding: transformers passes no mask to SDPA and
     keeps grouped keys/values unrepeated; the model follows (padded=False)."""
