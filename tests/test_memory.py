@@ -257,7 +257,8 @@ def test_mask_encoding_prediction_within_15_percent_of_the_measured_peak(kind, d
         assert drawn == est.trainable
     per_entry = est.options.es + 8 + 4  # original value, exp_avg + exp_avg_sq, compact gradient (fp32)
     # what the int32 step's state misses by (the same here), plus the draw
-    assert report.start_bytes - est.state_bytes == plain.start_bytes - base.state_bytes + (drawn - est.trainable) * per_entry
+    missed = plain.start_bytes - base.state_bytes
+    assert report.start_bytes - est.state_bytes == missed + (drawn - est.trainable) * per_entry
     _check_state(est, report)
     assert est.state_bytes < base.state_bytes  # what the encoding is for
     for phase, measured in plain.phases.items():
