@@ -218,12 +218,21 @@ def build_naive_seat(config, batch, device, dtype, gradient_checkpointing: bool 
     return step, alive, tokens, info
 
 
+def mask_tensors(mask) -> list[torch.Tensor]:
+    """The tensors a mask holds: int32 indices, or an ImplicitMask's block offsets, or a
+    Block16Mask's block starts and offsets."""
+    if isinstance(mask, torch.Tensor):
+        return [mask]
+    return [getattr(mask, k) for k in ("block_offsets", "block_starts", "offsets") if hasattr(mask, k)]
+
+
 def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_checkpointing: bool = False,
-               optimizer_kwargs: dict | None = None):
+               optimizer_kwargs: dict | None = None, seat_kwargs: dict | None = None):
     """seat.patch + handle.optimizer; optimizer_kwargs go to SparseAdamW (e.g. the lean
-    modes: grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8)."""
+    modes: grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8), seat_kwargs
+    to seat.patch's SeatConfig (e.g. mask_encoding="implicit")."""
     model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
-    handle = seat.patch(model, density=DENSITY, chunk_size=chunk_size)
+    handle = seat.patch(model, density=DENSITY, chunk_size=chunk_size, **(seat_kwargs or {}))
     opt = handle.optimizer(lr=LR, **(optimizer_kwargs or {}))
 
     def step(phase):
@@ -236,7 +245,7 @@ def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_check
             opt.zero_grad()
         return float(loss.detach())
 
-    targets = lambda: [[t.idx, t.original] for t in handle.targets.values()]  # noqa: E731
+    targets = lambda: [[mask_tensors(t.idx), t.original] for t in handle.targets.values()]  # noqa: E731
     alive = lambda: [module_tensors(model), optimizer_tensors(opt), targets(), batch]  # noqa: E731
     tokens = int(batch["attention_mask"].sum() + batch["pert_attention_mask"].sum())
     # unpatch removes SparseAdamW's gradient hooks: without it the hooks (held by the

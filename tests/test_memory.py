@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import seat.masks as seat_masks
 import seat.memory as sm
 from seat.memory.__main__ import main as cli_main
 
@@ -50,12 +51,17 @@ def one_thread():
 
 
 def measure_step(builder: str, config, batch, dtype, checkpointing: bool, device: str = "cpu",
-                 optimizer_kwargs: dict | None = None):
+                 optimizer_kwargs: dict | None = None, seat_kwargs: dict | None = None, masks: list | None = None):
+    """The step's MemoryReport. masks: a list that receives the seat handle's masks."""
     batch = {k: v.to(device) for k, v in batch.items()}
     extra = {} if optimizer_kwargs is None else {"optimizer_kwargs": optimizer_kwargs}  # seat builders only
+    if seat_kwargs is not None:
+        extra["seat_kwargs"] = seat_kwargs
     step, alive, _, info = bench.BUILDERS[builder](config, batch, device, dtype, gradient_checkpointing=checkpointing,
                                                    **extra)
     try:
+        if masks is not None:
+            masks.extend(t.idx for t in info["keep"][1].targets.values())
         step(bench.NULL_PHASE)  # warm-up: the optimizer state exists from here on
         with PeakMemory(device, alive()) as tracker:
             step(tracker.phase)
@@ -222,6 +228,60 @@ def test_lean_mode_transients_where_they_show(mode, state_chunk, checkpointing, 
         assert est.peak < whole.peak or predicted["optimizer"] < sum(whole.phases["optimizer"].values()) / 4
 
 
+def _mask_bytes(mask) -> int:
+    return mask.nbytes if hasattr(mask, "nbytes") and not isinstance(mask, torch.Tensor) else 4 * mask.numel()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("encoding", ["implicit", "block16"])
+@pytest.mark.parametrize("kind,dtype", [("llama", "float32"), ("qwen2", "bfloat16")])
+def test_mask_encoding_prediction_within_15_percent_of_the_measured_peak(kind, dtype, encoding, checkpointing):
+    """seat's step with SeatConfig(mask_encoding=...), measured next to the int32 step of the
+    same model: the masks' bytes predicted exactly (seat.masks' nbytes), the rest of the
+    state exactly up to the implicit mask's binomial draw (each entry it draws beyond the
+    estimate's mean costs its original value, fp32 moments and compact gradient), and the
+    step's transients the int32 step's (the native gather / swap / AdamW kernels of the
+    encodings allocate nothing; a materialized index of the smallest weight would show);
+    the peak and the transient part within 15%."""
+    config = small_config(kind)
+    batch = bench.paired_batch(2, 64, config.vocab_size)
+    masks: list = []
+    report = measure_step("seat", config, batch, getattr(torch, dtype), checkpointing,
+                          seat_kwargs=dict(mask_encoding=encoding), masks=masks)
+    plain = measure_step("seat", config, batch, getattr(torch, dtype), checkpointing)
+    est = predict("seat", config, batch, dtype, checkpointing, index_encoding=encoding)
+    base = predict("seat", config, batch, dtype, checkpointing)
+    assert est.state["mask indices"] == sum(_mask_bytes(m) for m in masks)
+    drawn = sum(seat_masks.mask_nnz(m) for m in masks)
+    if encoding == "block16":
+        assert drawn == est.trainable
+    per_entry = est.options.es + 8 + 4  # original value, exp_avg + exp_avg_sq, compact gradient (fp32)
+    # what the int32 step's state misses by (the same here), plus the draw
+    missed = plain.start_bytes - base.state_bytes
+    assert report.start_bytes - est.state_bytes == missed + (drawn - est.trainable) * per_entry
+    _check_state(est, report)
+    assert est.state_bytes < base.state_bytes  # what the encoding is for
+    for phase, measured in plain.phases.items():
+        assert report.phases[phase] == pytest.approx(measured, abs=4096), phase
+    ratio = est.peak / report.peak_bytes
+    print(f"{kind} {dtype} {encoding} ckpt={checkpointing}: predicted {est.peak / 2**20:.2f} MiB ({est.peak_phase}), "
+          f"measured {report.peak_bytes / 2**20:.2f} MiB ({report.peak_phase}), ratio {ratio:.3f}; state "
+          f"{est.state_bytes / 2**20:.3f} / {report.start_bytes / 2**20:.3f} MiB; masks {est.state['mask indices']} B; "
+          f"nnz drawn {drawn}, estimated {est.trainable}; int32 step {plain.peak_bytes / 2**20:.2f} MiB")
+    assert 0.85 <= ratio <= 1.15
+    assert est.peak - est.state_bytes == pytest.approx(report.transient_peak_bytes, rel=0.15)
+
+
+def test_mask_encodings_refuse_the_lean_modes_as_sparse_adamw_does():
+    """SparseAdamW takes grad_dtype=bfloat16 / update_in_backward / state_bits=8 with int32
+    masks only; the model refuses the same combinations, naming index_encoding."""
+    for encoding in ("implicit", "block16"):
+        for lean in (dict(grad_dtype="bfloat16"), dict(optimizer_in_backward=True), dict(optimizer_bits=8)):
+            with pytest.raises(ValueError, match="^index_encoding .*int32 masks only"):
+                sm.estimate("Llama-3-8B", index_encoding=encoding, **lean)
+        sm.estimate("Llama-3-8B", method="full", index_encoding=encoding, optimizer_bits=8)  # not seat: unused
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("builder,method,checkpointing", CASES, ids=["seat", "seat-ckpt", "naive", "full"])
 def test_prediction_within_15_percent_on_cuda(builder, method, checkpointing):
@@ -257,6 +317,28 @@ def test_lean_mode_prediction_within_15_percent_on_cuda(mode):
     est = predict("seat", config, batch, "bfloat16", True, device="cuda", **options)
     ratio = est.peak / report.peak_bytes
     print(f"cuda seat {mode} ckpt=True: predicted {est.peak / 2**20:.1f} MiB ({est.peak_phase}), "
+          f"measured {report.peak_bytes / 2**20:.1f} MiB ({report.peak_phase}), ratio {ratio:.3f}")
+    assert 0.85 <= ratio <= 1.15
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("encoding", ["implicit", "block16"])
+def test_mask_encoding_prediction_within_15_percent_on_cuda(encoding):
+    """The mask encodings on a GPU, as test_prediction_within_15_percent_on_cuda
+    (checkpointing; the masks' bytes exactly)."""
+    import transformers as tf
+
+    config = tf.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                            num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=512,
+                            tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    batch = bench.paired_batch(2, 512, config.vocab_size)
+    masks: list = []
+    report = measure_step("seat", config, batch, torch.bfloat16, True, device="cuda",
+                          seat_kwargs=dict(mask_encoding=encoding), masks=masks)
+    est = predict("seat", config, batch, "bfloat16", True, device="cuda", index_encoding=encoding)
+    assert est.state["mask indices"] == sum(_mask_bytes(m) for m in masks)
+    ratio = est.peak / report.peak_bytes
+    print(f"cuda seat {encoding} ckpt=True: predicted {est.peak / 2**20:.1f} MiB ({est.peak_phase}), "
           f"measured {report.peak_bytes / 2**20:.1f} MiB ({report.peak_phase}), ratio {ratio:.3f}")
     assert 0.85 <= ratio <= 1.15
 
@@ -316,6 +398,17 @@ def test_llama_3_8b_arithmetic():
     assert est.activations_checkpointing < est.activations_no_checkpointing / 10
 
 
+def test_implicit_nnz_is_the_mean_of_the_drawn_masks():
+    from seat.masks import ImplicitMask
+
+    numel, density = 1_000_003, 0.05
+    sigma = (numel * density * (1 - density)) ** 0.5
+    draws = [ImplicitMask(numel, density, seed=seed, param_id=7).nnz for seed in range(8)]
+    assert all(abs(k - sm.implicit_nnz(numel, density)) < 5 * sigma for k in draws)
+    assert abs(sum(draws) / len(draws) - sm.implicit_nnz(numel, density)) < 5 * sigma / len(draws) ** 0.5
+    assert sm.implicit_nnz(numel, 1.0) == numel == ImplicitMask(numel, 1.0, seed=0).nnz
+
+
 def test_nnz_matches_seat_masks():
     from seat.masks import nnz_for
 
@@ -335,7 +428,12 @@ def test_lean_modes_change_what_they_should():
     assert 2 * nnz < block16.state["mask indices"] < 2.01 * nnz  # uint16 offsets + a small per-block table
     implicit = est(index_encoding="implicit")
     layers, shapes = base.arch.layers, base.arch.block_linear_shapes().values()
-    assert implicit.state["mask indices"] == 4 * layers * sum(-(-o * i // 4096) for o, i in shapes)
+    # one int32 prefix count per 4096 elements + 1 (ImplicitMask.block_offsets)
+    assert implicit.state["mask indices"] == 4 * layers * sum(-(-o * i // 4096) + 1 for o, i in shapes)
+    assert block16.state["mask indices"] == 2 * nnz + 4 * layers * sum(-(-o * i // 65536) + 1 for o, i in shapes)
+    # an implicit mask's size is binomial: the estimate takes its mean
+    assert implicit.trainable == layers * sum(sm.implicit_nnz(o * i, 0.05) for o, i in shapes)
+    assert abs(implicit.trainable - nnz) <= layers * len(shapes)
     assert implicit.state["mask indices"] < numels / 1000
     assert est(grad_dtype="bfloat16").state["compact gradient"] == 2 * nnz
     assert "compact gradient" not in est(optimizer_in_backward=True).state
@@ -358,8 +456,9 @@ def test_lean_modes_change_what_they_should():
     assert dense["8-bit update in backward: one chunk's fp32 moments and new codes"] == largest * (9 + 4 / 256)
     assert est(master_weights=True).state["fp32 master values"] == 4 * nnz
     assert "fp32 master values" not in est(master_weights=True, dtype="float32").state
-    leanest = est(index_encoding="implicit", optimizer_in_backward=True, optimizer_bits=8)
-    assert leanest.peak < base.peak - 4 * GB
+    leanest = est(optimizer_in_backward=True, optimizer_bits=8, grad_dtype="bfloat16")
+    assert leanest.peak < base.peak - 3 * GB
+    assert implicit.peak < base.peak - 1.3 * GB  # 1.4 GB of int32 indices -> 7 MB of prefix counts
 
 
 def test_lean_mode_constants_follow_seat_optim():

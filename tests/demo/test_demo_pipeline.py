@@ -115,6 +115,11 @@ def test_search_lr_takes_the_smallest_rate_that_reaches_the_target(monkeypatch):
     calls.clear()
     demo_methods.search_lr("full", None, None, [], FinetuneConfig(lr=5e-3), score=lambda m: 0.0)
     assert calls == [5e-3]
+    # a config's own grids replace LR_GRIDS
+    calls.clear()
+    demo_methods.search_lr("seat-0.05", None, None, [], FinetuneConfig(lr_grids=(("sparse", (3e-2,)),)),
+                           score=lambda m: 0.0)
+    assert calls == [3e-2]
     with pytest.raises(ValueError, match="unknown method"):
         demo_methods.search_lr("bogus", None, None, [], cfg, score=lambda m: 0.0)
 

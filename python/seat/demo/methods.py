@@ -45,6 +45,8 @@ class FinetuneConfig:
     batch_size: int = 16
     lr: float | None = None  # one learning rate for every method; None: search_lr per method
     target_recall: float = 0.9  # exact match on the fine-tuning facts that search_lr aims for
+    # ((family, (lr, ...)), ...) to search instead of LR_GRIDS (e.g. one rate per family)
+    lr_grids: tuple | None = None
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
     lora_r: int = 8
@@ -219,7 +221,8 @@ def search_lr(method: str, base_model, tokenizer, records: list[dict], cfg: Fine
     ``cfg.target_recall``; returns (model, stats) of that run, or of the best-scoring one
     if none reaches it. stats gains "lr_tried": [(lr, score), ...]. With ``cfg.lr`` set,
     only that learning rate runs."""
-    grid = (cfg.lr,) if cfg.lr is not None else LR_GRIDS[lr_family(method)]
+    grids = dict(cfg.lr_grids) if cfg.lr_grids is not None else LR_GRIDS
+    grid = (cfg.lr,) if cfg.lr is not None else grids[lr_family(method)]
     best, tried = None, []
     for lr in grid:
         model, stats = finetune(method, base_model, tokenizer, records, cfg, seed=seed, lr=lr)

@@ -59,7 +59,9 @@ def _configs(quick: bool):
     from .world import WorldConfig
 
     if quick:
-        return WorldConfig.quick(), BaseConfig.quick(), FinetuneConfig(steps=150, batch_size=16)
+        # one learning rate per family, from the middle of its grid: no search (time)
+        return WorldConfig.quick(), BaseConfig.quick(), FinetuneConfig(
+            steps=150, batch_size=16, lr_grids=(("dense", (2e-3,)), ("lora", (1e-2,)), ("sparse", (4e-2,))))
     return WorldConfig(), BaseConfig(), FinetuneConfig()
 
 

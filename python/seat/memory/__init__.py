@@ -16,9 +16,9 @@ state). It imports neither torch nor transformers until a config is read.
 from __future__ import annotations
 
 from ._arch import KNOWN, Architecture, known_names, load_config
-from ._estimate import MemoryEstimate, estimate, estimate_arch, nnz_for
+from ._estimate import MemoryEstimate, estimate, estimate_arch, implicit_nnz, nnz_for
 from ._options import METHODS, Options
 from ._units import format_bytes, parse_bytes
 
 __all__ = ["KNOWN", "METHODS", "Architecture", "MemoryEstimate", "Options", "estimate", "estimate_arch",
-           "format_bytes", "known_names", "load_config", "nnz_for", "parse_bytes"]
+           "format_bytes", "implicit_nnz", "known_names", "load_config", "nnz_for", "parse_bytes"]

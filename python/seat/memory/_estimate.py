@@ -161,13 +161,28 @@ class MemoryEstimate:
                 "activations_checkpointing": self.activations_checkpointing}
 
 
+def implicit_nnz(numel: int, density: float) -> int:
+    """The expected entries of an implicit random mask of a weight of `numel` elements:
+    each element is in with probability threshold / 2**32, threshold = round(density *
+    2**32) (seat.ops.implicit_masks.threshold_for), so nnz is Binomial(numel, that) and
+    the estimate uses its mean. The drawn size differs by about sqrt(density * numel)
+    entries per weight (a relative 1 / sqrt(nnz) over the model: 5e-5 at Llama-3-8B's
+    350M entries, 3e-3 for the small models of tests/test_memory.py)."""
+    if density >= 1.0:
+        return numel
+    return round(numel * round(density * 2**32) / 2**32)
+
+
 def _mask_index_bytes(opts: Options, numel: int, nnz: int) -> int:
-    """Bytes that say which entries of one weight train."""
+    """Bytes that say which entries of one weight train: int32 indices; block16's uint16
+    offsets + its int32 block starts (one per block16_size elements, + 1:
+    Block16Mask.block_starts); implicit's int32 prefix counts (one per implicit_block
+    elements, + 1: ImplicitMask.block_offsets). As seat.masks' nbytes, to the byte."""
     if opts.index_encoding == "int32":
         return 4 * nnz
     if opts.index_encoding == "block16":
-        return 2 * nnz + 4 * -(-numel // opts.block16_size)
-    return 4 * -(-numel // opts.implicit_block)  # implicit: a prefix count per block
+        return 2 * nnz + 4 * (-(-numel // opts.block16_size) + 1)
+    return 4 * (-(-numel // opts.implicit_block) + 1)  # implicit: a prefix count per block
 
 
 def _adam_state_bytes(opts: Options, nnzs: list[int]) -> int:
@@ -282,7 +297,8 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
     ref_work = B * T * (es * (3 * H + arch.q_dim + 2 * arch.kv_dim + 3 * arch.intermediate) + 4 * H)
 
     if opts.method == "seat":
-        nnzs = [nnz_for(n, opts.density) for n in shapes]
+        count = implicit_nnz if opts.index_encoding == "implicit" else nnz_for
+        nnzs = [count(n, opts.density) for n in shapes]
         nnz = sum(nnzs)
         state["mask indices"] = sum(_mask_index_bytes(opts, n, k) for n, k in zip(shapes, nnzs))
         state["original values at the mask"] = es * nnz

@@ -39,10 +39,15 @@ class Options:
     dtype: the model's dtype; device: "cuda" or "cpu" (what differs: the CPU fused-linear
         loss upcasts a low-precision lm_head once per call; torch AdamW runs foreach on
         CUDA, one tensor at a time on CPU).
-    index_encoding (seat): "int32" explicit sorted indices (4 B per trained entry, today),
-        "block16" uint16 offsets in blocks of block16_size elements plus an int32 count
-        per block, "implicit" hashed random mask (an int32 prefix count per block of
-        implicit_block elements, no indices).
+    index_encoding (seat): SeatConfig(mask_encoding=...): "int32" explicit sorted indices
+        (4 B per trained entry), "block16" uint16 offsets in blocks of block16_size
+        elements plus an int32 start per block (+ 1), "implicit" hashed random mask (an
+        int32 prefix count per block of implicit_block elements (+ 1), no indices; its
+        nnz is Binomial(numel, density): the estimate takes the mean). Their kernels
+        (gather in the gradient hook, swap around the reference forward, the AdamW step)
+        allocate nothing, as measured on CPU. SparseAdamW runs the lean modes (grad_dtype
+        bfloat16, optimizer_in_backward, optimizer_bits 8) on int32 masks only, so those
+        combinations are refused here too (ValueError).
     grad_dtype (seat): the compact gradient's dtype, "float32" (default) or "bfloat16"
         (SparseAdamW(grad_dtype=torch.bfloat16); one micro-batch per step: a second one
         turns the buffer fp32 until zero_grad(), which is not modelled).
@@ -109,6 +114,13 @@ class Options:
         if self.state_chunk % self.quant_block:
             raise ValueError(f"state_chunk must be a multiple of quant_block = {self.quant_block} (chunks "
                              f"quantize whole blocks); got {self.state_chunk}")
+        lean = [m for m, on in (("grad_dtype='bfloat16'", self.grad_dtype == "bfloat16"),
+                                ("optimizer_in_backward", self.optimizer_in_backward),
+                                ("optimizer_bits=8", self.optimizer_bits == 8)) if on]
+        if self.method == "seat" and self.index_encoding != "int32" and lean:
+            raise ValueError(f"index_encoding {self.index_encoding!r} cannot be combined with {', '.join(lean)}: "
+                             "seat.optim.SparseAdamW runs the lean modes on int32 masks only (it refuses "
+                             "ImplicitMask / Block16Mask there); use index_encoding='int32' or the default mode")
         if self.block16_size > 65536:
             raise ValueError(f"block16_size must be <= 65536 (uint16 offsets); got {self.block16_size}")
         for name in ("ce_rows", "kl_rows"):
