@@ -45,9 +45,9 @@ class Options:
         int32 prefix count per block of implicit_block elements (+ 1), no indices; its
         nnz is Binomial(numel, density): the estimate takes the mean). Their kernels
         (gather in the gradient hook, swap around the reference forward, the AdamW step)
-        allocate nothing, as measured on CPU. SparseAdamW runs the lean modes (grad_dtype
-        bfloat16, optimizer_in_backward, optimizer_bits 8) on int32 masks only, so those
-        combinations are refused here too (ValueError).
+        allocate nothing, as measured on CPU. With the lean modes (SparseAdamW takes every
+        encoding there): an 8-bit step dequantizes a whole weight's moments (not one
+        state_chunk), and a bf16 compact gradient is gathered through an fp32 copy.
     grad_dtype (seat): the compact gradient's dtype, "float32" (default) or "bfloat16"
         (SparseAdamW(grad_dtype=torch.bfloat16); one micro-batch per step: a second one
         turns the buffer fp32 until zero_grad(), which is not modelled).
@@ -114,13 +114,6 @@ class Options:
         if self.state_chunk % self.quant_block:
             raise ValueError(f"state_chunk must be a multiple of quant_block = {self.quant_block} (chunks "
                              f"quantize whole blocks); got {self.state_chunk}")
-        lean = [m for m, on in (("grad_dtype='bfloat16'", self.grad_dtype == "bfloat16"),
-                                ("optimizer_in_backward", self.optimizer_in_backward),
-                                ("optimizer_bits=8", self.optimizer_bits == 8)) if on]
-        if self.method == "seat" and self.index_encoding != "int32" and lean:
-            raise ValueError(f"index_encoding {self.index_encoding!r} cannot be combined with {', '.join(lean)}: "
-                             "seat.optim.SparseAdamW runs the lean modes on int32 masks only (it refuses "
-                             "ImplicitMask / Block16Mask there); use index_encoding='int32' or the default mode")
         if self.block16_size > 65536:
             raise ValueError(f"block16_size must be <= 65536 (uint16 offsets); got {self.block16_size}")
         for name in ("ce_rows", "kl_rows"):
