@@ -224,7 +224,9 @@ def main(argv=None) -> int:
     first = runs[0]
     title = (f"seat demo{' --quick' if args.quick else ''}: seeds {' '.join(map(str, args.seeds))}, "
              f"{first['n_finetune_records']} new facts, {ft.steps} steps, "
-             + (f"lr {ft.lr:g}" if ft.lr is not None else f"lr searched per method for exact match >= {ft.target_recall}"))
+             + (f"lr {ft.lr:g}" if ft.lr is not None else
+                f"lr per family {', '.join(f'{k} {v}' for k, v in ft.lr_grids)}" if ft.lr_grids is not None else
+                f"lr searched per method for exact match >= {ft.target_recall}"))
     counts = ", ".join(f"{n} {g}" for g, n in first["n_questions"].items())
     notes = (f"{title}. Questions per group: {counts}. "
              f"Machine: {machine}. Total {seconds:.0f} s." + (" Mean ± std over seeds." if len(runs) > 1 else ""))
