@@ -6,11 +6,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include "seat/adamw.h"
 #include "seat/block16.h"
+#include "masked_entries.h"
 
 namespace {
 
@@ -67,11 +67,6 @@ void masked_gather_block16_cpu(at::Tensor out, const at::Tensor& dense, const at
   });
 }
 
-template <typename Bits>
-void swap_entries(const Block16Ref& m, Bits* param, Bits* values) {
-  for_each_entry(m, [&](int64_t pos, int64_t j) { seat::swap_bits<Bits>(param + pos, values + j); });
-}
-
 void masked_swap_block16_cpu(at::Tensor param, const at::Tensor& block_starts, const at::Tensor& offsets,
                              at::Tensor values) {
   TORCH_CHECK(param.device().is_cpu() && values.device().is_cpu() && param.is_contiguous() && values.is_contiguous(),
@@ -81,59 +76,7 @@ void masked_swap_block16_cpu(at::Tensor param, const at::Tensor& block_starts, c
   const auto m = block16_ref(block_starts, offsets, param.numel(), "masked_swap_block16_ CPU kernel");
   TORCH_CHECK(values.dim() == 1 && values.numel() == m.nnz,
               "masked_swap_block16_ CPU kernel: values must have one entry per offset");
-  // The swap moves bits, not numbers: dispatch on the element width only.
-  switch (param.element_size()) {
-    case 1: swap_entries(m, static_cast<uint8_t*>(param.data_ptr()), static_cast<uint8_t*>(values.data_ptr())); break;
-    case 2: swap_entries(m, static_cast<uint16_t*>(param.data_ptr()), static_cast<uint16_t*>(values.data_ptr())); break;
-    case 4: swap_entries(m, static_cast<uint32_t*>(param.data_ptr()), static_cast<uint32_t*>(values.data_ptr())); break;
-    case 8: swap_entries(m, static_cast<uint64_t*>(param.data_ptr()), static_cast<uint64_t*>(values.data_ptr())); break;
-    default: TORCH_CHECK(false, "masked_swap_block16_ CPU kernel: unsupported element size ", param.element_size());
-  }
-}
-
-struct HalfIO {
-  using storage = c10::Half;
-  template <typename T>
-  static T load(const c10::Half* p) { return static_cast<T>(static_cast<float>(*p)); }
-  template <typename T>
-  static void store(c10::Half* p, T w, bool, uint32_t) { *p = c10::Half(static_cast<float>(w)); }
-};
-
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
-
-template <typename ParamIO, typename T, typename G = T>
-void update_tensor(const Block16Ref& mask, const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
-                   const at::Tensor& exp_avg_sq, const at::Tensor& master, const at::Tensor& max_exp_avg_sq,
-                   const seat::AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key, bool dense_state) {
-  auto* p = static_cast<typename ParamIO::storage*>(param.data_ptr());
-  const G* g = static_cast<const G*>(grad.data_ptr());
-  T* m = exp_avg.data_ptr<T>();
-  T* v = exp_avg_sq.data_ptr<T>();
-  T* w32 = data_or_null<T>(master);
-  T* vmax = data_or_null<T>(max_exp_avg_sq);
-  for_each_entry(mask, [&](int64_t pos, int64_t j) {
-    seat::sparse_adamw_entry<ParamIO, T, G>(p, pos, g, m, v, w32, vmax, j, s, maximize, stochastic, key, dense_state);
-  });
-}
-
-// fp32 state with fp32 compact grads, or bf16 ones (uint16_t bits, upcast on load).
-template <typename ParamIO>
-void update_fp32_state(const Block16Ref& mask, const at::Tensor& param, const at::Tensor& grad,
-                       const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& master,
-                       const at::Tensor& max_exp_avg_sq, const seat::AdamWScalars<float>& s, bool maximize,
-                       bool stochastic, uint32_t key, bool dense_state) {
-  if (grad.scalar_type() == at::kBFloat16) {
-    update_tensor<ParamIO, float, uint16_t>(mask, param, grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, s,
-                                            maximize, stochastic, key, dense_state);
-  } else {
-    TORCH_CHECK(grad.scalar_type() == at::kFloat,
-                "sparse_adamw_block16_ CPU kernel: grads must be float32 or bfloat16");
-    update_tensor<ParamIO, float>(mask, param, grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, s, maximize,
-                                  stochastic, key, dense_state);
-  }
+  seat::cpu::swap_by_width([&](auto f) { for_each_entry(m, f); }, param, values, "masked_swap_block16_ CPU kernel");
 }
 
 void sparse_adamw_block16_cpu(at::TensorList params, at::TensorList block_starts, at::TensorList offsets,
@@ -150,32 +93,9 @@ void sparse_adamw_block16_cpu(at::TensorList params, at::TensorList block_starts
     if (offsets[i].numel() == 0) continue;
     const auto mask = block16_ref(block_starts[i], offsets[i], param.numel(), "sparse_adamw_block16_ CPU kernel");
     const uint32_t key = seat::tensor_key(static_cast<uint32_t>(step_key), static_cast<uint32_t>(i));
-    const auto state = exp_avgs[i].scalar_type();
-    switch (param.scalar_type()) {
-      case at::kBFloat16:
-        TORCH_CHECK(state == at::kFloat, "sparse_adamw_block16_ CPU kernel: bf16 params need float32 state");
-        update_fp32_state<seat::BF16IO>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
-                                           max_exp_avg_sqs[i], s32, maximize, stochastic, key, dense_state);
-        break;
-      case at::kHalf:
-        TORCH_CHECK(state == at::kFloat, "sparse_adamw_block16_ CPU kernel: fp16 params need float32 state");
-        update_fp32_state<HalfIO>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
-                                     max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
-        break;
-      case at::kFloat:
-        TORCH_CHECK(state == at::kFloat, "sparse_adamw_block16_ CPU kernel: fp32 params need float32 state");
-        update_fp32_state<seat::PlainIO<float>>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
-                                                   max_exp_avg_sqs[i], s32, maximize, false, key, dense_state);
-        break;
-      case at::kDouble:
-        TORCH_CHECK(state == at::kDouble && grads[i].scalar_type() == at::kDouble,
-                    "sparse_adamw_block16_ CPU kernel: fp64 params need float64 state and grads");
-        update_tensor<seat::PlainIO<double>, double>(mask, param, grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i],
-                                                     max_exp_avg_sqs[i], s64, maximize, false, key, dense_state);
-        break;
-      default:
-        TORCH_CHECK(false, "sparse_adamw_block16_ CPU kernel: unsupported param dtype ", param.scalar_type());
-    }
+    seat::cpu::adamw_param([&](auto f) { for_each_entry(mask, f); }, "sparse_adamw_block16_ CPU kernel", param,
+                           grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i], max_exp_avg_sqs[i], s32, s64, maximize,
+                           stochastic, key, dense_state);
   }
 }
 

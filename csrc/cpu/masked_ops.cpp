@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "masked_entries.h"
 #include "seat/common.h"
 
 namespace {
@@ -69,12 +70,11 @@ void masked_gather_cpu(at::Tensor out, const at::Tensor& dense, const at::Tensor
   });
 }
 
-template <typename Bits>
-void swap_loop(Bits* param, Bits* values, const int32_t* idx, int64_t nnz) {
+// f(idx[i], i) for every entry, in parallel.
+template <typename F>
+void for_each_index(const int32_t* idx, int64_t nnz, F f) {
 #pragma omp parallel for schedule(static) if (nnz > kParallelGrain) num_threads(at::get_num_threads())
-  for (int64_t i = 0; i < nnz; ++i) {
-    seat::swap_bits<Bits>(param + idx[i], values + i);
-  }
+  for (int64_t i = 0; i < nnz; ++i) f(static_cast<int64_t>(idx[i]), i);
 }
 
 void masked_swap_cpu(at::Tensor param, const at::Tensor& idx, at::Tensor values) {
@@ -83,14 +83,7 @@ void masked_swap_cpu(at::Tensor param, const at::Tensor& idx, at::Tensor values)
   const int64_t nnz = idx.numel();
   if (nnz == 0) return;
   const int32_t* idx_ptr = idx.data_ptr<int32_t>();
-  // The swap moves bits, not numbers: dispatch on the element width only.
-  switch (param.element_size()) {
-    case 1: swap_loop(static_cast<uint8_t*>(param.data_ptr()), static_cast<uint8_t*>(values.data_ptr()), idx_ptr, nnz); break;
-    case 2: swap_loop(static_cast<uint16_t*>(param.data_ptr()), static_cast<uint16_t*>(values.data_ptr()), idx_ptr, nnz); break;
-    case 4: swap_loop(static_cast<uint32_t*>(param.data_ptr()), static_cast<uint32_t*>(values.data_ptr()), idx_ptr, nnz); break;
-    case 8: swap_loop(static_cast<uint64_t*>(param.data_ptr()), static_cast<uint64_t*>(values.data_ptr()), idx_ptr, nnz); break;
-    default: TORCH_CHECK(false, "masked_swap_ CPU kernel: unsupported element size ", param.element_size());
-  }
+  seat::cpu::swap_by_width([&](auto f) { for_each_index(idx_ptr, nnz, f); }, param, values, "masked_swap_ CPU kernel");
 }
 
 }  // namespace

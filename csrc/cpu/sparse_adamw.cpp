@@ -3,30 +3,20 @@
 // contiguously; only the param is touched at idx[i].
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "seat/adamw.h"
+#include "masked_entries.h"
 
 namespace {
 
 constexpr int64_t kParallelGrain = 1 << 14;
 constexpr int64_t kPrefetchAhead = 16;
 
-struct HalfIO {
-  using storage = c10::Half;
-  template <typename T>
-  static T load(const c10::Half* p) { return static_cast<T>(static_cast<float>(*p)); }
-  template <typename T>
-  static void store(c10::Half* p, T w, bool, uint32_t) { *p = c10::Half(static_cast<float>(w)); }
-};
-
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
+using seat::cpu::HalfIO;
+using seat::cpu::data_or_null;
 
 template <typename ParamIO, typename T, typename G = T>
 void update_tensor(const at::Tensor& param, const at::Tensor& idx, const at::Tensor& grad, const at::Tensor& exp_avg,
