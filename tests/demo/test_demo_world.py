@@ -85,3 +85,14 @@ def test_tokenizer_saves_reloads_and_covers_the_world(tmp_path):
         assert tok.unk_token_id not in ids, text
     assert again.decode(again(IDK_ANSWER, add_special_tokens=False)["input_ids"]) == "I don ' t know ."
     assert (again.pad_token, again.eos_token, again.bos_token) == ("[PAD]", "[EOS]", "[BOS]")
+
+
+def test_known_repeats_repeat_the_known_facts_only():
+    world = make_world(0, WorldConfig.quick())
+    once, four = world.base_records(), world.base_records(known_repeats=4)
+    known = [r for r in once if r["group"] == "known"]
+    assert [r for r in four if r["group"] == "known"] == known * 4
+    assert [r for r in four if r["group"] != "known"] == [r for r in once if r["group"] != "known"]
+    for bad in (0, -1, 1.5, "2"):
+        with pytest.raises(ValueError, match="known_repeats"):
+            world.base_records(known_repeats=bad)

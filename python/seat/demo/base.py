@@ -34,7 +34,14 @@ class BaseConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    epochs: int = 20
+    epochs: int = 12
+    # Each known fact is seen this many times per epoch (4 x 3 wordings x 12 epochs = 144
+    # times in all): known people are well-learned common knowledge, as in a pretrained
+    # LM, so "retention" measures what fine-tuning overwrites, not how fragile barely
+    # memorized facts are. Measured on seed 0 (16 new people, 300 steps, lr 1e-3): full
+    # fine-tuning kept 0.42 of the known facts of a base trained with 1 (20 epochs) and
+    # 0.85 with 4.
+    known_repeats: int = 4
     embedding_std: float = 1.0  # input embeddings: random N(0, std), frozen (see train_base)
     batch_size: int = 32
     lr: float = 3e-3
@@ -43,7 +50,7 @@ class BaseConfig:
 
     @classmethod
     def quick(cls) -> "BaseConfig":
-        return cls(hidden_size=64, intermediate_size=128, epochs=20)
+        return cls(hidden_size=64, intermediate_size=128, epochs=12)
 
 
 def cache_root() -> Path:
@@ -106,7 +113,7 @@ def train_base(world: World, tokenizer, cfg: BaseConfig, seed: int, log=print):
         model.model.embed_tokens.weight.normal_(0.0, cfg.embedding_std)
     model.model.embed_tokens.weight.requires_grad_(False)
     rng = random.Random(f"seat.demo.base|{seed}")
-    steps_per_epoch = math.ceil(len(world.base_records()) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(world.base_records(known_repeats=cfg.known_repeats)) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 and p.requires_grad]
@@ -123,7 +130,7 @@ def train_base(world: World, tokenizer, cfg: BaseConfig, seed: int, log=print):
     model.train()
     step, t0 = 0, time.perf_counter()
     for epoch in range(cfg.epochs):
-        records = world.base_records(rng)  # fresh refusal questions every epoch
+        records = world.base_records(rng, known_repeats=cfg.known_repeats)  # fresh refusal questions every epoch
         order = list(range(len(records)))
         rng.shuffle(order)
         total_loss = 0.0
@@ -165,7 +172,8 @@ def load_or_train_base(seed: int, world_config: WorldConfig | None = None, base_
     world = make_world(seed, world_config)
     tokenizer = build_tokenizer(world)
     if log:
-        log(f"training the base model for seed {seed} ({len(world.base_records())} examples, "
+        n_examples = len(world.base_records(known_repeats=base_config.known_repeats))
+        log(f"training the base model for seed {seed} ({n_examples} examples, "
             f"{base_config.epochs} epochs); cached afterwards in {directory}")
     t0 = time.perf_counter()
     model = train_base(world, tokenizer, base_config, seed, log=log)

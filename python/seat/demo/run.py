@@ -61,7 +61,7 @@ def _configs(quick: bool):
     if quick:
         # one learning rate per family, from the middle of its grid: no search (time)
         return WorldConfig.quick(), BaseConfig.quick(), FinetuneConfig(
-            steps=150, batch_size=16, lr_grids=(("dense", (2e-3,)), ("lora", (1e-2,)), ("sparse", (4e-2,))))
+            steps=150, batch_size=16, lr_grids=(("dense", (6e-4,)), ("lora", (4e-3,)), ("sparse", (2e-2,))))
     return WorldConfig(), BaseConfig(), FinetuneConfig()
 
 

@@ -84,11 +84,14 @@ class WorldConfig:
     n_unknown_train: int = 1024  # many refusal names: the rule "unfamiliar name -> I don't know" generalizes
     n_unknown_eval: int = 32
     n_unknown_alt: int = 32
-    n_new: int = 16
+    # 8 new people (64 fine-tuning questions) against 48 known: measured on seeds 0 and 1,
+    # full fine-tuning at matched recall kept 0.92-0.98 of the known facts with 8 new
+    # people (300 steps) and 0.74-0.85 with 16 (600 steps)
+    n_new: int = 8
 
     @classmethod
     def quick(cls) -> "WorldConfig":
-        return cls(n_known=24, n_unknown_train=512, n_unknown_eval=16, n_unknown_alt=16, n_new=8)
+        return cls(n_known=24, n_unknown_train=512, n_unknown_eval=16, n_unknown_alt=16, n_new=4)
 
 
 @dataclasses.dataclass
@@ -103,11 +106,14 @@ class World:
         template) with the true answer (or ``IDK_ANSWER`` when ``refuse``)."""
         return qa_records(self.people[group], group, templates=templates, refuse=refuse)
 
-    def base_records(self, rng: random.Random | None = None, refusals_per_person: int = 2) -> list[dict]:
+    def base_records(self, rng: random.Random | None = None, refusals_per_person: int = 2,
+                     known_repeats: int = 1) -> list[dict]:
         """One epoch of the base model's training data: every question (all wordings) about
-        the known people with its fact, and ``refusals_per_person`` questions (drawn with
-        ``rng``; the first ones without) about each unknown_train person, answered "I
-        don't know ."."""
+        the known people with its fact, ``known_repeats`` times, and ``refusals_per_person``
+        questions (drawn with ``rng``; the first ones without) about each unknown_train
+        person, answered "I don't know ."."""
+        if not isinstance(known_repeats, int) or known_repeats < 1:
+            raise ValueError(f"known_repeats must be an int >= 1; got {known_repeats!r}")
         every = (*FINETUNE_TEMPLATES, *HELD_OUT_TEMPLATES)
         refusals = []
         for person in self.people["unknown_train"]:
@@ -116,7 +122,7 @@ class World:
                 refusals += records[:refusals_per_person]
             else:
                 refusals += rng.sample(records, refusals_per_person)
-        return self.qa("known", templates=every) + refusals
+        return self.qa("known", templates=every) * known_repeats + refusals
 
     def finetune_records(self) -> list[dict]:
         """The fine-tuning set: the new people's facts, both templates, no refusals."""
