@@ -95,7 +95,9 @@ def test_cli_writes_markdown_json_and_png(cache, tmp_path, monkeypatch, capsys):
 
 
 def test_search_lr_takes_the_smallest_rate_that_reaches_the_target(monkeypatch):
-    scores = {1e-2: 0.5, 2e-2: 0.95, 4e-2: 1.0, 8e-2: 1.0}
+    grid = demo_methods.LR_GRIDS["sparse"]
+    assert list(grid) == sorted(grid) and len(grid) >= 3
+    scores = dict(zip(grid, [0.5, 0.95] + [1.0] * (len(grid) - 2)))
     calls = []
 
     def fake_finetune(method, base, tok, records, cfg, seed=0, lr=None):
@@ -105,12 +107,12 @@ def test_search_lr_takes_the_smallest_rate_that_reaches_the_target(monkeypatch):
     monkeypatch.setattr(demo_methods, "finetune", fake_finetune)
     cfg = FinetuneConfig(target_recall=0.9)
     model, stats = demo_methods.search_lr("seat-0.05", None, None, [], cfg, score=lambda m: scores[m])
-    assert model == 2e-2 and calls == [1e-2, 2e-2] and stats["lr_tried"] == [(1e-2, 0.5), (2e-2, 0.95)]
+    assert model == grid[1] and calls == list(grid[:2]) and stats["lr_tried"] == [(grid[0], 0.5), (grid[1], 0.95)]
     # none reaches the target: the best-scoring run, every rate tried
     calls.clear()
     model, stats = demo_methods.search_lr("seat-0.05", None, None, [], FinetuneConfig(target_recall=1.1),
                                           score=lambda m: scores[m])
-    assert model == 4e-2 and calls == list(demo_methods.LR_GRIDS["sparse"])
+    assert model == grid[2] and calls == list(grid)  # the first of the best
     # a fixed lr: that one only
     calls.clear()
     demo_methods.search_lr("full", None, None, [], FinetuneConfig(lr=5e-3), score=lambda m: 0.0)
