@@ -84,9 +84,9 @@ class WorldConfig:
     n_unknown_train: int = 1024  # many refusal names: the rule "unfamiliar name -> I don't know" generalizes
     n_unknown_eval: int = 32
     n_unknown_alt: int = 32
-    # 8 new people (64 fine-tuning questions) against 48 known: measured on seeds 0 and 1,
-    # full fine-tuning at matched recall kept 0.92-0.98 of the known facts with 8 new
-    # people (300 steps) and 0.74-0.85 with 16 (600 steps)
+    # 8 new people (64 fine-tuning questions) against 48 known: on seed 0, full
+    # fine-tuning at matched recall kept 0.95 of the known facts with 8 new people (300
+    # steps) and 0.85 with 16 (600 steps)
     n_new: int = 8
 
     @classmethod
