@@ -1,5 +1,6 @@
 """Triton device functions of the AdamW step and of stochastic rounding, shared by the
-compact (sparse_adamw) and dense-mask (masked_adamw) kernels. Same math, same order as
+compact (sparse_adamw, its block16 and implicit-mask variants) and dense-mask
+(masked_adamw) kernels. Same math, same order as
 python/seat/ops/_adamw.py and csrc/include/seat/adamw.h.
 """
 from __future__ import annotations
@@ -72,3 +73,38 @@ def round_to_param(w, pos, key, PARAM_DT: tl.constexpr, STOCHASTIC: tl.constexpr
         rounded = ((pattern + increment) & 0xFFFF0000).to(tl.float32, bitcast=True)
         return tl.where(w32 == w32, rounded, w32).to(PARAM_DT)
     return w.to(PARAM_DT)
+
+
+@triton.jit
+def update_entries(row, param, grad, exp_avg, exp_avg_sq, pos, at, slot, live, key,
+                   decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bc2_sqrt,
+                   MASTER_COL: tl.constexpr, AMSGRAD_COL: tl.constexpr, PARAM_DT: tl.constexpr,
+                   STATE_DT: tl.constexpr, HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """AdamW on the ``live`` trained entries of one tensor of a multi-tensor table, the
+    part every mask encoding shares once it has found its entries: the gradient at
+    grad[slot], the state (and fp32 master weight) at [at], the weight at param[pos]
+    (all int64 / int32 tensors of one shape). ``row`` is the tensor's table row; its
+    columns MASTER_COL and AMSGRAD_COL hold the master and max_exp_avg_sq pointers
+    (read only when HAS_MASTER / AMSGRAD). ``key`` seeds stochastic rounding."""
+    g = tl.load(grad + slot, mask=live, other=0.0).to(STATE_DT)  # bf16 -> fp32 is exact
+    m = tl.load(exp_avg + at, mask=live, other=0.0)
+    v = tl.load(exp_avg_sq + at, mask=live, other=0.0)
+    if HAS_MASTER:
+        master = tl.load(row + MASTER_COL).to(tl.pointer_type(STATE_DT))
+        w = tl.load(master + at, mask=live, other=0.0)
+    else:
+        w = tl.load(param + pos, mask=live, other=0.0).to(STATE_DT)
+    vmax = v
+    if AMSGRAD:
+        max_exp_avg_sq = tl.load(row + AMSGRAD_COL).to(tl.pointer_type(STATE_DT))
+        vmax = tl.load(max_exp_avg_sq + at, mask=live, other=0.0)
+    w, m, v, vmax = adamw_step(w, g, m, v, vmax, decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size,
+                               bc2_sqrt, MAXIMIZE, AMSGRAD)
+    tl.store(exp_avg + at, m, mask=live)
+    tl.store(exp_avg_sq + at, v, mask=live)
+    if AMSGRAD:
+        tl.store(max_exp_avg_sq + at, vmax, mask=live)
+    if HAS_MASTER:
+        tl.store(master + at, w, mask=live)
+    tl.store(param + pos, round_to_param(w, pos, key, PARAM_DT, STOCHASTIC and not HAS_MASTER), mask=live)

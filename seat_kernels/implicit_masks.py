@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ._spec import AotSpec
-from .adamw_math import adamw_step, load_scalars, mix32, round_to_param
+from .adamw_math import load_scalars, mix32, update_entries
 from .sparse_adamw import _TL_DTYPE, _table
 
 TILE = 1024
@@ -124,27 +124,9 @@ def sparse_adamw_implicit_kernel(table_ptr, scalars_ptr, step_key, PARAM_DT: tl.
         live = member & (slot < limit)
         # compact state is indexed like the grads; full-size (dense_state) by position
         at = pos if DENSE_STATE else slot.to(tl.int64)
-        g = tl.load(grad + slot, mask=live, other=0.0).to(STATE_DT)  # bf16 -> fp32 is exact
-        m = tl.load(exp_avg + at, mask=live, other=0.0)
-        v = tl.load(exp_avg_sq + at, mask=live, other=0.0)
-        if HAS_MASTER:
-            master = tl.load(row + 5).to(tl.pointer_type(STATE_DT))
-            w = tl.load(master + at, mask=live, other=0.0)
-        else:
-            w = tl.load(param + pos, mask=live, other=0.0).to(STATE_DT)
-        vmax = v
-        if AMSGRAD:
-            max_exp_avg_sq = tl.load(row + 6).to(tl.pointer_type(STATE_DT))
-            vmax = tl.load(max_exp_avg_sq + at, mask=live, other=0.0)
-        w, m, v, vmax = adamw_step(w, g, m, v, vmax, decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt,
-                                   MAXIMIZE, AMSGRAD)
-        tl.store(exp_avg + at, m, mask=live)
-        tl.store(exp_avg_sq + at, v, mask=live)
-        if AMSGRAD:
-            tl.store(max_exp_avg_sq + at, vmax, mask=live)
-        if HAS_MASTER:
-            tl.store(master + at, w, mask=live)
-        tl.store(param + pos, round_to_param(w, pos, key, PARAM_DT, STOCHASTIC and not HAS_MASTER), mask=live)
+        update_entries(row, param, grad, exp_avg, exp_avg_sq, pos, at, slot, live, key,
+                       decay, omb1, beta2, omb2, eps, step_size, bc2_sqrt, 5, 6, PARAM_DT, STATE_DT,
+                       HAS_MASTER, AMSGRAD, MAXIMIZE, STOCHASTIC)
         done += n
 
 
