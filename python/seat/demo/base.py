@@ -38,9 +38,9 @@ class BaseConfig:
     # Each known fact is seen this many times per epoch (4 x 3 wordings x 12 epochs = 144
     # times in all): known people are well-learned common knowledge, as in a pretrained
     # LM, so "retention" measures what fine-tuning overwrites, not how fragile barely
-    # memorized facts are. Measured on seed 0 (16 new people, 300 steps, lr 1e-3): full
-    # fine-tuning kept 0.42 of the known facts of a base trained with 1 (20 epochs) and
-    # 0.85 with 4.
+    # memorized facts are. Measured on seed 0 (16 new people, 300 steps, lr 1e-3, bases
+    # trained 20 epochs): full fine-tuning kept 0.42 of the known facts with 1 and 0.85
+    # with 4.
     known_repeats: int = 4
     embedding_std: float = 1.0  # input embeddings: random N(0, std), frozen (see train_base)
     batch_size: int = 32
