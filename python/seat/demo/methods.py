@@ -32,19 +32,28 @@ import time
 METHODS = ("full", "lora", "lora-kl", "sparse", "kl", "seat-0.1", "seat-0.05", "seat-0.01")
 # Learning-rate grids per family, tried from the smallest up (see search_lr).
 # Factors of 2, starting where the least disruptive method of the family already learns
-# (full fine-tuning reaches exact match >= 0.95 at 1.5e-4 on seeds 0, 1 and 2).
+# (full fine-tuning reaches exact match >= 0.95 at 1.5e-4 on seeds 0, 1 and 2; with
+# batches of 8, SEAT d=0.1 reached 0.9 at 5e-3 on all three, so the sparse grid starts
+# one step lower).
 LR_GRIDS = {
     "dense": (1.5e-4, 3e-4, 6e-4, 1.2e-3),  # full, kl
     "lora": (1e-3, 2e-3, 4e-3, 8e-3),  # lora, lora-kl
-    "sparse": (5e-3, 1e-2, 2e-2, 4e-2, 8e-2),  # sparse, seat-D
+    "sparse": (2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2),  # sparse, seat-D
 }
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneConfig:
-    steps: int = 300
-    batch_size: int = 16
+    # 600 steps of 8 (75 passes over the 64 facts), not 300 of 16: the same examples and
+    # about the same time (a step of 8 costs little more than half a step of 16 on a
+    # CPU), in smaller steps that disturb the known people less at matched recall.
+    # Measured (SEAT d=0.1 / d=0.05 / KL only, retention of the known facts): seed 0
+    # 0.948 / 0.935 / 0.987 -> 0.969 / 0.979 / 1.000; seed 1 1.000 / 0.979 / 1.000 ->
+    # 1.000 / 1.000 / 1.000; seed 2 0.857 / 0.560 / 0.919 -> 0.909 / 0.812 / 0.909.
+    # Larger batches went the other way (seed 2, 150 steps of 64: 0.549 / 0.560 / 0.833).
+    steps: int = 600
+    batch_size: int = 8
     lr: float | None = None  # one learning rate for every method; None: search_lr per method
     target_recall: float = 0.9  # exact match on the fine-tuning facts that search_lr aims for
     # ((family, (lr, ...)), ...) to search instead of LR_GRIDS (e.g. one rate per family)
