@@ -33,7 +33,8 @@ class SeatConfig:
     seed: seeds the masks (per weight, from its name) and stochastic rounding.
     targets: "all-linear" (every nn.Linear / GPT-2 Conv1D weight except the output
         embedding) or module-name patterns (fnmatch, e.g. ["*.q_proj", "*.v_proj"]).
-    kl_weight: lambda of L = CE + lambda * KL. kl_tokens: "all" non-pad positions of x~
+    kl_weight: lambda of L = CE + lambda * KL (0: the sparse mask alone; x~ is then not
+        run and the loss's KL reads NaN). kl_tokens: "all" non-pad positions of x~
         or only its "answer" positions. temperature: of the KL's softmaxes. reverse_kl:
         KL(p_theta || p_base) instead of the forward KL(p_base || p_theta).
     master_weights / stochastic_rounding: how bf16/fp16 weights take their updates (see

@@ -11,6 +11,9 @@
    linear map of the hidden state (final logit soft-capping, a logit scale) take
    seat.ops.paired_loss on logits of those rows instead.
 
+With kl_weight == 0 (the sparse-only ablation) steps 1 and 2 run on x only: the KL term
+would add nothing to the loss or its gradient, so x~ is not run and the KL reads NaN.
+
 Batch (from seat.PairedCollator), all (B, T):
   input_ids, attention_mask, labels (-100 where no loss; HF convention: labels[t] is the
   token at t, predicted from position t-1), pert_input_ids, pert_attention_mask and
@@ -32,9 +35,9 @@ from . import ops
 class SeatLoss:
     loss: Tensor  # scalar, differentiable: ce + kl_weight * kl
     ce: Tensor  # scalar
-    kl: Tensor  # scalar
+    kl: Tensor  # scalar; NaN when kl_weight == 0 (x~ is not run then)
     n_ce_tokens: int
-    n_kl_tokens: int
+    n_kl_tokens: int  # 0 when kl_weight == 0
 
 
 REQUIRED_KEYS = ("input_ids", "attention_mask", "labels", "pert_input_ids", "pert_attention_mask")
@@ -132,14 +135,21 @@ def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, k
     x_ids, x_mask = batch["input_ids"], batch["attention_mask"]
     p_ids, p_mask = batch["pert_input_ids"], batch["pert_attention_mask"]
     n = x_ids.shape[0]
-    kl_rows = kl_row_mask(batch)
-
-    with handle.reference():
-        ref_hidden = _hidden(model, p_ids, p_mask)[kl_rows]
-    hidden = _hidden(model, torch.cat([x_ids, p_ids]), torch.cat([x_mask, p_mask]))
     shifted = batch["labels"][:, 1:]
     ce_rows = shifted != -100
-    rows = torch.cat([hidden[:n, :-1][ce_rows], hidden[n:][kl_rows]])
+    if config.kl_weight == 0:
+        # The KL term has no weight: skip x~ altogether (no reference forward, no
+        # forward and backward of the perturbed half) so that a sparse-only run costs
+        # what plain CE costs. The KL is not computed and reads NaN.
+        hidden = _hidden(model, x_ids, x_mask)
+        rows = hidden[:, :-1][ce_rows]
+        ref_hidden = rows.new_empty(0, rows.shape[-1]).detach()
+    else:
+        kl_rows = kl_row_mask(batch)
+        with handle.reference():
+            ref_hidden = _hidden(model, p_ids, p_mask)[kl_rows]
+        hidden = _hidden(model, torch.cat([x_ids, p_ids]), torch.cat([x_mask, p_mask]))
+        rows = torch.cat([hidden[:n, :-1][ce_rows], hidden[n:][kl_rows]])
     labels = shifted[ce_rows]
     options = dict(kl_weight=config.kl_weight, temperature=config.temperature, reverse_kl=config.reverse_kl,
                    ce_num_items=None if num_items_in_batch is None else float(num_items_in_batch),
@@ -155,4 +165,6 @@ def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, k
         with torch.no_grad():
             ref_logits = transform(head(ref_hidden).float())
         loss, ce, kl = ops.paired_loss(logits, labels, ref_logits, None, **options)
+    if config.kl_weight == 0:
+        kl = torch.full_like(kl.detach(), float("nan"))
     return SeatLoss(loss, ce, kl, int(labels.numel()), int(ref_hidden.shape[0]))

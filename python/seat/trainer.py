@@ -142,7 +142,8 @@ class SeatTrainer(transformers.Trainer):
             # tokens: their sum per optimizer step is the step's mean
             steps = max(1, sums["n"] / max(1, self.args.gradient_accumulation_steps))
             logs["ce"] = round(sums["ce"] / steps, 6)
-            logs["kl"] = round(sums["kl"] / steps, 8)
+            if self.seat.config.kl_weight:  # with no KL weight the KL is not computed (NaN)
+                logs["kl"] = round(sums["kl"] / steps, 8)
             self._seat_sums = {"ce": 0.0, "kl": 0.0, "n": 0}
         super().log(logs, *args, **kwargs)
 

@@ -80,6 +80,30 @@ def test_kl_is_zero_before_training(kind):
     assert out.ce.item() > 0 and out.n_ce_tokens > 0 and out.n_kl_tokens > 0
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])  # the fused-linear loss and the logits path
+def test_zero_kl_weight_runs_x_alone_and_gives_the_plain_ce_gradient(kind, monkeypatch):
+    from seat.masks import mask_indices
+
+    model = tiny_model(kind)
+    batch = paired_batch(seed=3)
+    plain = copy.deepcopy(model)
+    expected = plain(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    expected.backward()
+    handle = seat.patch(model, density=0.2, kl_weight=0.0)
+    monkeypatch.setattr(handle, "reference", lambda: pytest.fail("the reference forward ran with kl_weight=0"))
+    opt = handle.optimizer(lr=1e-2)
+    out = handle.loss(batch)
+    assert torch.isnan(out.kl) and out.n_kl_tokens == 0 and out.n_ce_tokens > 0
+    torch.testing.assert_close(out.loss, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.ce, expected, rtol=1e-4, atol=1e-6)
+    out.loss.backward()
+    plain_params = dict(plain.named_parameters())
+    for name, t in handle.targets.items():
+        want = plain_params[name].grad.reshape(-1)[mask_indices(t.idx).long()]
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(opt.compact_grad(t.param), want.float(), rtol=1e-4, atol=1e-7)
+
+
 def test_reference_restores_weights_on_exception():
     model = tiny_model()
     handle = seat.patch(model, density=0.2)

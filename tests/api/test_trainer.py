@@ -22,7 +22,7 @@ RECORDS = [
 ]
 
 
-def _setup(tmp_path, seed=0, records=RECORDS, mask_encoding="int32", **arg_overrides):
+def _setup(tmp_path, seed=0, records=RECORDS, mask_encoding="int32", kl_weight=1.0, **arg_overrides):
     texts = [r["question"] + " " + r["answer"] for r in RECORDS]
     tokenizer = word_tokenizer(texts)
     torch.manual_seed(seed)
@@ -38,7 +38,7 @@ def _setup(tmp_path, seed=0, records=RECORDS, mask_encoding="int32", **arg_overr
                 save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, data_seed=0,
                 dataloader_num_workers=0, remove_unused_columns=False, lr_scheduler_type="linear")
     args.update(arg_overrides)
-    seat_config = seat.SeatConfig(density=0.2, mask_encoding=mask_encoding)
+    seat_config = seat.SeatConfig(density=0.2, mask_encoding=mask_encoding, kl_weight=kl_weight)
     trainer = seat.SeatTrainer(model, transformers.TrainingArguments(**args), seat_config=seat_config,
                                train_dataset=records, data_collator=collator, processing_class=tokenizer)
     return trainer, model, collator
@@ -58,6 +58,14 @@ def test_training_lowers_ce_and_logs_ce_and_kl(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all("ce" in h and "kl" in h for h in logged)
     assert abs(logged[0]["kl"]) < 1e-4 <= max(h["kl"] for h in logged)  # 0 before the first update
+
+
+def test_zero_kl_weight_trains_and_logs_no_kl(tmp_path):
+    trainer, model, collator = _setup(tmp_path, max_steps=4, save_steps=100, kl_weight=0.0)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("ce" in h and "kl" not in h for h in logged)  # the KL is not computed
+    assert all(h["ce"] > 0 and h["loss"] > 0 for h in logged)
 
 
 @pytest.mark.parametrize("accumulation,records", [(2, RECORDS), (1, RECORDS * 2)], ids=["epoch-end", "mid-epoch"])
