@@ -34,8 +34,12 @@ class BaseConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 256
-    epochs: int = 12
-    # Each known fact is seen this many times per epoch (4 x 3 wordings x 12 epochs = 144
+    # 18, not 12: a base that knows its facts longer is less fragile. Probed with 600
+    # fine-tuning steps of 8 (SEAT d=0.1 / KL-only retention of the known facts): seed 0
+    # 0.969 / 1.000 -> 0.984 / 0.990, seed 1 1.000 / 1.000 -> 1.000 / 1.000, seed 2
+    # 0.909 / 0.909 -> 0.982 / 0.979; base training ~1.5x longer.
+    epochs: int = 18
+    # Each known fact is seen this many times per epoch (4 x 3 wordings x 18 epochs = 216
     # times in all): known people are well-learned common knowledge, as in a pretrained
     # LM, so "retention" measures what fine-tuning overwrites, not how fragile barely
     # memorized facts are. Measured on seed 0 (16 new people, 300 steps, lr 1e-3, bases
