@@ -219,11 +219,10 @@ def build_naive_seat(config, batch, device, dtype, gradient_checkpointing: bool 
 
 
 def mask_tensors(mask) -> list[torch.Tensor]:
-    """The tensors a mask holds: int32 indices, or an ImplicitMask's block offsets, or a
-    Block16Mask's block starts and offsets."""
+    """The tensors a mask holds (bare int32 indices, or what its state_dict() saves)."""
     if isinstance(mask, torch.Tensor):
         return [mask]
-    return [getattr(mask, k) for k in ("block_offsets", "block_starts", "offsets") if hasattr(mask, k)]
+    return [t for t in mask.state_dict().values() if isinstance(t, torch.Tensor)]
 
 
 def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_checkpointing: bool = False,

@@ -8,42 +8,30 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(seat_C, m) {
-  // out[i] += dense.view(-1)[idx[i]]
-  m.def("masked_gather_(Tensor(a!) out, Tensor dense, Tensor idx) -> ()");
-  // swap param.view(-1)[idx[i]] <-> values[i]
-  m.def("masked_swap_(Tensor(a!) param, Tensor idx, Tensor(b!) values) -> ()");
-  // AdamW on params[i].view(-1)[idxs[i]] with compact state; empty masters[i] /
-  // max_exp_avg_sqs[i] mean none; scalars: the 7 of seat/adamw.h; step_key: the 32-bit
-  // key of stochastic rounding (python/seat/ops/_adamw.py); dense_state: state is
-  // full-size and indexed by position instead of compact.
+  // The sparse-update family. A mask is passed as (encoding, mask_index, mask_offsets,
+  // mask_ints) (seat/masks.h): encoding 0 = int32 indices (mask_index = idx), 1 = block16
+  // (mask_index = block_starts, mask_offsets = uint16 offsets), 2 = hash (mask_index =
+  // block_offsets, mask_ints = key, threshold, block); an unused tensor is empty, unused
+  // ints are 0. mask_ints holds 3 ints per mask.
+  // out[slot] += dense.view(-1)[position] over the mask's entries
   m.def(
-      "sparse_adamw_(Tensor(a!)[] params, Tensor[] idxs, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, float[] scalars, "
-      "bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
-  // Implicit random masks (seat/implicit_mask.h): element e of a param is trained iff
-  // mix32(key ^ mix32(e)) < threshold; block_offsets[b] is the compact slot of the first
-  // member of block b (blocks of `block` elements). counts[b] = members of block b.
+      "masked_gather_(Tensor(a!) out, Tensor dense, int encoding, Tensor mask_index, Tensor mask_offsets, "
+      "int[] mask_ints) -> ()");
+  // param.view(-1)[position] <-> values[slot], bit for bit
+  m.def(
+      "masked_swap_(Tensor(a!) param, Tensor(b!) values, int encoding, Tensor mask_index, Tensor mask_offsets, "
+      "int[] mask_ints) -> ()");
+  // AdamW on the masked entries of params[i] with compact state; every mask of a call has
+  // one encoding; empty masters[i] / max_exp_avg_sqs[i] mean none; scalars: the 7 of
+  // seat/adamw.h; step_key: the 32-bit key of stochastic rounding
+  // (python/seat/ops/_adamw.py); dense_state: state is full-size and indexed by position.
+  m.def(
+      "sparse_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, int encoding, Tensor[] mask_indices, "
+      "Tensor[] mask_offsets, int[] mask_ints, float[] scalars, bool maximize, bool stochastic, int step_key, "
+      "bool dense_state) -> ()");
+  // counts[b] = members of block b of the hash mask (key, threshold) over numel elements.
   m.def("implicit_block_counts_(Tensor(a!) counts, int numel, int key, int threshold, int block) -> ()");
-  m.def(
-      "masked_gather_implicit_(Tensor(a!) out, Tensor dense, Tensor block_offsets, int key, int threshold, "
-      "int block) -> ()");
-  m.def(
-      "masked_swap_implicit_(Tensor(a!) param, Tensor block_offsets, Tensor(b!) values, int key, int threshold, "
-      "int block) -> ()");
-  // sparse_adamw_ with implicit masks: keys[i] / thresholds[i] / blocks[i] / block_offsets[i]
-  // instead of idxs[i].
-  m.def(
-      "sparse_adamw_implicit_(Tensor(a!)[] params, Tensor[] block_offsets, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, int[] keys, int[] thresholds, "
-      "int[] blocks, float[] scalars, bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
-  // Block16-encoded masks (seat/block16.h): block_starts (int32, n_blocks + 1) and offsets
-  // (uint16, one per entry) instead of idx; entry j sits at block * 65536 + offsets[j].
-  m.def("masked_gather_block16_(Tensor(a!) out, Tensor dense, Tensor block_starts, Tensor offsets) -> ()");
-  m.def("masked_swap_block16_(Tensor(a!) param, Tensor block_starts, Tensor offsets, Tensor(b!) values) -> ()");
-  m.def(
-      "sparse_adamw_block16_(Tensor(a!)[] params, Tensor[] block_starts, Tensor[] offsets, Tensor[] grads, "
-      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, "
-      "float[] scalars, bool maximize, bool stochastic, int step_key, bool dense_state) -> ()");
   // Fused log-softmax losses, per row (kl_div, paired_loss, fused_linear_paired_loss):
   // the first labels.numel() rows of logits are cross-entropy rows against labels (0 loss
   // and gradient where label == ignore_index), the rest KL rows against the matching

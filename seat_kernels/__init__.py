@@ -10,8 +10,7 @@ from __future__ import annotations
 import importlib
 
 # Modules holding Triton kernels; a new kernel family adds its module here.
-KERNEL_MODULES = ("seat_kernels.masked_ops", "seat_kernels.sparse_adamw", "seat_kernels.kl_div",
-                  "seat_kernels.implicit_masks", "seat_kernels.block16_masks")
+KERNEL_MODULES = ("seat_kernels.sparse_update", "seat_kernels.kl_div")
 
 
 def aot_specs():

@@ -127,7 +127,7 @@ def test_random_mask_positions_are_uniform(density):
 def test_random_mask_subsets_are_uniform(monkeypatch, k):
     """Every k-subset equally likely (not only the marginals), with the randperm shortcut
     lowered to sizes < 4 so the candidate samplers and their recursion run at size 8."""
-    monkeypatch.setattr(masks, "_RANDPERM_BELOW", 4)
+    monkeypatch.setattr(masks.select, "_RANDPERM_BELOW", 4)
     numel, trials = 8, 3000
     subsets = {c: 0 for c in combinations(range(numel), k)}
     for s in range(trials):

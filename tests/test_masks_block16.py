@@ -42,7 +42,7 @@ def _train(net, masks, device, steps=5, **kw):
                                       (torch.bfloat16, {"master_weights": True, "amsgrad": True})],
                          ids=["fp32", "bf16-sr", "bf16-master-amsgrad"])
 def test_trajectory_is_bit_exact_against_int32_masks(backend, dtype, kw):
-    device = backend_device("sparse_adamw_block16_", backend)
+    device = backend_device("sparse_adamw_", backend)
     a, b = Net(dtype).to(device), Net(dtype).to(device)
     masks = [m.to(device) for m in _masks(a)]
     with ops.use_backend(backend):

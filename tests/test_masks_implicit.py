@@ -9,7 +9,8 @@ from conftest import backend_device
 
 from seat import ops
 from seat.masks import ImplicitMask, build_masks, implicit_random_mask, mask_indices, mask_nnz, param_id_for
-from seat.ops import implicit_masks as im
+from seat.ops import _encodings
+from seat.ops import implicit_block_offsets as offsets_op
 from seat.optim import SparseAdamW
 
 
@@ -119,7 +120,7 @@ def _run(dtype, implicit, device, *, steps=6, state_dict_at=None, **opt_kwargs):
     (torch.float32, {"dense_state": True}),
 ], ids=["fp32", "bf16-sr", "bf16-master-amsgrad", "fp32-dense-state"])
 def test_trajectory_is_bit_exact_against_int32_masks(backend, dtype, opt_kwargs):
-    device = backend_device("sparse_adamw_implicit_", backend)
+    device = backend_device("sparse_adamw_", backend)
     with ops.use_backend(backend):
         a, opt_a = _run(dtype, True, device, **opt_kwargs)
         b, _ = _run(dtype, False, device, **opt_kwargs)
@@ -197,9 +198,9 @@ def test_block_offsets_are_reused_by_ops_without_recount(monkeypatch):
     masks = [ImplicitMask(p, 0.2, seed=1, param_id=i) for i, p in enumerate(net.parameters())]
     opt = SparseAdamW(net.parameters(), masks, lr=1e-2)
     calls = []
-    for backend in im.OFFSETS.kernels:
-        monkeypatch.setitem(im.OFFSETS.kernels, backend, lambda *a, **k: calls.append(1))
-    monkeypatch.setattr(im, "_block_counts_reference", lambda *a, **k: calls.append(1))
+    for backend in offsets_op.ENTRY.kernels:
+        monkeypatch.setitem(offsets_op.ENTRY.kernels, backend, lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(_encodings, "hash_block_counts", lambda *a, **k: calls.append(1))
     for _ in range(2):
         ((net(torch.randn(4, 90)) ** 2).mean()).backward()
         opt.step()

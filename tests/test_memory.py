@@ -193,14 +193,14 @@ def test_lean_mode_transients_where_they_show(mode, state_chunk, checkpointing, 
     Each phase within 15%: the transient compact gradient next to the dense one (update in
     backward), one chunk's fp32 moments (8-bit state: in the optimizer step, or in the
     gradient hook), STATE_CHUNK honoured."""
-    import seat.optim
+    import seat.optim.state
 
     kwargs, options = LEAN_MODES.get(mode, ({}, {}))
     if mode != "default":
         _needs(mode)
     monkeypatch.setattr(bench, "DENSITY", 0.5)  # read by build_seat and predict
     if state_chunk is not None:
-        monkeypatch.setattr(seat.optim, "STATE_CHUNK", state_chunk)
+        monkeypatch.setattr(seat.optim.state, "STATE_CHUNK", state_chunk)
         options = {**options, "state_chunk": state_chunk}
     config = small_config("llama")
     config.intermediate_size = 2048
@@ -273,15 +273,23 @@ def test_mask_encoding_prediction_within_15_percent_of_the_measured_peak(kind, d
 
 
 def test_mask_encodings_with_the_lean_modes():
-    """SparseAdamW takes every lean mode with implicit / block16 masks (issue 9); their
-    8-bit step dequantizes the whole weight's moments, and a bf16 compact gradient is
-    gathered through an fp32 copy: transients the int32 masks do not have."""
+    """SparseAdamW takes every lean mode with implicit / block16 masks, with the int32
+    mask's transients: the 8-bit step goes through one state_chunk at a time (+ an implicit
+    mask's chunk as int32 indices, 4 B per entry), and a bf16 compact gradient is gathered
+    in bf16 directly."""
     lean = dict(grad_dtype="bfloat16", optimizer_in_backward=True, optimizer_bits=8)
     int32 = sm.estimate("Llama-3-8B", index_encoding="int32", **lean)
+    step = dict(optimizer_bits=8)  # the 8-bit update in the optimizer phase
+    int32_step = sm.estimate("Llama-3-8B", index_encoding="int32", **step)
+    chunk = int32_step.options.state_chunk
     for encoding in ("implicit", "block16"):
         est = sm.estimate("Llama-3-8B", index_encoding=encoding, **lean)
         assert est.state_bytes < int32.state_bytes  # the masks' bytes
         assert est.peak > 0
+        assert est.phases["backward"] == int32.phases["backward"]  # no fp32 gather, one chunk in the hook
+        encoded_step = sm.estimate("Llama-3-8B", index_encoding=encoding, **step)
+        indices = 4 * chunk if encoding == "implicit" else 0  # the MLP weights have several chunks
+        assert sum(encoded_step.phases["optimizer"].values()) == sum(int32_step.phases["optimizer"].values()) + indices
 
 
 @pytest.mark.cuda

@@ -1,4 +1,4 @@
-"""seat.optim.SparseAdamW lean modes (issue 9): bf16 compact gradients, optimizer-in-backward,
+"""seat.optim.SparseAdamW lean modes: bf16 compact gradients, optimizer-in-backward,
 8-bit state. Each against the float64 AdamW oracle within its documented tolerance,
 checkpoints, refusals, and the bytes it holds."""
 from __future__ import annotations
@@ -244,7 +244,7 @@ def test_8bit_state_stays_within_the_derived_bound_of_float64_adamw(monkeypatch,
     moments' distance to exact float64 AdamW fed the same gradients) and propagating them
     through the update u = step_size * m / (sqrt(v) / bc2 + eps) at the corners of the
     error box bounds the weights' distance to float64 AdamW at every step."""
-    monkeypatch.setattr(optim, "STATE_CHUNK", chunk)
+    monkeypatch.setattr(optim.state, "STATE_CHUNK", chunk)
     b1, b2, eps, lr, wd, steps = 0.9, 0.999, 1e-8, 1e-2, 0.01, 15
     model, masks = _big_model()
     opt = SparseAdamW(model.parameters(), masks, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, state_bits=8)
@@ -404,7 +404,7 @@ def _transient_peak(fn) -> int:
 def test_lean_transients_are_one_chunk_or_one_param(monkeypatch):
     """8-bit: one chunk's fp32 moments (8 B per entry) + bitsandbytes' codes while
     quantizing (1 B); update_in_backward: one param's compact gradient at a time."""
-    monkeypatch.setattr(optim, "STATE_CHUNK", 4096)
+    monkeypatch.setattr(optim.state, "STATE_CHUNK", 4096)
     params = [torch.nn.Parameter(torch.randn(160, 100)), torch.nn.Parameter(torch.randn(50, 30))]
     masks = [random_mask(params[0], 0.8, seed=0), random_mask(params[1], 0.5, seed=1)]  # 12800 (4 chunks), 750
     grads = [torch.randn_like(p) for p in params]

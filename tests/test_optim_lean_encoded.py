@@ -1,13 +1,14 @@
-"""seat.optim.SparseAdamW lean modes (update_in_backward=True, state_bits=8) with
-ImplicitMask and Block16Mask masks (issue 9): each is the same lean mode with the int32
-mask holding the same entries, bit for bit; the float64 oracle; checkpoints; transients."""
+"""seat.optim.SparseAdamW lean modes (update_in_backward=True, state_bits=8, bf16 compact
+gradients) with ImplicitMask and Block16Mask masks: each is the same lean mode with the
+int32 mask holding the same entries, bit for bit (8-bit state stepped in STATE_CHUNK
+pieces for every encoding); the float64 oracle; checkpoints; transients."""
 from __future__ import annotations
 
 import pytest
 import torch
 from test_optim import Tiny, _batch, _oracle
 
-from seat import optim
+from seat import ops, optim
 from seat.memory import Options
 from seat.memory._estimate import _chunk_update_bytes
 from seat.masks import Block16Mask, ImplicitMask, mask_indices, random_mask
@@ -78,30 +79,56 @@ def test_encoded_mask_equals_int32_mask_bit_for_bit(form, options):
         assert x.dtype == y.dtype and torch.equal(x, y)
 
 
+CHUNKED = [dict(), dict(update_in_backward=True), dict(grad_dtype=torch.bfloat16, update_in_backward=True),
+           dict(grad_dtype=torch.bfloat16, master_weights=True, stochastic_rounding=True, seed=3),
+           dict(update_in_backward=True, stochastic_rounding=True, seed=3)]
+
+
+def _chunked_run(monkeypatch, form, encoded, chunk, options):
+    """Linear(96, 80) with 8-bit state and STATE_CHUNK = chunk; returns the snapshot, the
+    (encoding, nnz) of every sparse_adamw_ call's masks, and the masks' nnz."""
+    monkeypatch.setattr(optim.state, "STATE_CHUNK", chunk)
+    dtype = torch.bfloat16 if options.get("master_weights") else torch.float32
+    torch.manual_seed(0)
+    model = torch.nn.Linear(96, 80).to(dtype)
+    params = list(model.parameters())
+    masks = ([ImplicitMask(p, 0.4, seed=3, param_id=i, block=256) for i, p in enumerate(params)]
+             if form == "implicit" else [Block16Mask(random_mask(p, 0.4, seed=i), p) for i, p in enumerate(params)])
+    if not encoded:
+        masks = [mask_indices(m) for m in masks]
+    calls, step = [], ops.sparse_adamw_
+
+    def spy(params, masks, *args, **kwargs):
+        calls.append([(getattr(m, "encoding", "int32"), mask_indices(m).numel()) for m in masks])
+        return step(params, masks, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "sparse_adamw_", spy)
+    opt = SparseAdamW(params, masks, lr=1e-2, state_bits=8, **options)
+    g = torch.Generator().manual_seed(11)
+    for _ in range(4):
+        model(torch.randn(4, 96, generator=g).to(dtype)).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return _snapshot(model, opt)[0], calls, [mask_indices(m).numel() for m in masks]
+
+
 @pytest.mark.parametrize("form", ["implicit", "block16"])
-def test_8bit_encoded_mask_across_chunks_equals_int32(monkeypatch, form):
-    """An int32 mask steps its 8-bit state in STATE_CHUNK pieces; an encoded one dequantizes
-    the whole parameter: the same values (chunks are whole quantization blocks)."""
-    monkeypatch.setattr(optim, "STATE_CHUNK", 512)
-    results = []
-    for encoded in (True, False):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(96, 80)
-        params = list(model.parameters())
-        masks = ([ImplicitMask(p, 0.4, seed=3, param_id=i, block=256) for i, p in enumerate(params)]
-                 if form == "implicit" else [Block16Mask(random_mask(p, 0.4, seed=i), p) for i, p in enumerate(params)])
-        assert mask_indices(masks[0]).numel() > 4 * 512  # several chunks
-        if not encoded:
-            masks = [mask_indices(m) for m in masks]
-        opt = SparseAdamW(params, masks, lr=1e-2, state_bits=8, update_in_backward=True)
-        g = torch.Generator().manual_seed(11)
-        for _ in range(4):
-            model(torch.randn(4, 96, generator=g)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-        results.append(_snapshot(model, opt)[0])
-    for x, y in zip(*results):
-        assert torch.equal(x, y)
+@pytest.mark.parametrize("options", CHUNKED, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()) or "8-bit")
+def test_8bit_encoded_mask_across_chunks_equals_int32(monkeypatch, form, options):
+    """Every encoding steps its 8-bit state in STATE_CHUNK pieces (Mask.chunk: an implicit
+    mask's piece is int32 indices, a block16 mask's is block16): the trajectory of the
+    int32 mask, and of one whole chunk, bit for bit (chunks are whole quantization blocks;
+    stochastic rounding draws by element position)."""
+    chunked, calls, (weight, bias) = _chunked_run(monkeypatch, form, True, 512, options)
+    assert weight > 4 * 512 and bias < 512  # the weight in several chunks, the bias in one
+    piece = "int32" if form == "implicit" else form  # what Mask.chunk gives
+    assert all(len(call) == 1 for call in calls)  # one param per call
+    one_step = [[(piece, min(512, weight - start))] for start in range(0, weight, 512)] + [[(form, bias)]]
+    assert sorted(calls) == sorted(4 * one_step)
+    for other in (_chunked_run(monkeypatch, form, False, 512, options)[0],
+                  _chunked_run(monkeypatch, form, True, 1 << 20, options)[0]):
+        for x, y in zip(chunked, other):
+            assert x.dtype == y.dtype and torch.equal(x, y)
 
 
 @pytest.mark.parametrize("form", ["implicit", "block16"])
@@ -182,18 +209,19 @@ def test_bf16_grad_accumulation_with_encoded_mask_equals_int32(form):
 
 
 @pytest.mark.parametrize("form", ["implicit", "block16"])
-def test_8bit_encoded_transient_is_the_whole_param(monkeypatch, form):
-    """The documented larger transient: fp32 moments of the whole parameter (8 B per entry)
-    + bitsandbytes' codes while quantizing (1 B), not one STATE_CHUNK's."""
+def test_8bit_encoded_transient_is_one_chunk(monkeypatch, form):
+    """As with int32 masks: one chunk's fp32 moments (8 B per entry of the chunk) +
+    bitsandbytes' codes while quantizing (1 B), and for an implicit mask the chunk's int32
+    indices (4 B), not the whole parameter's."""
     from test_optim_lean import _transient_peak
 
-    monkeypatch.setattr(optim, "STATE_CHUNK", 4096)
+    monkeypatch.setattr(optim.state, "STATE_CHUNK", 4096)
     params = [torch.nn.Parameter(torch.randn(160, 100)), torch.nn.Parameter(torch.randn(50, 30))]
     masks = ([ImplicitMask(p, d, seed=2, param_id=i, block=256) for i, (p, d) in enumerate(zip(params, (0.8, 0.5)))]
              if form == "implicit" else
              [Block16Mask(random_mask(p, d, seed=i), p) for i, (p, d) in enumerate(zip(params, (0.8, 0.5)))])
-    nnz = masks[0].nnz
-    assert nnz > 3 * 4096
+    nnz, chunk = masks[0].nnz, 4096
+    assert nnz > 3 * chunk
     grads = [torch.randn_like(p) for p in params]
     opt = SparseAdamW(params, masks, lr=1e-3, state_bits=8)
 
@@ -204,12 +232,14 @@ def test_8bit_encoded_transient_is_the_whole_param(monkeypatch, form):
         opt.step()
         opt.zero_grad()
 
-    update()  # lazy set-up (code books) is not a transient
+    update()  # lazy set-up (code books, the block16 mask's validation) is not a transient
     peak = _transient_peak(update)
-    assert 8 * nnz <= peak <= 9 * nnz + 2048 + 4 * nnz // 256, peak
+    indices = 4 * chunk if form == "implicit" else 0
+    assert 8 * chunk + indices <= peak <= 9 * chunk + indices + 2048 + 4 * chunk // 256, peak
     # and seat.memory models it
-    opts = Options(index_encoding=form, optimizer_bits=8, state_chunk=4096)
-    assert _chunk_update_bytes(opts, nnz) == 9 * nnz + 4 * -(-nnz // 256)
+    opts = Options(index_encoding=form, optimizer_bits=8, state_chunk=chunk)
+    assert _chunk_update_bytes(opts, nnz) == 9 * chunk + 4 * -(-chunk // 256) + indices
+    assert _chunk_update_bytes(opts, chunk) == 9 * chunk + 4 * -(-chunk // 256)  # one chunk: the mask itself
 
 
 @pytest.mark.parametrize("form", ["implicit", "block16"])

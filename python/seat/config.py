@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-MASK_KINDS = ("random", "magnitude")
-MASK_ENCODINGS = ("int32", "implicit", "block16")
+from ._constants import MASK_ENCODINGS, MASK_KINDS
 KL_TOKENS = ("all", "answer")
 
 

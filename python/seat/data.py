@@ -68,7 +68,7 @@ __all__ = ["PairedCollator", "load_records", "KL_TOKENS", "DEFAULT_PROMPT_FORMAT
 
 KL_TOKENS = ("all", "answer")
 DEFAULT_PROMPT_FORMAT = "Question: {question}\nAnswer:"
-IGNORE_INDEX = -100
+from ._constants import IGNORE_INDEX
 _KEYS = ("question", "answer", "entity")
 
 

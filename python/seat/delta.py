@@ -69,16 +69,18 @@ def save_delta(handle, directory) -> None:
     """Write `handle`'s trained values (see the module docstring)."""
     from safetensors.torch import save_file
 
-    from .masks import ImplicitMask, mask_indices, mask_nnz
+    from .masks import as_mask
 
     tensors, weights = {}, {}
     for name, t in handle.targets.items():
-        idx = mask_indices(t.idx)
+        mask = as_mask(t.idx, t.param.numel(), name)
+        idx = mask.indices()
         tensors[f"values/{name}"] = t.param.detach().view(-1)[idx.long()].cpu().contiguous()
         weights[name] = {"shape": list(t.param.shape), "dtype": str(t.param.dtype).replace("torch.", ""),
-                         "nnz": mask_nnz(t.idx), "base_sha256": _sha256(t.original)}
-        if isinstance(t.idx, ImplicitMask):
-            weights[name]["mask"] = t.idx.spec()
+                         "nnz": mask.nnz, "base_sha256": _sha256(t.original)}
+        spec = mask.spec()  # a mask defined by a few numbers is stored as them, not as indices
+        if spec is not None:
+            weights[name]["mask"] = spec
         else:
             tensors[f"idx/{name}"] = idx.detach().cpu().contiguous()
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "seat_version": __version__,
@@ -128,14 +130,15 @@ def load_delta(model: torch.nn.Module, directory, *, strict_class: bool = True) 
             raise DeltaMismatchError(f"{name}: the delta expects shape {info['shape']} {info['dtype']}, the model "
                                      f"has {list(p.shape)} {dtype}")
         values = tensors[f"values/{name}"]
-        if "mask" in info:  # an implicit mask: recompute its entries from the spec
-            from .masks import ImplicitMask
+        if "mask" in info:  # a mask stored as its spec (implicit): recompute its entries
+            from .masks import from_spec
 
             spec = info["mask"]
-            if spec.get("numel") != p.numel():
-                raise DeltaMismatchError(f"{name}: the delta's mask covers {spec.get('numel')} elements, the weight "
-                                         f"has {p.numel()}")
-            idx = ImplicitMask.from_spec(spec, device=p.device).indices().cpu()
+            if not isinstance(spec, dict) or spec.get("numel") != p.numel():
+                raise DeltaMismatchError(f"{name}: the delta's mask covers "
+                                         f"{spec.get('numel') if isinstance(spec, dict) else spec!r} elements, the "
+                                         f"weight has {p.numel()}")
+            idx = from_spec(spec, device=p.device).indices().cpu()
         elif f"idx/{name}" in tensors:
             idx = tensors[f"idx/{name}"]
         else:

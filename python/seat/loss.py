@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._constants import IGNORE_INDEX
 
 
 @dataclasses.dataclass
@@ -136,7 +137,7 @@ def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, k
     p_ids, p_mask = batch["pert_input_ids"], batch["pert_attention_mask"]
     n = x_ids.shape[0]
     shifted = batch["labels"][:, 1:]
-    ce_rows = shifted != -100
+    ce_rows = shifted != IGNORE_INDEX
     if config.kl_weight == 0:
         # The KL term has no weight: skip x~ altogether (no reference forward, no
         # forward and backward of the perturbed half) so that a sparse-only run costs

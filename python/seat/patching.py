@@ -27,8 +27,7 @@ from torch import Tensor
 
 from . import ops
 from .config import SeatConfig
-from .masks import (Block16Mask, ImplicitMask, encode_mask, magnitude_mask, mask_indices, mask_nnz, mask_swap_,
-                    param_id_for, param_seed, random_mask)
+from .masks import Mask, as_mask, build_mask, encode_chosen, mask_indices, mask_nnz, mask_swap_
 
 _HANDLE_ATTR = "_seat_handle"
 
@@ -40,7 +39,7 @@ class Target:
     name: str  # parameter name in the model, e.g. "model.layers.0.self_attn.q_proj.weight"
     module: torch.nn.Module
     param: torch.nn.Parameter
-    idx: Tensor | ImplicitMask  # (nnz,) int32 sorted flat positions in param.view(-1), or an implicit mask
+    idx: Tensor | Mask  # (nnz,) int32 sorted flat positions in param.view(-1), or a mask in another encoding
     original: Tensor  # (nnz,) param.dtype: the base values there
 
 
@@ -135,29 +134,17 @@ class SeatHandle:
         setattr(model, _HANDLE_ATTR, self)
         self._patched = True
 
-    def _build_mask(self, name: str, weight: Tensor, masks) -> Tensor:
+    def _build_mask(self, name: str, weight: Tensor, masks):
+        """The target's mask: the one given in `masks` (int32 indices, stored in the config's
+        mask_encoding when that is an explicit one, or a Mask), else drawn by the config."""
+        c = self.config
         if masks is not None and name in masks:
-            idx = masks[name]
-            if isinstance(idx, (ImplicitMask, Block16Mask)):
-                if idx.numel != weight.numel():
-                    raise ValueError(f"masks[{name!r}] ({type(idx).__name__}) covers {idx.numel} elements; the "
-                                     f"weight has {weight.numel()}")
-                return idx if idx.device == weight.device else idx.to(weight.device)
-            if not isinstance(idx, Tensor) or idx.dtype != torch.int32:
-                raise TypeError(f"masks[{name!r}] must be an int32 tensor of flat indices, a "
-                                "seat.masks.ImplicitMask or a Block16Mask (see seat.masks)")
-            ops._checks.index_values(f"masks[{name!r}]", idx, weight.numel())
-            encoding = "block16" if self.config.mask_encoding == "block16" else "int32"  # implicit: drawn masks only
-            return encode_mask(idx.to(weight.device), weight.numel(), encoding)
-        if self.config.mask_encoding == "implicit":
-            return ImplicitMask(weight, self.config.density, seed=self.config.seed, param_id=param_id_for(name),
-                                device=weight.device)
-        if self.config.mask == "magnitude":
-            idx = magnitude_mask(weight.detach(), self.config.density).to(weight.device)
-        else:
-            idx = random_mask(weight.numel(), self.config.density, seed=param_seed(self.config.seed, name),
-                              device=weight.device)
-        return encode_mask(idx, weight.numel(), self.config.mask_encoding)
+            mask = as_mask(masks[name], weight.numel(), f"masks[{name!r}]")
+            if isinstance(masks[name], Tensor):  # given entries, stored as the config says
+                return encode_chosen(mask.indices().to(weight.device), weight.numel(), c.mask_encoding)
+            return mask if mask.device == weight.device else mask.to(weight.device)
+        return build_mask(name, weight.detach(), c.density, kind=c.mask, seed=c.seed, encoding=c.mask_encoding,
+                          device=weight.device)
 
     # ------------------------------------------------------------------ queries
     def _check_patched(self) -> None:

@@ -7,10 +7,7 @@ import torch
 from conftest import backend_device
 
 from seat import ops
-
-
-def _idx(*values):
-    return torch.tensor(values, dtype=torch.int32)
+from seat.ops import _encodings
 
 
 def _samples(name: str, device):
@@ -19,29 +16,8 @@ def _samples(name: str, device):
     def randn(*shape, dtype=torch.float32, grad=False):
         return torch.randn(*shape, generator=gen, dtype=dtype).to(device).requires_grad_(grad)
 
-    if name == "masked_gather_":
-        return [((randn(3), randn(4, 5), _idx(0, 7, 19).to(device)), {}),
-                ((randn(0), randn(6, dtype=torch.bfloat16), _idx().to(device)), {}),
-                ((randn(3, dtype=torch.bfloat16), randn(4, 5), _idx(1, 2, 18).to(device)), {})]  # lean bf16 grad
-    if name == "masked_swap_":
-        return [((randn(4, 5), _idx(1, 2, 18).to(device), randn(3)), {}),
-                ((randn(7, dtype=torch.float16), _idx(0, 6).to(device), randn(2, dtype=torch.float16)), {})]
-    if name == "sparse_adamw_":
-        kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3, maximize=False)
-        params = [randn(4, 5), randn(9, dtype=torch.bfloat16)]
-        idxs = [_idx(0, 3, 19).to(device), _idx(2, 8).to(device)]
-        state = lambda: [randn(3).abs(), randn(2).abs()]  # noqa: E731
-        empty = torch.empty(0, device=device)
-        return [((params, idxs, state(), state(), state(), [empty, randn(2)], [empty, empty.clone()]), kwargs),
-                (([params[0]], [idxs[0]], [randn(3)], [randn(3)], [randn(3).abs()], [empty.clone()], [randn(3).abs()]),
-                 {**kwargs, "maximize": True}),
-                # lean mode: bf16 compact gradients with fp32 state
-                ((params, idxs, [randn(3, dtype=torch.bfloat16), randn(2, dtype=torch.bfloat16)], state(), state(),
-                  [empty, empty.clone()], [empty, empty.clone()]), kwargs)]
-    if name in IMPLICIT_OPS:
-        return _implicit_samples(name, device, randn)
-    if name in BLOCK16_OPS:
-        return _block16_samples(name, device, randn)
+    if name in ("masked_gather_", "masked_swap_", "sparse_adamw_", "implicit_block_offsets_"):
+        return _sparse_update_samples(name, device, randn)
     if name == "kl_div":
         kw = dict(temperature=1.0, reduction="mean", num_items=None, reverse=False, compute_grad=True)
         return [((randn(2, 3, 11, grad=True), randn(2, 3, 11), None), kw),
@@ -61,64 +37,60 @@ def _samples(name: str, device):
     raise AssertionError(f"no opcheck samples for seat.ops.{name}: add them here")
 
 
-IMPLICIT_OPS = ("implicit_block_offsets_", "masked_gather_implicit_", "masked_swap_implicit_", "sparse_adamw_implicit_")
+def _masks(device):
+    """Two masks per encoding, over tensors of 20 and 70,000 elements, as MaskArgs."""
+    from seat.masks import Block16Mask, ImplicitMask
+
+    out = {}
+    for encoding in ("int32", "block16", "implicit"):
+        pair = []
+        for numel, density, seed in ((20, 0.5, 0), (70_000, 0.01, 3)):
+            hashed = ImplicitMask(numel, density, seed=seed, param_id=1, block=256)
+            mask = {"int32": hashed.indices(), "block16": Block16Mask(hashed.indices(), numel),
+                    "implicit": hashed}[encoding]
+            pair.append(_encodings.as_mask_args("mask", mask.to(device)))
+        out[encoding] = pair
+    return out
 
 
-def _implicit_samples(name, device, randn):
-    from seat.ops import implicit_masks as im
-
-    def mask(numel, density, seed, block=256):
-        args = dict(seed=seed, param_id=1, threshold=im.threshold_for(density), block=block)
-        offsets = torch.empty(im.n_blocks(numel, block) + 1, dtype=torch.int32)
-        ops.implicit_block_offsets_(offsets, numel=numel, **args)
-        return args, offsets.to(device), int(offsets[-1])
-
+def _sparse_update_samples(name, device, randn):
     if name == "implicit_block_offsets_":
-        args, _, _ = mask(600, 0.3, 0)
+        args = dict(seed=0, param_id=1, threshold=2**30, block=256)
         return [((torch.empty(4, dtype=torch.int32, device=device),), {"numel": 600, **args}),
                 ((torch.empty(1, dtype=torch.int32, device=device),), {"numel": 0, **args})]
-    a, offsets_a, nnz_a = mask(20, 0.5, 0)
-    b, offsets_b, nnz_b = mask(700, 0.2, 3)
-    if name == "masked_gather_implicit_":
-        return [((randn(nnz_a), randn(4, 5), offsets_a), a),
-                ((randn(nnz_b), randn(700, dtype=torch.bfloat16), offsets_b), b)]
-    if name == "masked_swap_implicit_":
-        return [((randn(4, 5), offsets_a, randn(nnz_a)), a),
-                ((randn(700, dtype=torch.float16), offsets_b, randn(nnz_b, dtype=torch.float16)), b)]
-    kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3, maximize=False,
-                  seeds=[a["seed"], b["seed"]], param_ids=[1, 1], thresholds=[a["threshold"], b["threshold"]],
-                  blocks=[256, 256])
-    params = [randn(4, 5), randn(700, dtype=torch.bfloat16)]
-    state = lambda: [randn(nnz_a).abs(), randn(nnz_b).abs()]  # noqa: E731
-    empty = torch.empty(0, device=device)
-    one = {k: (v[:1] if isinstance(v, list) else v) for k, v in kwargs.items()}
-    return [((params, [offsets_a, offsets_b], state(), state(), state(), [empty, randn(nnz_b)],
-              [empty, empty.clone()]), kwargs),
-            (([params[0]], [offsets_a], [randn(nnz_a)], [randn(nnz_a)], [randn(nnz_a).abs()], [empty.clone()],
-              [randn(nnz_a).abs()]), {**one, "maximize": True, "stochastic_rounding": True})]
+    samples = []
+    for encoding, (a, b) in _masks(device).items():
+        na = _nnz(a)
+        nb = _nnz(b)
+        if name == "masked_gather_":
+            samples += [((randn(na), randn(4, 5), a.index, a.offsets, a.encoding, list(a.ints)), {}),
+                        ((randn(nb, dtype=torch.bfloat16), randn(70_000, dtype=torch.bfloat16), b.index, b.offsets,
+                          b.encoding, list(b.ints)), {})]  # the lean bf16 compact gradient
+        elif name == "masked_swap_":
+            samples += [((randn(4, 5), a.index, randn(na), a.offsets, a.encoding, list(a.ints)), {}),
+                        ((randn(70_000, dtype=torch.float16), b.index, randn(nb, dtype=torch.float16), b.offsets,
+                          b.encoding, list(b.ints)), {})]
+        else:
+            kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3, maximize=False,
+                          encoding=a.encoding, mask_ints=[*a.ints, *b.ints])
+            params = [randn(4, 5), randn(70_000, dtype=torch.bfloat16)]
+            state = lambda: [randn(na).abs(), randn(nb).abs()]  # noqa: E731
+            empty = torch.empty(0, device=device)
+            masks = ([a.index, b.index], [a.offsets, b.offsets])
+            samples += [((params, *masks, state(), state(), state(), [empty, randn(nb)], [empty, empty.clone()]),
+                         kwargs),
+                        (([params[0]], [a.index], [a.offsets], [randn(na)], [randn(na)], [randn(na).abs()],
+                          [empty.clone()], [randn(na).abs()]),
+                         {**kwargs, "mask_ints": list(a.ints), "maximize": True, "stochastic_rounding": True}),
+                        # lean mode: bf16 compact gradients with fp32 state
+                        ((params, *masks, [randn(na, dtype=torch.bfloat16), randn(nb, dtype=torch.bfloat16)],
+                          state(), state(), [empty, empty.clone()], [empty, empty.clone()]), kwargs)]
+    return samples
 
 
-BLOCK16_OPS = ("masked_gather_block16_", "masked_swap_block16_", "sparse_adamw_block16_")
-
-
-def _block16_samples(name, device, randn):
-    def enc(numel, *values):
-        return tuple(t.to(device) for t in ops.encode_block16(_idx(*values), numel))
-
-    a, b = enc(20, 0, 7, 19), enc(70_000, 3, 65_535, 65_536, 69_999)
-    if name == "masked_gather_block16_":
-        return [((randn(3), randn(4, 5), *a), {}), ((randn(4), randn(70_000, dtype=torch.bfloat16), *b), {})]
-    if name == "masked_swap_block16_":
-        return [((randn(4, 5), *a, randn(3)), {}),
-                ((randn(70_000, dtype=torch.float16), *b, randn(4, dtype=torch.float16)), {})]
-    kwargs = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=3, maximize=False)
-    params = [randn(4, 5), randn(70_000, dtype=torch.bfloat16)]
-    state = lambda: [randn(3).abs(), randn(4).abs()]  # noqa: E731
-    empty = torch.empty(0, device=device)
-    return [((params, [a[0], b[0]], [a[1], b[1]], state(), state(), state(), [empty, randn(4)],
-              [empty, empty.clone()]), kwargs),
-            (([params[0]], [a[0]], [a[1]], [randn(3)], [randn(3)], [randn(3).abs()], [empty.clone()],
-              [randn(3).abs()]), {**kwargs, "maximize": True, "stochastic_rounding": True})]
+def _nnz(mask) -> int:
+    """Entries of a mask given as MaskArgs (the last prefix count of the encoded ones)."""
+    return mask.index.numel() if mask.encoding == _encodings.INDEX else int(mask.index[-1])
 
 
 @pytest.mark.parametrize("name", sorted(ops.OPS))
@@ -131,8 +103,8 @@ def test_opcheck(name, backend):
 
 
 def test_every_op_in_the_design_table_is_registered():
-    expected = {"masked_gather_", "masked_swap_", "sparse_adamw_", "kl_div", "paired_loss",
-                "fused_linear_paired_loss", *IMPLICIT_OPS, *BLOCK16_OPS}
+    expected = {"masked_gather_", "masked_swap_", "sparse_adamw_", "implicit_block_offsets_", "kl_div",
+                "paired_loss", "fused_linear_paired_loss"}
     assert set(ops.OPS) == expected
     for name in expected:
         assert hasattr(torch.ops.seat, name)

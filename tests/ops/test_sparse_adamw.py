@@ -205,7 +205,7 @@ def valid_args(device):
     def compact():
         return [torch.zeros(i.numel(), device=device) for i in idxs]
 
-    return dict(params=params, idxs=idxs, grads=[torch.randn(i.numel(), generator=g).to(device) for i in idxs],
+    return dict(params=params, masks=idxs, grads=[torch.randn(i.numel(), generator=g).to(device) for i in idxs],
                 exp_avgs=compact(), exp_avg_sqs=compact(), masters=None, max_exp_avg_sqs=None, lr=1e-3, step=1)
 
 
@@ -227,11 +227,11 @@ def set_arg(name, value):
         (set_arg("grads", lambda a: a["grads"][:1]), ValueError, r"grads has 1 tensors but params has 2"),
         (set_arg("exp_avgs", lambda a: a["exp_avgs"] * 2), ValueError, r"exp_avgs has 4 tensors"),
         (set_arg("masters", lambda a: [None]), ValueError, r"masters has 1 tensors"),
-        (set_item("idxs", 1, lambda t: t.flip(0)), ValueError, r"idxs\[1\] must be sorted"),
-        (set_item("idxs", 1, lambda t: torch.cat([t[:1], t[:-1]])), ValueError, r"idxs\[1\] must be sorted"),
-        (set_item("idxs", 1, lambda t: torch.cat([t[:-1], t.new_tensor([33])])), ValueError, r"idxs\[1\] holds"),
-        (set_item("idxs", 1, lambda t: torch.cat([t.new_tensor([-1]), t[1:]])), ValueError, r"idxs\[1\] holds"),
-        (set_item("idxs", 1, lambda t: t.long()), TypeError, r"idxs\[1\] must have dtype int32"),
+        (set_item("masks", 1, lambda t: t.flip(0)), ValueError, r"masks\[1\] must be sorted"),
+        (set_item("masks", 1, lambda t: torch.cat([t[:1], t[:-1]])), ValueError, r"masks\[1\] must be sorted"),
+        (set_item("masks", 1, lambda t: torch.cat([t[:-1], t.new_tensor([33])])), ValueError, r"masks\[1\] holds"),
+        (set_item("masks", 1, lambda t: torch.cat([t.new_tensor([-1]), t[1:]])), ValueError, r"masks\[1\] holds"),
+        (set_item("masks", 1, lambda t: t.long()), TypeError, r"masks\[1\] must have dtype int32"),
         (set_item("params", 1, lambda t: torch.zeros(66, device=t.device)[::2]), ValueError,
          r"params\[1\] must be contiguous"),
         (set_item("params", 1, lambda t: t.int()), TypeError, r"params\[1\] must have dtype"),

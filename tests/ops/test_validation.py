@@ -15,12 +15,12 @@ def _idx(*v):
 
 def gather_cases():
     dense, out, idx = torch.randn(4, 5), torch.zeros(3), _idx(0, 7, 19)
-    yield "idx int64", (out, dense, idx.long()), TypeError, "idx must have dtype int32"
-    yield "idx unsorted", (out, dense, _idx(7, 0, 19)), ValueError, "idx must be sorted and unique"
-    yield "idx duplicate", (out, dense, _idx(0, 7, 7)), ValueError, "idx must be sorted and unique"
-    yield "idx out of range", (out, dense, _idx(0, 7, 20)), ValueError, r"idx holds values in \[0, 20\]"
+    yield "idx int64", (out, dense, idx.long()), TypeError, "mask must have dtype int32"
+    yield "idx unsorted", (out, dense, _idx(7, 0, 19)), ValueError, "mask must be sorted and unique"
+    yield "idx duplicate", (out, dense, _idx(0, 7, 7)), ValueError, "mask must be sorted and unique"
+    yield "idx out of range", (out, dense, _idx(0, 7, 20)), ValueError, r"mask holds values in \[0, 20\]"
     yield "idx negative", (out, dense, _idx(-1, 7, 19)), ValueError, r"outside \[0, 20\)"
-    yield "idx 2-D", (out, dense, idx.reshape(3, 1)), ValueError, "idx must be 1-D"
+    yield "idx 2-D", (out, dense, idx.reshape(3, 1)), ValueError, "mask must be 1-D"
     yield "out fp16", (out.half(), dense, idx), TypeError, "out must have dtype float32, float64, bfloat16"
     yield "out wrong size", (torch.zeros(4), dense, idx), ValueError, "out must be 1-D with one entry per index"
     yield "dense int", (out, dense.long(), idx), TypeError, "dense must have dtype"
@@ -34,8 +34,8 @@ def swap_cases():
     yield "values dtype", (param, idx, values.double()), TypeError, "values must have param's dtype"
     yield "values size", (param, idx, torch.zeros(2)), ValueError, "values must be 1-D with one entry per index"
     yield "param non-contiguous", (param.t(), idx, values), ValueError, "param must be contiguous"
-    yield "idx out of range", (param, _idx(0, 7, 25), values), ValueError, "idx holds values"
-    yield "idx float", (param, idx.float(), values), TypeError, "idx must have dtype int32"
+    yield "idx out of range", (param, _idx(0, 7, 25), values), ValueError, "mask holds values"
+    yield "idx float", (param, idx.float(), values), TypeError, "mask must have dtype int32"
 
 
 @pytest.mark.parametrize("case", list(gather_cases()), ids=lambda c: c[0])
@@ -58,7 +58,7 @@ def test_masked_swap_rejects(case):
 
 def test_checks_also_guard_the_torch_op():
     """torch.ops.seat.* (what torch.compile calls) validates data too, not only the wrapper."""
-    with pytest.raises(ValueError, match="idx must be sorted"):
+    with pytest.raises(ValueError, match="mask must be sorted"):
         torch.ops.seat.masked_gather_(torch.zeros(2), torch.randn(5), _idx(3, 1))
 
 
@@ -66,5 +66,5 @@ def test_index_check_is_redone_after_in_place_change():
     dense, out, idx = torch.randn(10), torch.zeros(2), _idx(1, 2)
     ops.masked_gather_(out, dense, idx)
     idx[1] = 10  # now out of range: the cached verdict must not hide it
-    with pytest.raises(ValueError, match="idx holds values"):
+    with pytest.raises(ValueError, match="mask holds values"):
         ops.masked_gather_(out, dense, idx)

@@ -77,13 +77,11 @@ SEAT_HD T load_grad(const T* g) { return *g; }
 template <typename T>
 SEAT_HD T load_grad(const uint16_t* g) { return static_cast<T>(bf16_to_float(*g)); }
 
-// Element i of a tensor's masked entries, shared by CPU and CUDA (ParamIO: the param's
-// storage type and its load/store as the state type T; G: the compact gradient's storage,
-// T or uint16_t bf16 bits). State is compact (indexed by i, like grad) or, with
-// dense_state, full-size (indexed by the entry's position).
-// sparse_adamw_entry: the entry at flat position `pos` whose compact slot is `i` (from an
-// index array, or recomputed by an implicit mask: seat/implicit_mask.h, or decoded from a
-// block16 mask: seat/block16.h).
+// One trained entry's AdamW step, shared by CPU and CUDA: the entry at flat position
+// `pos` whose compact slot is `i`, as a mask policy's visit() yields them (seat/masks.h).
+// ParamIO: the param's storage type and its load/store as the state type T; G: the
+// compact gradient's storage, T or uint16_t bf16 bits. State is compact (indexed by i,
+// like grad) or, with dense_state, full-size (indexed by the entry's position).
 template <typename ParamIO, typename T, typename G = T>
 SEAT_HD void sparse_adamw_entry(typename ParamIO::storage* param, int64_t pos, const G* grad, T* exp_avg,
                                 T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i, const AdamWScalars<T>& s,
@@ -98,15 +96,6 @@ SEAT_HD void sparse_adamw_entry(typename ParamIO::storage* param, int64_t pos, c
   const bool round_stochastic = stochastic && master == nullptr;
   ParamIO::store(param + pos, w, round_stochastic,
                  round_stochastic ? mix32(key ^ mix32(static_cast<uint32_t>(pos))) : 0u);
-}
-
-template <typename ParamIO, typename T, typename G = T>
-SEAT_HD void sparse_adamw_element(typename ParamIO::storage* param, const int32_t* idx, const G* grad, T* exp_avg,
-                                  T* exp_avg_sq, T* master, T* max_exp_avg_sq, int64_t i,
-                                  const AdamWScalars<T>& s, bool maximize, bool stochastic, uint32_t key,
-                                  bool dense_state) {
-  sparse_adamw_entry<ParamIO, T, G>(param, idx[i], grad, exp_avg, exp_avg_sq, master, max_exp_avg_sq, i, s,
-                                    maximize, stochastic, key, dense_state);
 }
 
 // bf16 storage as raw bits: the same code on CPU and GPU.

@@ -15,13 +15,6 @@ namespace seat {
 // at::ScalarType onto these so kernel translation units never include ATen.
 enum class Dtype : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
-// Element-wise step of masked_gather_: out[i] += dense[idx[i]], accumulated in the
-// type of `out` (fp32 for the compact gradient, fp64 in the oracle tests).
-template <typename Acc>
-SEAT_HD void gather_accumulate(Acc* out, int64_t i, Acc value) {
-  out[i] = out[i] + value;
-}
-
 // Element-wise step of masked_swap_: exchange two values bit for bit (the caller picks
 // an unsigned integer type of the element's width, so NaN payloads survive).
 template <typename Bits>
@@ -32,7 +25,7 @@ SEAT_HD void swap_bits(Bits* a, Bits* b) {
 }
 
 // 32-bit integer hash (Mueller's): the counter-based random bits of stochastic rounding
-// (seat/adamw.h) and the membership test of implicit masks (seat/implicit_mask.h).
+// (seat/adamw.h) and the membership test of hash masks (seat/masks.h).
 SEAT_HD uint32_t mix32(uint32_t x) {
   x = ((x >> 16) ^ x) * 0x45D9F3Bu;
   x = ((x >> 16) ^ x) * 0x45D9F3Bu;

@@ -164,7 +164,7 @@ class MemoryEstimate:
 def implicit_nnz(numel: int, density: float) -> int:
     """The expected entries of an implicit random mask of a weight of `numel` elements:
     each element is in with probability threshold / 2**32, threshold = round(density *
-    2**32) (seat.ops.implicit_masks.threshold_for), so nnz is Binomial(numel, that) and
+    2**32) (seat.ops._encodings.threshold_for), so nnz is Binomial(numel, that) and
     the estimate uses its mean. The drawn size differs by about sqrt(density * numel)
     entries per weight (a relative 1 / sqrt(nnz) over the model: 5e-5 at Llama-3-8B's
     350M entries, 3e-3 for the small models of tests/test_memory.py)."""
@@ -198,16 +198,21 @@ QUANT_CODE_BOOK_BYTES = 2 * 256 * 4  # the signed and unsigned 8-bit maps, fp32 
 
 def _chunk_update_bytes(opts: Options, nnz: int) -> int:
     """The transients of an 8-bit step of one weight with nnz trained entries (see
-    seat.optim.SparseAdamW._update_param): at most state_chunk entries at a time are
-    dequantized to fp32 exp_avg and exp_avg_sq (8 B per entry), stepped in place, and
-    requantized; bitsandbytes' quantize_blockwise returns new codes and absmax (1 B +
-    4 / quant_block per entry), copied into the state, while both fp32 moments are alive.
-    (The index check of the chunk's view, 1 B per entry, comes and goes before that.)
-    With a block16 or implicit mask the kernels step a whole weight: the chunk is nnz."""
+    seat.optim.state.QuantizedState and SparseAdamW._adamw_span), whatever the mask's
+    encoding: at most state_chunk entries at a time are dequantized to fp32 exp_avg and
+    exp_avg_sq (8 B per entry), stepped in place, and requantized; bitsandbytes'
+    quantize_blockwise returns new codes and absmax (1 B + 4 / quant_block per entry),
+    copied into the state, while both fp32 moments are alive. (The index check of an int32
+    chunk, 1 B per entry, comes and goes before that.) A weight of several chunks is
+    stepped with each chunk of its mask (Mask.chunk): a view for int32 and block16, int32
+    indices for implicit (4 B per entry of the chunk, alive through the chunk's step; the
+    hashing that finds them, in pieces, stays below that step's transients). A weight of
+    one chunk is stepped with its mask itself."""
     if opts.optimizer_bits != 8 or nnz == 0:
         return 0
-    chunk = min(nnz, opts.state_chunk) if opts.index_encoding == "int32" else nnz
-    return 8 * chunk + chunk + 4 * -(-chunk // opts.quant_block)
+    chunk = min(nnz, opts.state_chunk)
+    indices = 4 * chunk if opts.index_encoding == "implicit" and nnz > chunk else 0
+    return 8 * chunk + chunk + 4 * -(-chunk // opts.quant_block) + indices
 
 
 def _gradient_hook_bytes(opts: Options, weights: list[tuple[int, int]]) -> dict[str, int]:
@@ -218,9 +223,9 @@ def _gradient_hook_bytes(opts: Options, weights: list[tuple[int, int]]) -> dict[
     into the persistent compact gradient and frees it. update_in_backward: the hook first
     allocates a transient compact gradient (grad_dtype, nnz entries) and gathers into it
     while the dense gradient is still alive (both coexist), frees the dense one, then
-    updates: with 8-bit state, one chunk's transients next to the compact gradient. With
-    a bf16 compact gradient and a block16 / implicit mask, the gather writes an fp32 copy
-    first (4 B per entry, next to the dense gradient)."""
+    updates: with 8-bit state, one chunk's transients next to the compact gradient. The
+    gather writes the compact gradient in its own dtype for every mask encoding (no fp32
+    copy of a bf16 one)."""
     es = opts.es
     if not opts.optimizer_in_backward:
         return {"transient dense gradient (one weight)": max(n for n, _ in weights) * es}
@@ -228,11 +233,7 @@ def _gradient_hook_bytes(opts: Options, weights: list[tuple[int, int]]) -> dict[
     worst: dict[str, int] = {}
     for numel, nnz in sorted(set(weights)):
         compact = {"its transient compact gradient (update in backward)": gs * nnz}
-        gather = {}
-        if gs != 4 and opts.index_encoding != "int32":
-            # the block16 / implicit gathers write fp32: a bf16 gradient goes through an fp32 copy
-            gather = {"fp32 gather of a bf16 compact gradient (block16 / implicit mask)": 4 * nnz}
-        moments = [{"transient dense gradient (one weight)": numel * es, **compact, **gather}]
+        moments = [{"transient dense gradient (one weight)": numel * es, **compact}]
         if opts.optimizer_bits == 8:
             moments.append({**compact, "8-bit update in backward: one chunk's fp32 moments and new codes":
                             _chunk_update_bytes(opts, nnz)})

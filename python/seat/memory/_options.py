@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+from .._constants import MASK_ENCODINGS
+
 METHODS = ("seat", "naive", "full", "lora")
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DEVICES = ("cuda", "cpu")
-INDEX_ENCODINGS = ("int32", "block16", "implicit")
+INDEX_ENCODINGS = MASK_ENCODINGS
 GRAD_DTYPES = {"float32": 4, "bfloat16": 2}
 OPTIMIZER_BITS = (32, 8)
 
@@ -45,9 +47,10 @@ class Options:
         int32 prefix count per block of implicit_block elements (+ 1), no indices; its
         nnz is Binomial(numel, density): the estimate takes the mean). Their kernels
         (gather in the gradient hook, swap around the reference forward, the AdamW step)
-        allocate nothing, as measured on CPU. With the lean modes (SparseAdamW takes every
-        encoding there): an 8-bit step dequantizes a whole weight's moments (not one
-        state_chunk), and a bf16 compact gradient is gathered through an fp32 copy.
+        allocate nothing, as measured on CPU, for fp32 and bf16 compact gradients alike.
+        With 8-bit state a weight's step goes through its mask in state_chunk pieces as
+        for int32; an implicit mask's piece is materialized as int32 indices (4 B per
+        entry of the chunk) when the weight has more than one chunk.
     grad_dtype (seat): the compact gradient's dtype, "float32" (default) or "bfloat16"
         (SparseAdamW(grad_dtype=torch.bfloat16); one micro-batch per step: a second one
         turns the buffer fp32 until zero_grad(), which is not modelled).
@@ -58,9 +61,10 @@ class Options:
     optimizer_bits (seat): 32 (fp32 exp_avg / exp_avg_sq) or 8 (SparseAdamW(state_bits=8):
         bitsandbytes blockwise, 1 B per entry and an fp32 absmax per quant_block entries,
         each moment, plus the two 256-entry fp32 code books). A weight's step dequantizes
-        at most state_chunk entries at a time (all its entries with a block16 / implicit
-        index_encoding) into transient fp32 moments (8 B per entry of the chunk), and bitsandbytes makes new codes and absmax (1 B + 4 / quant_block
-        per entry) while requantizing them: in the optimizer step, or with
+        at most state_chunk entries at a time, whatever the index_encoding (+ the chunk's
+        int32 indices, 4 B per entry, for "implicit"), into transient fp32 moments (8 B
+        per entry of the chunk), and bitsandbytes makes new codes and absmax (1 B +
+        4 / quant_block per entry) while requantizing them: in the optimizer step, or with
         optimizer_in_backward in the gradient hook, next to the transient compact gradient.
     master_weights (seat): fp32 copy of the trained entries of a low-precision model.
     lora_rank (lora). chunk_size (seat): rows per chunk of the fused loss, 0 = the

@@ -76,9 +76,13 @@ class AdamWScalars:
         return cls(decay=1 - lr * weight_decay, one_minus_beta1=1 - beta1, beta2=beta2, one_minus_beta2=1 - beta2,
                    eps=eps, step_size=lr / (1 - beta1**step), bias_correction2_sqrt=math.sqrt(1 - beta2**step))
 
+    def as_tuple(self) -> tuple[float, ...]:
+        """The 7 scalars in field order: what the native kernels take (seat/adamw.h)."""
+        return dataclasses.astuple(self)
+
     def as_tensor(self, device) -> Tensor:
         """float64 (7,) in field order, for kernels that read their scalars from memory."""
-        return torch.tensor(dataclasses.astuple(self), dtype=torch.float64).to(device, non_blocking=True)
+        return torch.tensor(self.as_tuple(), dtype=torch.float64).to(device, non_blocking=True)
 
 
 def adamw_update(weight: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Tensor | None,

@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .._constants import INT32_MAX
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ACCUM_DTYPES = (torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
@@ -66,7 +68,7 @@ def same_numel(compact_name: str, compact: torch.Tensor, idx_name: str, idx: tor
 def index_tensor(name: str, idx, bound: int) -> torch.Tensor:
     """idx: 1-D contiguous int32 (layout only; values are checked by index_values)."""
     tensor(name, idx, dtypes=(torch.int32,), ndim=1)
-    if bound > torch.iinfo(torch.int32).max:
+    if bound > INT32_MAX:
         raise ValueError(f"{name} indexes a tensor of {bound} elements; int32 indices reach at most 2**31-1")
     return idx
 

@@ -16,9 +16,7 @@ REBUILD_HINT = (
 )
 
 # Native kernels seat._C must provide (namespace seat_C); a build without one is stale.
-NATIVE_OPS = ("masked_gather_", "masked_swap_", "sparse_adamw_", "paired_rows", "implicit_block_counts_",
-              "masked_gather_implicit_", "masked_swap_implicit_", "sparse_adamw_implicit_", "masked_gather_block16_",
-              "masked_swap_block16_", "sparse_adamw_block16_")
+NATIVE_OPS = ("masked_gather_", "masked_swap_", "sparse_adamw_", "paired_rows", "implicit_block_counts_")
 
 
 class NativeBuildError(RuntimeError):

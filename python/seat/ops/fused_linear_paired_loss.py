@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 
+from .._constants import IGNORE_INDEX
 from . import _checks, _loss_rows, _registry
 from .kl_div import no_grad_input
 from .paired_loss import (
@@ -218,7 +219,7 @@ _fused_linear_paired_loss_op.register_autograd(
 
 def fused_linear_paired_loss(
     hidden: Tensor, weight: Tensor, labels: Tensor, ref_hidden: Tensor, kl_mask: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None, *, kl_weight: float = 1.0, ignore_index: int = -100, temperature: float = 1.0,
+    bias: Optional[Tensor] = None, *, kl_weight: float = 1.0, ignore_index: int = IGNORE_INDEX, temperature: float = 1.0,
     reduction: str = "mean", ce_num_items: Optional[float] = None, kl_num_items: Optional[float] = None,
     reverse_kl: bool = False, chunk_size: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -30,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._constants import IGNORE_INDEX
 from . import _checks, _loss_rows, _registry
 
 
@@ -91,7 +92,7 @@ def kernel(rows: _loss_rows.RowsKernel):
         denom = _loss_rows.denominator(valid, cur.shape[0], reduction, num_items, acc, device)
         scales = _loss_rows.grad_scales(torch.ones((), dtype=acc, device=device), denom, temperature)
         per_row, grad = rows(cur, _loss_rows.empty_labels(device), ref,
-                             _loss_rows.empty_mask(device) if valid is None else valid, scales, temperature, -100,
+                             _loss_rows.empty_mask(device) if valid is None else valid, scales, temperature, IGNORE_INDEX,
                              reverse, compute_grad)
         if reduction == "none":
             loss = per_row.reshape(shape)

@@ -1,6 +1,6 @@
-"""masked_gather_(out, dense, idx): out += dense.view(-1)[idx].
+"""masked_gather_(out, dense, mask): out += dense.view(-1)[mask's entries].
 
-Compacts a dense gradient into the compact fp32 buffer of a sparse mask, so the dense
+Compacts a dense gradient into the compact buffer of a sparse mask, so the dense
 gradient can be freed as soon as it exists (called from a post-accumulate-grad hook).
 
 Shapes and dtypes:
@@ -11,60 +11,73 @@ Shapes and dtypes:
                 accumulated into it rounds again (error growing with the number of
                 micro-batches; seat.optim.SparseAdamW accumulates in fp32 instead).
   dense (any)   float16 / bfloat16 / float32 / float64, contiguous; read as dense.view(-1).
-  idx   (nnz,)  int32, sorted, unique, in [0, dense.numel()).
+  mask          int32 sorted unique indices into dense.view(-1), or a seat.masks mask in
+                any encoding (IndexMask, Block16Mask, ImplicitMask): see _encodings.py.
+                Slot j of out is the mask's j-th entry in increasing position order.
 """
 from __future__ import annotations
+
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from . import _checks, _registry
+from . import _checks, _encodings, _registry
+from ._encodings import MaskArgs
 
 
-def reference(out: Tensor, dense: Tensor, idx: Tensor) -> None:
-    values = dense.reshape(-1)[idx.long()]
+def reference(out: Tensor, dense: Tensor, mask: MaskArgs) -> None:
+    values = dense.reshape(-1)[_encodings.decode(mask, dense.numel(), out.numel()).long()]
     if out.dtype == torch.bfloat16:  # sum in fp32, round once (as the kernels do)
         out.copy_(out.float() + values.float())
     else:
         out += values.to(out.dtype)
 
 
-def _native(out: Tensor, dense: Tensor, idx: Tensor) -> None:
-    torch.ops.seat_C.masked_gather_(out, dense, idx)
+def _native(out: Tensor, dense: Tensor, mask: MaskArgs) -> None:
+    torch.ops.seat_C.masked_gather_(out, dense, mask.encoding, mask.index, mask.offsets, list(mask.ints))
 
 
-def _triton(out: Tensor, dense: Tensor, idx: Tensor) -> None:
-    from seat_kernels.masked_ops import masked_gather_
+def _triton(out: Tensor, dense: Tensor, mask: MaskArgs) -> None:
+    from seat_kernels.sparse_update import masked_gather_
 
-    masked_gather_(out, dense, idx)
+    masked_gather_(out, dense, mask.encoding, mask.index, mask.offsets, list(mask.ints))
 
 
 ENTRY = _registry.register("masked_gather_", reference, {"cpu": _native, "cuda": _native, "triton": _triton})
 
 
-def check(out, dense, idx, *, values: bool = True) -> None:
+def check(out, dense, mask: MaskArgs, *, values: bool = True) -> None:
     _checks.tensor("out", out, dtypes=(*_checks.ACCUM_DTYPES, torch.bfloat16), ndim=1)
     _checks.tensor("dense", dense, dtypes=_checks.FLOAT_DTYPES)
-    _checks.index_tensor("idx", idx, dense.numel())
-    _checks.same_numel("out", out, "idx", idx)
-    _checks.same_device(dense=dense, out=out, idx=idx)
-    if values:
-        _checks.index_values("idx", idx, dense.numel())
+    _encodings.check("mask", mask, dense.numel(), "out", out, values=values)
+    _checks.same_device(dense=dense, out=out, mask=mask.index, mask_offsets=mask.offsets)
+
+
+def _mask(mask_index, mask_offsets, encoding, mask_ints) -> MaskArgs:
+    """The op's mask arguments (optional ones defaulted: an INDEX mask) as MaskArgs."""
+    if mask_offsets is None and isinstance(mask_index, Tensor):
+        mask_offsets = mask_index.new_empty(0, dtype=torch.uint16)
+    return MaskArgs(encoding, mask_index, mask_offsets,
+                    _encodings.NO_INTS if mask_ints is None else tuple(mask_ints))
 
 
 @torch.library.custom_op("seat::masked_gather_", mutates_args=("out",))
-def _masked_gather_op(out: Tensor, dense: Tensor, idx: Tensor) -> None:
-    check(out, dense, idx)
-    ENTRY.run(dense.device, out, dense, idx)
+def _masked_gather_op(out: Tensor, dense: Tensor, mask_index: Tensor, mask_offsets: Optional[Tensor] = None,
+                      encoding: int = _encodings.INDEX, mask_ints: Optional[List[int]] = None) -> None:
+    mask = _mask(mask_index, mask_offsets, encoding, mask_ints)
+    check(out, dense, mask)
+    ENTRY.run(dense.device, out, dense, mask)
 
 
 @_masked_gather_op.register_fake
-def _(out, dense, idx):
-    check(out, dense, idx, values=False)
+def _(out, dense, mask_index, mask_offsets=None, encoding=_encodings.INDEX, mask_ints=None):
+    check(out, dense, _mask(mask_index, mask_offsets, encoding, mask_ints), values=False)
 
 
-def masked_gather_(out: Tensor, dense: Tensor, idx: Tensor) -> Tensor:
-    """out += dense.view(-1)[idx] in place; returns out. See the module docstring."""
-    check(out, dense, idx, values=False)  # type errors before the dispatcher sees the call
-    torch.ops.seat.masked_gather_(out, dense, idx)
+def masked_gather_(out: Tensor, dense: Tensor, mask) -> Tensor:
+    """out += dense.view(-1)[mask's entries] in place; returns out. See the module docstring."""
+    args = _encodings.as_mask_args("mask", mask)
+    check(out, dense, args, values=False)  # type errors before the dispatcher sees the call
+    torch.ops.seat.masked_gather_(out, dense, args.index, args.offsets, args.encoding, list(args.ints))
     return out

@@ -1,67 +1,72 @@
-"""masked_swap_(param, idx, values): swap param.view(-1)[idx] with values, in place.
+"""masked_swap_(param, mask, values): swap param.view(-1)[mask's entries] with values, in place.
 
 The reference forward without a second model: swapping the stored original values into
 the masked entries turns the fine-tuned model into the base model; swapping again turns
 it back. Bit-exact (elements are moved, not converted), so two swaps are the identity.
 
 Shapes and dtypes:
-  param  (any)   any dtype, contiguous; param.view(-1)[idx] is exchanged.
-  idx    (nnz,)  int32, sorted, unique, in [0, param.numel()).
+  param  (any)   any dtype, contiguous; its masked entries are exchanged.
+  mask           int32 sorted unique indices into param.view(-1), or a seat.masks mask in
+                 any encoding (see _encodings.py); slot j is its j-th entry.
   values (nnz,)  param.dtype, contiguous.
 """
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 from torch import Tensor
 
-from . import _checks, _registry
+from . import _checks, _encodings, _registry
+from ._encodings import MaskArgs
+from .masked_gather import _mask
 
 
-def reference(param: Tensor, idx: Tensor, values: Tensor) -> None:
+def reference(param: Tensor, values: Tensor, mask: MaskArgs) -> None:
     flat = param.view(-1)
-    index = idx.long()
+    index = _encodings.decode(mask, param.numel(), values.numel()).long()
     held = flat[index].clone()
     flat[index] = values
     values.copy_(held)
 
 
-def _native(param: Tensor, idx: Tensor, values: Tensor) -> None:
-    torch.ops.seat_C.masked_swap_(param, idx, values)
+def _native(param: Tensor, values: Tensor, mask: MaskArgs) -> None:
+    torch.ops.seat_C.masked_swap_(param, values, mask.encoding, mask.index, mask.offsets, list(mask.ints))
 
 
-def _triton(param: Tensor, idx: Tensor, values: Tensor) -> None:
-    from seat_kernels.masked_ops import masked_swap_
+def _triton(param: Tensor, values: Tensor, mask: MaskArgs) -> None:
+    from seat_kernels.sparse_update import masked_swap_
 
-    masked_swap_(param, idx, values)
+    masked_swap_(param, values, mask.encoding, mask.index, mask.offsets, list(mask.ints))
 
 
 ENTRY = _registry.register("masked_swap_", reference, {"cpu": _native, "cuda": _native, "triton": _triton})
 
 
-def check(param, idx, values, *, values_check: bool = True) -> None:
+def check(param, values, mask: MaskArgs, *, values_check: bool = True) -> None:
     _checks.tensor("param", param)
-    _checks.index_tensor("idx", idx, param.numel())
     _checks.tensor("values", values, ndim=1)
     if values.dtype != param.dtype:
         raise TypeError(f"values must have param's dtype {param.dtype}; got {values.dtype}")
-    _checks.same_numel("values", values, "idx", idx)
-    _checks.same_device(param=param, idx=idx, values=values)
-    if values_check:
-        _checks.index_values("idx", idx, param.numel())
+    _encodings.check("mask", mask, param.numel(), "values", values, values=values_check)
+    _checks.same_device(param=param, mask=mask.index, mask_offsets=mask.offsets, values=values)
 
 
 @torch.library.custom_op("seat::masked_swap_", mutates_args=("param", "values"))
-def _masked_swap_op(param: Tensor, idx: Tensor, values: Tensor) -> None:
-    check(param, idx, values)
-    ENTRY.run(param.device, param, idx, values)
+def _masked_swap_op(param: Tensor, mask_index: Tensor, values: Tensor, mask_offsets: Optional[Tensor] = None,
+                    encoding: int = _encodings.INDEX, mask_ints: Optional[List[int]] = None) -> None:
+    mask = _mask(mask_index, mask_offsets, encoding, mask_ints)
+    check(param, values, mask)
+    ENTRY.run(param.device, param, values, mask)
 
 
 @_masked_swap_op.register_fake
-def _(param, idx, values):
-    check(param, idx, values, values_check=False)
+def _(param, mask_index, values, mask_offsets=None, encoding=_encodings.INDEX, mask_ints=None):
+    check(param, values, _mask(mask_index, mask_offsets, encoding, mask_ints), values_check=False)
 
 
-def masked_swap_(param: Tensor, idx: Tensor, values: Tensor) -> None:
-    """Exchange param.view(-1)[idx] and values in place. See the module docstring."""
-    check(param, idx, values, values_check=False)
-    torch.ops.seat.masked_swap_(param, idx, values)
+def masked_swap_(param: Tensor, mask, values: Tensor) -> None:
+    """Exchange param.view(-1)[mask's entries] and values in place. See the module docstring."""
+    args = _encodings.as_mask_args("mask", mask)
+    check(param, values, args, values_check=False)
+    torch.ops.seat.masked_swap_(param, args.index, values, args.offsets, args.encoding, list(args.ints))

@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._constants import IGNORE_INDEX
 from . import _checks, _loss_rows, _registry
 from .kl_div import check_options, compute_dtype, kl_rows, no_grad_input, reduce_rows
 
@@ -213,7 +214,7 @@ _paired_loss_op.register_autograd(
 
 def paired_loss(
     logits: Tensor, labels: Tensor, ref_logits: Tensor, kl_mask: Optional[Tensor] = None, *,
-    kl_weight: float = 1.0, ignore_index: int = -100, temperature: float = 1.0, reduction: str = "mean",
+    kl_weight: float = 1.0, ignore_index: int = IGNORE_INDEX, temperature: float = 1.0, reduction: str = "mean",
     ce_num_items: Optional[float] = None, kl_num_items: Optional[float] = None, reverse_kl: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, ce, kl) of a paired batch from logits. See the module docstring."""

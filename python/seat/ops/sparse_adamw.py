@@ -1,6 +1,6 @@
 """sparse_adamw_: one AdamW step on the masked entries of many parameters, one launch.
 
-For each i: the entries params[i].view(-1)[idxs[i]] take an AdamW step (decoupled weight
+For each i: the entries of params[i] in masks[i] take an AdamW step (decoupled weight
 decay, bias correction; amsgrad where max_exp_avg_sqs[i] is given) with the compact
 state; every other entry of params[i] is left untouched, bit for bit. Math and order of
 operations follow torch.optim.AdamW (see _adamw.py); the step is computed in the state
@@ -8,7 +8,9 @@ dtype and rounded once to the param dtype.
 
 Shapes and dtypes (lists of equal length; all tensors on one device, contiguous):
   params          (any)    float16 / bfloat16 / float32 / float64; updated in place.
-  idxs            (nnz_i,) int32, sorted, unique, in [0, params[i].numel()).
+  masks           per param: int32 sorted unique indices in [0, params[i].numel()), or a
+                  seat.masks mask in any encoding (see _encodings.py); every mask of one
+                  call has the same encoding. Compact entry j is the mask's j-th entry.
   grads           (nnz_i,) float32 (float64 for float64 params): compact gradients; or
                   bfloat16 for float32 state (the lean bf16-gradient mode: 2 bytes per
                   entry instead of 4; upcast exactly to fp32 on load, the step is then
@@ -23,7 +25,7 @@ Shapes and dtypes (lists of equal length; all tensors on one device, contiguous)
                   (amsgrad for the params that have one). None (the whole list) = none.
   step            the step number after incrementing (1 for the first step).
   dense_state     False (default): exp_avgs, exp_avg_sqs, masters and max_exp_avg_sqs are
-                  compact, (nnz_i,), entry j belonging to position idxs[i][j]. True: they
+                  compact, (nnz_i,), entry j belonging to the mask's j-th entry. True: they
                   are full-size (params[i].numel() elements, any contiguous shape) and
                   indexed by position: the dense-mask mode, where the mask is re-drawn
                   during training and state must exist for every entry. grads stay compact.
@@ -43,7 +45,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from . import _adamw, _checks, _registry
+from . import _adamw, _checks, _encodings, _registry
+from ._encodings import MaskArgs
 
 
 def present(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -51,12 +54,12 @@ def present(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None or t.numel() == 0 else t
 
 
-def reference(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
+def reference(params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
               weight_decay, step, maximize, stochastic_rounding, seed, dense_state) -> None:
     scalars = _adamw.AdamWScalars.of(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     key = _adamw.step_key(seed, step)
-    for i, (param, idx, grad) in enumerate(zip(params, idxs, grads)):
-        flat, pos = param.view(-1), idx.long()
+    for i, (param, mask, grad) in enumerate(zip(params, masks, grads)):
+        flat, pos = param.view(-1), _encodings.decode(mask, param.numel(), grad.numel()).long()
         states = [exp_avgs[i], exp_avg_sqs[i], present(masters[i]), present(max_exp_avg_sqs[i])]
         if dense_state:  # work on the masked entries of full-size state, then write back
             full = states
@@ -75,23 +78,29 @@ def reference(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_s
         flat[pos] = _adamw.to_param_dtype(weight, param.dtype, stochastic, key, i, pos)
 
 
-def _native(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
+def _mask_lists(masks: list[MaskArgs]) -> dict:
+    """The masks of one call as the kernels' list arguments (one encoding per call)."""
+    return dict(encoding=masks[0].encoding if masks else _encodings.INDEX, mask_indices=[m.index for m in masks],
+                mask_offsets=[m.offsets for m in masks], mask_ints=[int(v) for m in masks for v in m.ints])
+
+
+def _native(params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
             weight_decay, step, maximize, stochastic_rounding, seed, dense_state) -> None:
     s = _adamw.AdamWScalars.of(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
-    key = _adamw.step_key(seed, step)
+    m = _mask_lists(masks)
     torch.ops.seat_C.sparse_adamw_(
-        params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
-        [s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.eps, s.step_size, s.bias_correction2_sqrt],
-        maximize, stochastic_rounding, key, dense_state)
+        params, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, m["encoding"], m["mask_indices"],
+        m["mask_offsets"], m["mask_ints"], list(s.as_tuple()), maximize, stochastic_rounding,
+        _adamw.step_key(seed, step), dense_state)
 
 
-def _triton(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, maximize,
+def _triton(params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, maximize,
             stochastic_rounding, seed, dense_state, step, **hyper) -> None:
-    from seat_kernels.sparse_adamw import sparse_adamw_
+    from seat_kernels.sparse_update import sparse_adamw_
 
-    scalars = _adamw.AdamWScalars.of(step=step, **hyper)
-    sparse_adamw_(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, scalars=scalars,
-                  maximize=maximize, stochastic_rounding=stochastic_rounding, step_key=_adamw.step_key(seed, step),
+    sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, **_mask_lists(masks),
+                  scalars=_adamw.AdamWScalars.of(step=step, **hyper), maximize=maximize,
+                  stochastic_rounding=stochastic_rounding, step_key=_adamw.step_key(seed, step),
                   dense_state=dense_state)
 
 
@@ -124,10 +133,10 @@ def state_dtype_for(name: str, param: Tensor, state: Tensor, *, grad: bool = Fal
                         f"{str(param.dtype).replace('torch.', '')} param; got {str(state.dtype).replace('torch.', '')}")
 
 
-def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
+def check(params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
           weight_decay, step, stochastic_rounding=False, dense_state=False, values: bool = True):
-    """Validate everything; returns the common device (None for empty lists)."""
-    lists = {"params": params, "idxs": idxs, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+    """Validate everything (masks: MaskArgs); returns the common device (None for empty lists)."""
+    lists = {"params": params, "masks": masks, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
              "masters": masters, "max_exp_avg_sqs": max_exp_avg_sqs}
     for name, value in lists.items():
         if not isinstance(value, (list, tuple)):
@@ -135,11 +144,16 @@ def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, 
         if len(value) != len(params):
             raise ValueError(f"{name} has {len(value)} tensors but params has {len(params)}; pass one per param")
     check_hyper(lr, beta1, beta2, eps, weight_decay, step)
+    encodings = {m.encoding for m in masks}
+    if len(encodings) > 1:
+        raise ValueError(f"masks mix encodings ({', '.join(_encodings.NAMES.get(e, str(e)) for e in sorted(encodings))}); "
+                         "one call steps masks of one encoding: call sparse_adamw_ once per encoding")
     device = None
     for i in range(len(params)):
         param = _checks.tensor(f"params[{i}]", params[i], dtypes=_checks.FLOAT_DTYPES)
-        idx = _checks.index_tensor(f"idxs[{i}]", idxs[i], param.numel())
-        named = {f"params[{i}]": param, f"idxs[{i}]": idx}
+        grad = _checks.tensor(f"grads[{i}]", grads[i], ndim=1)
+        _encodings.check(f"masks[{i}]", masks[i], param.numel(), f"grads[{i}]", grad, values=False)
+        named = {f"params[{i}]": param, f"masks[{i}]": masks[i].index, f"masks[{i}].offsets": masks[i].offsets}
         for name in ("grads", "exp_avgs", "exp_avg_sqs", *_OPTIONAL):
             state = lists[name][i]
             if name in _OPTIONAL and present(state) is None:
@@ -154,7 +168,7 @@ def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, 
                     raise ValueError(f"{name}[{i}] must have params[{i}].numel() = {param.numel()} elements with "
                                      f"dense_state=True; got {state.numel()}")
             else:
-                _checks.same_numel(f"{name}[{i}]", state, f"idxs[{i}]", idx)
+                _checks.same_numel(f"{name}[{i}]", state, f"grads[{i}]", grad)
             named[f"{name}[{i}]"] = state
         if device is not None and param.device != device:
             raise ValueError(f"params[{i}] is on {param.device} but params[0] is on {device}; use one device")
@@ -163,34 +177,47 @@ def check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, 
             raise ValueError(f"stochastic_rounding supports bfloat16 params; params[{i}] is float16 without a "
                              "master copy: give it masters, or keep stochastic_rounding off")
         if values:
-            _checks.index_values(f"idxs[{i}]", idx, param.numel())
+            _encodings.check(f"masks[{i}]", masks[i], param.numel(), f"grads[{i}]", grad, values=True)
     return device
+
+
+def _masks(mask_indices, mask_offsets, encoding, mask_ints) -> list[MaskArgs]:
+    """The op's mask lists as MaskArgs."""
+    n = len(mask_indices)
+    if len(mask_offsets) != n or len(mask_ints) != _encodings.MASK_INTS * n:
+        raise ValueError(f"mask_offsets must have one tensor and mask_ints {_encodings.MASK_INTS} ints per mask "
+                         f"({n} masks); got {len(mask_offsets)} and {len(mask_ints)}")
+    k = _encodings.MASK_INTS
+    return [MaskArgs(encoding, idx, off, tuple(mask_ints[k * i:k * i + k]))
+            for i, (idx, off) in enumerate(zip(mask_indices, mask_offsets))]
 
 
 @torch.library.custom_op(
     "seat::sparse_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "masters", "max_exp_avg_sqs")
 )
 def _sparse_adamw_op(
-    params: List[Tensor], idxs: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-    exp_avg_sqs: List[Tensor], masters: List[Tensor], max_exp_avg_sqs: List[Tensor], *, lr: float, beta1: float,
-    beta2: float, eps: float, weight_decay: float, step: int, maximize: bool = False,
-    stochastic_rounding: bool = False, seed: int = 0, dense_state: bool = False,
+    params: List[Tensor], mask_indices: List[Tensor], mask_offsets: List[Tensor], grads: List[Tensor],
+    exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor], masters: List[Tensor], max_exp_avg_sqs: List[Tensor], *,
+    encoding: int, mask_ints: List[int], lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+    step: int, maximize: bool = False, stochastic_rounding: bool = False, seed: int = 0, dense_state: bool = False,
 ) -> None:
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
-    device = check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
+    masks = _masks(mask_indices, mask_offsets, encoding, mask_ints)
+    device = check(params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
                    stochastic_rounding=stochastic_rounding, dense_state=dense_state, **hyper)
     if device is None:  # no parameters: nothing to do
         return
-    ENTRY.run(device, params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, maximize=maximize,
+    ENTRY.run(device, params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, maximize=maximize,
               stochastic_rounding=stochastic_rounding, seed=seed, dense_state=dense_state, **hyper)
 
 
 @_sparse_adamw_op.register_fake
-def _(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, lr, beta1, beta2, eps,
-      weight_decay, step, maximize=False, stochastic_rounding=False, seed=0, dense_state=False):
-    check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2,
-          eps=eps, weight_decay=weight_decay, step=step, stochastic_rounding=stochastic_rounding,
-          dense_state=dense_state, values=False)
+def _(params, mask_indices, mask_offsets, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs, *, encoding,
+      mask_ints, lr, beta1, beta2, eps, weight_decay, step, maximize=False, stochastic_rounding=False, seed=0,
+      dense_state=False):
+    check(params, _masks(mask_indices, mask_offsets, encoding, mask_ints), grads, exp_avgs, exp_avg_sqs, masters,
+          max_exp_avg_sqs, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+          stochastic_rounding=stochastic_rounding, dense_state=dense_state, values=False)
 
 
 def absent_as_empty(states, like):
@@ -203,7 +230,7 @@ def absent_as_empty(states, like):
 
 
 def sparse_adamw_(
-    params, idxs, grads, exp_avgs, exp_avg_sqs, masters=None, max_exp_avg_sqs=None, *, lr: float,
+    params, masks, grads, exp_avgs, exp_avg_sqs, masters=None, max_exp_avg_sqs=None, *, lr: float,
     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0, step: int,
     maximize: bool = False, stochastic_rounding: bool = False, seed: int = 0, dense_state: bool = False,
 ) -> None:
@@ -213,9 +240,14 @@ def sparse_adamw_(
     if isinstance(grads, (list, tuple)):
         masters = absent_as_empty(masters, grads)
         max_exp_avg_sqs = absent_as_empty(max_exp_avg_sqs, grads)
-    check(params, idxs, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
+    if not isinstance(masks, (list, tuple)):
+        raise TypeError(f"masks must be a list of masks (one per param), got {type(masks).__name__}")
+    args = [_encodings.as_mask_args(f"masks[{i}]", m) for i, m in enumerate(masks)]
+    check(params, args, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
           stochastic_rounding=bool(stochastic_rounding), dense_state=bool(dense_state), values=False, **hyper)
-    torch.ops.seat.sparse_adamw_(list(params), list(idxs), list(grads), list(exp_avgs), list(exp_avg_sqs),
-                                 list(masters), list(max_exp_avg_sqs), maximize=bool(maximize),
+    lists = _mask_lists(args)
+    torch.ops.seat.sparse_adamw_(list(params), lists["mask_indices"], lists["mask_offsets"], list(grads),
+                                 list(exp_avgs), list(exp_avg_sqs), list(masters), list(max_exp_avg_sqs),
+                                 encoding=lists["encoding"], mask_ints=lists["mask_ints"], maximize=bool(maximize),
                                  stochastic_rounding=bool(stochastic_rounding), seed=int(seed),
                                  dense_state=bool(dense_state), **hyper)

@@ -1,34 +1,17 @@
-"""Sparse training masks in the compact form the ops use.
+"""Mask selection: which entries of a weight SEAT trains, as int32 flat indices.
 
-A mask says which entries of a weight matrix SEAT trains. Its compact form is a 1-D
-``torch.int32`` tensor of flat indices into ``W.view(-1)``, sorted ascending and unique
-(the ``idx`` argument of ``seat.ops.masked_gather_``, ``masked_swap_`` and
-``sparse_adamw_``). Masks are built once, before training:
+A mask's selection is a 1-D ``torch.int32`` tensor of flat indices into ``W.view(-1)``,
+sorted ascending and unique (the INDEX encoding; seat.masks.encodings turns it into
+the others). Masks are chosen once, before training:
 
-  random_mask       a uniformly random subset, seeded (the default; memory O(nnz))
+  random_mask       a uniformly random subset, seeded (memory O(nnz))
   magnitude_mask    the entries of largest |w|
   ImportanceScores  the entries of largest accumulated |grad| or |w * grad| over
                     calibration batches
-  build_masks       one mask per named parameter (random or magnitude)
-
-``nnz_for`` fixes the exact number of entries for a density, so every kind of mask of
-a tensor has the same size. ``dense_to_indices`` / ``indices_to_dense`` convert to and
-from a dense ``torch.bool`` mask.
-
-Two compact encodings cut the mask's own memory, with the same entries, compact slots and
-training trajectory as the int32 form:
-
-  ImplicitMask      a random mask that stores no indices: element e is trained iff a
-                    counter-based hash of (seed, param_id, e) falls below the density;
-                    a per-block prefix count (4 bytes per 4096 elements) gives each
-                    entry's compact slot. Its size is Binomial(numel, density), not
-                    exactly ``nnz_for``. (``implicit_random_mask``, or
-                    ``build_masks(..., encoding="implicit")``.)
-  Block16Mask       any explicit mask (magnitude, importance) in 2 bytes per entry:
-                    uint16 offsets within blocks of 65536 elements + an int32 per block.
-
-``.indices()`` materializes either as int32 indices; ``mask_nnz``, ``mask_indices``,
-``mask_gather_`` and ``mask_swap_`` take every form, and so do the ops and SparseAdamW.
+  nnz_for           the exact number of entries for a density, so every kind of mask of
+                    a tensor has the same size
+  param_seed        a stable per-parameter seed
+  dense_to_indices / indices_to_dense   to and from a dense ``torch.bool`` mask
 
 Errors name the argument and say what to do: TypeError for a wrong type or dtype,
 ValueError for a wrong value.
@@ -43,19 +26,11 @@ from typing import Iterable, Mapping, Sequence, Union
 
 import torch
 
-__all__ = [
-    "nnz_for", "random_mask", "magnitude_mask", "ImportanceScores", "param_seed", "build_masks",
-    "dense_to_indices", "indices_to_dense", "MASK_KINDS", "IMPORTANCE_KINDS", "ENCODINGS", "ImplicitMask",
-    "implicit_random_mask", "param_id_for", "mask_nnz", "mask_indices", "mask_gather_", "mask_swap_",
-    "Block16Mask", "encode_mask",
-]
+from .._constants import INT32_MAX, MASK_KINDS
 
-MASK_KINDS = ("random", "magnitude")  # kinds build_masks draws itself
 IMPORTANCE_KINDS = ("grad", "wgrad")
-ENCODINGS = ("int32", "implicit", "block16")  # int32 indices, an ImplicitMask, or a Block16Mask
 
 INDEX_DTYPE = torch.int32
-_INT32_MAX = torch.iinfo(torch.int32).max
 
 # Below this many elements random_mask (and its internal recursion) uses a randperm:
 # cheap at that size and trivially uniform. Above it the candidate/hit samplers run.
@@ -89,7 +64,7 @@ def _check_numel(name: str, numel) -> int:
                         f"got {type(numel).__name__}") from None
     if n < 0:
         raise ValueError(f"{name} must be >= 0 (a number of elements); got {n}")
-    if n > _INT32_MAX:
+    if n > INT32_MAX:
         raise ValueError(f"{name} is {n}: int32 mask indices reach at most 2**31-1 elements; "
                          f"split the tensor into smaller ones")
     return n
@@ -379,10 +354,10 @@ class ImportanceScores:
     def masks(self, density: float, encoding: str = "int32") -> dict[str, torch.Tensor]:
         """name -> the ``nnz_for(numel, density)`` entries of largest accumulated score,
         as sorted unique ``torch.int32`` flat indices on the parameter's device (ties:
-        lower index first); encoding="block16": as Block16Masks (2 bytes per entry)."""
-        if encoding not in ("int32", "block16"):
-            raise ValueError(f"encoding must be 'int32' or 'block16' (importance masks are chosen entries); "
-                             f"got {encoding!r}")
+        lower index first); another explicit encoding (e.g. "block16", 2 bytes per
+        entry) returns seat.masks masks of it."""
+        from .encodings import encode
+
         d = _check_density(density)
         if self.num_updates == 0:
             raise ValueError("no importance has been accumulated yet; call update() after loss.backward() on "
@@ -393,14 +368,11 @@ class ImportanceScores:
                              f"so they have no importance: {', '.join(missing[:5])}"
                              f"{', ...' if len(missing) > 5 else ''}; check that they require grad and take part "
                              f"in the loss, or leave them out of params")
-        out = {
-            name: _top_indices(f"the importance scores of {name!r}", self._scores[name].view(-1),
-                               nnz_for(p.numel(), d))
+        return {
+            name: encode(_top_indices(f"the importance scores of {name!r}", self._scores[name].view(-1),
+                                      nnz_for(p.numel(), d)), p.numel(), encoding)
             for name, p in self._params
         }
-        if encoding == "block16":
-            out = {name: Block16Mask(out[name], p.numel()) for name, p in self._params}
-        return out
 
 
 # ----------------------------------------------------------------------------- per-parameter
@@ -418,59 +390,6 @@ def param_seed(seed: int, name: str) -> int:
         raise TypeError(f"name must be a str (the parameter name); got {type(name).__name__}")
     digest = hashlib.sha256(f"seat.masks.param_seed:{s}:{name}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") >> 1
-
-
-def build_masks(named_params: NamedParams, density: float, *, kind: str = "random", seed: int = 0,
-                device=None, encoding: str = "int32") -> dict[str, torch.Tensor]:
-    """One mask per named parameter.
-
-    Args:
-        named_params: dict of name -> tensor, or an iterable of (name, tensor) pairs
-            (e.g. ``model.named_parameters()``); floating-point tensors.
-        density: fraction of each tensor's entries in its mask, in [0, 1].
-        kind: ``"random"`` (``random_mask`` seeded with ``param_seed(seed, name)``, so a
-            mask depends on the name, not on the order or the other parameters) or
-            ``"magnitude"`` (``magnitude_mask``). Importance masks need calibration
-            gradients, so they come from ``ImportanceScores(...).masks(density)`` instead.
-        seed: global seed of the random masks.
-        device: where to put the masks (default: each parameter's own device).
-        encoding: ``"int32"`` (default): index tensors. ``"implicit"`` (random masks only):
-            ``ImplicitMask(p, density, seed=seed, param_id=param_id_for(name))`` each, no
-            index array (their sizes are binomial, not exactly nnz_for). ``"block16"``: the
-            same entries as "int32" in a ``Block16Mask`` (2 bytes per entry).
-
-    Returns:
-        dict name -> 1-D ``torch.int32`` sorted unique flat indices, ``(nnz_for(numel,
-        density),)`` each (or ImplicitMask), in the order of ``named_params``.
-    """
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {', '.join(map(repr, ENCODINGS))}; got {encoding!r}")
-    if encoding == "implicit" and kind != "random":
-        raise ValueError(f"encoding='implicit' is a random mask defined by a hash; kind={kind!r} masks are "
-                         "chosen entries and need encoding='int32'")
-    if kind == "importance":
-        raise ValueError("kind='importance' needs calibration gradients: use "
-                         "seat.masks.ImportanceScores(named_params, kind='grad' or 'wgrad'), call .update() after "
-                         "each calibration backward, then .masks(density)")
-    if kind not in MASK_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, MASK_KINDS))} (importance masks come from "
-                         f"ImportanceScores); got {kind!r}")
-    d = _check_density(density)
-    s = _check_seed("seed", seed)
-    items = _named_list("named_params", named_params)
-    out = {}
-    for name, p in items:
-        if encoding == "implicit":
-            out[name] = ImplicitMask(p, d, seed=s, param_id=param_id_for(name),
-                                     device=p.device if device is None else device)
-            continue
-        if kind == "random":
-            mask = random_mask(p.numel(), d, seed=param_seed(s, name))
-        else:
-            mask = magnitude_mask(p, d)
-        mask = mask.to(p.device if device is None else device)
-        out[name] = Block16Mask(mask, p.numel()) if encoding == "block16" else mask
-    return out
 
 
 # ----------------------------------------------------------------------------- conversions
@@ -526,263 +445,3 @@ def indices_to_dense(idx: torch.Tensor, shape_or_numel: int | Sequence[int], dev
     dense = torch.zeros(numel, dtype=torch.bool, device=device)
     dense[idx.to(device=device, dtype=torch.int64)] = True
     return dense.view(shape)
-
-
-# ----------------------------------------------------------------------------- implicit
-
-
-def param_id_for(name: str) -> int:
-    """A stable 32-bit parameter id for the implicit mask of parameter ``name``
-    (SHA-256 of the name: the same in every process)."""
-    if not isinstance(name, str):
-        raise TypeError(f"name must be a str (the parameter name); got {type(name).__name__}")
-    digest = hashlib.sha256(f"seat.masks.param_id:{name}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big")
-
-
-class ImplicitMask:
-    """A random mask stored as its seed: element e of the weight is in it iff
-    mix32(key ^ mix32(e)) < round(density * 2**32), key from (seed, param_id) (see
-    seat.ops.implicit_masks). Each element is in independently with probability
-    ``density``, so ``nnz`` is Binomial(numel, density).
-
-    Args:
-        numel_or_tensor: the number of elements of the weight, or the weight.
-        density: fraction of entries in the mask, in [0, 1] (0: empty, 1: every entry).
-        seed: an int64 seed; param_id: an int in [0, 2**32) telling the parameters of one
-            seed apart (``param_id_for(name)``).
-        block: elements per block of the prefix count, a power of two in [256, 65536].
-        device: where block_offsets live (the weight's device; default CPU).
-
-    Attributes:
-        block_offsets: (ceil(numel / block) + 1,) int32: members before each block; the
-            only memory the mask holds (4 bytes per block).
-        nnz: the number of members (block_offsets[-1]).
-        threshold: round(density * 2**32).
-    """
-
-    def __init__(self, numel_or_tensor, density: float, *, seed: int, param_id: int = 0, block: int = 4096,
-                 device=None, _block_offsets: torch.Tensor | None = None):
-        from .ops import implicit_masks as im
-
-        self.numel = _numel_of("numel_or_tensor", numel_or_tensor)
-        self.density = _check_density(density)
-        self.seed = _check_seed("seed", seed)
-        if self.seed >= 2**63:
-            raise ValueError(f"seed must be in [-2**63, 2**63) for an implicit mask (an int64); got {seed}")
-        if isinstance(param_id, bool) or not isinstance(param_id, numbers.Integral):
-            raise TypeError(f"param_id must be an int; got {type(param_id).__name__}")
-        self.param_id = int(param_id)
-        if isinstance(block, bool) or not isinstance(block, numbers.Integral):
-            raise TypeError(f"block must be an int; got {type(block).__name__}")
-        self.block = int(block)
-        self.threshold = im.threshold_for(self.density)
-        im.check_mask_args("", seed=self.seed, param_id=self.param_id, threshold=self.threshold, block=self.block)
-        if _block_offsets is None:
-            if device is None and isinstance(numel_or_tensor, torch.Tensor):
-                device = numel_or_tensor.device
-            offsets = torch.empty(im.n_blocks(self.numel, self.block) + 1, dtype=torch.int32, device=device)
-            im.implicit_block_offsets_(offsets, numel=self.numel, seed=self.seed, param_id=self.param_id,
-                                       threshold=self.threshold, block=self.block)
-            _block_offsets = offsets
-        self.block_offsets = _block_offsets
-        self.nnz = int(self.block_offsets[-1])
-
-    # ------------------------------------------------------------------ the mask
-    def _op_args(self) -> dict:
-        return dict(seed=self.seed, param_id=self.param_id, threshold=self.threshold, block=self.block)
-
-    @property
-    def device(self) -> torch.device:
-        return self.block_offsets.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the mask holds (the block offsets)."""
-        return self.block_offsets.numel() * self.block_offsets.element_size()
-
-    def indices(self) -> torch.Tensor:
-        """The same mask as (nnz,) sorted unique int32 flat indices, on self.device."""
-        from .ops import implicit_masks as im
-
-        return im.implicit_indices(self.numel, im.mask_key(self.seed, self.param_id), self.threshold, self.device)
-
-    def to(self, device) -> "ImplicitMask":
-        """This mask with its block offsets on ``device``."""
-        return ImplicitMask(self.numel, self.density, seed=self.seed, param_id=self.param_id, block=self.block,
-                            _block_offsets=self.block_offsets.to(device))
-
-    def gather_(self, out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """out += dense.view(-1)[members] (seat.ops.masked_gather_implicit_)."""
-        from . import ops
-
-        self._check_numel("dense", dense)
-        return ops.masked_gather_implicit_(out, dense, self.block_offsets, **self._op_args())
-
-    def swap_(self, param: torch.Tensor, values: torch.Tensor) -> None:
-        """Exchange param.view(-1)[members] and values (seat.ops.masked_swap_implicit_)."""
-        from . import ops
-
-        self._check_numel("param", param)
-        ops.masked_swap_implicit_(param, self.block_offsets, values, **self._op_args())
-
-    def _check_numel(self, name: str, t) -> None:
-        if isinstance(t, torch.Tensor) and t.numel() != self.numel:
-            raise ValueError(f"{name} has {t.numel()} elements; this mask was built for {self.numel}")
-
-    # ------------------------------------------------------------------ serialization
-    def spec(self) -> dict:
-        """What defines the mask (JSON-able): rebuild it with ImplicitMask.from_spec."""
-        return {"encoding": "implicit", "numel": self.numel, "density": self.density, "seed": self.seed,
-                "param_id": self.param_id, "block": self.block}
-
-    @classmethod
-    def from_spec(cls, spec: dict, device=None) -> "ImplicitMask":
-        if not isinstance(spec, dict) or spec.get("encoding") != "implicit":
-            raise ValueError(f"spec must be a dict with encoding 'implicit' (from ImplicitMask.spec()); got {spec!r}")
-        return cls(spec["numel"], spec["density"], seed=spec["seed"], param_id=spec["param_id"],
-                   block=spec["block"], device=device)
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, ImplicitMask):
-            return NotImplemented
-        return (self.numel, self.threshold, self.seed, self.param_id, self.block) == (
-            other.numel, other.threshold, other.seed, other.param_id, other.block)
-
-    __hash__ = None  # mutable-looking value object: compare, do not hash
-
-    def __repr__(self) -> str:
-        return (f"ImplicitMask(numel={self.numel}, density={self.density}, seed={self.seed}, "
-                f"param_id={self.param_id}, block={self.block}, nnz={self.nnz}, device={self.device})")
-
-
-def implicit_random_mask(numel_or_tensor, density: float, *, seed: int, param_id: int = 0, block: int = 4096,
-                         device=None) -> ImplicitMask:
-    """An ImplicitMask (see its docstring): a random mask that stores no indices."""
-    return ImplicitMask(numel_or_tensor, density, seed=seed, param_id=param_id, block=block, device=device)
-
-
-# ----------------------------------------------------------------------------- block16
-
-
-class Block16Mask:
-    """An explicit mask (any sorted unique entries: magnitude, importance, random) in 2
-    bytes per entry: the weight is cut into blocks of 65536 elements, and
-
-        block_starts  (ceil(numel / 65536) + 1,) int32: entries before each block
-        offsets       (nnz,) uint16: each entry's index within its block
-
-    (seat.ops.block16_masks). Compact slot j is the j-th entry, as with the int32 form, so
-    optimizer state and trajectories are identical.
-
-    Args:
-        idx: (nnz,) sorted unique int32 flat indices (any seat.masks mask).
-        numel: elements of the weight (or the weight).
-    """
-
-    def __init__(self, idx: torch.Tensor, numel_or_tensor):
-        from .ops import block16_masks as b16
-
-        self.numel = _numel_of("numel_or_tensor", numel_or_tensor)
-        if not isinstance(idx, torch.Tensor):
-            raise TypeError(f"idx must be a torch.Tensor of int32 indices; got {type(idx).__name__}")
-        self.block_starts, self.offsets = b16.encode_block16(idx, self.numel)
-
-    @classmethod
-    def from_encoding(cls, numel: int, block_starts: torch.Tensor, offsets: torch.Tensor) -> "Block16Mask":
-        """Wrap an encoding (validated: seat.ops.block16_masks.check_encoding)."""
-        from .ops import block16_masks as b16
-
-        n = _check_numel("numel", numel)
-        b16.check_encoding("", block_starts, offsets, n, values=True)
-        mask = cls.__new__(cls)
-        mask.numel, mask.block_starts, mask.offsets = n, block_starts, offsets
-        return mask
-
-    @property
-    def nnz(self) -> int:
-        return self.offsets.numel()
-
-    @property
-    def device(self) -> torch.device:
-        return self.offsets.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the mask holds: 2 per entry + 4 per block of 65536 elements."""
-        return self.offsets.numel() * 2 + self.block_starts.numel() * 4
-
-    def indices(self) -> torch.Tensor:
-        """The same mask as (nnz,) sorted unique int32 flat indices."""
-        from .ops import block16_masks as b16
-
-        return b16.decode_block16(self.block_starts, self.offsets)
-
-    def to(self, device) -> "Block16Mask":
-        mask = Block16Mask.__new__(Block16Mask)
-        mask.numel, mask.block_starts, mask.offsets = self.numel, self.block_starts.to(device), self.offsets.to(device)
-        return mask
-
-    def gather_(self, out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """out += dense.view(-1)[entries] (seat.ops.masked_gather_block16_)."""
-        from . import ops
-
-        return ops.masked_gather_block16_(out, dense, self.block_starts, self.offsets)
-
-    def swap_(self, param: torch.Tensor, values: torch.Tensor) -> None:
-        """Exchange param.view(-1)[entries] and values (seat.ops.masked_swap_block16_)."""
-        from . import ops
-
-        ops.masked_swap_block16_(param, self.block_starts, self.offsets, values)
-
-    def __eq__(self, other) -> bool:
-        if not isinstance(other, Block16Mask):
-            return NotImplemented
-        return (self.numel == other.numel and torch.equal(self.block_starts, other.block_starts)
-                and torch.equal(self.offsets.view(torch.int16), other.offsets.view(torch.int16)))
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        return f"Block16Mask(numel={self.numel}, nnz={self.nnz}, device={self.device})"
-
-
-def encode_mask(idx: torch.Tensor, numel: int, encoding: str):
-    """int32 indices -> the mask in ``encoding`` ("int32": unchanged, "block16")."""
-    if encoding == "int32":
-        return idx
-    if encoding == "block16":
-        return Block16Mask(idx, numel)
-    raise ValueError(f"encoding must be 'int32' or 'block16' for a mask given as indices; got {encoding!r}")
-
-
-# ----------------------------------------------------------------------------- every form
-
-
-def mask_nnz(mask) -> int:
-    """Entries of a mask: int32 indices, an ImplicitMask or a Block16Mask."""
-    return mask.nnz if isinstance(mask, (ImplicitMask, Block16Mask)) else mask.numel()
-
-
-def mask_indices(mask) -> torch.Tensor:
-    """A mask as int32 indices (materialized for an ImplicitMask or a Block16Mask)."""
-    return mask.indices() if isinstance(mask, (ImplicitMask, Block16Mask)) else mask
-
-
-def mask_gather_(out: torch.Tensor, dense: torch.Tensor, mask) -> torch.Tensor:
-    """out += dense.view(-1)[mask] for every form of mask."""
-    from . import ops
-
-    if isinstance(mask, (ImplicitMask, Block16Mask)):
-        return mask.gather_(out, dense)
-    return ops.masked_gather_(out, dense, mask)
-
-
-def mask_swap_(param: torch.Tensor, mask, values: torch.Tensor) -> None:
-    """Exchange param.view(-1)[mask] and values for every form of mask."""
-    from . import ops
-
-    if isinstance(mask, (ImplicitMask, Block16Mask)):
-        mask.swap_(param, values)
-    else:
-        ops.masked_swap_(param, mask, values)

@@ -1,0 +1,123 @@
+// The mask encodings of the sparse-update ops as compile-time policies, shared by the
+// CPU (csrc/cpu) and CUDA (csrc/cuda) kernels; the same decoding as
+// python/seat/ops/_encodings.py (the oracle) and seat_kernels/sparse_update.py.
+//
+// Every operation (gather, swap, AdamW) is written once over a policy P, which says how
+// to walk one parameter's trained entries: P::work_items(m) independent items, and
+// P::visit(m, item, f) calls f(position, slot) for the entries of one item (position:
+// flat index into the parameter; slot: index into the compact arrays). An op never
+// switches on the encoding.
+//
+//   IndexMask    sorted unique int32 flat indices; one item per entry.
+//   Block16Mask  index = block_starts (int32, n_blocks + 1: entries before element
+//                b * 65536), offsets = uint16 per entry (its index minus 65536 * its
+//                block); one item per block of 65536 elements (no search). position(j)
+//                finds entry j's block by binary search, for one-thread-per-entry kernels.
+//   HashMask     element e is trained iff mix32(key ^ mix32(e)) < threshold (threshold
+//                in [0, 2**32]); index = block_offsets (int32, n_blocks + 1: members
+//                before each block of `block` elements); one item per block, whose
+//                members are recomputed in order and numbered from its first slot.
+//
+// Bounds: every visit yields slots in [0, nnz) and positions in [0, numel) only, whatever
+// the tensors hold (an index or offset outside them is skipped), so a kernel never
+// touches memory outside its tensors even when the caller broke the contract.
+// Plain C++ (no torch headers).
+#pragma once
+#include <cstdint>
+
+#include "seat/common.h"
+
+namespace seat {
+
+// Encoding ids: the `encoding` int of the seat_C schemas (python/seat/ops/_encodings.py).
+enum class Encoding : int64_t { kIndex = 0, kBlock16 = 1, kHash = 2 };
+
+// Ints per mask in the schemas' mask_ints: (key, threshold, block) of a HashMask, zeros
+// for the others.
+constexpr int kMaskInts = 3;
+constexpr int64_t kBlock16 = 65536;
+
+// One parameter's mask as every policy reads it (unused fields are zero / null).
+struct MaskRef {
+  const int32_t* index;     // idx, block_starts or block_offsets
+  const uint16_t* offsets;  // block16 offsets (nnz); null otherwise
+  int64_t numel;            // elements of the parameter
+  int64_t nnz;              // entries of the compact arrays
+  int64_t n_blocks;         // blocks of block16 / hash masks (index.numel() - 1)
+  int64_t threshold;        // hash: in [0, 2**32]
+  int64_t block;            // hash: elements per block, a power of two
+  uint32_t key;             // hash: the mask key
+};
+
+SEAT_HD int64_t n_blocks_of(int64_t numel, int64_t block) { return (numel + block - 1) / block; }
+
+SEAT_HD bool hash_member(uint32_t key, int64_t e, int64_t threshold) {
+  return static_cast<int64_t>(mix32(key ^ mix32(static_cast<uint32_t>(e)))) < threshold;
+}
+
+struct IndexMask {
+  static constexpr Encoding kEncoding = Encoding::kIndex;
+  SEAT_HD static int64_t work_items(const MaskRef& m) { return m.nnz; }
+  SEAT_HD static int64_t position(const MaskRef& m, int64_t j) { return m.index[j]; }
+  template <typename F>
+  SEAT_HD static void visit(const MaskRef& m, int64_t j, F&& f) {
+    const int64_t pos = m.index[j];
+    if (pos >= 0 && pos < m.numel) f(pos, j);
+  }
+};
+
+struct Block16Mask {
+  static constexpr Encoding kEncoding = Encoding::kBlock16;
+  SEAT_HD static int64_t work_items(const MaskRef& m) { return m.n_blocks; }
+  // The flat position of entry j: its block is the largest b with block_starts[b] <= j
+  // (binary search, at most 15 steps for numel < 2**31; empty blocks are skipped).
+  SEAT_HD static int64_t position(const MaskRef& m, int64_t j) {
+    int64_t lo = 0, hi = m.n_blocks;  // block_starts[lo] <= j < block_starts[hi]
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) >> 1;
+      if (m.index[mid] <= j) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    return lo * kBlock16 + m.offsets[j];
+  }
+  template <typename F>
+  SEAT_HD static void visit(const MaskRef& m, int64_t b, F&& f) {
+    const int64_t base = b * kBlock16;
+    int64_t begin = m.index[b], end = m.index[b + 1];
+    begin = begin < 0 ? 0 : begin;
+    end = end > m.nnz ? m.nnz : end;
+    if (base + kBlock16 <= m.numel) {  // a whole block: every uint16 offset is inside
+      for (int64_t j = begin; j < end; ++j) f(base + m.offsets[j], j);
+      return;
+    }
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t pos = base + m.offsets[j];
+      if (pos < m.numel) f(pos, j);
+    }
+  }
+};
+
+struct HashMask {
+  static constexpr Encoding kEncoding = Encoding::kHash;
+  SEAT_HD static int64_t work_items(const MaskRef& m) { return m.n_blocks; }
+  // The members of block b in order, numbered from block_offsets[b]; a slot at or past
+  // the next block's first slot (or nnz) is skipped, so offsets that disagree with (key,
+  // threshold) can make a result wrong but never write out of bounds.
+  template <typename F>
+  SEAT_HD static void visit(const MaskRef& m, int64_t b, F&& f) {
+    const int64_t begin = b * m.block;
+    const int64_t end = begin + m.block < m.numel ? begin + m.block : m.numel;
+    int64_t slot = m.index[b];
+    int64_t limit = m.index[b + 1];
+    limit = limit > m.nnz ? m.nnz : limit;
+    if (slot < 0) return;
+    for (int64_t e = begin; e < end && slot < limit; ++e) {
+      if (hash_member(m.key, e, m.threshold)) f(e, slot++);
+    }
+  }
+};
+
+}  // namespace seat

@@ -1,0 +1,15 @@
+"""Constants more than one module of seat needs, in one place. Plain Python: config,
+memory and the CLI import this without loading torch."""
+from __future__ import annotations
+
+IGNORE_INDEX = -100  # label of a position without loss (the Hugging Face convention)
+INT32_MAX = 2**31 - 1  # masks index a weight's flat storage with int32: at most this many elements
+
+# Mask selection kinds SeatConfig / build_masks draw themselves (importance masks come from
+# seat.masks.ImportanceScores), and the mask encodings (seat.masks.ENCODINGS holds their classes).
+MASK_KINDS = ("random", "magnitude")
+MASK_ENCODINGS = ("int32", "implicit", "block16")
+
+BLOCK16_SIZE = 65536  # elements per block of a block16 mask (uint16 offsets)
+DEFAULT_HASH_BLOCK = 4096  # elements per prefix-count block of an implicit (hash) mask
+MIN_HASH_BLOCK, MAX_HASH_BLOCK = 256, 65536  # powers of two: whole warps / Triton tiles per block
