@@ -16,10 +16,10 @@ from seat.masks import Block16Mask, ImplicitMask
 from seat.ops import _encodings
 
 ENCODINGS = ("int32", "block16", "implicit")
-# (numel, hash block): below one block, off a block boundary, exactly one block, several
-# block16 blocks with a partial last one
-SIZES = [(1, 256), (17, 256), (256, 256), (4097, 256), (10_007, 1024), (70_001, 4096), (131_073, 65536)]
-DENSITIES = [0.0, 0.05, 0.5, 1.0]
+# (numel, hash block): below one block, exactly one block, off a block boundary, several
+# block16 blocks with a partial last one (and one hash block of 65536)
+SIZES = [(1, 256), (256, 256), (4097, 256), (70_001, 4096), (131_073, 65536)]
+DENSITIES = [0.0, 0.3, 1.0]
 
 
 def make_mask(encoding: str, numel: int, density: float, block: int = 256, device="cpu", seed=11, param_id=3):
@@ -94,7 +94,7 @@ class _Run:
     """Params + AdamW state over a few steps, with masks in one encoding (the same
     entries in every encoding: those of seeded hash masks)."""
 
-    def __init__(self, config, encoding, device, shapes=((33, 65), (5000,), (1,), (70_001,)), density=0.3):
+    def __init__(self, config, encoding, device, shapes, density=0.3):
         param_dtype, state_dtype, self.grad_dtype, masters, amsgrad, self.sr, self.dense = ADAMW_CONFIGS[config]
         gen = torch.Generator().manual_seed(2)
         self.params, self.masks, self.idxs = [], [], []
@@ -140,8 +140,12 @@ def test_sparse_adamw_is_the_same_in_every_encoding(backend, config):
     stochastic-rounding keys line up); within the dtype's tolerance of the reference;
     entries outside the mask untouched."""
     device = backend_device("sparse_adamw_", backend)
-    runs = {e: _Run(config, e, device) for e in ENCODINGS}
-    reference = _Run(config, "int32", "cpu")
+    # several block16 blocks, except under the Triton interpreter (minutes per config there;
+    # the gather and swap tests cover multi-block block16 masks on every backend)
+    interpreted = backend == "triton" and device.type == "cpu"
+    shapes = ((33, 65), (5000,), (1,), (300,) if interpreted else (70_001,))
+    runs = {e: _Run(config, e, device, shapes) for e in ENCODINGS}
+    reference = _Run(config, "int32", "cpu", shapes)
     before = [p.clone() for p in runs["int32"].params]
     for step in range(1, 4):
         grads = reference.grads()
