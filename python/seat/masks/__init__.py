@@ -5,10 +5,10 @@ Two independent choices, each in its own module:
   selection (select.py)     which entries: random_mask, magnitude_mask, ImportanceScores;
                             always sorted unique int32 flat indices into ``W.view(-1)``
                             (``nnz_for`` fixes their number for a density)
-  encoding (encodings.py)   how they are stored: IndexMask "int32" (4 bytes per entry; a
-                            bare int32 tensor is this encoding), Block16Mask "block16" (2
+  encoding (encodings.py,    how they are stored: IndexMask "int32" (4 bytes per entry; a
+    implicit.py)            bare int32 tensor is this encoding), Block16Mask "block16" (2
                             bytes per entry), ImplicitMask "implicit" (a seeded random mask
-                            that stores no indices); one registry, ENCODINGS
+                            that stores no indices); one registry, ENCODINGS (registry.py)
 
 ``build_mask`` draws one weight's mask in an encoding (what ``build_masks`` and
 ``seat.patch`` call); every op, SparseAdamW, deltas and the memory model take masks in any
@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from .encodings import (ENCODINGS, STATE_KEYS, Block16Mask, ImplicitMask, IndexMask, Mask, as_mask, encode,
-                        encode_chosen, from_spec, from_state_dict, implicit_random_mask, param_id_for)
+from .encodings import Block16Mask, IndexMask, Mask
+from .implicit import ImplicitMask, implicit_random_mask, param_id_for
+from .registry import ENCODINGS, STATE_KEYS, as_mask, encode, encode_chosen, from_spec, from_state_dict
 from .select import (IMPORTANCE_KINDS, MASK_KINDS, ImportanceScores, NamedParams, _check_density, _check_seed,
                      _named_list, dense_to_indices, indices_to_dense, magnitude_mask, nnz_for, param_seed,
                      random_mask)

@@ -356,8 +356,9 @@ class ImportanceScores:
         as sorted unique ``torch.int32`` flat indices on the parameter's device (ties:
         lower index first); another explicit encoding (e.g. "block16", 2 bytes per
         entry) returns seat.masks masks of it."""
-        from .encodings import encode
+        from .registry import check_chosen_encoding, encode
 
+        check_chosen_encoding(encoding)
         d = _check_density(density)
         if self.num_updates == 0:
             raise ValueError("no importance has been accumulated yet; call update() after loss.backward() on "
