@@ -117,7 +117,7 @@ class IndexMask(_MaskBase):
             _checks.index_tensor("idx", idx, self.numel)
             _checks.index_values("idx", idx, self.numel)
         self.idx = idx
-        self._no_offsets = idx.new_empty(0, dtype=torch.uint16)
+        self._no_offsets = _encodings.no_offsets(idx.device)
 
     @classmethod
     def from_indices(cls, idx: Tensor, numel: int) -> "IndexMask":

@@ -81,7 +81,7 @@ class ImplicitMask(_MaskBase):
                                     threshold=self.threshold, block=self.block)
         self.block_offsets = _block_offsets
         self.nnz = int(self.block_offsets[-1])
-        self._no_offsets = self.block_offsets.new_empty(0, dtype=torch.uint16)
+        self._no_offsets = _encodings.no_offsets(self.block_offsets.device)
 
     @property
     def device(self) -> torch.device:

@@ -77,8 +77,10 @@ class AdamWScalars:
                    eps=eps, step_size=lr / (1 - beta1**step), bias_correction2_sqrt=math.sqrt(1 - beta2**step))
 
     def as_tuple(self) -> tuple[float, ...]:
-        """The 7 scalars in field order: what the native kernels take (seat/adamw.h)."""
-        return dataclasses.astuple(self)
+        """The 7 scalars in field order: what the native kernels take (seat/adamw.h).
+        Spelled out: dataclasses.astuple deep-copies, which costs more than a small step."""
+        return (self.decay, self.one_minus_beta1, self.beta2, self.one_minus_beta2, self.eps, self.step_size,
+                self.bias_correction2_sqrt)
 
     def as_tensor(self, device) -> Tensor:
         """float64 (7,) in field order, for kernels that read their scalars from memory."""

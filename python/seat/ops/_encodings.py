@@ -54,13 +54,26 @@ class MaskArgs(NamedTuple):
     ints: tuple[int, int, int]
 
 
+_NO_OFFSETS: dict[torch.device, Tensor] = {}  # one empty uint16 tensor per device, never written
+
+
+def no_offsets(device: torch.device) -> Tensor:
+    """The empty `offsets` of an INDEX or HASH mask on `device` (shared: kernels never write it)."""
+    t = _NO_OFFSETS.get(device)
+    if t is None:
+        t = torch.empty(0, dtype=torch.uint16, device=device)
+        if not _checks.is_fake(t):  # a tensor made while torch.compile traces is not kept
+            _NO_OFFSETS[device] = t
+    return t
+
+
 def as_mask_args(name: str, mask) -> MaskArgs:
     """MaskArgs of `mask`: an int32 index tensor, a MaskArgs, or an object with
     ``op_args()`` (the seat.masks encodings)."""
     if isinstance(mask, MaskArgs):
         return mask
     if isinstance(mask, Tensor):
-        return MaskArgs(INDEX, mask, mask.new_empty(0, dtype=torch.uint16), NO_INTS)
+        return MaskArgs(INDEX, mask, no_offsets(mask.device), NO_INTS)
     op_args = getattr(mask, "op_args", None)
     if callable(op_args):
         return op_args()

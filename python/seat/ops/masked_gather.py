@@ -57,7 +57,7 @@ def check(out, dense, mask: MaskArgs, *, values: bool = True) -> None:
 def _mask(mask_index, mask_offsets, encoding, mask_ints) -> MaskArgs:
     """The op's mask arguments (optional ones defaulted: an INDEX mask) as MaskArgs."""
     if mask_offsets is None and isinstance(mask_index, Tensor):
-        mask_offsets = mask_index.new_empty(0, dtype=torch.uint16)
+        mask_offsets = _encodings.no_offsets(mask_index.device)
     return MaskArgs(encoding, mask_index, mask_offsets,
                     _encodings.NO_INTS if mask_ints is None else tuple(mask_ints))
 
