@@ -87,6 +87,14 @@ class _MaskBase:
         """A JSON-able definition of the mask, or None when only its entries define it."""
         return None
 
+    def chunk(self, start: int, stop: int):
+        """Entries [start, stop) (0 <= start <= stop <= nnz) as a mask of the same tensor
+        whose slots are 0 .. stop - start - 1: for stepping state one piece at a time."""
+        if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop <= self.nnz):
+            raise ValueError(f"chunk(start, stop) needs ints with 0 <= start <= stop <= nnz = {self.nnz}; "
+                             f"got ({start!r}, {stop!r})")
+        return self._chunk(start, stop)
+
     def unwrap(self):
         """The form build_masks returns for this encoding (the mask itself)."""
         return self
@@ -144,7 +152,7 @@ class IndexMask(_MaskBase):
     def op_args(self) -> MaskArgs:
         return MaskArgs(_encodings.INDEX, self.idx, self._no_offsets, _encodings.NO_INTS)
 
-    def chunk(self, start: int, stop: int) -> "IndexMask":
+    def _chunk(self, start: int, stop: int) -> "IndexMask":
         return IndexMask(self.idx[start:stop], self.numel, _checked=True)
 
     def state_dict(self) -> dict:
@@ -230,7 +238,7 @@ class Block16Mask(_MaskBase):
     def op_args(self) -> MaskArgs:
         return MaskArgs(_encodings.BLOCK16, self.block_starts, self.offsets, _encodings.NO_INTS)
 
-    def chunk(self, start: int, stop: int) -> "Block16Mask":
+    def _chunk(self, start: int, stop: int) -> "Block16Mask":
         """Entries [start, stop): the same offsets, block starts shifted by `start` and
         clamped to [0, stop - start] (a block's entries outside the chunk drop out)."""
         starts = (self.block_starts - start).clamp_(0, stop - start)

@@ -102,7 +102,7 @@ class ImplicitMask(_MaskBase):
     def op_args(self) -> MaskArgs:
         return MaskArgs(_encodings.HASH, self.block_offsets, self._no_offsets, (self.key, self.threshold, self.block))
 
-    def chunk(self, start: int, stop: int) -> IndexMask:
+    def _chunk(self, start: int, stop: int) -> IndexMask:
         """Entries [start, stop) as int32 indices (4 bytes per entry of the chunk,
         transient): a hash mask numbers members from block starts, so a piece of it is
         not a hash mask. Only the blocks holding those entries are hashed, an eighth of

@@ -67,15 +67,19 @@ def no_offsets(device: torch.device) -> Tensor:
     return t
 
 
-def as_mask_args(name: str, mask) -> MaskArgs:
+def as_mask_args(name: str, mask, numel: int | None = None) -> MaskArgs:
     """MaskArgs of `mask`: an int32 index tensor, a MaskArgs, or an object with
-    ``op_args()`` (the seat.masks encodings)."""
+    ``op_args()`` (the seat.masks encodings; with `numel`, its own numel must equal it)."""
     if isinstance(mask, MaskArgs):
         return mask
     if isinstance(mask, Tensor):
         return MaskArgs(INDEX, mask, no_offsets(mask.device), NO_INTS)
     op_args = getattr(mask, "op_args", None)
     if callable(op_args):
+        covers = getattr(mask, "numel", numel)
+        if numel is not None and covers != numel:
+            raise ValueError(f"{name} ({type(mask).__name__}) was built for a tensor of {covers} elements; this one "
+                             f"has {numel}")
         return op_args()
     raise TypeError(f"{name} must be a mask: int32 flat indices (a torch.Tensor) or a seat.masks mask "
                     f"(IndexMask, Block16Mask, ImplicitMask); got {type(mask).__name__}")

@@ -77,7 +77,7 @@ def _(out, dense, mask_index, mask_offsets=None, encoding=_encodings.INDEX, mask
 
 def masked_gather_(out: Tensor, dense: Tensor, mask) -> Tensor:
     """out += dense.view(-1)[mask's entries] in place; returns out. See the module docstring."""
-    args = _encodings.as_mask_args("mask", mask)
+    args = _encodings.as_mask_args("mask", mask, dense.numel() if isinstance(dense, Tensor) else None)
     check(out, dense, args, values=False)  # type errors before the dispatcher sees the call
     torch.ops.seat.masked_gather_(out, dense, args.index, args.offsets, args.encoding, list(args.ints))
     return out

@@ -67,6 +67,6 @@ def _(param, mask_index, values, mask_offsets=None, encoding=_encodings.INDEX, m
 
 def masked_swap_(param: Tensor, mask, values: Tensor) -> None:
     """Exchange param.view(-1)[mask's entries] and values in place. See the module docstring."""
-    args = _encodings.as_mask_args("mask", mask)
+    args = _encodings.as_mask_args("mask", mask, param.numel() if isinstance(param, Tensor) else None)
     check(param, values, args, values_check=False)
     torch.ops.seat.masked_swap_(param, args.index, values, args.offsets, args.encoding, list(args.ints))

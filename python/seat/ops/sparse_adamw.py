@@ -242,7 +242,9 @@ def sparse_adamw_(
         max_exp_avg_sqs = absent_as_empty(max_exp_avg_sqs, grads)
     if not isinstance(masks, (list, tuple)):
         raise TypeError(f"masks must be a list of masks (one per param), got {type(masks).__name__}")
-    args = [_encodings.as_mask_args(f"masks[{i}]", m) for i, m in enumerate(masks)]
+    numels = [p.numel() if isinstance(p, Tensor) else None for p in params] if isinstance(params, (list, tuple)) else []
+    args = [_encodings.as_mask_args(f"masks[{i}]", m, numels[i] if i < len(numels) else None)
+            for i, m in enumerate(masks)]
     check(params, args, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
           stochastic_rounding=bool(stochastic_rounding), dense_state=bool(dense_state), values=False, **hyper)
     lists = _mask_lists(args)
