@@ -8,7 +8,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-N_SCALARS = 7  # decay, 1-beta1, beta2, 1-beta2, eps, step_size, sqrt(1-beta2**step)
 
 
 @triton.jit

@@ -178,8 +178,11 @@ def test_encoded_lean_state_dict_round_trip_continues_identically(tmp_path, form
     _train(resumed, opt2, None, 3, torch.float32, start=3)
     for a, b in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
-    # another mask is refused
-    other = [mask_indices(m) for m in _encoded_masks(resumed, form)]
+    # the same entries as int32 indices resume the same run (state is laid out by entry) ...
+    same = [mask_indices(m) for m in _encoded_masks(resumed, form)]
+    SparseAdamW(resumed.parameters(), same, lr=1e-2, **options).load_state_dict(ckpt["opt"])
+    # ... other entries are refused
+    other = [random_mask(p, 0.5, seed=99) for p in resumed.parameters()]
     opt3 = SparseAdamW(resumed.parameters(), other, lr=1e-2, **options)
     with pytest.raises(ValueError, match="mask for parameter 0 differs"):
         opt3.load_state_dict(ckpt["opt"])

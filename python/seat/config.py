@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from ._constants import MASK_ENCODINGS, MASK_KINDS
+from ._constants import CHOSEN_ENCODINGS, MASK_ENCODINGS, MASK_KINDS
 KL_TOKENS = ("all", "answer")
 
 
@@ -65,9 +65,9 @@ class SeatConfig:
                              "with seat.masks.ImportanceScores and pass patch(model, masks=...))")
         if self.mask_encoding not in MASK_ENCODINGS:
             raise ValueError(f"mask_encoding must be one of {MASK_ENCODINGS}; got {self.mask_encoding!r}")
-        if self.mask_encoding == "implicit" and self.mask != "random":
-            raise ValueError(f"mask_encoding='implicit' stores a random mask as its seed; mask={self.mask!r} chooses "
-                             "entries and needs mask_encoding='int32'")
+        if self.mask_encoding not in CHOSEN_ENCODINGS and self.mask != "random":
+            raise ValueError(f"mask_encoding={self.mask_encoding!r} stores a random mask as its seed; "
+                             f"mask={self.mask!r} chooses entries and needs mask_encoding in {CHOSEN_ENCODINGS}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0; got {self.seed!r}")
         if isinstance(self.targets, str):

@@ -284,19 +284,31 @@ def test_sparse_adamw_refuses_mixed_encodings():
     assert all(torch.equal(p, q) for p, q in zip(params, before))
 
 
-def test_hash_offsets_from_another_mask_are_rejected_by_the_reference():
-    mask, idx = make_mask("implicit", 1000, 0.2)
-    other = ImplicitMask(1000, 0.2, seed=99, param_id=0, block=256)
-    if other.nnz == idx.numel():
-        pytest.skip("the two masks happen to have the same size")
-    wrong = _encodings.MaskArgs(_encodings.HASH, other.block_offsets, other.op_args().offsets, mask.op_args().ints)
-    with ops.use_backend("reference"), pytest.raises(ValueError, match="block_offsets belong to another mask"):
-        ops.masked_gather_(torch.zeros(other.nnz), torch.randn(1000), wrong)
+@pytest.mark.parametrize("edit", ["another mask", "edited in place"])
+def test_hash_offsets_that_are_not_the_masks_own_are_refused(backend, edit):
+    """Offsets that pass the structural check (a prefix count ending at nnz) but are not
+    this mask's: refused before anything is written, on every backend."""
+    device = backend_device("masked_gather_", backend)
+    mask, idx = make_mask("implicit", 70_000, 0.01, device=device)
+    args = mask.op_args()
+    if edit == "another mask":
+        other = ImplicitMask(70_000, 0.01, seed=99, param_id=0, block=256, device=device)
+        offsets = other.block_offsets
+        n = other.nnz
+    else:
+        offsets = mask.block_offsets
+        offsets[2] += 1  # still a prefix count ending at nnz
+        n = idx.numel()
+    out = torch.zeros(n, device=device)
+    with ops.use_backend(backend), pytest.raises(ValueError, match="are not the prefix counts of this mask"):
+        ops.masked_gather_(out, torch.randn(70_000, device=device), args._replace(index=offsets))
+    assert torch.all(out == 0)
 
 
 def test_bad_hash_offsets_never_write_out_of_bounds(backend):
-    """block_offsets of another mask with the same nnz pass the structural check; the
-    kernels then compute wrong slots but stay inside the compact arrays."""
+    """Offsets that lie (a prefix count of other members): called directly, bypassing the
+    validation that refuses them, the kernels number slots wrongly but stay inside the
+    compact arrays."""
     device = backend_device("masked_gather_", backend)
     if backend == "reference":
         pytest.skip("the reference recomputes the mask and rejects the offsets")
@@ -306,6 +318,6 @@ def test_bad_hash_offsets_never_write_out_of_bounds(backend):
     skewed[1:-1] = torch.clamp(skewed[1:-1] - 40, min=0)  # still monotone, steps <= block
     guard = torch.zeros(idx.numel() + 64, device=device)
     out = guard[:idx.numel()]
-    with ops.use_backend(backend):
-        ops.masked_gather_(out, torch.ones(4096, device=device), args._replace(index=skewed))
+    kernel = ops.OPS["masked_gather_"].kernels[backend]  # the kernel itself: validation refuses these offsets
+    kernel(out, torch.ones(4096, device=device), args._replace(index=skewed))
     assert torch.all(guard[idx.numel():] == 0)

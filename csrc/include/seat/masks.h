@@ -5,8 +5,14 @@
 // Every operation (gather, swap, AdamW) is written once over a policy P, which says how
 // to walk one parameter's trained entries: P::work_items(m) independent items, and
 // P::visit(m, item, f) calls f(position, slot) for the entries of one item (position:
-// flat index into the parameter; slot: index into the compact arrays). An op never
-// switches on the encoding.
+// flat index into the parameter; slot: index into the compact arrays); P::position(m, j)
+// gives entry j's position for one-thread-per-entry kernels. An op never switches on the
+// encoding. A backend may walk a policy its own way where the generic walk is slow, with
+// the same entries and bounds: the CPU hashes a hash block 8 lanes at a time and prefetches
+// an index walk (csrc/cpu/sparse_update.cpp), CUDA numbers a hash block's members with a
+// warp ballot (csrc/cuda/sparse_update.cu); visit() stays the definition they follow.
+// The Triton kernels clamp a block16 position past numel to numel - 1 instead of skipping
+// it (masking costs them registers); only a mask that bypassed validation has one.
 //
 //   IndexMask    sorted unique int32 flat indices; one item per entry.
 //   Block16Mask  index = block_starts (int32, n_blocks + 1: entries before element
@@ -56,7 +62,6 @@ SEAT_HD bool hash_member(uint32_t key, int64_t e, int64_t threshold) {
 }
 
 struct IndexMask {
-  static constexpr Encoding kEncoding = Encoding::kIndex;
   SEAT_HD static int64_t work_items(const MaskRef& m) { return m.nnz; }
   SEAT_HD static int64_t position(const MaskRef& m, int64_t j) { return m.index[j]; }
   template <typename F>
@@ -67,7 +72,6 @@ struct IndexMask {
 };
 
 struct Block16Mask {
-  static constexpr Encoding kEncoding = Encoding::kBlock16;
   SEAT_HD static int64_t work_items(const MaskRef& m) { return m.n_blocks; }
   // The flat position of entry j: its block is the largest b with block_starts[b] <= j
   // (binary search, at most 15 steps for numel < 2**31; empty blocks are skipped).
@@ -101,7 +105,6 @@ struct Block16Mask {
 };
 
 struct HashMask {
-  static constexpr Encoding kEncoding = Encoding::kHash;
   SEAT_HD static int64_t work_items(const MaskRef& m) { return m.n_blocks; }
   // The members of block b in order, numbered from block_offsets[b]; a slot at or past
   // the next block's first slot (or nnz) is skipped, so offsets that disagree with (key,

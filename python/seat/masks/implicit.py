@@ -96,8 +96,11 @@ class ImplicitMask(_MaskBase):
         return _encodings.hash_indices(self.numel, self.key, self.threshold, self.device)
 
     def to(self, device) -> "ImplicitMask":
+        offsets = self.block_offsets.to(device)
+        if offsets is not self.block_offsets:  # a copy of checked offsets needs no count of its own
+            _encodings.record_block_offsets(offsets, self.numel, self.block, self.key, self.threshold)
         return ImplicitMask(self.numel, self.density, seed=self.seed, param_id=self.param_id, block=self.block,
-                            _block_offsets=self.block_offsets.to(device))
+                            _block_offsets=offsets)
 
     def op_args(self) -> MaskArgs:
         return MaskArgs(_encodings.HASH, self.block_offsets, self._no_offsets, (self.key, self.threshold, self.block))

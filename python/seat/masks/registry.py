@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._constants import MASK_ENCODINGS
+from .._constants import CHOSEN_ENCODINGS, MASK_ENCODINGS
 from ..ops import _checks
 from .encodings import Block16Mask, IndexMask, Mask
 from .implicit import ImplicitMask
@@ -25,6 +25,7 @@ assert tuple(ENCODINGS) == MASK_ENCODINGS  # the names config and the memory mod
 STATE_KEYS = tuple(k for cls in ENCODINGS.values() for k in cls.state_keys)
 # the encodings that store chosen entries (magnitude, importance, given indices)
 CHOSEN = tuple(name for name, cls in ENCODINGS.items() if cls.holds_chosen_entries)
+assert CHOSEN == CHOSEN_ENCODINGS  # what SeatConfig validates against without importing torch
 
 
 def _encoding_class(encoding: str) -> type:

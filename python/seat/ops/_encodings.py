@@ -25,6 +25,7 @@ with ``op_args()``; a bare int32 tensor is an INDEX mask.
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -148,13 +149,24 @@ def check_hash_params(prefix: str, *, threshold, block, **ints) -> None:
         raise ValueError(f"{prefix}block must be a power of two in [{MIN_HASH_BLOCK}, {MAX_HASH_BLOCK}]; got {block}")
 
 
-# block_offsets whose values were checked: (version, numel, block, nnz) by tensor identity.
+# block_offsets whose values were checked: (version, numel, block, nnz, key, threshold) by
+# tensor identity (a weak key: the entry goes with the tensor).
 _checked_offsets: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def check_block_offsets(name: str, block_offsets, numel: int, block: int, nnz: int | None, *, values: bool) -> None:
+def record_block_offsets(block_offsets: Tensor, numel: int, block: int, key: int, threshold: int) -> None:
+    """Record block_offsets that implicit_block_offsets_ computed for (key, threshold)
+    (or a copy of such) as checked, so their first use does not count the members again."""
+    if not _checks.is_fake(block_offsets):
+        _checked_offsets[block_offsets] = (block_offsets._version, numel, block, int(block_offsets[-1]), key,
+                                           threshold)
+
+
+def check_block_offsets(name: str, block_offsets, numel: int, block: int, nnz: int | None, *, values: bool,
+                        key: int | None = None, threshold: int | None = None) -> None:
     """block_offsets: 1-D int32 of ceil(numel / block) + 1 entries; with values, also
-    0 at [0], steps in [0, block], and [-1] == nnz (checked once per in-place version).
+    0 at [0], steps in [0, block], [-1] == nnz and, given (key, threshold), equal to the
+    mask's own prefix counts (counted again unless recorded: once per in-place version).
     nnz None: the compact arrays are not known (implicit_block_offsets_ fills them)."""
     _checks.tensor(name, block_offsets, dtypes=(torch.int32,), ndim=1)
     if numel > INT32_MAX:
@@ -166,8 +178,8 @@ def check_block_offsets(name: str, block_offsets, numel: int, block: int, nnz: i
                          "seat.masks.ImplicitMask or implicit_block_offsets_)")
     if not values or nnz is None or _checks.is_fake(block_offsets):
         return
-    key = (block_offsets._version, numel, block, nnz)
-    if _checked_offsets.get(block_offsets) == key:
+    seen = (block_offsets._version, numel, block, nnz, key, threshold)
+    if _checked_offsets.get(block_offsets) == seen:
         return
     steps = block_offsets.diff()
     if int(block_offsets[0]) != 0 or int(block_offsets[-1]) != nnz or (
@@ -175,7 +187,13 @@ def check_block_offsets(name: str, block_offsets, numel: int, block: int, nnz: i
         raise ValueError(f"{name} is not a prefix count of a mask with {nnz} entries (it must start at 0, grow by "
                          f"0..{block} per block and end at {nnz}); got [{int(block_offsets[0])}, ..., "
                          f"{int(block_offsets[-1])}]. Build it with implicit_block_offsets_ for the same mask")
-    _checked_offsets[block_offsets] = key
+    if key is not None:  # offsets of another mask (or edited) would number the slots wrongly
+        counts = hash_block_counts(numel, key, threshold, block, block_offsets.device)
+        if not torch.equal(torch.cumsum(counts, 0, dtype=torch.int32), block_offsets[1:]):
+            raise ValueError(f"{name} are not the prefix counts of this mask (key={key}, threshold={threshold}): "
+                             "they belong to another mask or were edited. Build them with "
+                             "implicit_block_offsets_ (seat.masks.ImplicitMask does)")
+    _checked_offsets[block_offsets] = seen
 
 
 # ----------------------------------------------------------------------------- BLOCK16
@@ -200,7 +218,9 @@ def decode_block16(block_starts: Tensor, offsets: Tensor) -> Tensor:
     return (blocks * BLOCK16_SIZE + offsets.to(torch.int32).long()).to(torch.int32)
 
 
-_checked_block16: WeakIdKeyDictionary = WeakIdKeyDictionary()  # offsets -> (id(starts), versions, numel)
+# offsets -> (weakref to block_starts, versions, numel): a reference, not id(), so a freed
+# block_starts whose address is reused is not mistaken for the checked one
+_checked_block16: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def check_block16(prefix: str, block_starts, offsets, numel: int, *, values: bool) -> None:
@@ -220,8 +240,8 @@ def check_block16(prefix: str, block_starts, offsets, numel: int, *, values: boo
                          f"{block_starts.device}; move them to the same device")
     if not values or _checks.is_fake(offsets) or _checks.is_fake(block_starts):
         return
-    key = (id(block_starts), block_starts._version, offsets._version, numel)
-    if _checked_block16.get(offsets) == key:
+    seen = _checked_block16.get(offsets)
+    if seen is not None and seen[0]() is block_starts and seen[1:] == _block16_versions(block_starts, offsets, numel):
         return
     nnz = offsets.numel()
     steps = block_starts.diff()
@@ -233,7 +253,15 @@ def check_block16(prefix: str, block_starts, offsets, numel: int, *, values: boo
         raise ValueError(f"{prefix}offsets must be strictly increasing within each block (sorted, unique entries)")
     if nnz and int(idx[-1]) >= numel:
         raise ValueError(f"{prefix}offsets reach element {int(idx[-1])}, outside a tensor of {numel} elements")
-    _checked_block16[offsets] = key
+    _record_block16(block_starts, offsets, numel)
+
+
+def _block16_versions(block_starts: Tensor, offsets: Tensor, numel: int) -> tuple:
+    return block_starts._version, offsets._version, numel
+
+
+def _record_block16(block_starts: Tensor, offsets: Tensor, numel: int) -> None:
+    _checked_block16[offsets] = (weakref.ref(block_starts), *_block16_versions(block_starts, offsets, numel))
 
 
 def record_block16_piece(block_starts: Tensor, offsets: Tensor, piece_starts: Tensor, piece_offsets: Tensor,
@@ -244,7 +272,7 @@ def record_block16_piece(block_starts: Tensor, offsets: Tensor, piece_starts: Te
     in-place version: cached)."""
     check_block16("", block_starts, offsets, numel, values=True)
     if not (_checks.is_fake(piece_offsets) or _checks.is_fake(piece_starts)):
-        _checked_block16[piece_offsets] = (id(piece_starts), piece_starts._version, piece_offsets._version, numel)
+        _record_block16(piece_starts, piece_offsets, numel)
 
 
 # ----------------------------------------------------------------------------- every encoding
@@ -288,7 +316,8 @@ def check(name: str, mask: MaskArgs, numel: int, compact_name: str, compact: Ten
     else:
         key, threshold, block = ints
         check_hash_params(f"{name}.", key=key, threshold=threshold, block=block)
-        check_block_offsets(f"{name}.block_offsets", index, numel, block, compact.numel(), values=values)
+        check_block_offsets(f"{name}.block_offsets", index, numel, block, compact.numel(), values=values, key=key,
+                            threshold=threshold)
     if encoding != HASH and tuple(ints) != NO_INTS:
         raise ValueError(f"{name}: the mask ints of a {NAMES[encoding]} mask must be {NO_INTS}; got {tuple(ints)}")
     if encoding != BLOCK16:

@@ -64,6 +64,7 @@ def _offsets_op(block_offsets: Tensor, *, numel: int, seed: int, param_id: int, 
     check(block_offsets, numel, seed, param_id, threshold, block)
     ENTRY.run(block_offsets.device, block_offsets, numel=numel, seed=seed, param_id=param_id,
               threshold=threshold, block=block)
+    _encodings.record_block_offsets(block_offsets, numel, block, _encodings.mask_key(seed, param_id), threshold)
 
 
 @_offsets_op.register_fake

@@ -349,7 +349,9 @@ class SparseAdamW(torch.optim.Optimizer):
             mask = self._masks[p]
             if any(k in restored for k in STATE_KEYS):
                 theirs = saved_mask(restored, p.numel())
-                if theirs is None or theirs != mask:
+                # state is laid out by entry, whatever the encoding: the same entries in
+                # another encoding resume the same run
+                if theirs is None or not (theirs == mask or torch.equal(theirs.indices(), mask.indices())):
                     raise ValueError(f"the state_dict's mask for parameter {key} differs from this optimizer's: "
                                      "build the optimizer with the masks the checkpoint was trained with")
             store_mask(restored, mask)

@@ -147,6 +147,10 @@ class QuantizedState:
     def spans(self, nnzs: list[int]) -> list[tuple[int, int]]:
         """Chunks of at most STATE_CHUNK entries of one param (each param is stepped alone)."""
         (nnz,) = nnzs
+        if STATE_CHUNK <= 0 or STATE_CHUNK % QUANT_BLOCK:
+            # a chunk boundary inside a quantization block would requantize that block twice
+            raise ValueError(f"STATE_CHUNK must be a positive multiple of QUANT_BLOCK = {QUANT_BLOCK}; "
+                             f"got {STATE_CHUNK}")
         return [(start, min(start + STATE_CHUNK, nnz)) for start in range(0, nnz, STATE_CHUNK)]
 
     @contextmanager
