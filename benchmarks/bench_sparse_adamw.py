@@ -11,7 +11,7 @@ the optimizer's bytes per parameter, for:
   seat d=...                    seat.optim.SparseAdamW: compaction of the dense gradient
                                 (the backward hook's work) + the compact step, fp32 params
   seat-reference d=0.05         the same with SEAT_BACKEND=reference (torch ops)
-  lean: ... d=0.05              SparseAdamW's lean modes (issue 9) against its default, in the
+  lean: ... d=0.05              SparseAdamW's lean modes against its default, in the
                                 same run: bf16 compact gradient, update in backward (the
                                 hook's gather + per-param step), 8-bit state, all three;
                                 with the peak bytes of the update (optimizer tensors alive

@@ -391,7 +391,7 @@ def test_known_config_counts_match_the_transformers_model(name):
 
 
 def test_llama_3_8b_arithmetic():
-    """The numbers of issue 9: ~8.03B params, ~6.98B in the block linears (16.1 GB of bf16
+    """Llama-3-8B in bf16: ~8.03B params, ~6.98B in the block linears (16.1 GB of bf16
     weights); at density 0.05 ~350M entries, int32 indices 1.4 GB, original values
     0.7 GB, fp32 exp_avg + exp_avg_sq 2.8 GB, fp32 compact gradient 1.4 GB."""
     est = sm.estimate("Llama-3-8B", density=0.05, seq=1024, batch=1, gradient_checkpointing=True)

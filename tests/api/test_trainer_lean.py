@@ -1,4 +1,4 @@
-"""SeatTrainer and handle.optimizer with the lean SparseAdamW modes (issue 9): options pass
+"""SeatTrainer and handle.optimizer with the lean SparseAdamW modes: options pass
 through, incompatible TrainingArguments are refused, optimizer-in-backward trains the same
 trajectory as the default mode, lean checkpoints resume bit-exactly."""
 from __future__ import annotations

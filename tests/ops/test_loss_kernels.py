@@ -1,5 +1,5 @@
 """The fused loss kernels (kl_div, paired_loss, fused_linear_paired_loss) on the cases
-issue 5 names beyond the per-op tests: a Llama-3 vocabulary (128256) on the cpu backend,
+the per-op tests leave out: a Llama-3 vocabulary (128256) on the cpu backend,
 extreme and -inf logits in the paired loss, rows that are all ignored, identical inputs
 giving exactly zero, and the chunking of the fused-linear loss."""
 from __future__ import annotations
