@@ -323,3 +323,42 @@ def test_a_dropped_optimizer_is_freed_despite_its_hooks():
     assert ref() is None
     model(torch.randn(2, 8)).sum().backward()  # the orphaned hooks do nothing
     assert model.weight.grad is not None
+
+
+@pytest.mark.parametrize("options", [dict(), dict(state_bits=8), dict(update_in_backward=True),
+                                     dict(grad_dtype=torch.bfloat16, master_weights=True)], ids=str)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_continues_like_the_original(options, how):
+    """copy.deepcopy and pickle (torch.save / torch.load) give a working optimizer over
+    copies of the params, with its own hooks, that continues exactly as the original."""
+    import copy
+    import io
+
+    from seat.masks import ImplicitMask
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(70))]
+    masks = [random_mask(params[0], 0.2, seed=1), ImplicitMask(params[1], 0.3, seed=2, block=256)]
+    opt = SparseAdamW(params, masks, lr=1e-2, **options)
+
+    def step(o, ps, seed):
+        g = torch.Generator().manual_seed(seed)
+        sum((p * torch.randn(p.shape, generator=g)).sum() for p in ps).backward()
+        o.step()
+        o.zero_grad()
+
+    step(opt, params, 0)
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    else:
+        buffer = io.BytesIO()
+        torch.save(opt, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    twin_params = [p for g in twin.param_groups for p in g["params"]]
+    assert all(a is not b and torch.equal(a, b) for a, b in zip(params, twin_params))
+    for seed in (1, 2):
+        step(opt, params, seed)
+        step(twin, twin_params, seed)
+    assert all(torch.equal(a, b) for a, b in zip(params, twin_params))
+    assert all(s["step"] == 3 for s in twin.state.values())

@@ -147,6 +147,29 @@ class SparseAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 self._init_param(p, group)
 
+    # ------------------------------------------------------------------ copy / pickle
+    # torch.optim.Optimizer pickles defaults, state and param_groups only; these are the
+    # rest of what a SparseAdamW is (hooks are not pickled: they are registered anew).
+    _OWN = ("seed", "compact_grads", "dense_state", "grad_dtype", "update_in_backward", "state_bits", "_masks",
+            "_format", "_gradients")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update({k: self.__dict__[k] for k in self._OWN})
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """copy.deepcopy / pickle: the copy owns copies of the params (as torch's
+        optimizers do) and gets its own gradient hooks on them."""
+        own = {k: state.pop(k) for k in self._OWN}
+        super().__setstate__(state)
+        self.__dict__.update(own)
+        self._grads, self._has_grad = self._gradients.buffers, self._gradients.has_grad
+        self._hooks = []
+        if self.compact_grads:
+            for p in self._masks:
+                self._hooks.append(p.register_post_accumulate_grad_hook(grad_hook(self)))
+
     @property
     def _qmaps(self) -> dict:
         """The 8-bit code books, {device: {key: map}} (empty with state_bits=32)."""
