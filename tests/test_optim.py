@@ -362,3 +362,41 @@ def test_a_copied_optimizer_continues_like_the_original(options, how):
         step(twin, twin_params, seed)
     assert all(torch.equal(a, b) for a, b in zip(params, twin_params))
     assert all(s["step"] == 3 for s in twin.state.values())
+
+
+@pytest.mark.parametrize("options", [dict(), dict(update_in_backward=True), dict(state_bits=8)], ids=str)
+def test_a_grad_assigned_without_backward_is_used(options):
+    """As in torch.optim: step() takes a .grad set by hand (no backward, so no hook ran),
+    exactly as if backward had produced it, and frees it."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(30, 20)), torch.nn.Parameter(torch.randn(30, 20))
+    b.data.copy_(a.data)
+    start = a.detach().clone()
+    mask = random_mask(a, 0.2, seed=4)
+    by_hand, by_backward = SparseAdamW([a], [mask], lr=1e-2, **options), SparseAdamW([b], [mask], lr=1e-2, **options)
+    for seed in range(3):
+        g = torch.randn(30, 20, generator=torch.Generator().manual_seed(seed))
+        a.grad = g.clone()
+        by_hand.step()
+        (b * g).sum().backward()
+        by_backward.step()
+        assert a.grad is None
+        by_hand.zero_grad()
+        by_backward.zero_grad()
+    assert torch.equal(a, b) and not torch.equal(a, start)
+
+
+def test_a_tensor_step_in_a_loaded_state_dict_is_an_int():
+    """torch.optim.AdamW saves step as a tensor; a state dict in that form resumes."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(30, 20))
+    opt = SparseAdamW([p], [random_mask(p, 0.2, seed=4)], lr=1e-2)
+    (p ** 2).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = torch.tensor(1.0)
+    opt.load_state_dict(saved)
+    assert opt.state[p]["step"] == 1 and isinstance(opt.state[p]["step"], int)
+    (p ** 2).sum().backward()
+    opt.step()
+    assert opt.state[p]["step"] == 2

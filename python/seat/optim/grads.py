@@ -84,9 +84,10 @@ class CompactGrads:
         ops.masked_gather_(buf, dense, mask)
         self.has_grad[p] = True
 
-    def collect_dense(self, masks: dict) -> None:
-        """Without the hooks (compact_grads=False): gather each param's dense .grad now."""
-        for p, mask in masks.items():
+    def collect_dense(self, opt) -> None:
+        """Gather each param's dense .grad that no hook took (compact_grads=False, or a
+        .grad assigned without backward) and free it."""
+        for p, mask in opt._masks.items():
             if p.grad is not None:
                 if p.grad.is_sparse:
                     raise ValueError("SparseAdamW does not take sparse-layout gradients")
@@ -150,8 +151,12 @@ class UpdateInBackward:
         raise RuntimeError("update_in_backward=True keeps no compact gradient: the hooks update each "
                            "parameter during backward")
 
-    def collect_dense(self, masks: dict) -> None:
-        """Nothing to gather: without the hooks no update runs, and step() applies none."""
+    def collect_dense(self, opt) -> None:
+        """Apply the update of each param whose .grad no hook took (assigned without
+        backward): what the hook would have done."""
+        for p in opt._masks:
+            if p.grad is not None:
+                self.on_grad(opt, p)
 
     def gradient(self, p: Tensor) -> Tensor:
         raise RuntimeError("update_in_backward=True keeps no compact gradient (each update is applied "

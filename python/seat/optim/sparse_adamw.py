@@ -259,8 +259,8 @@ class SparseAdamW(torch.optim.Optimizer):
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
         """torch.nn.utils.clip_grad_norm_ over the compact gradients (the masked entries
         are the only ones trained, so this is the norm of the effective gradient)."""
-        if not self.compact_grads:
-            self._gradients.collect_dense(self._masks)
+        if not self._gradients.in_backward:  # (in backward mode clip_list refuses: nothing is applied)
+            self._gradients.collect_dense(self)
         grads = self._gradients.clip_list()
         if not grads:
             return torch.tensor(0.0)
@@ -281,11 +281,12 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # a .grad no hook has taken (assigned by hand, or compact_grads=False) is used, as
+        # torch.optim does: gathered into the compact gradient, or applied now in backward mode
+        self._gradients.collect_dense(self)
         if self._gradients.in_backward:  # the updates were applied during backward
             self._gradients.close_step()
             return loss
-        if not self.compact_grads:
-            self._gradients.collect_dense(self._masks)
         for group_index, group in enumerate(self.param_groups):
             ready = [(position, p) for position, p in enumerate(group["params"]) if self._has_grad[p]]
             if not self._format.whole:  # state stepped in chunks: one param at a time
@@ -369,6 +370,8 @@ class SparseAdamW(torch.optim.Optimizer):
             p = id_map[key]
             restored = {k: (v.to(p.device, copy=True) if isinstance(v, Tensor) else copy.deepcopy(v))
                         for k, v in saved_state.items()}
+            if isinstance(restored.get("step"), Tensor) and restored["step"].numel() == 1:
+                restored["step"] = int(restored["step"].item())  # torch.optim keeps step as a tensor: an int here
             mask = self._masks[p]
             if any(k in restored for k in STATE_KEYS):
                 theirs = saved_mask(restored, p.numel())
