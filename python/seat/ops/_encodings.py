@@ -86,6 +86,13 @@ def as_mask_args(name: str, mask, numel: int | None = None) -> MaskArgs:
                     f"(IndexMask, Block16Mask, ImplicitMask); got {type(mask).__name__}")
 
 
+def from_op_args(index, offsets, encoding, ints) -> MaskArgs:
+    """A single-mask op's mask arguments as MaskArgs (omitted ones: an INDEX mask's)."""
+    if offsets is None and isinstance(index, Tensor):
+        offsets = no_offsets(index.device)
+    return MaskArgs(encoding, index, offsets, NO_INTS if ints is None else tuple(ints))
+
+
 def n_blocks(numel: int, block: int) -> int:
     return -(-numel // block)
 

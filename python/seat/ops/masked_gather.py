@@ -54,25 +54,17 @@ def check(out, dense, mask: MaskArgs, *, values: bool = True) -> None:
     _checks.same_device(dense=dense, out=out, mask=mask.index, mask_offsets=mask.offsets)
 
 
-def _mask(mask_index, mask_offsets, encoding, mask_ints) -> MaskArgs:
-    """The op's mask arguments (optional ones defaulted: an INDEX mask) as MaskArgs."""
-    if mask_offsets is None and isinstance(mask_index, Tensor):
-        mask_offsets = _encodings.no_offsets(mask_index.device)
-    return MaskArgs(encoding, mask_index, mask_offsets,
-                    _encodings.NO_INTS if mask_ints is None else tuple(mask_ints))
-
-
 @torch.library.custom_op("seat::masked_gather_", mutates_args=("out",))
 def _masked_gather_op(out: Tensor, dense: Tensor, mask_index: Tensor, mask_offsets: Optional[Tensor] = None,
                       encoding: int = _encodings.INDEX, mask_ints: Optional[List[int]] = None) -> None:
-    mask = _mask(mask_index, mask_offsets, encoding, mask_ints)
+    mask = _encodings.from_op_args(mask_index, mask_offsets, encoding, mask_ints)
     check(out, dense, mask)
     ENTRY.run(dense.device, out, dense, mask)
 
 
 @_masked_gather_op.register_fake
 def _(out, dense, mask_index, mask_offsets=None, encoding=_encodings.INDEX, mask_ints=None):
-    check(out, dense, _mask(mask_index, mask_offsets, encoding, mask_ints), values=False)
+    check(out, dense, _encodings.from_op_args(mask_index, mask_offsets, encoding, mask_ints), values=False)
 
 
 def masked_gather_(out: Tensor, dense: Tensor, mask) -> Tensor:

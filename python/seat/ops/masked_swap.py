@@ -19,7 +19,6 @@ from torch import Tensor
 
 from . import _checks, _encodings, _registry
 from ._encodings import MaskArgs
-from .masked_gather import _mask
 
 
 def reference(param: Tensor, values: Tensor, mask: MaskArgs) -> None:
@@ -55,14 +54,14 @@ def check(param, values, mask: MaskArgs, *, values_check: bool = True) -> None:
 @torch.library.custom_op("seat::masked_swap_", mutates_args=("param", "values"))
 def _masked_swap_op(param: Tensor, mask_index: Tensor, values: Tensor, mask_offsets: Optional[Tensor] = None,
                     encoding: int = _encodings.INDEX, mask_ints: Optional[List[int]] = None) -> None:
-    mask = _mask(mask_index, mask_offsets, encoding, mask_ints)
+    mask = _encodings.from_op_args(mask_index, mask_offsets, encoding, mask_ints)
     check(param, values, mask)
     ENTRY.run(param.device, param, values, mask)
 
 
 @_masked_swap_op.register_fake
 def _(param, mask_index, values, mask_offsets=None, encoding=_encodings.INDEX, mask_ints=None):
-    check(param, values, _mask(mask_index, mask_offsets, encoding, mask_ints), values_check=False)
+    check(param, values, _encodings.from_op_args(mask_index, mask_offsets, encoding, mask_ints), values_check=False)
 
 
 def masked_swap_(param: Tensor, mask, values: Tensor) -> None:
