@@ -30,7 +30,7 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH)" "setuptools>=64" wheel
 	$(PY) -m pip install -q "triton>=3.2" "numpy>=1.24" "packaging>=23" "pytest>=8" "ninja>=1.11" \
 		"safetensors>=0.4" "transformers>=4.46" "tokenizers>=0.20" "peft>=0.13" "rouge-score>=0.1.2" \
-		"matplotlib>=3.7" "bitsandbytes>=0.45"
+		"matplotlib>=3.7" "bitsandbytes>=0.45" "hypothesis>=6.100"
 	touch $@
 
 venv: $(VENV)/.deps

@@ -15,6 +15,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from hypothesis import HealthCheck, settings  # noqa: E402
+
 from seat import ops  # noqa: E402
 from seat.ops import _backend  # noqa: E402
 
@@ -28,6 +30,15 @@ TOLERANCES = {
     torch.float16: (2e-3, 1e-3),
     torch.bfloat16: (2e-2, 1e-2),
 }
+
+
+# Fuzzing profiles (hypothesis): "ci" keeps each property test to a few seconds; "long"
+# is for local hunting: SEAT_HYPOTHESIS_PROFILE=long make test.
+settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("long", max_examples=2000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile(os.environ.get("SEAT_HYPOTHESIS_PROFILE", "ci"))
 
 
 def tol(dtype: torch.dtype) -> dict:
