@@ -180,22 +180,45 @@ class SeatHandle:
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """Inside the block the model is the base model: the original values sit in the
-        masked entries (bit-exact); on exit, even by an exception, the trained values are
-        back. Runs under torch.no_grad()."""
+        """Inside the block the model is the frozen base model: the original values sit in
+        the masked entries (bit-exact) and every module is in eval mode (dropout off, no
+        router jitter), so the base distribution is deterministic and KL is 0 before the
+        first update. On exit, even by an exception, the trained values and each module's
+        own train/eval flag are back. Runs under torch.no_grad().
+
+        While it is active nothing may write the trained state: the handle's optimizer
+        refuses step() and in-backward updates, and revert(), unpatch() and save_delta()
+        refuse (each would otherwise take the base values for the trained ones)."""
         self._check_patched()
         if self._in_reference:
             raise RuntimeError("handle.reference() is already active (it does not nest)")
         self._in_reference = True
+        training = {module: module.training for module in self.model.modules()}
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._updates_forbidden():
                 self._swap_all()
                 try:
+                    self.model.eval()
                     yield
                 finally:
+                    for module, flag in training.items():
+                        module.training = flag
                     self._swap_all()
         finally:
             self._in_reference = False
+
+    def _updates_forbidden(self):
+        """The optimizer's guard against updates while the base values are swapped in."""
+        guard = getattr(self._optimizer, "updates_forbidden", None)
+        if guard is None:
+            return contextlib.nullcontext()
+        return guard("the model holds its base values inside handle.reference(): step the optimizer (and run "
+                     "backward with update_in_backward=True) outside the `with handle.reference():` block")
+
+    def _refuse_in_reference(self, what: str) -> None:
+        if self._in_reference:
+            raise RuntimeError(f"cannot {what} inside `with handle.reference():` (the model holds its base values "
+                               f"there, not the trained ones); call it after the block")
 
     def _swap_all(self) -> None:
         for t in self.targets.values():
@@ -215,6 +238,7 @@ class SeatHandle:
         from .delta import save_delta
 
         self._check_patched()
+        self._refuse_in_reference("save a delta")
         save_delta(self, directory)
 
     # ------------------------------------------------------------------ the way back
@@ -222,8 +246,7 @@ class SeatHandle:
         """Remove every hook, mask and stored value; keep the trained weights (like PEFT's
         merge_and_unload) and restore each parameter's requires_grad flag."""
         self._check_patched()
-        if self._in_reference:
-            raise RuntimeError("cannot unpatch inside handle.reference()")
+        self._refuse_in_reference("unpatch")
         if self._optimizer is not None:
             self._optimizer.remove_hooks()
         for name, p in self.model.named_parameters():
@@ -235,6 +258,7 @@ class SeatHandle:
     def revert(self) -> None:
         """Put the original weights back (bit-exact), then unpatch."""
         self._check_patched()
+        self._refuse_in_reference("revert")
         with torch.no_grad():
             for t in self.targets.values():
                 t.param.data.view(-1)[mask_indices(t.idx).long()] = t.original
