@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._modes import eval_mode
 from .config import SeatConfig
 from .masks import Mask, as_mask, build_mask, encode_chosen, mask_indices, mask_nnz, mask_swap_
 
@@ -193,16 +194,13 @@ class SeatHandle:
         if self._in_reference:
             raise RuntimeError("handle.reference() is already active (it does not nest)")
         self._in_reference = True
-        training = {module: module.training for module in self.model.modules()}
         try:
             with torch.no_grad(), self._updates_forbidden():
                 self._swap_all()
                 try:
-                    self.model.eval()
-                    yield
+                    with eval_mode(self.model):
+                        yield
                 finally:
-                    for module, flag in training.items():
-                        module.training = flag
                     self._swap_all()
         finally:
             self._in_reference = False
