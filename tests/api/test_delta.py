@@ -104,7 +104,7 @@ def test_implicit_mask_delta_round_trip_is_bit_exact(tmp_path, kind, dtype):
     assert all(isinstance(t.idx, ImplicitMask) for t in handle.targets.values())
     handle.save_delta(tmp_path / "delta")
     meta = json.loads((tmp_path / "delta" / "seat_config.json").read_text())
-    assert meta["format_version"] == 2 and meta["config"]["mask_encoding"] == "implicit"
+    assert meta["format_version"] == 3 and meta["config"]["mask_encoding"] == "implicit"
     for name, info in meta["weights"].items():
         assert info["mask"] == handle.targets[name].idx.spec() and info["mask"]["seed"] == 4
     assert not any(k.startswith("idx/") for k in load_file(str(tmp_path / "delta" / "delta.safetensors")))
