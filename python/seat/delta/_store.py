@@ -184,7 +184,9 @@ def save_files(directory: Path, meta: dict, tensors: dict, config_digest) -> Non
     from safetensors.torch import save_file
 
     check_target(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    created = not directory.exists()
+    if created:
+        directory.mkdir(parents=True)
     try:
         recover(directory)
         weights = _write_file(directory, PENDING_FILE,
@@ -203,6 +205,8 @@ def save_files(directory: Path, meta: dict, tensors: dict, config_digest) -> Non
     except BaseException:
         try:  # leave no leftovers when the failure allows; the next save clears them otherwise
             recover(directory)
+            if created and not any(directory.iterdir()):
+                directory.rmdir()
         except OSError:
             pass
         raise
