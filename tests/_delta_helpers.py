@@ -40,7 +40,7 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def same(model, snap: dict[str, torch.Tensor]) -> bool:
     """Every parameter bit-identical to the snapshot (compared as bytes: NaNs too)."""
-    return all(torch.equal(p.detach().view(torch.uint8), snap[n].view(torch.uint8))
+    return all(torch.equal(p.detach().contiguous().view(torch.uint8), snap[n].contiguous().view(torch.uint8))
                for n, p in model.named_parameters())
 
 
@@ -69,7 +69,7 @@ def write_config(directory, meta: dict, *, reseal: bool = True) -> None:
 
 def rewrite_tensors(directory, edit) -> None:
     """Apply edit(tensors) -> tensors to delta.safetensors and reseal every checksum
-    (per tensor, the file, the config) as if seat had written the result."""
+    (per tensor, the file, the config; format 3) as if seat had written the result."""
     import hashlib
 
     from safetensors.torch import load_file, save_file
@@ -82,7 +82,8 @@ def rewrite_tensors(directory, edit) -> None:
         for kind in ("values", "idx"):
             if f"{kind}/{name}" in tensors and f"{kind}_sha256" in info:
                 info[f"{kind}_sha256"] = _format.tensor_sha256(tensors[f"{kind}/{name}"])
-    meta["weights_sha256"] = hashlib.sha256((directory / "delta.safetensors").read_bytes()).hexdigest()
+    if "weights_sha256" in meta:  # format 3
+        meta["weights_sha256"] = hashlib.sha256((directory / "delta.safetensors").read_bytes()).hexdigest()
     write_config(directory, meta)
 
 

@@ -175,3 +175,61 @@ def test_block16_masks_train_the_same_model_and_save_deltas(tmp_path, mask):
     seat.load_delta(fresh, tmp_path / "block16")
     for (n, p), (_, q) in zip(models[1].named_parameters(), fresh.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def _tree(path):
+    """{relative path: bytes (files) or None (directories)} of everything under path."""
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+def test_save_refuses_a_path_that_is_not_a_delta_and_leaves_it_untouched(tmp_path):
+    _, handle = _trained()
+    run = tmp_path / "run"  # a run directory: checkpoints and notes, no delta
+    (run / "checkpoint-1").mkdir(parents=True)
+    (run / "checkpoint-1" / "model.safetensors").write_bytes(b"weights")
+    (run / "notes.txt").write_text("keep me")
+    before = _tree(run)
+    with pytest.raises(FileExistsError, match=f"{run}.*checkpoint-1, notes.txt.*new or empty directory"):
+        handle.save_delta(run)
+    assert _tree(run) == before
+    (run / "file").write_text("a file")
+    with pytest.raises(FileExistsError, match=f"{run / 'file'} exists and is not a directory"):
+        handle.save_delta(run / "file")
+    assert (run / "file").read_text() == "a file"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "seat_config.json").write_text("{not ours")
+    with pytest.raises(FileExistsError, match="is not a seat delta's config"):
+        handle.save_delta(tmp_path / "other")
+    assert (tmp_path / "other" / "seat_config.json").read_text() == "{not ours"
+
+
+def test_save_writes_into_an_empty_directory_and_replaces_a_delta(tmp_path):
+    model, handle = _trained()
+    (tmp_path / "d").mkdir()
+    handle.save_delta(tmp_path / "d")
+    with torch.no_grad():  # new trained values
+        for t in handle.targets.values():
+            t.param.view(-1)[t.idx.long()] += 1.0
+    (tmp_path / "d" / ".seat-tmp-0123").write_bytes(b"left by a killed save")
+    handle.save_delta(tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["delta.safetensors", "seat_config.json"]
+    fresh = tiny_model()
+    seat.load_delta(fresh, tmp_path / "d")
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_a_format_2_delta_is_replaced_by_a_format_3_one(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).parent / "data" / "v0ec13a8" / "delta-int32", tmp_path / "d")
+    model, handle = _trained()
+    handle.save_delta(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "seat_config.json").read_text())
+    assert meta["format_version"] == 3 and len(meta["config_sha256"]) == len(meta["weights_sha256"]) == 64
+    assert all(len(info["values_sha256"]) == 64 for info in meta["weights"].values())
+    fresh = tiny_model()
+    seat.load_delta(fresh, tmp_path / "d")
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n

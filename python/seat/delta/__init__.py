@@ -96,7 +96,7 @@ def load_delta(model: torch.nn.Module, directory, *, strict_class: bool = True) 
     the delta's metadata."""
     meta, tensors = read_delta(directory)
     if strict_class and meta["model_class"] != type(model).__name__:
-        raise DeltaMismatchError(f"the delta was trained on a {meta['model_class']}, this model is a "
+        raise DeltaMismatchError(f"{directory}: the delta was trained on a {meta['model_class']}, this model is a "
                                  f"{type(model).__name__} (strict_class=False to load anyway)")
     params = dict(model.named_parameters())
     plan = [_plan_weight(directory, name, info, params, tensors) for name, info in meta["weights"].items()]
