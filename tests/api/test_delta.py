@@ -1,5 +1,6 @@
 """Sparse deltas: save, load onto a fresh base bit-exactly, refuse the wrong base,
-write atomically."""
+write atomically, and never write over what is not a delta. (Faults during a save:
+tests/reliability/test_delta_faults.py; damaged deltas: test_delta_tamper.py.)"""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import seat
+from _delta_helpers import patched, step
 from _models import paired_batch, tiny_model
 from seat.delta import DeltaMismatchError
 
@@ -183,7 +185,7 @@ def _tree(path):
 
 
 def test_save_refuses_a_path_that_is_not_a_delta_and_leaves_it_untouched(tmp_path):
-    _, handle = _trained()
+    _, handle = patched()
     run = tmp_path / "run"  # a run directory: checkpoints and notes, no delta
     (run / "checkpoint-1").mkdir(parents=True)
     (run / "checkpoint-1" / "model.safetensors").write_bytes(b"weights")
@@ -204,12 +206,11 @@ def test_save_refuses_a_path_that_is_not_a_delta_and_leaves_it_untouched(tmp_pat
 
 
 def test_save_writes_into_an_empty_directory_and_replaces_a_delta(tmp_path):
-    model, handle = _trained()
+    model, handle = patched()
     (tmp_path / "d").mkdir()
+    step(handle, seed=0)
     handle.save_delta(tmp_path / "d")
-    with torch.no_grad():  # new trained values
-        for t in handle.targets.values():
-            t.param.view(-1)[t.idx.long()] += 1.0
+    step(handle, seed=1)
     (tmp_path / "d" / ".seat-tmp-0123").write_bytes(b"left by a killed save")
     handle.save_delta(tmp_path / "d")
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["delta.safetensors", "seat_config.json"]
@@ -224,7 +225,8 @@ def test_a_format_2_delta_is_replaced_by_a_format_3_one(tmp_path):
     from pathlib import Path
 
     shutil.copytree(Path(__file__).parent / "data" / "v0ec13a8" / "delta-int32", tmp_path / "d")
-    model, handle = _trained()
+    model, handle = patched()
+    step(handle, seed=0)
     handle.save_delta(tmp_path / "d")
     meta = json.loads((tmp_path / "d" / "seat_config.json").read_text())
     assert meta["format_version"] == 3 and len(meta["config_sha256"]) == len(meta["weights_sha256"]) == 64

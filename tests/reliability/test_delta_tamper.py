@@ -76,6 +76,11 @@ def _first(meta) -> str:
     return next(iter(meta["weights"]))
 
 
+def _last(meta) -> str:
+    """(a check failing at the last weight shows that nothing is written before all pass)"""
+    return list(meta["weights"])[-1]
+
+
 # ---------------------------------------------------------------- checksums
 
 
@@ -155,8 +160,8 @@ CONFIG_EDITS = {
     "no values checksum": (lambda m: m["weights"][_first(m)].pop("values_sha256"), "has no 'values_sha256'"),
     "no index checksum": (lambda m: m["weights"][_first(m)].pop("idx_sha256"), "exactly one of"),
     "unknown weight key": (lambda m: m["weights"][_first(m)].update(scale=2.0), "holds keys"),
-    "base checksum edited": (lambda m: m["weights"][_first(m)].update(base_sha256="1" * 64),
-                             "base values under the mask differ"),
+    "base checksum of the last weight edited": (lambda m: m["weights"][_last(m)].update(base_sha256="1" * 64),
+                                                "base values under the mask differ"),
     "base checksum not hex": (lambda m: m["weights"][_first(m)].update(base_sha256="zz"), "must be a sha256"),
     "weight entry a list": (lambda m: m["weights"].update({_first(m): [1, 2]}), "must be a JSON object"),
     "weights a list": (lambda m: m.update(weights=[1]), "'weights' must be a dict"),
@@ -401,6 +406,6 @@ def test_models_the_delta_does_not_fit(deltas):
     Case(deltas, "int32").refused("base values under the mask differ", model=tiny_model("llama", seed=1))
     case = Case(deltas, "int32")
     model = tiny_model("llama", seed=0)
-    weight = dict(model.named_parameters())[_first(case.meta())]
+    weight = dict(model.named_parameters())[_last(case.meta())]
     weight.data = weight.data.t().contiguous().t()  # the same values, column-major
     case.refused("not contiguous", model=model)

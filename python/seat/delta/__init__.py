@@ -30,7 +30,7 @@ from torch import Tensor
 from .._version import __version__
 from . import _store
 from ._format import (CONFIG_FILE, FORMAT, FORMAT_VERSION, READ_VERSIONS, WEIGHTS_FILE, DeltaMismatchError,
-                      bytes_sha256, check_config, check_tensors, config_sha256, dtype_name, tensor_sha256)
+                      bytes_sha256, check_config, check_tensors, dtype_name, tensor_sha256)
 
 __all__ = ["DeltaMismatchError", "save_delta", "read_delta", "load_delta", "FORMAT", "FORMAT_VERSION",
            "READ_VERSIONS", "WEIGHTS_FILE", "CONFIG_FILE"]
@@ -43,7 +43,6 @@ def save_delta(handle, directory) -> None:
     from ..masks import as_mask
 
     directory = _store.as_path(directory, "save_delta")
-    _store.check_target(directory)  # before the values are gathered: a refusal costs nothing
     tensors, weights = {}, {}
     for name, t in handle.targets.items():
         mask = as_mask(t.idx, t.param.numel(), name)
@@ -61,7 +60,7 @@ def save_delta(handle, directory) -> None:
             weights[name]["idx_sha256"] = tensor_sha256(idx)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "seat_version": __version__,
             "model_class": type(handle.model).__name__, "config": handle.config.to_dict(), "weights": weights}
-    _store.save_files(directory, meta, tensors, config_sha256)
+    _store.save_files(directory, meta, tensors)
 
 
 def read_delta(directory) -> tuple[dict, dict[str, Tensor]]:

@@ -25,7 +25,8 @@ import os
 import secrets
 from pathlib import Path
 
-from ._format import CONFIG_FILE, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_FILE, DeltaMismatchError, parse_config
+from ._format import (CONFIG_FILE, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_FILE, DeltaMismatchError, config_sha256,
+                      parse_config)
 
 PENDING_FILE = WEIGHTS_FILE + ".pending"
 TMP_PREFIX = ".seat-tmp-"
@@ -178,9 +179,9 @@ def recover(directory: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_files(directory: Path, meta: dict, tensors: dict, config_digest) -> None:
-    """The write sequence of the module docstring. `meta` lacks the two checksums that
-    depend on the files: weights_sha256, and config_sha256 = config_digest(meta)."""
+def save_files(directory: Path, meta: dict, tensors: dict) -> None:
+    """check_target, then the write sequence of the module docstring. `meta` lacks the
+    two checksums this adds: weights_sha256 (of the file written) and config_sha256."""
     from safetensors.torch import save_file
 
     check_target(directory)
@@ -192,7 +193,7 @@ def save_files(directory: Path, meta: dict, tensors: dict, config_digest) -> Non
         weights = _write_file(directory, PENDING_FILE,
                               lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
         meta = {**meta, "weights_sha256": weights}
-        meta["config_sha256"] = config_digest(meta)
+        meta["config_sha256"] = config_sha256(meta)
         text = json.dumps(meta, indent=1).encode()
 
         def write_config(tmp: Path) -> None:
