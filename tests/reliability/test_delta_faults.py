@@ -5,8 +5,10 @@ write. Afterwards the path loads as the old delta when the fault came before the
 point (the rename of seat_config.json) and as the new one after it, never as neither;
 reading changes nothing, and the next save leaves exactly the two delta files.
 
-The old delta is: none (a new path), an empty directory, a format 3 delta, or a format 2
-delta written by seat 0ec13a8 (tests/api/data/v0ec13a8)."""
+The old state is: none (a new path), an empty directory, a format 3 delta, a format 2
+delta written by seat 0ec13a8 (tests/api/data/v0ec13a8), a format 3 delta with the
+leftovers of a save killed before its commit point, or a save stopped after its commit
+point (which the next save rolls forward: faults in that recovery are injected too)."""
 from __future__ import annotations
 
 import builtins
@@ -24,7 +26,7 @@ from _delta_helpers import DELTA_FILES, listing, loaded, patched, snapshot, step
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 LEGACY = Path(__file__).parents[1] / "api" / "data" / "v0ec13a8" / "delta-int32"
-OLD_STATES = ("new path", "empty directory", "format 3", "format 2")
+OLD_STATES = ("new path", "empty directory", "format 3", "format 2", "leftovers", "interrupted after commit")
 # every call the write sequence makes to the file system: (module, attribute)
 STEPS = ((os, "replace"), (os, "fsync"), (os, "unlink"), (os, "mkdir"), (os, "rmdir"), (builtins, "open"),
          (safetensors_torch, "save_file"))
@@ -36,15 +38,39 @@ class InjectedFault(OSError):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The handle to save (its new delta), the old format 3 delta it saved one step
-    earlier, the format 2 delta of the same base model, and the parameters each loads as."""
+    """The handle to save (its new delta) and the old states it saves over, with the
+    parameters each loads as: a format 3 delta of an earlier step; the format 2 delta of
+    the same base model; that format 3 delta with the leftovers of a save killed before
+    its commit point (a temporary, an uncommitted pending file); and the state of a save
+    stopped after its commit point (new config, old weights, the new weights pending)."""
     model, handle = patched("int32")
-    step(handle, seed=0)
     templates = tmp_path_factory.mktemp("templates")
+    step(handle, seed=0)
     handle.save_delta(templates / "format 3")
     shutil.copytree(LEGACY, templates / "format 2")
+    shutil.copytree(templates / "format 3", templates / "leftovers")
+    (templates / "leftovers" / ".seat-tmp-0123456789abcdef").write_bytes(b"half a file")
+    shutil.copy(LEGACY / "delta.safetensors", templates / "leftovers" / "delta.safetensors.pending")
     step(handle, seed=1)
-    params = {state: loaded(templates / state) for state in ("format 3", "format 2")}
+    shutil.copytree(templates / "format 3", templates / "interrupted after commit")
+    real_replace = os.replace
+
+    def no_roll_forward(src, dst):
+        if Path(src).name == "delta.safetensors.pending":
+            raise InjectedFault("stopped after the commit point")
+        real_replace(src, dst)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "replace", no_roll_forward)
+        with pytest.raises(InjectedFault):
+            handle.save_delta(templates / "interrupted after commit")
+    assert listing(templates / "interrupted after commit") == [*DELTA_FILES[:1], "delta.safetensors.pending",
+                                                                 DELTA_FILES[1]]
+    step(handle, seed=2)
+    params = {state: loaded(templates / state) for state in OLD_STATES[2:]}
+    assert not any(all(torch.equal(p, q[n]) for n, p in params["format 3"].items())
+                   for q in (params["format 2"], params["interrupted after commit"]))
+    assert all(torch.equal(p, params["leftovers"][n]) for n, p in params["format 3"].items())
     return {"handle": handle, "new": snapshot(model), "templates": templates, "old": params}
 
 
@@ -120,7 +146,7 @@ def _check_next_save_cleans_up(run, path: Path) -> None:
 def test_an_exception_at_any_step_leaves_the_old_or_the_new_delta(run, tmp_path, monkeypatch, state):
     calls, commit = _sequence(run, tmp_path, state, monkeypatch)
     assert {"save_file", "replace", "fsync", "open"} <= {name for name, _ in calls}
-    for fault_at, (step, _) in enumerate(calls):
+    for fault_at, (call_name, _) in enumerate(calls):
         for exc in (InjectedFault, KeyboardInterrupt):
             case = tmp_path / f"{fault_at}-{exc.__name__}"
             case.mkdir()
@@ -137,14 +163,14 @@ def test_an_exception_at_any_step_leaves_the_old_or_the_new_delta(run, tmp_path,
                     run["handle"].save_delta(path)
             expected = _expected(run, state, fault_at, commit)
             _check_loads_as(path, expected)
-            cleanup_failed = step in ("unlink", "rmdir")
+            cleanup_failed = call_name in ("unlink", "rmdir")
             if state == "new path" and expected is None and not cleanup_failed:
                 assert not path.exists()  # the directory the save created is gone again
             elif not cleanup_failed:
-                assert listing(path) in (DELTA_FILES, []), (fault_at, step, listing(path))
+                assert listing(path) in (DELTA_FILES, []), (fault_at, call_name, listing(path))
             else:  # leftovers the next save clears
                 assert all(n in (*DELTA_FILES, "delta.safetensors.pending") or n.startswith(".seat-tmp-")
-                           for n in listing(path)), (fault_at, step, listing(path))
+                           for n in listing(path)), (fault_at, call_name, listing(path))
             _check_next_save_cleans_up(run, path)
 
 
