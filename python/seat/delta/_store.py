@@ -15,7 +15,7 @@ loss) leaves one of these states, each of which reads as a whole delta:
   after 4: the new delta
 recover() rolls a committed pending file forward and deletes leftovers (an uncommitted
 pending file, temporaries); it runs at the start and end of every save. Reading never
-changes the directory (it may be read-only, or read while another process saves).
+changes the directory (it may be read-only). One process saves to a path at a time.
 """
 from __future__ import annotations
 
