@@ -6,7 +6,6 @@ Edits "resealed" recompute every checksum after the edit, as a writer of bad del
 would, so the checks behind the checksums are reached too."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
