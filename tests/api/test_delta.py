@@ -1,5 +1,6 @@
 """Sparse deltas: save, load onto a fresh base bit-exactly, refuse the wrong base,
-write atomically."""
+write atomically, and never write over what is not a delta. (Faults during a save:
+tests/reliability/test_delta_faults.py; damaged deltas: test_delta_tamper.py.)"""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import seat
+from _delta_helpers import patched, step
 from _models import paired_batch, tiny_model
 from seat.delta import DeltaMismatchError
 
@@ -104,7 +106,7 @@ def test_implicit_mask_delta_round_trip_is_bit_exact(tmp_path, kind, dtype):
     assert all(isinstance(t.idx, ImplicitMask) for t in handle.targets.values())
     handle.save_delta(tmp_path / "delta")
     meta = json.loads((tmp_path / "delta" / "seat_config.json").read_text())
-    assert meta["format_version"] == 2 and meta["config"]["mask_encoding"] == "implicit"
+    assert meta["format_version"] == 3 and meta["config"]["mask_encoding"] == "implicit"
     for name, info in meta["weights"].items():
         assert info["mask"] == handle.targets[name].idx.spec() and info["mask"]["seed"] == 4
     assert not any(k.startswith("idx/") for k in load_file(str(tmp_path / "delta" / "delta.safetensors")))
@@ -175,3 +177,61 @@ def test_block16_masks_train_the_same_model_and_save_deltas(tmp_path, mask):
     seat.load_delta(fresh, tmp_path / "block16")
     for (n, p), (_, q) in zip(models[1].named_parameters(), fresh.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def _tree(path):
+    """{relative path: bytes (files) or None (directories)} of everything under path."""
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+def test_save_refuses_a_path_that_is_not_a_delta_and_leaves_it_untouched(tmp_path):
+    _, handle = patched()
+    run = tmp_path / "run"  # a run directory: checkpoints and notes, no delta
+    (run / "checkpoint-1").mkdir(parents=True)
+    (run / "checkpoint-1" / "model.safetensors").write_bytes(b"weights")
+    (run / "notes.txt").write_text("keep me")
+    before = _tree(run)
+    with pytest.raises(FileExistsError, match=f"{run}.*checkpoint-1, notes.txt.*new or empty directory"):
+        handle.save_delta(run)
+    assert _tree(run) == before
+    (run / "file").write_text("a file")
+    with pytest.raises(FileExistsError, match=f"{run / 'file'} exists and is not a directory"):
+        handle.save_delta(run / "file")
+    assert (run / "file").read_text() == "a file"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "seat_config.json").write_text("{not ours")
+    with pytest.raises(FileExistsError, match="is not a seat delta's config"):
+        handle.save_delta(tmp_path / "other")
+    assert (tmp_path / "other" / "seat_config.json").read_text() == "{not ours"
+
+
+def test_save_writes_into_an_empty_directory_and_replaces_a_delta(tmp_path):
+    model, handle = patched()
+    (tmp_path / "d").mkdir()
+    step(handle, seed=0)
+    handle.save_delta(tmp_path / "d")
+    step(handle, seed=1)
+    (tmp_path / "d" / ".seat-tmp-0123").write_bytes(b"left by a killed save")
+    handle.save_delta(tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["delta.safetensors", "seat_config.json"]
+    fresh = tiny_model()
+    seat.load_delta(fresh, tmp_path / "d")
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_a_format_2_delta_is_replaced_by_a_format_3_one(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    shutil.copytree(Path(__file__).parent / "data" / "v0ec13a8" / "delta-int32", tmp_path / "d")
+    model, handle = patched()
+    step(handle, seed=0)
+    handle.save_delta(tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "seat_config.json").read_text())
+    assert meta["format_version"] == 3 and len(meta["config_sha256"]) == len(meta["weights_sha256"]) == 64
+    assert all(len(info["values_sha256"]) == 64 for info in meta["weights"].values())
+    fresh = tiny_model()
+    seat.load_delta(fresh, tmp_path / "d")
+    for (n, a), (_, b) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n

@@ -1,0 +1,142 @@
+"""Sparse deltas: a SEAT run saved alone, and loaded onto a fresh copy of its base model.
+
+A delta directory holds
+  delta.safetensors   for each trained weight NAME: "idx/NAME" (nnz,) int32 flat indices
+                      (sorted, unique) and "values/NAME" (nnz,) in the weight's dtype: the
+                      trained values. A weight trained with an implicit mask stores no
+                      indices (its config entry holds the mask's spec instead).
+  seat_config.json    format, format_version, seat version, model class, the SeatConfig,
+                      and per weight: shape, dtype, nnz, "base_sha256" (the base values at
+                      the mask: what the delta overwrites), "mask" (the ImplicitMask spec:
+                      seed, param id, density, block) or stored indices, and checksums:
+                      "values_sha256" / "idx_sha256" of each stored tensor (dtype, shape
+                      and bytes); at the top "weights_sha256" (the whole weights file) and
+                      "config_sha256" (the config itself, that key left out).
+
+Formats: 3 (this seat) adds the checksums; 2 added "mask" specs; 1 stores indices only.
+Deltas of formats 1 and 2 still load, checked for structure only (they carry no
+checksums). Saving is atomic with no window in which no delta is at the path, and an
+interrupted save recovers on the next one: see seat.delta._store.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .._version import __version__
+from . import _store
+from ._format import (CONFIG_FILE, FORMAT, FORMAT_VERSION, READ_VERSIONS, WEIGHTS_FILE, DeltaMismatchError,
+                      bytes_sha256, check_config, check_tensors, dtype_name, tensor_sha256)
+
+__all__ = ["DeltaMismatchError", "save_delta", "read_delta", "load_delta", "FORMAT", "FORMAT_VERSION",
+           "READ_VERSIONS", "WEIGHTS_FILE", "CONFIG_FILE"]
+
+
+def save_delta(handle, directory) -> None:
+    """Write `handle`'s trained values to `directory` (see the module docstring): a new
+    path, an empty directory, or an existing delta (replaced atomically). A file or a
+    directory holding anything else is refused (FileExistsError) and left untouched."""
+    from ..masks import as_mask
+
+    directory = _store.as_path(directory, "save_delta")
+    tensors, weights = {}, {}
+    for name, t in handle.targets.items():
+        mask = as_mask(t.idx, t.param.numel(), name)
+        idx = mask.indices()
+        values = t.param.detach().view(-1)[idx.long()].cpu().contiguous()
+        tensors[f"values/{name}"] = values
+        weights[name] = {"shape": list(t.param.shape), "dtype": dtype_name(t.param.dtype), "nnz": mask.nnz,
+                         "base_sha256": bytes_sha256(t.original), "values_sha256": tensor_sha256(values)}
+        spec = mask.spec()  # a mask defined by a few numbers is stored as them, not as indices
+        if spec is not None:
+            weights[name]["mask"] = spec
+        else:
+            idx = idx.detach().cpu().contiguous()
+            tensors[f"idx/{name}"] = idx
+            weights[name]["idx_sha256"] = tensor_sha256(idx)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "seat_version": __version__,
+            "model_class": type(handle.model).__name__, "config": handle.config.to_dict(), "weights": weights}
+    _store.save_files(directory, meta, tensors)
+
+
+def read_delta(directory) -> tuple[dict, dict[str, Tensor]]:
+    """(seat_config.json contents, tensors) of a delta directory, checked without a
+    model: the config's schema, every checksum (format 3), the same weights in both files,
+    each tensor's dtype and shape, the indices sorted, unique and inside their weight.
+    FileNotFoundError when there is no delta; DeltaMismatchError for anything wrong."""
+    from safetensors.torch import load
+
+    directory = _store.as_path(directory, "read_delta")
+    config_path, meta = _store.read_config_file(directory)
+    check_config(meta, config_path)
+    weights_path, data = _store.read_weights_bytes(directory, meta)
+    try:
+        tensors = load(data)
+    except Exception as e:  # the parser's own error types (SafetensorError, ...): a damaged file
+        raise DeltaMismatchError(f"{weights_path} is not a readable safetensors file: {e}") from None
+    check_tensors(meta, tensors, weights_path)
+    if meta["format_version"] >= 3 and hashlib.sha256(data).hexdigest() != meta["weights_sha256"]:
+        raise DeltaMismatchError(f"{weights_path} does not match the weights_sha256 in {config_path}, though every "
+                                 "tensor does: its header was altered")
+    return meta, tensors
+
+
+def load_delta(model: torch.nn.Module, directory, *, strict_class: bool = True) -> dict:
+    """Write a delta's trained values into `model` (a fresh copy of the delta's base
+    model), bit-exactly. Everything is checked before any weight is written: the files
+    (read_delta: checksums of format 3 deltas; deltas of formats 1 and 2 have none and
+    load checked for structure only), the model class (unless strict_class=False), every
+    weight present with the same shape and dtype, and the base values at each mask equal
+    to those the delta was trained from. A failed load leaves `model` as it was. Returns
+    the delta's metadata."""
+    meta, tensors = read_delta(directory)
+    if strict_class and meta["model_class"] != type(model).__name__:
+        raise DeltaMismatchError(f"{directory}: the delta was trained on a {meta['model_class']}, this model is a "
+                                 f"{type(model).__name__} (strict_class=False to load anyway)")
+    params = dict(model.named_parameters())
+    plan = [_plan_weight(directory, name, info, params, tensors) for name, info in meta["weights"].items()]
+    with torch.no_grad():
+        for flat, index, values in plan:
+            flat[index] = values
+    return meta
+
+
+def _plan_weight(directory, name: str, info: dict, params: dict, tensors: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(the weight's flat view, int64 indices, values on its device) once every check of
+    this weight against the model has passed."""
+    where = f"{Path(directory) / CONFIG_FILE}: weight {name!r}"
+    if name not in params:
+        raise DeltaMismatchError(f"{where}: the delta trains {name!r}, which this model does not have")
+    p = params[name]
+    if list(p.shape) != info["shape"] or dtype_name(p.dtype) != info["dtype"]:
+        raise DeltaMismatchError(f"{where}: the delta expects shape {info['shape']} {info['dtype']}, the model "
+                                 f"has {list(p.shape)} {dtype_name(p.dtype)}")
+    if not p.is_contiguous():
+        raise DeltaMismatchError(f"{where}: the model's weight is not contiguous; call .contiguous() on it first")
+    if "mask" in info:  # a mask stored as its spec (implicit): recompute its entries
+        idx = _spec_indices(where, info, p)
+    else:
+        idx = tensors[f"idx/{name}"]
+    index = idx.to(p.device).long()
+    flat = p.detach().view(-1)
+    if bytes_sha256(flat[index]) != info["base_sha256"]:
+        raise DeltaMismatchError(f"{where}: the base values under the mask differ from those the delta was "
+                                 "trained from: load it onto the same base model (and the same dtype)")
+    return flat, index, tensors[f"values/{name}"].to(p.device)
+
+
+def _spec_indices(where: str, info: dict, p: Tensor) -> Tensor:
+    from ..masks import from_spec
+
+    try:
+        mask = from_spec(info["mask"], device=p.device)
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
+        raise DeltaMismatchError(f"{where}: its mask spec {info['mask']!r:.200} is invalid: {e}") from None
+    if mask.numel != p.numel() or mask.nnz != info["nnz"]:
+        raise DeltaMismatchError(f"{where}: its mask spec gives {mask.nnz} entries of {mask.numel}; the config says "
+                                 f"nnz {info['nnz']} of {math.prod(info['shape'])}")
+    return mask.indices().cpu()
