@@ -56,6 +56,18 @@ def test_save_delta_inside_reference_is_refused_and_writes_nothing(tmp_path):
     assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in fresh.named_parameters())
 
 
+def test_load_delta_inside_reference_is_refused_and_writes_nothing(tmp_path):
+    model, handle, _, _ = _trained()
+    handle.save_delta(tmp_path / "delta")
+    trained = _snapshot(model)
+    with handle.reference():
+        inside = _snapshot(model)
+        with pytest.raises(RuntimeError, match="cannot load a delta inside"):
+            seat.load_delta(model, tmp_path / "delta")
+        assert _same(model, inside)
+    assert _same(model, trained)
+
+
 def test_optimizer_step_inside_reference_is_refused_and_corrupts_nothing():
     model, handle, opt, base = _trained()
     handle.loss(paired_batch(seed=5)).loss.backward()

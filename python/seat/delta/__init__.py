@@ -93,6 +93,13 @@ def load_delta(model: torch.nn.Module, directory, *, strict_class: bool = True) 
     weight present with the same shape and dtype, and the base values at each mask equal
     to those the delta was trained from. A failed load leaves `model` as it was. Returns
     the delta's metadata."""
+    from ..patching import handle_of
+
+    handle = handle_of(model)
+    if handle is not None and handle._in_reference:
+        raise RuntimeError("cannot load a delta inside `with handle.reference():` (the model holds its base values "
+                           "there, and the block's exit would swap the loaded values out again); load it after "
+                           "the block")
     meta, tensors = read_delta(directory)
     if strict_class and meta["model_class"] != type(model).__name__:
         raise DeltaMismatchError(f"{directory}: the delta was trained on a {meta['model_class']}, this model is a "
