@@ -210,6 +210,25 @@ def test_nonfinite_raise_names_the_step_and_param_and_changes_nothing(mode):
     assert all(torch.equal(a, b) for a, b in zip(params, twin_params))
 
 
+def test_a_huge_finite_gradient_is_not_taken_for_nonfinite():
+    """The fused check's norm overflows at |g| ~ 1e20 (fp32): confirmed entry by entry, such a
+    gradient is stepped (as torch.optim.AdamW would), and a real inf next to it is found."""
+    params = _params("fp32")
+    opt = _opt("fp32", params)
+    ref = torch.optim.AdamW([p.detach().clone().requires_grad_() for p in params], lr=1e-2)
+    for p, q in zip(params, ref.param_groups[0]["params"]):
+        p.grad = torch.full_like(p, 1e30)
+        q.grad = p.grad.clone()
+    opt.step()
+    ref.step()
+    mask = opt._masks[params[0]].indices().long()
+    torch.testing.assert_close(params[0].view(-1)[mask], ref.param_groups[0]["params"][0].view(-1)[mask])
+    params[0].grad = torch.full_like(params[0], 1e30)
+    params[1].grad = torch.full_like(params[1], float("-inf"))
+    with pytest.raises(RuntimeError, match="gradient of parameter 1 of param group 0"):
+        opt.step()
+
+
 def test_nonfinite_raise_names_a_named_param():
     p = torch.nn.Parameter(torch.randn(6, 4))
     opt = SparseAdamW([("layer.weight", p)], [random_mask(p, 0.5, seed=0)])
