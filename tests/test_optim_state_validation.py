@@ -54,10 +54,6 @@ def _same(a, b) -> bool:
     return a == b
 
 
-def _first(sd):
-    return sd["state"][0]
-
-
 def _set(where, key, value):
     def tamper(sd):
         target = sd["param_groups"][0] if where == "group" else sd["state"][0]
@@ -166,6 +162,14 @@ def test_an_untampered_state_dict_loads_in_every_mode(mode):
     _train(params, opt, range(2, 4))
     _train(twin_params, twin, range(2, 4))
     assert all(torch.equal(a, b) for a, b in zip(params, twin_params))
+
+
+def test_a_param_group_added_later_is_refused():
+    params = _params("fp32")
+    opt = _opt("fp32", params[:1])
+    with pytest.raises(RuntimeError, match="takes its params and their masks at construction"):
+        opt.add_param_group({"params": params[1:]})
+    assert len(opt.param_groups) == 1
 
 
 def test_missing_group_flags_take_torch_adamw_defaults():

@@ -153,7 +153,8 @@ class SparseAdamW(torch.optim.Optimizer):
         all_params = [p for group in self.param_groups for p in group["params"]]
         repeated = [i for i, p in enumerate(all_params) if any(q is p for q in all_params[:i])]
         if repeated:  # (torch only warns; here it would get two hooks and two updates)
-            raise ValueError(f"the parameter(s) at position {repeated} appear more than once: give each parameter once")
+            raise ValueError(f"the parameter(s) at position {repeated} appear more than once: give each "
+                             "parameter once")
         self._masks: dict[Tensor, Mask] = resolve_masks(all_params, masks)
         if grad_dtype == torch.bfloat16 or state_bits == 8:
             fp64 = [i for i, p in enumerate(all_params) if p.dtype == torch.float64]
@@ -191,7 +192,8 @@ class SparseAdamW(torch.optim.Optimizer):
         optimizers do) and gets its own gradient hooks on them."""
         own = {k: state.pop(k) if k in state else self._OWN_DEFAULTS[k] for k in self._OWN}
         super().__setstate__(state)
-        own["_masks"] = {p: m if isinstance(m, Mask) else from_state_dict(m, p.numel()) for p, m in own["_masks"].items()}
+        own["_masks"] = {p: m if isinstance(m, Mask) else from_state_dict(m, p.numel())
+                         for p, m in own["_masks"].items()}
         self.__dict__.update(own)
         self._forbidden = []
         self._grads, self._has_grad = self._gradients.buffers, self._gradients.has_grad
@@ -206,6 +208,14 @@ class SparseAdamW(torch.optim.Optimizer):
         return self._format.code_books
 
     # ------------------------------------------------------------------ set-up
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, during construction only: a param needs its mask and state, which only
+        the constructor sets up."""
+        if hasattr(self, "_masks"):
+            raise RuntimeError("SparseAdamW takes its params and their masks at construction: build a new "
+                               "SparseAdamW over all the params instead of adding a param group")
+        super().add_param_group(param_group)
+
     def _init_param(self, p: Tensor, group: dict) -> None:
         mask = self._masks[p]
         dtype = state_dtype(p)
@@ -364,8 +374,8 @@ class SparseAdamW(torch.optim.Optimizer):
     def _hyper(self, group: dict, step: int, seed: int) -> dict:
         beta1, beta2 = (scalar(b) for b in group["betas"])
         return dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=scalar(group["eps"]),
-                    weight_decay=scalar(group["weight_decay"]), step=step, maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"],
-                    seed=seed, dense_state=self.dense_state)
+                    weight_decay=scalar(group["weight_decay"]), step=step, maximize=group["maximize"],
+                    stochastic_rounding=group["stochastic_rounding"], seed=seed, dense_state=self.dense_state)
 
     def _param_seed(self, group_index: int, position: int) -> int:
         """Stochastic-rounding seed of one parameter updated alone (update_in_backward,
