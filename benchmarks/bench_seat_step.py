@@ -232,7 +232,7 @@ def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_check
     to seat.patch's SeatConfig (e.g. mask_encoding="implicit")."""
     model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     handle = seat.patch(model, density=DENSITY, chunk_size=chunk_size, **(seat_kwargs or {}))
-    opt = handle.optimizer(lr=LR, **(optimizer_kwargs or {}))
+    opt = handle.optimizer(lr=LR, **{"weight_decay": 0.0, **(optimizer_kwargs or {})})  # as the AdamW baselines
 
     def step(phase):
         with phase("forward"):  # reference forward on x~, forward on x and x~, fused-linear loss

@@ -11,6 +11,12 @@
                     the hook (update_in_backward=True)
   _params.py        the params' checks and their masks: normalized to seat.masks Mask
                     objects, stored in the state under their encoding's keys
+  _groups.py        the param groups' hyperparameters: torch.optim.AdamW's keys and
+                    defaults, one check for construction and load_state_dict
+  _checkpoint.py    load_state_dict's reading of a state dict: every check before anything
+                    is replaced
+  _guards.py        what a step checks before writing: updates_forbidden, and the
+                    `nonfinite` option (raise / skip / apply on a NaN or inf gradient)
 
 STATE_CHUNK here is the default; a step reads seat.optim.state.STATE_CHUNK.
 """

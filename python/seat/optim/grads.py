@@ -13,7 +13,8 @@
                     the saving is lost, not the precision) and bf16 again at zero_grad().
   UpdateInBackward  (update_in_backward=True) no buffer at all: the hook gathers into a
                     transient compact gradient (nnz entries of grad_dtype, freed at once),
-                    frees p.grad and updates p at once, with the lr its param group has
+                    frees p.grad, checks it (nonfinite="raise", see _guards.py) and
+                    updates p at once, with the lr its param group has
                     then (the one the scheduler set after the previous step, as in the
                     default mode); state["step"] counts the updates applied, and step()
                     only closes the step. A second backward before step() (gradient
@@ -33,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from . import _guards
 from .state import state_dtype
 
 
@@ -140,10 +142,14 @@ class UpdateInBackward:
                                "update during backward and cannot accumulate gradients over micro-batches. Call "
                                "optimizer.step() after every backward, or build the optimizer with "
                                "update_in_backward=False (with SeatTrainer: gradient_accumulation_steps=1)")
+        if opt._forbidden:
+            p.grad = None  # computed while updates are forbidden: never to be applied
+            opt._check_updates_allowed()
         mask = opt._masks[p]
         grad = torch.zeros(mask.nnz, dtype=self.dtype(p), device=p.device)
         ops.masked_gather_(grad, p.grad, mask)
         p.grad = None
+        _guards.check_transient(opt, p, grad)
         self.has_grad[p] = True
         opt._update_param(p, grad, *opt._where(p))
 

@@ -22,8 +22,14 @@ mask is re-drawn every k steps). With dense_state=True the Adam state is kept fu
 for every entry of W, so an entry that leaves the mask and comes back finds its moments;
 with compact state (the default) kept entries keep theirs and new entries start at zero.
 Works with param groups, LR schedulers, state_dict / load_state_dict (the masks travel
-with the state, under their encoding's keys, and are checked on load), zero_grad, and
-gradient clipping on the compact buffers (clip_grad_norm_).
+with the state, under their encoding's keys; a loaded state dict is checked whole before
+anything is replaced, see _checkpoint.py), zero_grad, and gradient clipping on the compact
+buffers (clip_grad_norm_). Hyperparameters, their defaults (weight_decay=0.01) and their
+per-group keys are torch.optim.AdamW's (see _groups.py for the implementation switches
+foreach / capturable / differentiable / fused).
+
+Before writing anything a step checks that updates are allowed (updates_forbidden) and
+that the gradients are finite (the `nonfinite` option: raise, skip or apply; see _guards.py).
 
 Lean modes, each optional and combinable; per trained entry the default holds 4 (grad) +
 8 (exp_avg, exp_avg_sq) bytes:
@@ -47,19 +53,18 @@ without it it is the same bit for bit.
 """
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
-from contextlib import ExitStack
-from itertools import chain
-from typing import Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import ops
-from ..masks import STATE_KEYS, Mask
-from ..ops import _checks
-from ._params import resolve_masks, saved_mask, store_mask
+from ..masks import Mask, from_state_dict
+from . import _checkpoint, _guards
+from ._groups import check_group, scalar
+from ._params import resolve_masks, store_mask
 from .grads import grad_hook, gradient_strategy
 from .state import MOMENTS, state_dtype, state_format
 
@@ -76,7 +81,12 @@ class SparseAdamW(torch.optim.Optimizer):
       masks: the mask of each parameter (any seat.masks encoding, int32 indices or a bool
         tensor of its shape): a mapping param -> mask, or a sequence aligned with the
         parameters in order (flattened over groups).
-      lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.AdamW (per group).
+      lr, betas, eps, weight_decay, amsgrad, maximize: as torch.optim.AdamW (per group),
+        defaults included (weight_decay=0.01); lr and betas may be 1-element tensors. eps
+        must be > 0.
+      foreach, capturable, differentiable, fused: torch.optim.AdamW's implementation
+        switches, kept in the groups as torch keeps them; foreach has no effect (the step
+        is SparseAdamW's own kernel), the others are refused when set (see _groups.py).
       master_weights: keep an fp32 copy of the masked entries of fp16/bf16 params (per
         group; 4 more bytes per trained entry) so small updates accumulate exactly.
       stochastic_rounding: round bf16 params without a master stochastically (per group),
@@ -92,21 +102,26 @@ class SparseAdamW(torch.optim.Optimizer):
         compact gradient buffer (lean mode, see the module docstring).
       state_bits: 32 (default) or 8: exp_avg / exp_avg_sq quantized blockwise with
         bitsandbytes (lean mode, see the module docstring).
+      nonfinite: what a step does with a NaN or inf gradient: "raise" (default: an error
+        naming the step and the parameter, nothing updated), "skip" (nothing updated, a
+        warning, `skipped_steps` counts it) or "apply" (no check, as torch.optim.AdamW).
+        See _guards.py, also for update_in_backward (checked per parameter; "skip" refused).
     """
 
-    def __init__(self, params, masks: Mapping[Tensor, object] | Sequence[object], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, *,
-                 amsgrad: bool = False, maximize: bool = False, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0, compact_grads: bool = True,
-                 dense_state: bool = False, grad_dtype: torch.dtype | None = None, update_in_backward: bool = False,
-                 state_bits: int = 32):
-        if not 0.0 <= lr:
-            raise ValueError(f"lr must be >= 0; got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1); got {betas}")
-        _checks.positive("eps", eps)
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
+    def __init__(self, params, masks: Mapping[Tensor, object] | Sequence[object], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, maximize: bool = False, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
+                 compact_grads: bool = True, dense_state: bool = False, grad_dtype: torch.dtype | None = None,
+                 update_in_backward: bool = False, state_bits: int = 32, nonfinite: str = "raise"):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
+                        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=True, master_weights=master_weights,
+                        stochastic_rounding=stochastic_rounding)
+        check_group(defaults, "SparseAdamW")
+        _guards.check_option(nonfinite, update_in_backward)
         if grad_dtype not in (None, torch.float32, torch.bfloat16):
             raise ValueError(f"grad_dtype must be None (the state dtype, float32), torch.float32 or torch.bfloat16; "
                              f"got {grad_dtype}")
@@ -121,9 +136,14 @@ class SparseAdamW(torch.optim.Optimizer):
                                  "quantized array); use amsgrad=False or state_bits=32")
             if dense_state:
                 raise ValueError("state_bits=8 keeps compact state only: use dense_state=False or state_bits=32")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, master_weights=master_weights, stochastic_rounding=stochastic_rounding)
         super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):  # a group's own values bypass the defaults' check
+            check_group(group, f"param group {i}")
+            if state_bits == 8 and group["amsgrad"]:
+                raise ValueError(f"param group {i}: state_bits=8 does not support amsgrad")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0  # steps skipped for a non-finite gradient (nonfinite="skip")
+        self._forbidden: list[tuple[object, str]] = []  # (token, reason) of each active updates_forbidden
         self.seed = int(seed)
         self.compact_grads = compact_grads
         self.dense_state = dense_state
@@ -131,6 +151,10 @@ class SparseAdamW(torch.optim.Optimizer):
         self.update_in_backward = update_in_backward
         self.state_bits = state_bits
         all_params = [p for group in self.param_groups for p in group["params"]]
+        repeated = [i for i, p in enumerate(all_params) if any(q is p for q in all_params[:i])]
+        if repeated:  # (torch only warns; here it would get two hooks and two updates)
+            raise ValueError(f"the parameter(s) at position {repeated} appear more than once: give each "
+                             "parameter once")
         self._masks: dict[Tensor, Mask] = resolve_masks(all_params, masks)
         if grad_dtype == torch.bfloat16 or state_bits == 8:
             fp64 = [i for i, p in enumerate(all_params) if p.dtype == torch.float64]
@@ -150,20 +174,28 @@ class SparseAdamW(torch.optim.Optimizer):
     # ------------------------------------------------------------------ copy / pickle
     # torch.optim.Optimizer pickles defaults, state and param_groups only; these are the
     # rest of what a SparseAdamW is (hooks are not pickled: they are registered anew).
+    # (An updates_forbidden block belongs to the original's caller: a copy starts without.)
     _OWN = ("seed", "compact_grads", "dense_state", "grad_dtype", "update_in_backward", "state_bits", "_masks",
-            "_format", "_gradients")
+            "_format", "_gradients", "nonfinite", "skipped_steps")
+    _OWN_DEFAULTS = {"nonfinite": "apply", "skipped_steps": 0}  # copies pickled before these existed
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state.update({k: self.__dict__[k] for k in self._OWN})
+        # the masks as their state dicts (what checkpoints hold): a Mask object's caches
+        # need not pickle (plain pickle cannot write a uint16 tensor, e.g.)
+        state["_masks"] = {p: mask.state_dict() for p, mask in self._masks.items()}
         return state
 
     def __setstate__(self, state: dict) -> None:
         """copy.deepcopy / pickle: the copy owns copies of the params (as torch's
         optimizers do) and gets its own gradient hooks on them."""
-        own = {k: state.pop(k) for k in self._OWN}
+        own = {k: state.pop(k) if k in state else self._OWN_DEFAULTS[k] for k in self._OWN}
         super().__setstate__(state)
+        own["_masks"] = {p: m if isinstance(m, Mask) else from_state_dict(m, p.numel())
+                         for p, m in own["_masks"].items()}
         self.__dict__.update(own)
+        self._forbidden = []
         self._grads, self._has_grad = self._gradients.buffers, self._gradients.has_grad
         self._hooks = []
         if self.compact_grads:
@@ -176,6 +208,14 @@ class SparseAdamW(torch.optim.Optimizer):
         return self._format.code_books
 
     # ------------------------------------------------------------------ set-up
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, during construction only: a param needs its mask and state, which only
+        the constructor sets up."""
+        if hasattr(self, "_masks"):
+            raise RuntimeError("SparseAdamW takes its params and their masks at construction: build a new "
+                               "SparseAdamW over all the params instead of adding a param group")
+        super().add_param_group(param_group)
+
     def _init_param(self, p: Tensor, group: dict) -> None:
         mask = self._masks[p]
         dtype = state_dtype(p)
@@ -275,8 +315,31 @@ class SparseAdamW(torch.optim.Optimizer):
         return total
 
     # ------------------------------------------------------------------ step
+    @contextmanager
+    def updates_forbidden(self, reason: str) -> Iterator[None]:
+        """Inside the block, step() and the update-in-backward hooks raise
+        RuntimeError(reason) before writing anything (e.g. while the model holds its base
+        values: an update then would be applied to the wrong weights). Nests (the innermost
+        reason is raised) and ends on any exit. Gradient compaction is not an update and goes
+        on; an update-in-backward hook drops the gradient it refused."""
+        if not isinstance(reason, str) or not reason:
+            raise ValueError(f"updates_forbidden needs a non-empty reason string (the error it raises); got {reason!r}")
+        token = object()
+        self._forbidden.append((token, reason))
+        try:
+            yield
+        finally:
+            self._forbidden = [entry for entry in self._forbidden if entry[0] is not token]
+
+    def _check_updates_allowed(self) -> None:
+        if self._forbidden:
+            raise RuntimeError(self._forbidden[-1][1])
+
     @torch.no_grad()
     def step(self, closure=None):
+        """One AdamW step of every param with a gradient (see the class docstring); checks
+        first that updates are allowed and (nonfinite) that the gradients are finite."""
+        self._check_updates_allowed()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -286,6 +349,8 @@ class SparseAdamW(torch.optim.Optimizer):
         self._gradients.collect_dense(self)
         if self._gradients.in_backward:  # the updates were applied during backward
             self._gradients.close_step()
+            return loss
+        if not _guards.gate(self, [p for group in self.param_groups for p in group["params"] if self._has_grad[p]]):
             return loss
         for group_index, group in enumerate(self.param_groups):
             ready = [(position, p) for position, p in enumerate(group["params"]) if self._has_grad[p]]
@@ -307,10 +372,10 @@ class SparseAdamW(torch.optim.Optimizer):
         return loss
 
     def _hyper(self, group: dict, step: int, seed: int) -> dict:
-        beta1, beta2 = group["betas"]
-        return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                    step=step, maximize=group["maximize"], stochastic_rounding=group["stochastic_rounding"],
-                    seed=seed, dense_state=self.dense_state)
+        beta1, beta2 = (scalar(b) for b in group["betas"])
+        return dict(lr=scalar(group["lr"]), beta1=beta1, beta2=beta2, eps=scalar(group["eps"]),
+                    weight_decay=scalar(group["weight_decay"]), step=step, maximize=group["maximize"],
+                    stochastic_rounding=group["stochastic_rounding"], seed=seed, dense_state=self.dense_state)
 
     def _param_seed(self, group_index: int, position: int) -> int:
         """Stochastic-rounding seed of one parameter updated alone (update_in_backward,
@@ -351,41 +416,32 @@ class SparseAdamW(torch.optim.Optimizer):
                               [_part(s.get("max_exp_avg_sq"), start, stop) for s in states], **hyper)
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict (each param's state holds its mask) plus
+        "skipped_steps" (nonfinite="skip")."""
+        out = super().state_dict()
+        out["skipped_steps"] = self.skipped_steps
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore state saved by state_dict(). Unlike torch's base class, compact state
-        keeps its own dtype (fp32) instead of being cast to the param's (e.g. bf16), and
-        each saved mask must equal this optimizer's mask for the same parameter."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)}")
-        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"param group {i} has {len(saved['params'])} params in state_dict, "
-                                 f"{len(group['params'])} here")
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
-        new_state = defaultdict(dict)
-        for key, saved_state in state_dict["state"].items():
-            p = id_map[key]
-            restored = {k: (v.to(p.device, copy=True) if isinstance(v, Tensor) else copy.deepcopy(v))
-                        for k, v in saved_state.items()}
-            if isinstance(restored.get("step"), Tensor) and restored["step"].numel() == 1:
-                restored["step"] = int(restored["step"].item())  # torch.optim keeps step as a tensor: an int here
-            mask = self._masks[p]
-            if any(k in restored for k in STATE_KEYS):
-                theirs = saved_mask(restored, p.numel())
-                # state is laid out by entry, whatever the encoding: the same entries in
-                # another encoding resume the same run
-                if theirs is None or not (theirs == mask or torch.equal(theirs.indices(), mask.indices())):
-                    raise ValueError(f"the state_dict's mask for parameter {key} differs from this optimizer's: "
-                                     "build the optimizer with the masks the checkpoint was trained with")
-            store_mask(restored, mask)
-            self._format.check_loaded(key, restored)
-            new_state[p] = restored
-        self.state = new_state
-        for saved, group in zip(saved_groups, self.param_groups):
-            group.update({k: copy.deepcopy(v) for k, v in saved.items() if k != "params"})
+        """Restore state saved by state_dict(). The whole dict is checked before anything
+        is replaced (see _checkpoint.py: group count and sizes, hyperparameters, each
+        param's state keys for this optimizer's mode, their shapes and dtypes, steps, and
+        the masks, which must equal this optimizer's); a refused dict leaves the optimizer
+        as it was. Unlike torch's base class, compact state keeps its own dtype (fp32)
+        instead of being cast to the param's (e.g. bf16). A group key the dict lacks takes
+        torch.optim.AdamW's default (maximize=False, ...), as torch's AdamW does."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch's load_state_dict
+            state_dict = pre_hook(self, state_dict) or state_dict
+        state, groups, skipped = _checkpoint.read(self, state_dict)
+        self.state = state
+        for group, loaded in zip(self.param_groups, groups):
+            kept = {k: group[k] for k in ("params", "param_names") if k in group and k not in loaded}
+            group.clear()
+            group.update(loaded, **kept)  # as torch: the saved group, with this one's params (and names)
+        self.skipped_steps = skipped
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def state_bytes(self) -> int:
         """Bytes held persistently by the optimizer for its params: state (8-bit codes and

@@ -27,8 +27,8 @@ path: ``spans`` (the [start, stop) entry ranges a step goes through), ``moments(
 start, stop)`` (a context manager yielding fp32 (exp_avg, exp_avg_sq) of entries [start,
 stop) of one param's state and writing them back on exit: views for fp32 state,
 dequantized copies requantized on exit for 8-bit state), ``dequantized``, ``to_fp32`` /
-``from_fp32`` (for moving state to a new mask) and ``check_loaded`` (a checkpoint's
-moments are stored as this format stores them).
+``from_fp32`` (for moving state to a new mask) and ``layout`` (the keys, sizes and dtypes
+a param's moments are stored under: what load_state_dict checks a checkpoint against).
 """
 from __future__ import annotations
 
@@ -111,8 +111,9 @@ class Fp32State:
     def from_fp32(self, state: dict) -> None:
         """Nothing to do: fp32 moments are stored as they are."""
 
-    def check_loaded(self, key, state: dict) -> None:
-        _check_storage(key, state, quantized=False, bits=self.bits)
+    def layout(self, size: int, dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:
+        """{key: (numel, dtype)} of the stored moments of `size` entries."""
+        return {key: (size, dtype) for key in MOMENTS}
 
 
 class QuantizedState:
@@ -182,8 +183,14 @@ class QuantizedState:
         for key, v in values.items():
             self._quantize_into(state, key, v, 0)
 
-    def check_loaded(self, key, state: dict) -> None:
-        _check_storage(key, state, quantized=True, bits=self.bits)
+    def layout(self, size: int, dtype: torch.dtype) -> dict[str, tuple[int, torch.dtype]]:
+        """{key: (numel, dtype)} of the stored moments of `size` entries: codes and block absmax."""
+        blocks = -(-size // QUANT_BLOCK)
+        out = {}
+        for key in MOMENTS:
+            out[key] = (size, torch.uint8)
+            out[f"{key}_absmax"] = (blocks, torch.float32)
+        return out
 
     def _dequantize(self, state: dict, key: str, start: int = 0, stop: int | None = None) -> Tensor:
         """fp32 values of entries [start, stop) of `key` (start a multiple of QUANT_BLOCK): a new tensor."""
@@ -206,18 +213,6 @@ class QuantizedState:
                                                       out=codes, blocksize=QUANT_BLOCK)
         if out.data_ptr() != codes.data_ptr():  # a bitsandbytes that ignores out=: copy back
             codes.copy_(out)
-
-
-def _check_storage(key, state: dict, *, quantized: bool, bits: int) -> None:
-    """A checkpoint's moments must be stored as this optimizer stores them."""
-    for name in MOMENTS:
-        if name not in state:
-            continue
-        saved_quantized = state[name].dtype == torch.uint8 and f"{name}_absmax" in state
-        if saved_quantized != quantized:
-            have = "8-bit" if saved_quantized else f"{state[name].dtype}"
-            raise ValueError(f"the state_dict's {name} for parameter {key} is {have} but this optimizer has "
-                             f"state_bits={bits}: build it with the state_bits the checkpoint was saved with")
 
 
 def state_format(bits: int):
