@@ -175,7 +175,7 @@ class SeatHandle:
         kwargs.setdefault("master_weights", self.config.master_weights)
         kwargs.setdefault("stochastic_rounding", self.config.stochastic_rounding)
         kwargs.setdefault("seed", self.config.seed)
-        params = [t.param for t in self.targets.values()]
+        params = [(name, t.param) for name, t in self.targets.items()]  # named: errors name the layer
         self._optimizer = SparseAdamW(params, {t.param: t.idx for t in self.targets.values()}, lr=lr, **kwargs)
         return self._optimizer
 

@@ -101,7 +101,8 @@ def test_update_in_backward_inside_reference_is_refused_before_any_write():
 def test_reference_forward_is_deterministic_with_dropout_on():
     import transformers as tf
 
-    config = tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0)
+    config = tf.GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2)
     assert config.resid_pdrop > 0 and config.attn_pdrop > 0  # GPT-2's defaults: dropout on
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").train()
