@@ -81,22 +81,21 @@ ANOTHER_RUN = {
     "density": (dict(seat_config=seat.SeatConfig(density=0.3)), r"seat_config\.density: checkpoint 0\.2, this run 0\.3"),
     "mask-encoding": (dict(seat_config=seat.SeatConfig(density=0.2, mask_encoding="block16")),
                       r"seat_config\.mask_encoding"),
-    "kl-weight": (dict(seat_config=seat.SeatConfig(density=0.2, kl_weight=0.5)), r"seat_config\.kl_weight"),
     "optimizer-state-bits": (dict(trainer_kwargs=dict(optimizer_kwargs=dict(state_bits=8))),
                              r"optimizer\.state_bits: checkpoint 32, this run 8 .*optimizer_kwargs"),
-    "optimizer-grad-dtype": (dict(trainer_kwargs=dict(optimizer_kwargs=dict(grad_dtype=torch.bfloat16))),
-                             r"optimizer\.grad_dtype"),
     "learning-rate": (dict(learning_rate=1e-2), r"training_args\.learning_rate: checkpoint 0\.02, this run 0\.01"),
     "accumulation": (dict(gradient_accumulation_steps=1), r"training_args\.gradient_accumulation_steps"),
-    "batch-size": (dict(per_device_train_batch_size=1), r"training_args\.per_device_train_batch_size"),
-    "schedule": (dict(lr_scheduler_type="constant"), r"training_args\.lr_scheduler_type"),
     "max-steps": (dict(max_steps=8), r"training_args\.max_steps.*seat\.load_delta"),
-    "clipping": (dict(max_grad_norm=0.5), r"training_args\.max_grad_norm"),
-    "data-seed": (dict(data_seed=1), r"training_args\.data_seed"),
     "perturber-seed": (dict(collator=_collator(perturber_seed=2)), r"collator\.perturber\.seed: checkpoint 1, this run 2"),
     "prompt-format": (dict(collator=_collator(prompt_format="Q: {question}\nA:")), r"collator\.prompt_format"),
-    "add-eos": (dict(collator=_collator(add_eos=False)), r"collator\.add_eos"),
-    "max-length": (dict(collator=_collator(max_length=60)), r"collator\.max_length"),
+    # every difference is named, section by section
+    "several": (dict(seat_config=seat.SeatConfig(density=0.2, kl_weight=0.5),
+                     trainer_kwargs=dict(optimizer_kwargs=dict(grad_dtype=torch.bfloat16)),
+                     per_device_train_batch_size=1, max_grad_norm=0.5, data_seed=1,
+                     collator=_collator(add_eos=False, max_length=60)),
+                r"seat_config\.kl_weight.*optimizer\.grad_dtype.*training_args\.max_grad_norm.*"
+                r"training_args\.per_device_train_batch_size.*training_args\.data_seed.*collator\.max_length.*"
+                r"collator\.add_eos"),
 }
 
 
