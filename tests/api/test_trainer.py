@@ -146,6 +146,11 @@ def test_a_nonfinite_loss_skips_its_whole_optimizer_step(tmp_path, bad_micro_bat
         sum(h["loss"] for i, h in enumerate(logged) if i != 1) / 3)
     run = json.loads((tmp_path / "checkpoint-2" / "seat_run.json").read_text())
     assert run["nonfinite"] == {"mode": "skip", "skipped": 1}
+    # a resume after the skipped step continues the same run, with its count
+    resumed_trainer, resumed, _ = make_trainer(tmp_path, max_steps=4, save_steps=2)
+    resumed_trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed_trainer.nonfinite_skipped == 1
+    assert_params_equal(resumed, after[4])
 
 
 def test_nonfinite_raise_stops_before_the_step_and_names_it(tmp_path):

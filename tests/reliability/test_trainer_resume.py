@@ -78,7 +78,8 @@ def _collator(**options):
 ANOTHER_RUN = {
     "mask-seed": (dict(seat_config=seat.SeatConfig(density=0.2, seed=1)),
                   r"seat_config\.seed: checkpoint 0, this run 1 .*fix: build the SeatTrainer with the checkpoint's"),
-    "density": (dict(seat_config=seat.SeatConfig(density=0.3)), r"seat_config\.density: checkpoint 0\.2, this run 0\.3"),
+    "density": (dict(seat_config=seat.SeatConfig(density=0.3)),
+                r"seat_config\.density: checkpoint 0\.2, this run 0\.3"),
     "mask-encoding": (dict(seat_config=seat.SeatConfig(density=0.2, mask_encoding="block16")),
                       r"seat_config\.mask_encoding"),
     "optimizer-state-bits": (dict(trainer_kwargs=dict(optimizer_kwargs=dict(state_bits=8))),
@@ -86,7 +87,8 @@ ANOTHER_RUN = {
     "learning-rate": (dict(learning_rate=1e-2), r"training_args\.learning_rate: checkpoint 0\.02, this run 0\.01"),
     "accumulation": (dict(gradient_accumulation_steps=1), r"training_args\.gradient_accumulation_steps"),
     "max-steps": (dict(max_steps=8), r"training_args\.max_steps.*seat\.load_delta"),
-    "perturber-seed": (dict(collator=_collator(perturber_seed=2)), r"collator\.perturber\.seed: checkpoint 1, this run 2"),
+    "perturber-seed": (dict(collator=_collator(perturber_seed=2)),
+                       r"collator\.perturber\.seed: checkpoint 1, this run 2"),
     "prompt-format": (dict(collator=_collator(prompt_format="Q: {question}\nA:")), r"collator\.prompt_format"),
     # every difference is named, section by section
     "several": (dict(seat_config=seat.SeatConfig(density=0.2, kl_weight=0.5),
