@@ -150,27 +150,33 @@ def check_resume(checkpoint: Path, current: dict, required: list[str]) -> dict:
 
 def check_delta(directory: Path, handle) -> None:
     """The delta in a checkpoint was trained with the handle's config and masks
-    (ResumeMismatchError otherwise); its values are checked when load_delta writes them."""
-    from .delta import read_delta
+    (ResumeMismatchError otherwise); its values are checked when load_delta writes them.
+    Reads the delta's metadata and its index tensors only, one at a time."""
+    from safetensors import SafetensorError, safe_open
 
+    from .delta import CONFIG_FILE, WEIGHTS_FILE
+
+    directory = Path(directory)
     try:
-        meta, tensors = read_delta(directory)
-    except (OSError, ValueError) as e:
-        raise ResumeMismatchError(f"{directory} is not a readable seat delta ({e}); resume from a complete "
-                                  "checkpoint") from None
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt") as tensors:
+            stored = {}
+            for name, info in meta["weights"].items():
+                if "mask" in info:
+                    stored[name] = info["mask"]
+                elif f"idx/{name}" in tensors.keys():
+                    idx = tensors.get_tensor(f"idx/{name}").to(torch.int32).contiguous()
+                    stored[name] = {"nnz": idx.numel(),
+                                    "indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest()}
+                else:
+                    stored[name] = "<no mask>"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
+        raise ResumeMismatchError(f"{directory} is not a readable seat delta ({type(e).__name__}: {e}); resume "
+                                  "from a complete checkpoint") from None
     diffs = _differences(meta.get("config"), _jsonable(handle.config.to_dict()), "seat_config")
     mine = mask_fingerprints(handle)
-    for name, info in meta.get("weights", {}).items():
-        if "mask" in info:
-            theirs = info["mask"]
-        elif f"idx/{name}" in tensors:
-            idx = tensors[f"idx/{name}"].to(torch.int32).contiguous()
-            theirs = {"nnz": idx.numel(), "indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest()}
-        else:
-            theirs = "<no mask>"
-        if _jsonable(theirs) != mine.get(name, "<not a target>"):
-            diffs.append(f"the mask of {name}")
-    diffs += [f"{name} is not in the delta" for name in mine if name not in meta.get("weights", {})]
+    diffs += [f"the mask of {name}" for name in stored if _jsonable(stored[name]) != mine.get(name)]
+    diffs += [f"{name} is not in the delta" for name in mine if name not in stored]
     if diffs:
         raise ResumeMismatchError(f"{directory} was not trained with this run's SeatConfig and masks: "
                                   f"{'; '.join(diffs[:4])}{f'; and {len(diffs) - 4} more' if len(diffs) > 4 else ''}"

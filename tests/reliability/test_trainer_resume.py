@@ -161,6 +161,8 @@ TAMPERED = {
     "optimizer-garbage": (_write("optimizer.pt", "not a torch file"), r"optimizer\.pt does not fit"),
     "delta-of-another-run": (_swap_from_b("seat_delta"), r"seat_delta was not trained with this run's SeatConfig.*"
                                                          r"seat_config\.seed"),
+    "delta-weights-garbage": (_write("seat_delta/delta.safetensors", "junk"), "is not a readable seat delta"),
+    "delta-meta-garbage": (_write("seat_delta/seat_config.json", "{"), "is not a readable seat delta"),
     "delta-base-hash": (_json("seat_delta/seat_config.json", _base_hash), "base values"),
     "run-record-garbage": (_write("seat_run.json", "{"), r"seat_run\.json is not readable JSON"),
     "run-record-format": (_json("seat_run.json", lambda d: d.update(format="other")), "is not a seat-trainer-run"),
