@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -119,3 +120,92 @@ def test_bad_questions_file(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match="no questions"):
         ev.load_questions(path)
+
+
+# ---------------------------------------------------------------------- CLI argument checks
+
+def _cli(tmp_path, *extra, questions=None):
+    path = tmp_path / "q.jsonl"
+    if questions is None:
+        path.write_text("\n".join(json.dumps(q) for q in QUESTIONS) + "\n")
+    else:
+        path.write_bytes(questions)
+    return ["--model", str(tmp_path / "model"), "--questions", str(path), *extra]
+
+
+@pytest.mark.parametrize("extra,questions,match", [
+    ((), b'{"question": "Who ?", "answer": 3}\n', r"q\.jsonl:1: 'answer' must be a string .*got int"),
+    ((), b'{"question": "Who ?"}\n{"question": "Who ?", "value": ["Paris"]}\n', r"q\.jsonl:2: 'value' must be a str"),
+    ((), b'{"question": "Who ?", "group": null}\n', r"q\.jsonl:1: 'group' must be a string"),
+    ((), b'{"question": "Who ?"}\n{"question": "Caf\xe9 ?"}\n',
+     r"q\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 18\)"),
+    ((), b'{"question": "Who ?"\n', r"q\.jsonl:1: not valid JSON"),
+    ((), b"\n\n", "holds no questions"),
+    (("--batch-size", "0"), None, r"--batch-size: must be an int >= 1; got 0"),
+    (("--batch-size", "two"), None, r"--batch-size: must be an int >= 1; got 'two'"),
+    (("--max-new-tokens", "-1"), None, r"--max-new-tokens: must be an int >= 1; got -1"),
+    (("--prompt-format", "Q: {question} {context}"), None,
+     r"--prompt-format must use exactly one field, '\{question\}'.*\['context', 'question'\]"),
+    (("--prompt-format", "Q: {question"), None, r"--prompt-format is not a valid format string"),
+    (("--device", "gpu9"), None, r"--device 'gpu9' is not a torch device"),
+])
+def test_cli_refuses_bad_input_up_front_with_exit_code_2(tmp_path, capsys, monkeypatch, extra, questions, match):
+    """Checked before the model is loaded: a message naming the argument or path:line,
+    exit code 2, no traceback."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded before the arguments were checked"))
+    if "--device" in extra:  # checked after the questions, before loading the model
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(_cli(tmp_path, *extra, questions=questions))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(match, err), err
+
+
+@pytest.mark.parametrize("output,match", [
+    ("dir", r"--output '.*dir' is a directory; give a file path"),
+    ("missing/result.json", r"its directory '.*missing' does not exist"),
+])
+def test_cli_checks_the_output_path_before_generating(tmp_path, capsys, monkeypatch, output, match):
+    (tmp_path / "dir").mkdir()
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("generated before checking --output"))
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(_cli(tmp_path, "--output", str(tmp_path / output)))
+    assert exit_info.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_cli_output_is_written_atomically_and_never_lost(tmp_path, capsys, monkeypatch):
+    """A failing write leaves the old file whole and prints the results to stdout."""
+    pytest.importorskip("rouge_score")
+    _tiny_model(tmp_path)
+    out = tmp_path / "result.json"
+    out.write_text('{"old": true}')
+
+    real_dump = json.dump
+
+    def dump(data, f, **kwargs):  # the disk fills up halfway through --output
+        if f is ev.sys.stdout:
+            return real_dump(data, f, **kwargs)
+        f.write('{"half": ')
+        raise OSError(28, "disk full")
+
+    monkeypatch.setattr(ev.json, "dump", dump)
+    code = ev.main(_cli(tmp_path, "--output", str(out), "--max-new-tokens", "2"))
+    assert code == 1
+    assert json.loads(out.read_text()) == {"old": True}  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".result.json.")]  # no temporary left
+    captured = capsys.readouterr()
+    assert "could not write --output" in captured.err and "disk full" in captured.err
+    printed = captured.out[captured.out.index("{"):]
+    assert len(json.loads(printed)["answers"]) == len(QUESTIONS)
+
+
+def test_evaluate_refuses_bad_arguments():
+    with pytest.raises(ValueError, match=r"questions\[1\]: 'answer' must be a string"):
+        ev.evaluate(None, None, [{"question": "a"}, {"question": "b", "answer": 1.5}])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1; got 0"):
+        ev.generate_answers(None, None, ["a"], batch_size=0)

@@ -30,7 +30,9 @@ Padding follows ``tokenizer.padding_side`` ("right": tokens at [0, L), "left": a
 [T-L, T)), read on every call. Sequences are never truncated: one longer than
 max_length is an error.
 
-Tokenization of one record (x and x~ alike): the prompt and the answer are tokenized
+Tokenization of one record (x and x~ alike): question and answer are taken in Unicode
+NFC (as seat.perturb matches the entity in NFC, so x and x~ differ in the name only,
+whichever normalization the record was written in); the prompt and the answer are tokenized
 separately and concatenated, so the prompt/answer boundary is exact:
 
   prompt  with a chat template (``tokenizer.chat_template`` set, unless
@@ -54,10 +56,12 @@ Errors name the record (its index in the batch and its entity) and say what to d
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
 import string
+import unicodedata
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -95,12 +99,20 @@ def _check_record(where: str, record) -> None:
                          "(drop the record or fill in its answer)")
 
 
-def _prompt_fields(fmt: str) -> set:
+def check_prompt_format(prompt_format, name: str = "prompt_format") -> str:
+    """``prompt_format`` if it is a str format with exactly one field, ``{question}``
+    (literal braces doubled); TypeError / ValueError naming ``name`` otherwise."""
+    if not isinstance(prompt_format, str):
+        raise TypeError(f"{name} must be a str; got {type(prompt_format).__name__}")
     try:
-        return {field for _, field, _, _ in string.Formatter().parse(fmt) if field is not None}
+        fields = {field for _, field, _, _ in string.Formatter().parse(prompt_format) if field is not None}
     except ValueError as e:
-        raise ValueError(f"prompt_format is not a valid format string ({e}); use '{{question}}' for the question "
-                         "and '{{{{' / '}}}}' for literal braces") from None
+        raise ValueError(f"{name} is not a valid format string ({e}); use '{{question}}' for the question "
+                         "and '{{' / '}}' for literal braces") from None
+    if fields != {"question"}:
+        raise ValueError(f"{name} must use exactly one field, '{{question}}' (literal braces as '{{{{' and "
+                         f"'}}}}'); got fields {sorted(fields)} in {prompt_format!r}")
+    return prompt_format
 
 
 class PairedCollator:
@@ -121,7 +133,10 @@ class PairedCollator:
             one; True requires one; False always uses prompt_format.
 
     ``collator(records) -> dict[str, torch.Tensor]``; each call increments ``step``.
+    ``record_keys``: the keys it reads from a record (a trainer keeps these columns).
     """
+
+    record_keys = _KEYS
 
     def __init__(self, tokenizer, perturber: EntityPerturber, *, max_length: int | None = None,
                  kl_tokens: str = "all", prompt_format: str = DEFAULT_PROMPT_FORMAT, add_eos: bool = True,
@@ -142,12 +157,7 @@ class PairedCollator:
             max_length = int(max_length)
         if kl_tokens not in KL_TOKENS:
             raise ValueError(f"kl_tokens must be one of {', '.join(map(repr, KL_TOKENS))}; got {kl_tokens!r}")
-        if not isinstance(prompt_format, str):
-            raise TypeError(f"prompt_format must be a str; got {type(prompt_format).__name__}")
-        fields = _prompt_fields(prompt_format)
-        if fields != {"question"}:
-            raise ValueError("prompt_format must use exactly one field, '{question}' (literal braces as '{{' and "
-                             f"'}}}}'); got fields {sorted(fields)} in {prompt_format!r}")
+        check_prompt_format(prompt_format)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if use_chat_template is None:
             use_chat_template = has_template
@@ -202,6 +212,24 @@ class PairedCollator:
             return stable_key("seat.PairedCollator", step, index)
         return stable_key("seat.PairedCollator", step, index, "worker", worker)
 
+    def config(self) -> dict:
+        """What decides this collator's batches beside ``step``: JSON-able, compared when
+        a training run resumes (the tokenizer's vocabulary and chat template as SHA-256
+        digests, the perturber's ``config()``)."""
+        tok = self.tokenizer
+        vocab = tok.get_vocab() if callable(getattr(tok, "get_vocab", None)) else {}
+        template = getattr(tok, "chat_template", None) if self.use_chat_template else None
+        perturber = getattr(self.perturber, "config", None)
+        return {
+            "class": type(self).__name__, "kl_tokens": self.kl_tokens, "max_length": self.max_length,
+            "prompt_format": self.prompt_format, "add_eos": self.add_eos, "use_chat_template": self.use_chat_template,
+            "tokenizer": {"class": type(tok).__name__, "pad_token_id": tok.pad_token_id,
+                          "eos_token_id": getattr(tok, "eos_token_id", None),
+                          "vocab_sha256": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
+                          "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest()},
+            "perturber": perturber() if callable(perturber) else {"class": type(self.perturber).__name__},
+        }
+
     def state_dict(self) -> dict[str, int]:
         """``{"step": int}``: enough to resume the same sequence of fictitious names."""
         return {"step": self.step}
@@ -237,7 +265,8 @@ class PairedCollator:
                 pert, fake = self.perturber.perturb_record(record, self.example_key(self.step, i, worker))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            ids, n_prompt = self.encode(record["question"], record["answer"])
+            ids, n_prompt = self.encode(unicodedata.normalize("NFC", record["question"]),
+                                        unicodedata.normalize("NFC", record["answer"]))
             pert_ids, pert_n_prompt = self.encode(pert["question"], pert["answer"])
             for what, seq, n in (("x", ids, n_prompt), ("x~ (perturbed)", pert_ids, pert_n_prompt)):
                 if len(seq) == n:

@@ -24,20 +24,27 @@ CLI, for your own models::
 
     python -m seat.evaluate --model DIR --questions FILE.jsonl [--output results.json]
 
-FILE.jsonl has one JSON object per line: ``question`` (required), ``answer`` (reference
-answer, optional: ROUGE-L recall), ``value`` (expected attribute, optional: exact
-match), ``group`` (optional, default "all": metrics are reported per group).
+FILE.jsonl has one JSON object per line (UTF-8): ``question`` (required), ``answer``
+(reference answer, optional: ROUGE-L recall), ``value`` (expected attribute, optional:
+exact match), ``group`` (optional, default "all": metrics are reported per group); each
+a string. Every argument, the questions file and the output path are checked before the
+model is loaded (a bad one: a message naming it and exit code 2), and --output is written
+atomically (a temporary file in the same directory, renamed into place), so a failure
+never leaves a half-written file; if it cannot be written after all, the results go to
+stdout (exit code 1) instead of being lost.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import tempfile
 from typing import Iterable, Mapping, Sequence
 
 __all__ = ["IDK_PHRASES", "normalize", "is_idk", "idk_rate", "rouge_l_recall", "exact_match",
-           "generate_answers", "evaluate", "load_questions", "main"]
+           "generate_answers", "evaluate", "check_question", "load_questions", "write_json_atomically", "main"]
 
 #: Refusal phrases counted as "I don't know" (matched after ``normalize``, on word boundaries).
 IDK_PHRASES = (
@@ -113,7 +120,12 @@ def generate_answers(model, tokenizer, questions: Sequence[str], *, prompt_forma
 
     from .data import DEFAULT_PROMPT_FORMAT
 
-    prompt_format = DEFAULT_PROMPT_FORMAT if prompt_format is None else prompt_format
+    from .data import check_prompt_format
+
+    prompt_format = check_prompt_format(DEFAULT_PROMPT_FORMAT if prompt_format is None else prompt_format)
+    for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {value!r}")
     if use_chat_template is None:
         use_chat_template = bool(getattr(tokenizer, "chat_template", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -160,6 +172,8 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], *, phrases: Iterabl
     ["rouge_l_recall"], ["exact_match"]}}, "answers": [...]}`` where each answer entry is
     the question dict plus "prediction", "idk" and the per-question scores.
     """
+    for i, q in enumerate(questions):
+        check_question(f"questions[{i}]", q)
     texts = [q["question"] for q in questions]
     predictions = generate_answers(model, tokenizer, texts, **generate_kwargs)
     rows = []
@@ -182,19 +196,38 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], *, phrases: Iterabl
     return {"groups": groups, "answers": rows}
 
 
+_OPTIONAL_KEYS = ("answer", "value", "group")
+
+
+def check_question(where: str, q) -> None:
+    """A question entry: a dict with a "question" str and, when present, str "answer",
+    "value" and "group"; ValueError naming ``where`` and the key otherwise."""
+    if not isinstance(q, Mapping) or not isinstance(q.get("question"), str):
+        raise ValueError(f"{where}: each question must be an object with a 'question' string")
+    for key in _OPTIONAL_KEYS:
+        if key in q and not isinstance(q[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string (or left out); got {type(q[key]).__name__} "
+                             f"{q[key]!r:.40}")
+
+
 def load_questions(path) -> list[dict]:
-    """Questions from a JSONL file (see the module docstring)."""
+    """Questions from a JSONL file (see the module docstring); ValueError naming
+    ``path:line`` for a line that is not UTF-8, not JSON or not a valid question."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start]:#04x} at column "
+                                 f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 q = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            if not isinstance(q, dict) or not isinstance(q.get("question"), str):
-                raise ValueError(f"{path}:{lineno}: each line must be an object with a 'question' string")
+            check_question(f"{path}:{lineno}", q)
             out.append(q)
     if not out:
         raise ValueError(f"{path} holds no questions")
@@ -210,6 +243,45 @@ def format_table(groups: Mapping[str, Mapping]) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1; got {value}")
+    return value
+
+
+def _check_output(path: str) -> str | None:
+    """Why results could not be written to ``path`` (None: they can)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"--output {path!r} is a directory; give a file path, e.g. {os.path.join(path, 'results.json')!r}"
+    if not os.path.isdir(parent):
+        return f"--output {path!r}: its directory {parent!r} does not exist; create it first"
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"--output {path!r} is not writable; choose a path you can write to"
+    return None
+
+
+def write_json_atomically(path: str, data) -> None:
+    """``data`` as JSON at ``path``: written to a temporary file beside it and renamed
+    into place, so ``path`` is either its old self or the whole new file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seat.evaluate",
                                      description="IDK rate, ROUGE-L recall and exact match of a causal LM on "
@@ -218,27 +290,59 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
     parser.add_argument("--questions", required=True, help="JSONL: question, [answer], [value], [group]")
     parser.add_argument("--output", help="write metrics and every answer here as JSON")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument("--prompt-format", default=None,
                         help="plain prompt with {question} (default 'Question: {question}\\nAnswer:'); ignored "
                              "when the tokenizer has a chat template, unless --no-chat-template")
     parser.add_argument("--no-chat-template", action="store_true")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    # everything that can be checked without the model, before it is loaded
+    if args.prompt_format is not None:
+        from .data import check_prompt_format
 
+        try:
+            check_prompt_format(args.prompt_format, "--prompt-format")
+        except ValueError as e:
+            parser.error(str(e))
+    if args.output is not None:
+        problem = _check_output(args.output)
+        if problem:
+            parser.error(problem)
+    try:
+        questions = load_questions(args.questions)
+    except OSError as e:
+        parser.error(f"--questions {args.questions!r} cannot be read: {e.strerror or e}")
+    except ValueError as e:
+        parser.error(str(e))
+
+    import torch
     import transformers
 
-    questions = load_questions(args.questions)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model).to(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        parser.error(f"--device {args.device!r} is not a torch device ({e}); e.g. cpu, cuda, cuda:1")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        parser.error(f"--model {args.model!r} / --tokenizer {args.tokenizer!r} cannot be loaded: {e}")
+    model = model.to(device)
     result = evaluate(model, tokenizer, questions, prompt_format=args.prompt_format,
                       use_chat_template=False if args.no_chat_template else None,
                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     print(format_table(result["groups"]))
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        try:
+            write_json_atomically(args.output, result)
+        except OSError as e:
+            print(f"error: could not write --output {args.output!r} ({e}); the results follow on stdout",
+                  file=sys.stderr)
+            json.dump(result, sys.stdout, indent=1)
+            print()
+            return 1
         print(f"wrote {args.output}")
     return 0
 

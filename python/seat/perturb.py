@@ -16,6 +16,9 @@ Python's salted ``hash()`` or of global random state, so the same run draws the 
 names in every process and on every machine.
 
 Matching rules (``EntityPerturber.perturb``):
+  * Unicode: text, entity and names are compared in NFC (canonical composition), so
+    "Zoë" typed as "Zoe" + a combining diaeresis (NFD) matches "Zoë" (NFC); the
+    perturbed text is returned in NFC;
   * case-sensitive (names are proper nouns: the entity "Rose Lee" must not change
     "a rose"), whitespace between the entity's tokens matches any run of whitespace;
   * whole words only: a match is not preceded by a word character (nor by "X-" or
@@ -37,8 +40,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import numbers
 import re
+import unicodedata
 from typing import Callable, Iterable, Mapping, Sequence, Union
 
 __all__ = [
@@ -184,9 +189,19 @@ _BEFORE = r"(?<!\w)(?<!\w-)(?<!\w['’])"  # not inside a word, nor after "X-" /
 _AFTER = r"(?!\w)(?!-\w)"  # not inside a word, nor before "-X" ("'s" is allowed)
 
 
+def _nfc(text: str) -> str:
+    """``text`` in Unicode NFC: one spelling of each accented letter, whatever was typed."""
+    return unicodedata.normalize("NFC", text)
+
+
+def _full_key(name: str) -> str:
+    """A whole name for comparisons: NFC, whitespace runs as one space, casefolded."""
+    return " ".join(_nfc(name).split()).casefold()
+
+
 def _norm(token: str) -> str:
-    """A name token for comparisons: casefolded, punctuation stripped at both ends."""
-    return token.strip(".,;:!?\"'’()[]{}").casefold()
+    """A name token for comparisons: NFC, casefolded, punctuation stripped at both ends."""
+    return _nfc(token).strip(".,;:!?\"'’()[]{}").casefold()
 
 
 def _name_tokens(name: str) -> set[str]:
@@ -223,7 +238,7 @@ def _check_entity(entity) -> str:
     if not entity.strip():
         raise ValueError("entity is empty; give the name of the person the text is about, "
                          "spelled as it appears in the text")
-    return entity.strip()
+    return _nfc(entity.strip())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -245,7 +260,7 @@ def count_mentions(text: str, entity: str, *, replace_parts: bool = True) -> int
     entity = _check_entity(entity)
     if not isinstance(text, str):
         raise TypeError(f"text must be a str; got {type(text).__name__}")
-    return sum(1 for _ in _pattern(entity, bool(replace_parts)).finditer(text))
+    return sum(1 for _ in _pattern(entity, bool(replace_parts)).finditer(_nfc(text)))
 
 
 # ----------------------------------------------------------------------------- perturber
@@ -291,7 +306,7 @@ class EntityPerturber:
                 raise TypeError(f"exclude[{i}] must be a str (an entity name); got {type(e).__name__}")
             if not e.strip():
                 raise ValueError(f"exclude[{i}] is empty; every excluded entity must be a non-empty name")
-            full.add(" ".join(e.split()).casefold())
+            full.add(_full_key(e))
             tokens |= _name_tokens(e)
         self._excluded_full = frozenset(full)
         self._excluded_tokens = frozenset(tokens)
@@ -320,7 +335,7 @@ class EntityPerturber:
                     raise TypeError(f"names[{i}] must be a str; got {type(n).__name__}")
                 if not n.strip():
                     raise ValueError(f"names[{i}] is empty; every fictitious name must be a non-empty str")
-                cleaned[" ".join(n.split())] = None
+                cleaned[" ".join(_nfc(n).split())] = None
             if not cleaned:
                 raise ValueError("names is an empty list; give fictitious names or leave names=None")
             usable = tuple(n for n in cleaned if not self._conflict(n))
@@ -333,7 +348,7 @@ class EntityPerturber:
     # -- exclusion -------------------------------------------------------------------
 
     def _conflict(self, name: str, avoid_full=frozenset(), avoid_tokens=frozenset()) -> bool:
-        key = " ".join(name.split()).casefold()
+        key = _full_key(name)
         toks = _name_tokens(name)
         return (key in self._excluded_full or key in avoid_full
                 or bool(toks & self._excluded_tokens) or bool(toks & avoid_tokens))
@@ -359,7 +374,7 @@ class EntityPerturber:
         for i, a in enumerate(avoid):
             if not isinstance(a, str):
                 raise TypeError(f"avoid[{i}] must be a str (a name); got {type(a).__name__}")
-        avoid_full = frozenset(" ".join(a.split()).casefold() for a in avoid)
+        avoid_full = frozenset(_full_key(a) for a in avoid)
         avoid_tokens = frozenset().union(*(_name_tokens(a) for a in avoid)) if avoid_full else frozenset()
 
         if self._list is not None:
@@ -379,7 +394,7 @@ class EntityPerturber:
                 raise TypeError(f"names({k}) must return a str (a fictitious name); got {type(name).__name__}")
             if not name.strip():
                 raise ValueError(f"names({k}) returned an empty name; it must return a non-empty fictitious name")
-            name = " ".join(name.split())
+            name = " ".join(_nfc(name).split())
             if not self._conflict(name, avoid_full, avoid_tokens):
                 return name
         raise ValueError(f"names returned only excluded names for key {key} ({self.MAX_REDRAWS} key-derived "
@@ -394,7 +409,7 @@ class EntityPerturber:
         entity = _check_entity(entity)
         if not isinstance(fake, str):
             raise TypeError(f"fake must be a str (the fictitious name); got {type(fake).__name__}")
-        fake = " ".join(fake.split())
+        fake = " ".join(_nfc(fake).split())
         if not fake:
             raise ValueError("fake is empty; pass a fictitious name, e.g. perturber.fictitious_name(key)")
         fake_tokens = fake.split()
@@ -403,10 +418,10 @@ class EntityPerturber:
         def sub(m: re.Match) -> str:
             return repl[m.lastgroup]
 
-        return _pattern(entity, self.replace_parts).subn(sub, text)
+        return _pattern(entity, self.replace_parts).subn(sub, _nfc(text))
 
     def perturb(self, text: str, entity: str, fake: str) -> str:
-        """``text`` with every mention of ``entity`` replaced by ``fake``.
+        """``text`` (in NFC) with every mention of ``entity`` replaced by ``fake``.
 
         Whole-word, case-sensitive matches; possessives kept ("Ann Lee's" ->
         "Zora Quill's"); with replace_parts, "Ann" -> fake's first token and "Lee" ->
@@ -419,7 +434,7 @@ class EntityPerturber:
         """Perturb a record ``{"question", "answer", "entity", ...}`` with the name for ``key``.
 
         Returns ``(copy, fake)``: a shallow copy of the record whose question and answer
-        have every mention of the entity replaced by the same ``fake`` (drawn by
+        (in NFC) have every mention of the entity replaced by the same ``fake`` (drawn by
         ``fictitious_name(key, avoid=entity)``) and whose ``"entity"`` is ``fake``;
         other keys are copied unchanged. Raises ValueError if the entity is empty or
         mentioned in neither question nor answer.
@@ -446,6 +461,23 @@ class EntityPerturber:
         out = dict(record)
         out["question"], out["answer"], out["entity"] = question, answer, fake
         return out, fake
+
+    def config(self) -> dict:
+        """What decides the names drawn and the text replaced, beside the keys: JSON-able,
+        compared when a training run resumes (excluded entities and name lists as
+        SHA-256 digests)."""
+        def digest(values) -> str:
+            return hashlib.sha256(json.dumps(sorted(values)).encode("utf-8")).hexdigest()
+
+        if self._list is not None:
+            names = {"list_sha256": digest(self._list)}
+        elif self.generator is not None:
+            names = {"generator_seed": self.generator.seed, "first_sha256": digest(self.generator.first_names),
+                     "last_sha256": digest(self.generator.last_names)}
+        else:
+            names = {"callable": getattr(self._callable, "__qualname__", type(self._callable).__name__)}
+        return {"class": type(self).__name__, "seed": self.seed, "replace_parts": self.replace_parts,
+                "excluded_sha256": digest(self._excluded_full), "names": names}
 
     def __repr__(self) -> str:
         if self._list is not None:

@@ -1,43 +1,31 @@
-"""SeatTrainer: transformers.Trainer wired for SEAT.
-
-  * patches the model (or takes an already patched one) and trains with the handle's
-    SparseAdamW (lr, betas, eps and weight decay from TrainingArguments; the Trainer's
-    LR scheduler drives it);
-  * the loss is handle.loss(batch): CE normalized by the label tokens of the whole
-    accumulated batch (num_items_in_batch) and KL by the x~ positions of the whole
-    accumulated batch, so gradient accumulation equals one large batch;
-  * clips by global norm on the compact gradients (max_grad_norm);
-  * logs ce and kl beside the loss;
-  * checkpoints hold the sparse delta (checkpoint-N/seat_delta, see seat.delta) instead of
-    the full model (save_full_model=True writes both), the optimizer state (with its
-    masks), and the collator's counter of perturbation draws, so resume_from_checkpoint
-    continues bit-exactly from a fresh copy of the base model (with
-    dataloader_num_workers=0: worker processes draw on copies of the collator).
-  * one process only for now (world_size > 1 is refused).
-  * optimizer_kwargs go to the handle's SparseAdamW, e.g. the lean modes
-    dict(grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8) (see
-    seat.optim). update_in_backward=True needs gradient_accumulation_steps=1 and
-    max_grad_norm=0 (the update is applied during backward: nothing to accumulate into,
-    and no global norm before it); other values are refused.
-"""
+"""SeatTrainer: transformers.Trainer wired for SEAT (see the class docstring)."""
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
 import transformers
 
 from .config import SeatConfig
-from .delta import load_delta
+from .delta import DeltaMismatchError, load_delta
 from .loss import kl_row_mask
 from .masks import mask_indices
 from .patching import handle_of, patch
+from .trainer_resume import RUN_FILE, ResumeMismatchError, check_delta, check_resume, run_record
 
 DELTA_DIR = "seat_delta"
 COLLATOR_STATE = "seat_collator.json"
 DRAW_KEY = "seat_collator_step"  # batch key: the collator step that built the batch
+# What a resume reads beside seat_run.json (the Trainer's own file names).
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth")
+# The keys of a batch that SeatHandle.loss reads (seat.data's batch layout).
+BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pert_input_ids", "pert_attention_mask", "pert_kl_mask")
+NONFINITE_MODES = ("skip", "raise")
 
 
 class _DrawTaggingCollator:
@@ -59,12 +47,73 @@ class _DrawTaggingCollator:
         return getattr(self.inner, name)
 
 
+class _NonFiniteLoss(Exception):
+    """Raised by compute_loss (before any backward) when a training loss is not finite."""
+
+    def __init__(self, value: float):
+        super().__init__(value)
+        self.value = value
+
+
+def _sums() -> dict:
+    return {"loss": 0.0, "ce": 0.0, "kl": 0.0, "steps": 0}
+
+
 class SeatTrainer(transformers.Trainer):
+    """transformers.Trainer for SEAT.
+
+      * patches the model (or takes an already patched one) and trains with the handle's
+        SparseAdamW (lr, betas, eps and weight decay from TrainingArguments; the Trainer's
+        LR scheduler drives it); optimizer_kwargs go to it, e.g. the lean modes
+        dict(grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8) (see
+        seat.optim). update_in_backward=True needs gradient_accumulation_steps=1 and
+        max_grad_norm=0 (the update is applied during backward: nothing to accumulate
+        into, and no global norm before it); other values are refused.
+      * the loss is handle.loss(batch): CE normalized by the label tokens of the whole
+        accumulated batch (num_items_in_batch) and KL by the x~ positions of the whole
+        accumulated batch, so gradient accumulation equals one large batch; clipping is
+        by global norm on the compact gradients (max_grad_norm).
+      * logs loss, ce and kl as means over the optimizer steps of the logging window
+        that trained, and nonfinite_skipped (see below).
+      * keeps the columns its collator reads (seat.PairedCollator: question, answer,
+        entity) with the default remove_unused_columns=True, as it keeps the model's.
+      * one process only for now (world_size > 1 is refused).
+
+    Non-finite losses (nonfinite=): the loss of every micro-batch is checked before its
+    backward, so no NaN/inf ever reaches a gradient, the optimizer state or a weight
+    (nor, with update_in_backward, an update applied during backward).
+      "skip" (default: a long unattended run should not die on one bad batch): the whole
+        optimizer step of that micro-batch is skipped. Its other micro-batches' gradients
+        are dropped (accumulated ones of earlier micro-batches are zeroed, later ones are
+        not run), so a step never applies part of its accumulated batch; weights and
+        optimizer state stay as they were. The step still counts (global step, LR
+        schedule and the collator's draws advance as in a run without the bad batch).
+        A RuntimeWarning names the step and the micro-batch; nonfinite_skipped (the
+        count so far) is logged with every loss and saved in checkpoints. A logging
+        window whose every step was skipped logs loss = nan (never 0.0).
+      "raise": RuntimeError naming the step and micro-batch, before its backward: the
+        weights and optimizer state are those after the previous step (the step's
+        accumulated gradients are zeroed) and nothing is written.
+
+    Checkpoints (checkpoint-N/) hold the sparse delta (seat_delta/, see seat.delta)
+    instead of the full model (save_full_model=True writes both), the optimizer state
+    (with its masks), the collator's counter of perturbation draws (seat_collator.json)
+    and the record of the run (seat_run.json, see seat.trainer_resume). resume_from_checkpoint
+    continues bit-exactly from a fresh copy of the base model (with
+    dataloader_num_workers=0: worker processes draw on copies of the collator), or
+    refuses with ResumeMismatchError, before anything is loaded, naming each missing
+    piece or each difference from this run (SeatConfig, masks, optimizer options,
+    trajectory-shaping TrainingArguments, collator).
+    """
+
     def __init__(self, model=None, args: transformers.TrainingArguments | None = None, *,
                  seat_config: SeatConfig | None = None, save_full_model: bool = False,
-                 optimizer_kwargs: dict | None = None, **kwargs):
+                 optimizer_kwargs: dict | None = None, nonfinite: str = "skip", **kwargs):
         if model is None or args is None:
             raise ValueError("SeatTrainer needs a model and TrainingArguments")
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be 'skip' (skip the optimizer step, warn and count) or 'raise' "
+                             f"(stop with an error naming the step); got {nonfinite!r}")
         if "optimizers" in kwargs or "optimizer_cls_and_kwargs" in kwargs:
             raise ValueError("SeatTrainer makes its own optimizer (seat.optim.SparseAdamW over the masks); "
                              "set lr, betas, eps and weight_decay in TrainingArguments")
@@ -101,6 +150,7 @@ class SeatTrainer(transformers.Trainer):
                                  f"{args.max_grad_norm}), or drop update_in_backward")
         self.seat = handle
         self.save_full_model = save_full_model
+        self.nonfinite = nonfinite
         optimizer = handle._optimizer or handle.optimizer(
             lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
             weight_decay=args.weight_decay, **optimizer_kwargs)
@@ -111,43 +161,130 @@ class SeatTrainer(transformers.Trainer):
         # the accumulated micro-batches and not divide the loss again.
         self.model_accepts_loss_kwargs = True
         self._seat_kl_items = None
-        self._seat_sums = {"ce": 0.0, "kl": 0.0, "n": 0}
         self._seat_next_draw = None  # collator step after the last batch trained on
+        self._seat_step = None  # the optimizer step in progress: micro-batches, the bad one, sums
+        self._seat_window = _sums()  # trained steps since the last log
+        self._seat_totals = _sums()  # trained steps of this train() call
+        self.nonfinite_skipped = 0  # optimizer steps skipped for a non-finite loss (kept in checkpoints)
+
+    def train(self, *args, **kwargs):
+        self._seat_totals = _sums()
+        return super().train(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # remove_unused_columns keeps what the model's forward takes; SEAT records are
+        # read by the collator (its record_keys) and batches by SeatHandle.loss.
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            keep = list(BATCH_KEYS) + list(getattr(self.data_collator, "record_keys", ()))
+            self._signature_columns = list(dict.fromkeys(self._signature_columns + keep))
 
     # ------------------------------------------------------------------ loss
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._seat_kl_items = sum(int(kl_row_mask(b).sum()) for b in batch_samples) or None
+        self._seat_step = {"size": len(batch_samples), "seen": 0, "bad": None, "skipped": False, **_sums()}
         return batch_samples, num_items
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _note_draw(self, inputs) -> None:
         draw = inputs.pop(DRAW_KEY, None)
-        if draw is not None and model.training:
+        if draw is not None:
             self._seat_next_draw = int(draw) + 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            self._note_draw(inputs)
+        else:
+            inputs.pop(DRAW_KEY, None)
         kl_items = self._seat_kl_items if num_items_in_batch is not None else None
         out = self.seat.loss(inputs, num_items_in_batch=num_items_in_batch, kl_num_items=kl_items)
-        if model.training:
-            self._seat_sums["ce"] += out.ce.item()
-            self._seat_sums["kl"] += out.kl.item()
-            self._seat_sums["n"] += 1
+        if model.training and self._seat_step is not None:
+            loss = out.loss.item()
+            if not math.isfinite(loss):
+                raise _NonFiniteLoss(loss)  # before the Trainer's backward can see it
+            step = self._seat_step
+            step["loss"] += loss
+            step["ce"] += out.ce.item()
+            step["kl"] += out.kl.item()
         return (out.loss, {"ce": out.ce, "kl": out.kl}) if return_outputs else out.loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._seat_step is None or self._seat_step["seen"] >= self._seat_step["size"]:
+            # called outside the training loop: a step of one micro-batch
+            self._seat_step = {"size": 1, "seen": 0, "bad": None, "skipped": False, **_sums()}
+        step = self._seat_step
+        index = step["seen"]
+        step["seen"] += 1
+        loss = None
+        if step["bad"] is None:
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            except _NonFiniteLoss as e:
+                step["bad"] = (index, e.value)
+                self.seat._optimizer.zero_grad()  # the step's earlier micro-batches: never applied
+                if self.nonfinite == "raise":
+                    self._seat_step = None
+                    raise RuntimeError(f"{self._describe_bad(step)}; stopped before its backward (nonfinite='raise'): "
+                                       "the weights and optimizer state are those after the previous step. Check "
+                                       "that batch's data and the learning rate, or pass nonfinite='skip'") from None
+        else:
+            self._note_draw(inputs)  # a later micro-batch of a skipped step: not run, its draws used
+        if step["seen"] >= step["size"]:
+            self._end_step(step)
+        return loss if loss is not None else torch.zeros((), device=self.args.device)
+
+    def _describe_bad(self, step) -> str:
+        index, value = step["bad"]
+        return (f"the loss of micro-batch {index + 1} of {step['size']} of optimizer step "
+                f"{self.state.global_step + 1} is {value} (not finite)")
+
+    def _end_step(self, step) -> None:
+        if step["bad"] is None:
+            for sums in (self._seat_window, self._seat_totals):
+                for key in ("loss", "ce", "kl"):
+                    sums[key] += step[key]
+                sums["steps"] += 1
+        else:
+            step["skipped"] = True
+            self.nonfinite_skipped += 1
+            # The loop calls optimizer.step() next; the accelerate-wrapped optimizer steps
+            # only while gradients are to be synced, so this step is not applied.
+            self.accelerator.gradient_state._set_sync_gradients(False)
+            warnings.warn(f"SeatTrainer: {self._describe_bad(step)}; skipped the whole optimizer step "
+                          f"(nonfinite='skip'; {self.nonfinite_skipped} skipped so far)", RuntimeWarning,
+                          stacklevel=2)
+
     def _clip_grad_norm(self, model):
+        if self._seat_step is not None and self._seat_step["skipped"]:
+            return float("nan")  # no gradients: the step is skipped
         return self.seat._optimizer.clip_grad_norm_(self.args.max_grad_norm)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        sums = self._seat_sums
-        if "loss" in logs and sums["n"]:
-            # per micro-batch values are sums over its share of the accumulated batch's
-            # tokens: their sum per optimizer step is the step's mean
-            steps = max(1, sums["n"] / max(1, self.args.gradient_accumulation_steps))
-            logs["ce"] = round(sums["ce"] / steps, 6)
+        if "loss" in logs:
+            # means over the window's trained steps (each micro-batch's values are sums
+            # over its share of the accumulated batch's tokens: a step's sum is its mean)
+            window, steps = self._seat_window, self._seat_window["steps"]
+            logs["loss"] = window["loss"] / steps if steps else float("nan")
+            logs["ce"] = round(window["ce"] / steps, 6) if steps else float("nan")
             if self.seat.config.kl_weight:  # with no KL weight the KL is not computed (NaN)
-                logs["kl"] = round(sums["kl"] / steps, 8)
-            self._seat_sums = {"ce": 0.0, "kl": 0.0, "n": 0}
+                logs["kl"] = round(window["kl"] / steps, 8) if steps else float("nan")
+            logs["nonfinite_skipped"] = self.nonfinite_skipped
+            self._seat_window = _sums()
+        if "train_loss" in logs:
+            totals = self._seat_totals
+            logs["train_loss"] = totals["loss"] / totals["steps"] if totals["steps"] else float("nan")
+            logs["nonfinite_skipped"] = self.nonfinite_skipped
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
+    def _run_record(self) -> dict:
+        collator = getattr(self.data_collator, "inner", self.data_collator)
+        return run_record(self.seat, self.seat._optimizer, self.args, collator, self.nonfinite,
+                          self.nonfinite_skipped)
+
+    def _stateful_collator(self) -> bool:
+        return callable(getattr(self.data_collator, "load_state_dict", None))
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.save_full_model:
@@ -156,26 +293,63 @@ class SeatTrainer(transformers.Trainer):
             return
         os.makedirs(output_dir, exist_ok=True)
         self.seat.save_delta(Path(output_dir) / DELTA_DIR)
-        collator_state = getattr(self.data_collator, "state_dict", None)
-        if callable(collator_state):
-            state = collator_state()
+        if self._stateful_collator():
+            state = self.data_collator.state_dict()
             if self._seat_next_draw is not None:
                 state["step"] = self._seat_next_draw
             (Path(output_dir) / COLLATOR_STATE).write_text(json.dumps(state))
+        (Path(output_dir) / RUN_FILE).write_text(json.dumps(self._run_record(), indent=1))
         if self.processing_class is not None and not self.save_full_model:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Everything is checked before anything is loaded; a failure leaves the
+        weights, the optimizer and the collator as they were."""
         checkpoint = Path(resume_from_checkpoint)
-        if (checkpoint / DELTA_DIR).is_dir():
-            # The model in memory is the base model the run started from: the delta's
-            # base-value check holds, and its trained values are written bit-exactly.
+        stateful = self._stateful_collator()
+        required = [DELTA_DIR, *TRAINER_FILES] + ([COLLATOR_STATE] if stateful else [])
+        saved = check_resume(checkpoint, self._run_record(), required)
+        check_delta(checkpoint / DELTA_DIR, self.seat)
+        collator_state = None
+        if stateful:
+            collator_state = _read_collator_state(checkpoint / COLLATOR_STATE)
+            try:  # on a copy: validates, changes nothing
+                copy.copy(self.data_collator.inner).load_state_dict(collator_state)
+            except (TypeError, ValueError) as e:
+                raise ResumeMismatchError(f"{checkpoint / COLLATOR_STATE}: {e}") from None
+        optimizer = self.seat._optimizer
+        previous = optimizer.state_dict()
+        try:  # SparseAdamW checks the saved masks against its own (the Trainer loads it again later)
+            optimizer.load_state_dict(torch.load(checkpoint / TRAINER_FILES[0], map_location="cpu",
+                                                 weights_only=True))
+        except Exception as e:
+            optimizer.load_state_dict(previous)
+            raise ResumeMismatchError(f"{checkpoint / TRAINER_FILES[0]} does not fit this run's optimizer: {e}") from e
+        targets = list(self.seat.targets.values())
+        index = [mask_indices(t.idx).long() for t in targets]
+        before = [t.param.detach().view(-1)[i].clone() for t, i in zip(targets, index)]
+        try:
+            # The delta's base-value check compares with the base model the run started
+            # from: put the base values back at the masks, then write the trained ones.
             with torch.no_grad():
-                for t in self.seat.targets.values():
-                    t.param.data.view(-1)[mask_indices(t.idx).long()] = t.original
+                for t, i in zip(targets, index):
+                    t.param.data.view(-1)[i] = t.original
             load_delta(self.model, checkpoint / DELTA_DIR)
-        else:
-            super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        state_file = checkpoint / COLLATOR_STATE
-        if state_file.is_file() and hasattr(self.data_collator, "load_state_dict"):
-            self.data_collator.load_state_dict(json.loads(state_file.read_text()))
+        except Exception as e:
+            with torch.no_grad():
+                for t, i, values in zip(targets, index, before):
+                    t.param.data.view(-1)[i] = values
+            optimizer.load_state_dict(previous)
+            if isinstance(e, DeltaMismatchError):
+                raise ResumeMismatchError(f"{checkpoint / DELTA_DIR}: {e}") from e
+            raise
+        if collator_state is not None:
+            self.data_collator.load_state_dict(collator_state)
+        self.nonfinite_skipped = saved["nonfinite"]["skipped"]
+
+
+def _read_collator_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ResumeMismatchError(f"{path} is not readable JSON ({e}); resume from a complete checkpoint") from None

@@ -1,6 +1,7 @@
 """SeatTrainer and handle.optimizer with the lean SparseAdamW modes: options pass
 through, incompatible TrainingArguments are refused, optimizer-in-backward trains the same
-trajectory as the default mode, lean checkpoints resume bit-exactly."""
+trajectory as the default mode, lean checkpoints resume bit-exactly, and a non-finite
+loss never reaches an update applied during backward."""
 from __future__ import annotations
 
 import pytest
@@ -9,29 +10,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import seat  # noqa: E402
-from _tokenizers import word_tokenizer  # noqa: E402
-from seat.perturb import EntityPerturber  # noqa: E402
-from test_trainer import RECORDS  # noqa: E402
+from _trainer_helpers import assert_params_equal, make_trainer, trained_params  # noqa: E402
+
+LEAN_ARGS = dict(gradient_accumulation_steps=1, max_grad_norm=0.0)
 
 
 def _setup(tmp_path, optimizer_kwargs=None, **arg_overrides):
-    tokenizer = word_tokenizer([r["question"] + " " + r["answer"] for r in RECORDS])
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
-                                      max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.3)
-    collator = seat.PairedCollator(tokenizer, EntityPerturber(exclude=[r["entity"] for r in RECORDS], seed=1))
-    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                max_steps=6, learning_rate=2e-2, weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
-                save_steps=3, save_strategy="steps", report_to=[], use_cpu=True, seed=0, data_seed=0,
-                dataloader_num_workers=0, remove_unused_columns=False, lr_scheduler_type="linear")
-    args.update(arg_overrides)
-    trainer = seat.SeatTrainer(model, transformers.TrainingArguments(**args), seat_config=seat.SeatConfig(density=0.2),
-                               train_dataset=RECORDS, data_collator=collator, processing_class=tokenizer,
-                               optimizer_kwargs=optimizer_kwargs)
+    trainer, model, _ = make_trainer(tmp_path, trainer_kwargs=dict(optimizer_kwargs=optimizer_kwargs),
+                                     **{**LEAN_ARGS, **arg_overrides})
     return trainer, model
 
 
@@ -67,11 +53,37 @@ def test_lean_checkpoint_resumes_bit_exactly(tmp_path):
     trainer, model = _setup(tmp_path / "a", optimizer_kwargs=lean)
     trainer.train()
     assert trainer.seat._optimizer.state[model.model.layers[0].self_attn.q_proj.weight]["exp_avg"].dtype == torch.uint8
-    uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
+    uninterrupted = trained_params(model)
     resumed_trainer, resumed = _setup(tmp_path / "a", optimizer_kwargs=lean)
     resumed_trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
-    for name, p in resumed.named_parameters():
-        assert torch.equal(p, uninterrupted[name]), name
+    assert_params_equal(resumed, uninterrupted)
+
+
+def test_update_in_backward_skips_a_nonfinite_loss_before_its_update(tmp_path):
+    """The update runs inside backward: the loss must be checked before it. Step 2's NaN
+    loss leaves the weights as step 1 left them; step 3 trains on."""
+    trainer, model = _setup(tmp_path, optimizer_kwargs=dict(update_in_backward=True), max_steps=3, save_steps=100)
+    after = []
+    trainer.add_callback(type("Snap", (transformers.TrainerCallback,), {
+        "on_step_end": lambda self, *a, **k: after.append(trained_params(model))})())
+    loss_fn, calls = trainer.seat.loss, []
+
+    def poisoned(batch, **kwargs):
+        out = loss_fn(batch, **kwargs)
+        calls.append(None)
+        if len(calls) == 2:
+            out.loss = out.loss * float("inf")
+        return out
+
+    trainer.seat.loss = poisoned
+    with pytest.warns(RuntimeWarning, match="optimizer step 2 is"):
+        trainer.train()
+    assert_params_equal(model, after[2])
+    for name in after[0]:
+        assert torch.equal(after[1][name], after[0][name]), name
+        assert torch.isfinite(after[2][name]).all(), name
+    assert any(not torch.equal(after[2][n], after[1][n]) for n in after[0])
+    assert trainer.nonfinite_skipped == 1
 
 
 def test_handle_optimizer_passes_lean_options_through():
