@@ -22,6 +22,8 @@ _LAZY = {
     "SeatConfig": ("seat.config", "SeatConfig"),
     "SeatHandle": ("seat.patching", "SeatHandle"),
     "load_delta": ("seat.delta", "load_delta"),
+    "DeltaMismatchError": ("seat.delta", "DeltaMismatchError"),
+    "ResumeMismatchError": ("seat.trainer_resume", "ResumeMismatchError"),
     "PairedCollator": ("seat.data", "PairedCollator"),
     "SeatTrainer": ("seat.trainer", "SeatTrainer"),
 }
@@ -30,9 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import info, masks, memory, ops, optim  # noqa: F401
     from .config import SeatConfig  # noqa: F401
     from .data import PairedCollator  # noqa: F401
-    from .delta import load_delta  # noqa: F401
+    from .delta import DeltaMismatchError, load_delta  # noqa: F401
     from .patching import SeatHandle, patch  # noqa: F401
     from .trainer import SeatTrainer  # noqa: F401
+    from .trainer_resume import ResumeMismatchError  # noqa: F401
 
 __all__ = ["__version__", *_LAZY]
 
