@@ -86,6 +86,8 @@ def is_fake(t: torch.Tensor) -> bool:
 
 def host_values(t: torch.Tensor) -> np.ndarray:
     """t's values as a numpy array: a view of a CPU tensor, a copy of any other."""
+    if t.device.type == "cpu" and not t.requires_grad:
+        return t.numpy()  # no intermediate tensors: this runs for every mask of every step
     return t.detach().cpu().numpy()
 
 

@@ -14,6 +14,7 @@ Shapes and dtypes:
   mask          int32 sorted unique indices into dense.view(-1), or a seat.masks mask in
                 any encoding (IndexMask, Block16Mask, ImplicitMask): see _encodings.py.
                 Slot j of out is the mask's j-th entry in increasing position order.
+  out may not share memory with dense or the mask (ValueError naming both).
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ Shapes and dtypes:
   param  (any)   any dtype, contiguous; its masked entries are exchanged.
   mask           int32 sorted unique indices into param.view(-1), or a seat.masks mask in
                  any encoding (see _encodings.py); slot j is its j-th entry.
-  values (nnz,)  param.dtype, contiguous.
+  values (nnz,)  param.dtype, contiguous; may not share memory with param or the mask
+                 (ValueError naming both).
 """
 from __future__ import annotations
 

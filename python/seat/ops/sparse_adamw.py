@@ -34,6 +34,11 @@ Shapes and dtypes (lists of equal length; all tensors on one device, contiguous)
                   (unbiased; random bits from (seed, step, i, position), see _adamw.py).
                   float16 params need a master for it; fp32/fp64 params do not round.
 
+No tensor the step writes (params, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs) may
+share memory with any other argument (one tensor as both moments, a master that is a
+gradient, one param listed twice): refused with a ValueError naming both. Disjoint slices
+of one buffer are separate tensors.
+
 The torch op (torch.ops.seat.sparse_adamw_) takes an empty tensor where the Python API
 takes None: torch's functionalization (torch.compile) cannot handle None entries in a
 mutated tensor list. An entry with nnz_i == 0 changes nothing either way.
