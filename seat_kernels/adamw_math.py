@@ -39,7 +39,11 @@ def adamw_step(w, g, m, v, vmax, decay, one_minus_beta1, beta2, one_minus_beta2,
     if MAXIMIZE:
         g = -g
     w = w * decay
-    m = m + one_minus_beta1 * (g - m)
+    # exp_avg.lerp_(g, 1 - beta1) as torch computes it, from the nearer end: the same
+    # rounding and the same non-finite results (inf gradient, weight >= 0.5: NaN);
+    # one select per element, the coefficient's is a scalar (w - 1 is exact for w >= 0.5)
+    near_m = one_minus_beta1 < 0.5
+    m = tl.where(near_m, m, g) + tl.where(near_m, one_minus_beta1, one_minus_beta1 - 1.0) * (g - m)
     v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
         vmax = tl.maximum(vmax, v)

@@ -20,7 +20,7 @@ MASK_BLOCK // TILE times for HASH and once otherwise.
 
 Bounds: whatever the mask tensors hold, a kernel touches positions in [0, numel) and
 slots in [0, nnz) only (an index outside them, a hash block's slots past the next
-block's first slot, are skipped; a block16 position past numel is clamped), and reads
+block's first slot, are skipped), and reads
 mask tensors only inside their lengths (the wrappers pass nnz clamped to the entries
 the mask tensors hold). A lying mask can make results wrong, never touch other memory.
 
@@ -50,8 +50,10 @@ SEARCH_STEPS = tl.constexpr(16)
 
 TILE = 1024
 # sparse_adamw_ keeps ~10 live values per element; on a hash mask the prefix sum adds its
-# own, so a smaller tile there keeps registers per thread (and occupancy) where they were.
-ADAMW_HASH_TILE = 512
+# own, and on a block16 mask the per-entry bounds check of a searched position does
+# (1024 entries: 72 -> 96 registers on sm_90, 95 -> 146 with amsgrad), so a smaller tile
+# there keeps registers per thread (and occupancy) where they were.
+ADAMW_SMALL_TILE = 512
 _AOT_MASK_BLOCK = 4096  # the default hash block, what the AOT specs compile
 
 # sparse_adamw_'s pointer table: one int64 row per tensor, the same columns for every
@@ -122,8 +124,8 @@ def entries(ENC: tl.constexpr, index_ptr, offsets_ptr, item, tile, first, limit,
     a flat position in the parameter and a slot in the compact arrays, valid where live;
     count = HASH members of the tile (the next tile's slots start at first + count).
 
-    INDEX / BLOCK16: item = TILE compact entries; an INDEX position outside [0, numel)
-    is dead, a BLOCK16 one past numel is clamped to numel - 1 (in bounds; the mask lied).
+    INDEX / BLOCK16: item = TILE compact entries; a position outside [0, numel) is
+    dead (the mask lied).
     HASH: item = mask block (elements item * MASK_BLOCK + tile + lane), members numbered
     from `first`; a slot at or past `limit` is dead."""
     if ENC == HASH:
@@ -141,11 +143,10 @@ def entries(ENC: tl.constexpr, index_ptr, offsets_ptr, item, tile, first, limit,
             pos = tl.load(index_ptr + slot, mask=live, other=0)
             return pos, slot, live & (pos >= 0) & (pos < numel), 0
         else:
-            # A block16 position is >= 0 by construction; one past the parameter is
-            # clamped rather than masked: `live & (pos < numel)` measured 72 -> 96
-            # registers for AdamW on sm_90 (96 -> 146 with amsgrad), the clamp none.
+            # A block16 position is >= 0 by construction; one past the parameter (a mask
+            # edited behind torch's back) is skipped, as on every backend.
             pos = block16_positions(index_ptr, offsets_ptr, slot, live, index_len - 1)
-            return tl.minimum(pos, numel - 1), slot, live, 0  # numel >= 1: see _mask_launch
+            return pos, slot, live & (pos < numel), 0
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -242,7 +243,7 @@ def implicit_block_counts_kernel(counts_ptr, numel, key, threshold, MASK_BLOCK: 
 def _mask_launch(encoding: int, compact: int, numel: int, mask_index, mask_offsets, mask_ints, tile: int):
     """(grid, nnz, (key, threshold), MASK_BLOCK, TILE) of one mask: nnz = the compact
     entries, clamped to the entries the mask tensors hold, so no lane reads past them,
-    and 0 for an empty parameter (no entry can be live; the block16 clamp needs numel >= 1)."""
+    and 0 for an empty parameter (no entry can be live)."""
     key, threshold, block = (int(v) for v in mask_ints)
     if numel == 0:
         compact = 0
@@ -311,7 +312,7 @@ def sparse_adamw_(params, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs
         ints = mask_ints[3 * i:3 * i + 3]
         items, nnz, (key, threshold), mask_block, tile = _mask_launch(
             encoding, grads[i].numel(), param.numel(), mask_indices[i], mask_offsets[i], ints,
-            ADAMW_HASH_TILE if encoding == HASH.value else TILE)
+            ADAMW_SMALL_TILE if encoding != INDEX.value else TILE)
         if nnz == 0 or items == 0:
             continue
         row = [0] * N_COLS.value
@@ -363,7 +364,7 @@ def _adamw_spec(enc_name: str, param: str, state: str, has_master: bool, amsgrad
     constexprs = {"PARAM_DT": _TL_DTYPE[getattr(torch, param)], "STATE_DT": _TL_DTYPE[getattr(torch, state)],
                   "GRAD_DT": _TL_DTYPE[getattr(torch, grad or state)], "HAS_MASTER": has_master,
                   "AMSGRAD": amsgrad, "MAXIMIZE": False, "STOCHASTIC": stochastic, "DENSE_STATE": dense,
-                  **_mask_const(enc, ADAMW_HASH_TILE if enc == HASH.value else TILE)}
+                  **_mask_const(enc, ADAMW_SMALL_TILE if enc != INDEX.value else TILE)}
     return AotSpec(f"sparse_adamw_kernel[{enc_name}:{param}/{state}{flags}]", sparse_adamw_kernel,
                    {"table_ptr": "*i64", "scalars_ptr": "*fp64", "step_key": "i64",
                     **{name: "constexpr" for name in ("ENC", *constexprs)}}, constexprs)

@@ -158,8 +158,9 @@ void check_mask_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t numel,
 
 // The MaskRef of one mask of a tensor of `numel` elements with `nnz` compact entries,
 // after the checks the walks rely on: index and offsets as long as they read them, hash
-// parameters in their ranges. The values themselves are not checked (O(nnz) work the
-// Python layer caches); the walks skip what lies outside the tensors.
+// parameters in their ranges. The values themselves are checked by the Python layer
+// (python/seat/ops/_encodings.py); the walks skip what lies outside the tensors, so a
+// direct caller, or a mask edited behind torch's back, cannot reach other memory.
 MaskRef mask_ref(IndexMask, const at::Tensor& index, const at::Tensor&, at::IntArrayRef, int64_t numel, int64_t nnz,
                  const char* who) {
   check_mask_tensor(index, at::kInt, nnz, "the index mask", who);

@@ -307,17 +307,20 @@ def test_hash_offsets_that_are_not_the_masks_own_are_refused(backend, edit):
 
 def test_bad_hash_offsets_never_write_out_of_bounds(backend):
     """Offsets that lie (a prefix count of other members): called directly, bypassing the
-    validation that refuses them, the kernels number slots wrongly but stay inside the
-    compact arrays."""
+    validation that refuses them, the kernels number slots as the reference does (each
+    block's members from its offset, none at or past the next block's) and stay inside
+    the compact arrays."""
     device = backend_device("masked_gather_", backend)
-    if backend == "reference":
-        pytest.skip("the reference recomputes the mask and rejects the offsets")
     mask, idx = make_mask("implicit", 4096, 0.5, device=device)
     args = mask.op_args()
     skewed = args.index.clone()
     skewed[1:-1] = torch.clamp(skewed[1:-1] - 40, min=0)  # still monotone, steps <= block
     guard = torch.zeros(idx.numel() + 64, device=device)
     out = guard[:idx.numel()]
-    kernel = ops.OPS["masked_gather_"].kernels[backend]  # the kernel itself: validation refuses these offsets
+    entry = ops.OPS["masked_gather_"]
+    kernel = entry.kernels.get(backend, entry.reference)  # the kernel itself: validation refuses these offsets
     kernel(out, torch.ones(4096, device=device), args._replace(index=skewed))
     assert torch.all(guard[idx.numel():] == 0)
+    expected = torch.zeros(idx.numel())
+    entry.reference(expected, torch.ones(4096), args._replace(index=skewed.cpu()))
+    assert torch.equal(out.cpu(), expected)

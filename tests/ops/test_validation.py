@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import backend_device
 
 from seat import ops
 
@@ -68,3 +69,42 @@ def test_index_check_is_redone_after_in_place_change():
     idx[1] = 10  # now out of range: the cached verdict must not hide it
     with pytest.raises(ValueError, match="mask holds values"):
         ops.masked_gather_(out, dense, idx)
+
+
+def test_index_written_behind_torchs_back_is_refused():
+    """A write through .numpy() does not bump the version: CPU indices are checked on
+    every call, so a cached verdict cannot hide it."""
+    dense, out, idx = torch.randn(10), torch.zeros(2), _idx(1, 2)
+    ops.masked_gather_(out, dense, idx)
+    version = idx._version
+    idx.numpy()[1] = 2**31 - 1
+    assert idx._version == version
+    with pytest.raises(ValueError, match="mask holds values"):
+        ops.masked_gather_(out, dense, idx)
+
+
+def alias_cases():
+    dense, idx = torch.randn(20), _idx(0, 7, 19)
+    yield "gather out in dense", lambda: ops.masked_gather_(dense[4:7], dense, idx), r"dense and out share memory"
+    yield "gather out is the mask", lambda: ops.masked_gather_(idx.view(torch.float32), dense, idx), \
+        "share memory, and the op writes out"
+    param = torch.randn(20)
+    yield "swap values in param", lambda: ops.masked_swap_(param, idx, param[10:13]), "share memory"
+    m = torch.zeros(3)
+    yield "adamw one tensor as both moments", lambda: ops.sparse_adamw_(
+        [param], [idx], [torch.randn(3)], [m], [m], lr=0.1, step=1), r"exp_avgs\[0\] and exp_avg_sqs\[0\] share"
+    yield "adamw master is the grad", lambda: ops.sparse_adamw_(
+        [param], [idx], [m], [torch.zeros(3)], [torch.zeros(3)], [m], lr=0.1, step=1), \
+        r"grads\[0\] and masters\[0\] share memory, and the op writes masters\[0\]"
+    yield "adamw a param twice", lambda: ops.sparse_adamw_(
+        [param, param], [idx, idx], [m, m], [torch.zeros(3), torch.zeros(3)], [torch.zeros(3), torch.zeros(3)],
+        lr=0.1, step=1), r"params\[0\] and params\[1\] share memory"
+
+
+@pytest.mark.parametrize("case", list(alias_cases()), ids=lambda c: c[0])
+def test_aliased_arguments_are_refused(backend, case):
+    if backend_device("masked_gather_", backend).type != "cpu":
+        pytest.skip("the cases are CPU tensors")
+    _, call, message = case
+    with ops.use_backend(backend), pytest.raises(ValueError, match=message):
+        call()

@@ -32,7 +32,11 @@ template <typename T>
 SEAT_HD T adamw_step(T w, T g, T& m, T& v, T* vmax, const AdamWScalars<T>& s, bool maximize) {
   if (maximize) g = -g;
   w = w * s.decay;
-  m = m + s.one_minus_beta1 * (g - m);
+  // exp_avg.lerp_(g, 1 - beta1) as torch computes it, from the nearer end: the same
+  // rounding, and the same non-finite results (an inf gradient with a weight >= 0.5 gives
+  // NaN in torch: inf - inf). w1 - 1 is exact for w1 in [0.5, 1].
+  const bool near_m = s.one_minus_beta1 < T(0.5);
+  m = (near_m ? m : g) + (near_m ? s.one_minus_beta1 : s.one_minus_beta1 - T(1)) * (g - m);
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
   T second = v;
   if (vmax != nullptr) {

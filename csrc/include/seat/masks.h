@@ -10,9 +10,8 @@
 // encoding. A backend may walk a policy its own way where the generic walk is slow, with
 // the same entries and bounds: the CPU hashes a hash block 8 lanes at a time and prefetches
 // an index walk (csrc/cpu/sparse_update.cpp), CUDA numbers a hash block's members with a
-// warp ballot (csrc/cuda/sparse_update.cu); visit() stays the definition they follow.
-// The Triton kernels clamp a block16 position past numel to numel - 1 instead of skipping
-// it (masking costs them registers); only a mask that bypassed validation has one.
+// warp ballot (csrc/cuda/sparse_update.cu); visit() stays the definition they follow,
+// and so do the Triton kernels (seat_kernels/sparse_update.py).
 //
 //   IndexMask    sorted unique int32 flat indices; one item per entry.
 //   Block16Mask  index = block_starts (int32, n_blocks + 1: entries before element

@@ -22,12 +22,21 @@ constexpr of seat_kernels/sparse_update.py. ``decode`` turns any encoding into I
 the oracle every kernel is tested against and what the references run. The Python
 classes users hold (seat.masks.IndexMask, Block16Mask, ImplicitMask) produce MaskArgs
 with ``op_args()``; a bare int32 tensor is an INDEX mask.
+
+Safety and validation: no kernel touches memory outside its tensors, whatever a mask
+holds (an entry whose position or slot lies outside them is skipped; ``entries`` is what
+every backend visits). The ops refuse a mask that breaks its encoding's contract with a
+ValueError before anything is written: a CPU mask is checked on every call (one
+vectorized pass on the host, ~1% of a gather), so a write torch does not see (through
+.numpy(), .data, DLPack) cannot slip past; a mask on another device is checked once per
+in-place version (a copy to the host), and there the kernels' bounds are the safety.
 """
 from __future__ import annotations
 
 import weakref
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
@@ -156,8 +165,12 @@ def check_hash_params(prefix: str, *, threshold, block, **ints) -> None:
         raise ValueError(f"{prefix}block must be a power of two in [{MIN_HASH_BLOCK}, {MAX_HASH_BLOCK}]; got {block}")
 
 
-# block_offsets whose values were checked: (version, numel, block, nnz, key, threshold) by
-# tensor identity (a weak key: the entry goes with the tensor).
+# block_offsets whose prefix counts were recounted from (key, threshold): (version,
+# numel, block, nnz, key, threshold) by tensor identity (a weak key: the entry goes with
+# the tensor). Recounting hashes every element, as much work as a step, so it is done
+# once per in-place version; the cheap structural checks run on every call on CPU. Offsets
+# edited behind torch's back keep their slots inside [0, nnz) (the structure is checked):
+# they number the members differently (`entries` says how), they never reach past them.
 _checked_offsets: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -172,8 +185,9 @@ def record_block_offsets(block_offsets: Tensor, numel: int, block: int, key: int
 def check_block_offsets(name: str, block_offsets, numel: int, block: int, nnz: int | None, *, values: bool,
                         key: int | None = None, threshold: int | None = None) -> None:
     """block_offsets: 1-D int32 of ceil(numel / block) + 1 entries; with values, also
-    0 at [0], steps in [0, block], [-1] == nnz and, given (key, threshold), equal to the
-    mask's own prefix counts (counted again unless recorded: once per in-place version).
+    0 at [0], steps in [0, block], [-1] == nnz (on every call on CPU, once per in-place
+    version elsewhere) and, given (key, threshold), equal to the mask's own prefix counts
+    (counted again once per in-place version unless recorded).
     nnz None: the compact arrays are not known (implicit_block_offsets_ fills them)."""
     _checks.tensor(name, block_offsets, dtypes=(torch.int32,), ndim=1)
     if numel > INT32_MAX:
@@ -186,15 +200,16 @@ def check_block_offsets(name: str, block_offsets, numel: int, block: int, nnz: i
     if not values or nnz is None or _checks.is_fake(block_offsets):
         return
     seen = (block_offsets._version, numel, block, nnz, key, threshold)
-    if _checked_offsets.get(block_offsets) == seen:
+    recorded = _checked_offsets.get(block_offsets) == seen
+    if recorded and not _checks.checked_every_call(block_offsets):
         return
-    steps = block_offsets.diff()
-    if int(block_offsets[0]) != 0 or int(block_offsets[-1]) != nnz or (
-            steps.numel() and not bool(((steps >= 0) & (steps <= block)).all())):
+    offsets = _checks.host_values(block_offsets)
+    steps = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != nnz or (steps.size and not bool(((steps >= 0) & (steps <= block)).all())):
         raise ValueError(f"{name} is not a prefix count of a mask with {nnz} entries (it must start at 0, grow by "
-                         f"0..{block} per block and end at {nnz}); got [{int(block_offsets[0])}, ..., "
-                         f"{int(block_offsets[-1])}]. Build it with implicit_block_offsets_ for the same mask")
-    if key is not None:  # offsets of another mask (or edited) would number the slots wrongly
+                         f"0..{block} per block and end at {nnz}); got [{int(offsets[0])}, ..., "
+                         f"{int(offsets[-1])}]. Build it with implicit_block_offsets_ for the same mask")
+    if key is not None and not recorded:  # offsets of another mask (or edited) would number the slots wrongly
         counts = hash_block_counts(numel, key, threshold, block, block_offsets.device)
         if not torch.equal(torch.cumsum(counts, 0, dtype=torch.int32), block_offsets[1:]):
             raise ValueError(f"{name} are not the prefix counts of this mask (key={key}, threshold={threshold}): "
@@ -225,15 +240,18 @@ def decode_block16(block_starts: Tensor, offsets: Tensor) -> Tensor:
     return (blocks * BLOCK16_SIZE + offsets.to(torch.int32).long()).to(torch.int32)
 
 
-# offsets -> (weakref to block_starts, versions, numel): a reference, not id(), so a freed
-# block_starts whose address is reused is not mistaken for the checked one
+# offsets -> (weakref to block_starts, versions, numel) of non-CPU masks checked (CPU
+# ones are checked on every call): a reference, not id(), so a freed block_starts whose
+# address is reused is not mistaken for the checked one. A fast path to a clear error
+# only: the kernels skip a position outside the tensor whatever the mask holds.
 _checked_block16: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def check_block16(prefix: str, block_starts, offsets, numel: int, *, values: bool) -> None:
     """block_starts int32 (ceil(numel / 65536) + 1,), offsets uint16 1-D; with values,
     also: starts from 0, non-decreasing, ends at offsets.numel(), and the decoded indices
-    strictly increasing and < numel (checked once per in-place version)."""
+    strictly increasing and < numel (one pass over offsets: on every call on CPU, once per
+    in-place version elsewhere)."""
     _checks.tensor(f"{prefix}block_starts", block_starts, dtypes=(torch.int32,), ndim=1)
     _checks.tensor(f"{prefix}offsets", offsets, dtypes=(torch.uint16,), ndim=1)
     if numel > INT32_MAX:
@@ -247,20 +265,29 @@ def check_block16(prefix: str, block_starts, offsets, numel: int, *, values: boo
                          f"{block_starts.device}; move them to the same device")
     if not values or _checks.is_fake(offsets) or _checks.is_fake(block_starts):
         return
+    every_call = _checks.checked_every_call(offsets)
     seen = _checked_block16.get(offsets)
-    if seen is not None and seen[0]() is block_starts and seen[1:] == _block16_versions(block_starts, offsets, numel):
+    if (not every_call and seen is not None and seen[0]() is block_starts
+            and seen[1:] == _block16_versions(block_starts, offsets, numel)):
         return
-    nnz = offsets.numel()
-    steps = block_starts.diff()
-    if int(block_starts[0]) != 0 or int(block_starts[-1]) != nnz or (steps.numel() and not bool((steps >= 0).all())):
+    starts, offs = _checks.host_values(block_starts), _checks.host_values(offsets)
+    nnz = offs.size
+    if starts[0] != 0 or starts[-1] != nnz or (starts.size > 1 and bool((np.diff(starts) < 0).any())):
         raise ValueError(f"{prefix}block_starts must start at 0, never decrease and end at offsets.numel() = {nnz}; "
-                         f"got [{int(block_starts[0])}, ..., {int(block_starts[-1])}] (build it with encode_block16)")
-    idx = decode_block16(block_starts, offsets)
-    if nnz > 1 and not bool((idx[1:] > idx[:-1]).all()):
-        raise ValueError(f"{prefix}offsets must be strictly increasing within each block (sorted, unique entries)")
-    if nnz and int(idx[-1]) >= numel:
-        raise ValueError(f"{prefix}offsets reach element {int(idx[-1])}, outside a tensor of {numel} elements")
-    _record_block16(block_starts, offsets, numel)
+                         f"got [{int(starts[0])}, ..., {int(starts[-1])}] (build it with encode_block16)")
+    if nnz > 1:  # increasing within a block; across a block boundary the position always grows
+        rising = offs[1:] > offs[:-1]
+        cuts = starts[(starts > 0) & (starts < nnz)]
+        rising[cuts - 1] = True
+        if not bool(rising.all()):
+            raise ValueError(f"{prefix}offsets must be strictly increasing within each block (sorted, unique "
+                             "entries)")
+    if nnz:
+        last = (int(np.searchsorted(starts, nnz - 1, side="right")) - 1) * BLOCK16_SIZE + int(offs[-1])
+        if last >= numel:
+            raise ValueError(f"{prefix}offsets reach element {last}, outside a tensor of {numel} elements")
+    if not every_call:
+        _record_block16(block_starts, offsets, numel)
 
 
 def _block16_versions(block_starts: Tensor, offsets: Tensor, numel: int) -> tuple:
@@ -275,8 +302,7 @@ def record_block16_piece(block_starts: Tensor, offsets: Tensor, piece_starts: Te
                          numel: int) -> None:
     """Record a piece of a block16 mask (entries [start, stop): offsets[start:stop], block
     starts shifted by -start and clamped to [0, stop - start]; Block16Mask.chunk) as
-    checked: a piece of a valid mask is valid. The whole mask is checked first (once per
-    in-place version: cached)."""
+    checked: a piece of a valid mask is valid. The whole mask is checked first."""
     check_block16("", block_starts, offsets, numel, values=True)
     if not (_checks.is_fake(piece_offsets) or _checks.is_fake(piece_starts)):
         _record_block16(piece_starts, piece_offsets, numel)
@@ -285,20 +311,32 @@ def record_block16_piece(block_starts: Tensor, offsets: Tensor, piece_starts: Te
 # ----------------------------------------------------------------------------- every encoding
 
 
-def decode(mask: MaskArgs, numel: int, nnz: int | None = None) -> Tensor:
-    """The mask as (nnz,) sorted unique int32 flat indices: the oracle of every kernel.
-    With `nnz` (the compact arrays' size), a hash mask whose members do not number nnz is
-    refused: its block_offsets belong to another mask."""
+def decode(mask: MaskArgs, numel: int) -> Tensor:
+    """The mask as (nnz,) sorted unique int32 flat indices: the oracle of every kernel."""
     if mask.encoding == INDEX:
         return mask.index
     if mask.encoding == BLOCK16:
         return decode_block16(mask.index, mask.offsets)
     key, threshold, _ = mask.ints
-    idx = hash_indices(numel, key, threshold, mask.index.device)
-    if nnz is not None and idx.numel() != nnz:
-        raise ValueError(f"the compact arrays have {nnz} entries but the mask of (key={key}, threshold={threshold}) "
-                         f"has {idx.numel()} members: block_offsets belong to another mask")
-    return idx
+    return hash_indices(numel, key, threshold, mask.index.device)
+
+
+def entries(mask: MaskArgs, numel: int, nnz: int) -> tuple[Tensor, Tensor]:
+    """(positions, slots), int64: the entries an op visits, as every kernel visits them
+    (what the references run). For a valid mask slot j holds the j-th position. A hash
+    mask numbers each block's members from block_offsets[b] and skips slots at or past
+    block_offsets[b + 1]: block_offsets that pass the per-call structural checks but
+    were edited where torch does not see it (no version bump, so not recounted) number
+    the slots that way on every backend."""
+    pos = decode(mask, numel).long()
+    if mask.encoding != HASH:
+        return pos, torch.arange(nnz, device=pos.device)
+    offsets = mask.index.long()
+    block = pos // mask.ints[2]
+    rank = torch.arange(pos.numel(), device=pos.device) - torch.searchsorted(block, block)
+    slot = offsets[block] + rank
+    keep = slot < offsets[block + 1]
+    return pos[keep], slot[keep]
 
 
 def check(name: str, mask: MaskArgs, numel: int, compact_name: str, compact: Tensor, *, values: bool) -> None:

@@ -14,6 +14,7 @@ Shapes and dtypes:
   mask          int32 sorted unique indices into dense.view(-1), or a seat.masks mask in
                 any encoding (IndexMask, Block16Mask, ImplicitMask): see _encodings.py.
                 Slot j of out is the mask's j-th entry in increasing position order.
+  out may not share memory with dense or the mask (ValueError naming both).
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ from ._encodings import MaskArgs
 
 
 def reference(out: Tensor, dense: Tensor, mask: MaskArgs) -> None:
-    values = dense.reshape(-1)[_encodings.decode(mask, dense.numel(), out.numel()).long()]
+    pos, slot = _encodings.entries(mask, dense.numel(), out.numel())
+    values = dense.reshape(-1)[pos]
     if out.dtype == torch.bfloat16:  # sum in fp32, round once (as the kernels do)
-        out.copy_(out.float() + values.float())
+        out[slot] = (out[slot].float() + values.float()).to(torch.bfloat16)
     else:
-        out += values.to(out.dtype)
+        out[slot] += values.to(out.dtype)
 
 
 def _native(out: Tensor, dense: Tensor, mask: MaskArgs) -> None:
@@ -52,6 +54,9 @@ def check(out, dense, mask: MaskArgs, *, values: bool = True) -> None:
     _checks.tensor("dense", dense, dtypes=_checks.FLOAT_DTYPES)
     _encodings.check("mask", mask, dense.numel(), "out", out, values=values)
     _checks.same_device(dense=dense, out=out, mask=mask.index, mask_offsets=mask.offsets)
+    if values:
+        _checks.no_aliasing((("out", out, True), ("dense", dense, False), ("mask", mask.index, False),
+                             ("mask.offsets", mask.offsets, False)))
 
 
 @torch.library.custom_op("seat::masked_gather_", mutates_args=("out",))

@@ -8,7 +8,8 @@ Shapes and dtypes:
   param  (any)   any dtype, contiguous; its masked entries are exchanged.
   mask           int32 sorted unique indices into param.view(-1), or a seat.masks mask in
                  any encoding (see _encodings.py); slot j is its j-th entry.
-  values (nnz,)  param.dtype, contiguous.
+  values (nnz,)  param.dtype, contiguous; may not share memory with param or the mask
+                 (ValueError naming both).
 """
 from __future__ import annotations
 
@@ -23,10 +24,10 @@ from ._encodings import MaskArgs
 
 def reference(param: Tensor, values: Tensor, mask: MaskArgs) -> None:
     flat = param.view(-1)
-    index = _encodings.decode(mask, param.numel(), values.numel()).long()
-    held = flat[index].clone()
-    flat[index] = values
-    values.copy_(held)
+    pos, slot = _encodings.entries(mask, param.numel(), values.numel())
+    held = flat[pos].clone()
+    flat[pos] = values[slot]
+    values[slot] = held
 
 
 def _native(param: Tensor, values: Tensor, mask: MaskArgs) -> None:
@@ -49,6 +50,9 @@ def check(param, values, mask: MaskArgs, *, values_check: bool = True) -> None:
         raise TypeError(f"values must have param's dtype {param.dtype}; got {values.dtype}")
     _encodings.check("mask", mask, param.numel(), "values", values, values=values_check)
     _checks.same_device(param=param, mask=mask.index, mask_offsets=mask.offsets, values=values)
+    if values_check:
+        _checks.no_aliasing((("param", param, True), ("values", values, True), ("mask", mask.index, False),
+                             ("mask.offsets", mask.offsets, False)))
 
 
 @torch.library.custom_op("seat::masked_swap_", mutates_args=("param", "values"))

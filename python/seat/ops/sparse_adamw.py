@@ -34,6 +34,11 @@ Shapes and dtypes (lists of equal length; all tensors on one device, contiguous)
                   (unbiased; random bits from (seed, step, i, position), see _adamw.py).
                   float16 params need a master for it; fp32/fp64 params do not round.
 
+No tensor the step writes (params, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs) may
+share memory with any other argument (one tensor as both moments, a master that is a
+gradient, one param listed twice): refused with a ValueError naming both. Disjoint slices
+of one buffer are separate tensors.
+
 The torch op (torch.ops.seat.sparse_adamw_) takes an empty tensor where the Python API
 takes None: torch's functionalization (torch.compile) cannot handle None entries in a
 mutated tensor list. An entry with nnz_i == 0 changes nothing either way.
@@ -59,21 +64,19 @@ def reference(params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_
     scalars = _adamw.AdamWScalars.of(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step)
     key = _adamw.step_key(seed, step)
     for i, (param, mask, grad) in enumerate(zip(params, masks, grads)):
-        flat, pos = param.view(-1), _encodings.decode(mask, param.numel(), grad.numel()).long()
-        states = [exp_avgs[i], exp_avg_sqs[i], present(masters[i]), present(max_exp_avg_sqs[i])]
-        if dense_state:  # work on the masked entries of full-size state, then write back
-            full = states
-            states = [None if t is None else t.view(-1)[pos] for t in full]
-        exp_avg, exp_avg_sq, master, max_exp_avg_sq = states
-        grad = grad.to(exp_avg.dtype)  # a bf16 compact gradient is upcast exactly
+        flat = param.view(-1)
+        pos, slot = _encodings.entries(mask, param.numel(), grad.numel())
+        at = pos if dense_state else slot  # compact state is indexed like grads, full-size state by position
+        full = [exp_avgs[i], exp_avg_sqs[i], present(masters[i]), present(max_exp_avg_sqs[i])]
+        exp_avg, exp_avg_sq, master, max_exp_avg_sq = [None if t is None else t.view(-1)[at] for t in full]
+        grad = grad[slot].to(exp_avg.dtype)  # a bf16 compact gradient is upcast exactly
         weight = master.clone() if master is not None else flat[pos].to(grad.dtype)
         weight = _adamw.adamw_update(weight, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, scalars, maximize)
         if master is not None:
             master.copy_(weight)
-        if dense_state:
-            for target, compact in zip(full, states):
-                if target is not None:
-                    target.view(-1)[pos] = compact
+        for target, entries in zip(full, (exp_avg, exp_avg_sq, master, max_exp_avg_sq)):
+            if target is not None:
+                target.view(-1)[at] = entries
         stochastic = stochastic_rounding and master is None
         flat[pos] = _adamw.to_param_dtype(weight, param.dtype, stochastic, key, i, pos)
 
@@ -118,8 +121,8 @@ def check_hyper(lr, beta1, beta2, eps, weight_decay, step) -> None:
     _checks.positive("eps", eps)
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0; got {weight_decay}")
-    if not (isinstance(step, int) and step >= 1):
-        raise ValueError(f"step must be an int >= 1 (the step number after incrementing); got {step!r}")
+    if isinstance(step, bool) or not (isinstance(step, int) and 1 <= step < 2**63):
+        raise ValueError(f"step must be an int >= 1 and < 2**63 (the step number after incrementing); got {step!r}")
 
 
 def state_dtype_for(name: str, param: Tensor, state: Tensor, *, grad: bool = False) -> None:
@@ -149,6 +152,7 @@ def check(params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
         raise ValueError(f"masks mix encodings ({', '.join(_encodings.NAMES.get(e, str(e)) for e in sorted(encodings))}); "
                          "one call steps masks of one encoding: call sparse_adamw_ once per encoding")
     device = None
+    spans = []  # (name, tensor, written) of every tensor argument: no written one may share memory
     for i in range(len(params)):
         param = _checks.tensor(f"params[{i}]", params[i], dtypes=_checks.FLOAT_DTYPES)
         grad = _checks.tensor(f"grads[{i}]", grads[i], ndim=1)
@@ -173,11 +177,14 @@ def check(params, masks, grads, exp_avgs, exp_avg_sqs, masters, max_exp_avg_sqs,
         if device is not None and param.device != device:
             raise ValueError(f"params[{i}] is on {param.device} but params[0] is on {device}; use one device")
         device = _checks.same_device(**named)
+        spans += [(name, t, not (name.startswith(("grads", "masks")))) for name, t in named.items()]
         if stochastic_rounding and param.dtype == torch.float16 and present(masters[i]) is None:
             raise ValueError(f"stochastic_rounding supports bfloat16 params; params[{i}] is float16 without a "
                              "master copy: give it masters, or keep stochastic_rounding off")
         if values:
             _encodings.check(f"masks[{i}]", masks[i], param.numel(), f"grads[{i}]", grad, values=True)
+    if values:
+        _checks.no_aliasing(spans)
     return device
 
 
