@@ -16,6 +16,8 @@ The checks are tests/_arch_sweep.py's, shared with tests/conformance/test_archit
     python benchmarks/architecture_sweep.py                       # all types
     python benchmarks/architecture_sweep.py --types llama mixtral  # a few
     python benchmarks/architecture_sweep.py --baseline before.json # add a "before" column
+    python benchmarks/architecture_sweep.py --update --types jamba # rerun some types in the
+                                                                   # existing results
 
 Writes <out>/architecture-sweep.{json,md} (default out:
 benchmarks/results/amd-epyc-2-threads). Exit status 1 when any type fails.
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS / "amd-epyc-2-threads")
     parser.add_argument("--baseline", type=Path, help="a JSON of an earlier sweep, shown as the 'before' column")
     parser.add_argument("--density", type=float, default=0.25)
+    parser.add_argument("--update", action="store_true",
+                        help="replace the rows of --types in <out>/architecture-sweep.json, keep the others")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -84,6 +88,10 @@ def main(argv=None) -> int:
         print(f"{model_type:28s} {result['status']:8s} {result['seconds']:6.2f}s {result['reason'][:120]}", flush=True)
     env = environment("cpu")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.update:
+        earlier = json.loads((args.out / "architecture-sweep.json").read_text())["rows"]
+        fresh = {r["model_type"]: r for r in rows}
+        rows = [fresh.pop(r["model_type"], r) for r in earlier] + list(fresh.values())
     counts = Counter(r["status"] for r in rows)
     data = {"environment": env, "density": args.density, "counts": {s: counts[s] for s in STATUSES}, "rows": rows}
     if baseline is not None:

@@ -34,10 +34,15 @@ SIZES = {
                      "moe_ffn_hidden_size", "ffn_hidden_size_moe", "moe_shared_expert_intermediate_size"), 32),
     **dict.fromkeys(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "ffn_num_experts",
                      "attn_num_experts"), 4),
-    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_selected_experts", "moe_top_k", "top_k"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "num_selected_experts", "moe_top_k", "top_k",
+                     "num_experts_per_token", "moe_k"), 2),
     **dict.fromkeys(("n_shared_experts", "num_shared_experts", "moe_num_shared_experts"), 1),
-    **dict.fromkeys(("n_group", "topk_group"), 1),
-    "first_k_dense_replace": 1,
+    **dict.fromkeys(("n_group", "topk_group", "num_expert_group"), 1),
+    **dict.fromkeys(("rotary_dim", "rotary_emb_dim"), 8),
+    "first_k_dense_replace": 1, "moe_layer_end_index": LAYERS - 1,
+    # Jamba-style hybrids: layer 1 has the attention and the experts
+    **dict.fromkeys(("attn_layer_period", "expert_layer_period"), 2),
+    **dict.fromkeys(("attn_layer_offset", "expert_layer_offset"), 1),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length",
                      "max_sequence_length"), 128),
     **dict.fromkeys(("sliding_window", "sliding_window_size", "attention_chunk_size", "window_size",
@@ -48,12 +53,15 @@ SIZES = {
     "qk_head_dim": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 8,
     **dict.fromkeys(("state_size", "mamba_d_state", "ssm_state_size", "d_state"), 8),
     **dict.fromkeys(("time_step_rank", "mamba_dt_rank"), 8),
-    **dict.fromkeys(("mamba_n_heads", "linear_num_value_heads", "n_mamba_heads"), 4),
+    **dict.fromkeys(("mamba_n_heads", "n_mamba_heads"), 8),  # x 16 per head = the expanded width 2 x 64
+    "linear_num_value_heads": 4,
     **dict.fromkeys(("linear_num_key_heads", "n_groups", "mamba_n_groups"), 2),
     "laurel_rank": 8, "altup_num_inputs": 2, "vocab_size_per_layer_input": TINY_VOCAB,
     "num_kv_shared_layers": 0, "num_memory_blocks": 2,
 }
 VOCAB_FIELDS = ("vocab_size", "n_vocab", "padded_vocab_size")
+# fields a MoE config may leave None, filled when the config has experts
+FILL_NONE = {"num_experts_per_tok": 2, "n_group": 1, "topk_group": 1, "n_routed_experts": 4, "n_shared_experts": 1}
 # lists whose entries are layer indices (filtered to the layers kept), not per-layer values
 INDEX_LISTS = ("moe_layers", "cross_attention_layers", "attn_layer_indices", "global_attn_layers",
                "full_attn_idxs", "kv_shared_layers", "mlp_only_layers")
@@ -66,12 +74,33 @@ def _layer_count(fields: dict) -> int | None:
     return None
 
 
+EXPERT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _per_layer(values: list) -> list:
+    """A per-layer list cut to LAYERS entries that keep its kinds of layer where it can
+    (["linear", "linear", "linear", "full", ...] -> ["linear", "full"]): the first entry
+    of each distinct value, then the next entries."""
+    firsts = {}
+    for i, v in enumerate(values):
+        firsts.setdefault(repr(v), i)
+    keep = sorted(firsts.values())[:LAYERS]
+    keep += [i for i in range(len(values)) if i not in keep][:LAYERS - len(keep)]
+    return [values[i] for i in sorted(keep)]
+
+
 def _shrink(fields: dict) -> dict:
     """A copy of a config's fields with the size fields made tiny (nested configs too)."""
     layers = _layer_count(fields)
     out = {}
     for key, value in fields.items():
-        if isinstance(value, dict) and key.endswith("_config"):
+        if key == "per_layer_config" and isinstance(value, dict) and all(str(k).isdigit() for k in value):
+            kept = {k: v for k, v in value.items() if int(k) < LAYERS}
+            if value and not kept:  # keep one layer of the listed kind
+                first = sorted(value, key=int)[0]
+                kept = {str(LAYERS - 1).zfill(len(str(first))): value[first]}
+            out[key] = kept
+        elif isinstance(value, dict) and key.endswith("_config"):
             out[key] = _shrink(value)
         elif key in VOCAB_FIELDS and isinstance(value, int):
             out[key] = TINY_VOCAB
@@ -80,9 +109,17 @@ def _shrink(fields: dict) -> dict:
         elif key in SIZES and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, SIZES[key]) if key.startswith(("num_experts_per", "top_k", "moe_top")) else SIZES[key]
         elif key in INDEX_LISTS and isinstance(value, list) and all(isinstance(v, int) for v in value):
-            out[key] = [v for v in value if v < LAYERS]
+            kept = [v for v in value if v < LAYERS]
+            # keep one layer of the listed kind (a hybrid's attention layer), except cross-attention,
+            # which a text-only forward skips
+            out[key] = kept or ([LAYERS - 1] if value and key != "cross_attention_layers" else [])
         elif isinstance(value, list) and layers is not None and len(value) == layers and layers != LAYERS:
-            out[key] = value[:LAYERS]
+            out[key] = _per_layer(value)
+        elif value is None and key == "attn_layer_indices":  # a hybrid whose default has no attention layer
+            out[key] = [LAYERS - 1]
+        elif value is None and key in FILL_NONE and (any(isinstance(fields.get(k), int) for k in EXPERT_FIELDS)
+                                                     or isinstance(fields.get("moe_intermediate_size"), int)):
+            out[key] = FILL_NONE[key]
         elif key.endswith(("_token_id", "_token_index")) and isinstance(value, int) and value >= TINY_VOCAB:
             out[key] = TINY_VOCAB - 1
         else:

@@ -173,8 +173,11 @@ def _probe_decoder(model, decoder, head, ids, mask, expected, transform) -> str 
         return (f"{label} gives hidden states of width {hidden.shape[-1]} but the output head takes {width}: "
                 "a layer between them (a projection or prediction head) that SEAT's loss from hidden states "
                 "would skip")
-    got = head(hidden)
-    got = transform(got) if transform is not None else got
+    try:
+        got = head(hidden)
+        got = transform(got) if transform is not None else got
+    except Exception as exc:
+        return f"lm_head fails on {label}'s hidden states ({_why(exc)})"
     tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
     if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol):
         return (f"the logits are not lm_head({label} hidden states) up to a known scale or soft-cap "
@@ -183,45 +186,45 @@ def _probe_decoder(model, decoder, head, ids, mask, expected, transform) -> str 
     return None
 
 
+def _probe(model) -> tuple[torch.nn.Module | None, list[str]]:
+    """(the first decoder candidate that reproduces the model's logits on a probe, or
+    None; why each one tried does not). The model's own forward raises through."""
+    head = model.get_output_embeddings()
+    ids = _probe_ids(model, head)
+    mask = torch.ones_like(ids)
+    transform = logit_transform(model.config)
+    was_training = model.training
+    model.eval()
+    try:
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False).logits
+        reasons = []
+        for decoder in decoder_candidates(model):
+            reason = _probe_decoder(model, decoder, head, ids, mask, expected, transform)
+            if reason is None:
+                return decoder, reasons
+            reasons.append(reason)
+        return None, reasons or ["no decoder module found (get_decoder(), base_model, .model, .transformer)"]
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def check_logits_from_hidden(model) -> torch.nn.Module:
     """The decoder of `model` whose hidden states, through lm_head and logit_transform,
     give the model's own logits: the one SEAT's loss will run. One 8-token forward of a
-    probe sequence per candidate (decoder_candidates). Raises ValueError naming the model
-    class and the reason when there is none (the loss would be silently wrong), also when
-    the probe forward itself fails."""
+    probe sequence, then one per decoder candidate (decoder_candidates) until one fits.
+    Raises ValueError naming the model class and the reason when none fits (the loss
+    would be silently wrong), and when the probe itself fails."""
     name = type(model).__name__
-    head = model.get_output_embeddings()
     try:
-        ids = _probe_ids(model, head)
-        mask = torch.ones_like(ids)
-        transform = logit_transform(model.config)
-        candidates = decoder_candidates(model)
-        was_training = model.training
-        model.eval()
-        try:
-            try:
-                expected = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask),
-                                 use_cache=False).logits
-            except Exception as exc:
-                raise ValueError(f"seat.patch cannot use {name}: its forward fails on an 8-token probe "
-                                 f"({_why(exc)})") from exc
-            reasons = []
-            for decoder in candidates:
-                reason = _probe_decoder(model, decoder, head, ids, mask, expected, transform)
-                if reason is None:
-                    return decoder
-                reasons.append(reason)
-        finally:
-            model.train(was_training)
-    except ValueError:
-        raise
+        decoder, reasons = _probe(model)
     except Exception as exc:
-        raise ValueError(f"seat.patch cannot use {name}: its probe failed ({_why(exc)})") from exc
-    if not reasons:
-        reasons.append("no decoder module found (get_decoder(), base_model, .model, .transformer)")
-    raise ValueError(f"seat.patch cannot use {name}: SEAT's loss from hidden states would be wrong for it; "
-                     + "; ".join(dict.fromkeys(reasons)))
+        raise ValueError(f"seat.patch cannot use {name}: its forward fails on an 8-token probe "
+                         f"({_why(exc)})") from exc
+    if decoder is None:
+        raise ValueError(f"seat.patch cannot use {name}: SEAT's loss from hidden states would be wrong for it; "
+                         + "; ".join(dict.fromkeys(reasons)))
+    return decoder
 
 
 def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None) -> SeatLoss:

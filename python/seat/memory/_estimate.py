@@ -282,7 +282,7 @@ def estimate(config, *, method: str = "seat", density: float = 0.05, seq: int = 
 
 def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
     if opts.method == "lora" and arch.sparse_layers:
-        raise ValueError(f"method='lora' is not modelled for mixture-of-experts configs ({arch.model_type}): "
+        raise ValueError(f"method 'lora' is not modelled for mixture-of-experts configs ({arch.model_type}): "
                          "LoRA adapters on fused expert tensors are not counted; use method='seat', 'naive' or "
                          "'full'")
     es, V, H = opts.es, arch.vocab, arch.hidden
