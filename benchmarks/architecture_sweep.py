@@ -43,7 +43,7 @@ from _common import RESULTS, environment, environment_line  # noqa: E402
 STATUSES = ("pass", "refused", "fail", "unbuilt")
 
 
-def _markdown(rows: list[dict], env: dict, baseline: dict[str, dict] | None) -> str:
+def _markdown(rows: list[dict], env: dict, baseline: dict[str, dict] | None, baseline_label: str = "") -> str:
     counts = Counter(r["status"] for r in rows)
     lines = ["# Architecture sweep: seat.patch on every causal LM type of transformers", "",
              environment_line(env) + f"; transformers {env['transformers']}", "",
@@ -53,8 +53,10 @@ def _markdown(rows: list[dict], env: dict, baseline: dict[str, dict] | None) -> 
         lines.append("| before | " + " | ".join(str(before[s]) for s in STATUSES) + f" | {sum(before.values())} |")
     lines.append(("| after | " if baseline is not None else "| now | ")
                  + " | ".join(str(counts[s]) for s in STATUSES) + f" | {len(rows)} |")
+    if baseline is not None:
+        lines += ["", f"before: {baseline_label}, with the same checks."]
     lines += ["", "Status per type (targets: weights trained, of them fused expert tensors; untrained: "
-              "targets no gradient reached in the step).", ""]
+              "targets the step left unchanged, which no gradient reached).", ""]
     head = "| type | class | status |" + (" before |" if baseline is not None else "")
     lines += [head + " targets | experts | untrained | reason |",
               "|---|---|---|" + ("---|" if baseline is not None else "") + "---|---|---|---|"]
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
     parser.add_argument("--types", nargs="*", help="model types (default: every causal LM type)")
     parser.add_argument("--out", type=Path, default=RESULTS / "amd-epyc-2-threads")
     parser.add_argument("--baseline", type=Path, help="a JSON of an earlier sweep, shown as the 'before' column")
+    parser.add_argument("--baseline-label", default="an earlier sweep",
+                        help="what the baseline ran (e.g. 'seat at commit abc1234')")
     parser.add_argument("--density", type=float, default=0.25)
     parser.add_argument("--update", action="store_true",
                         help="replace the rows of --types in <out>/architecture-sweep.json, keep the others")
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
         data["baseline_counts"] = dict(Counter(baseline[r["model_type"]]["status"] for r in rows
                                                if r["model_type"] in baseline))
     (args.out / "architecture-sweep.json").write_text(json.dumps(data, indent=1) + "\n")
-    (args.out / "architecture-sweep.md").write_text(_markdown(rows, env, baseline))
+    (args.out / "architecture-sweep.md").write_text(_markdown(rows, env, baseline, args.baseline_label))
     print(" ".join(f"{s}={counts[s]}" for s in STATUSES), f"-> {args.out / 'architecture-sweep.md'}")
     return 1 if counts["fail"] else 0
 

@@ -82,3 +82,18 @@ def test_a_probe_that_crashes_is_a_value_error_and_leaves_the_model_as_it_was(wh
         seat.patch(model, density=0.1)
     assert handle_of(model) is None
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_the_benchmark_script_writes_its_results(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "architecture_sweep.py"
+    proc = subprocess.run([sys.executable, str(script), "--types", "gpt2", "electra", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "architecture-sweep.json").read_text())
+    assert data["counts"] == {"pass": 1, "refused": 1, "fail": 0, "unbuilt": 0}
+    assert "| electra | ElectraForCausalLM | refused |" in (tmp_path / "architecture-sweep.md").read_text()
