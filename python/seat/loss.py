@@ -227,6 +227,41 @@ def check_logits_from_hidden(model) -> torch.nn.Module:
     return decoder
 
 
+def params_reached(model, decoder: torch.nn.Module) -> set[int]:
+    """ids of the floating parameters of `decoder` that a gradient of its hidden states
+    reaches on the probe sequence: found by walking the autograd graph of one 8-token
+    forward (eval mode, no backward, so no gradient is formed). A parameter the forward
+    never uses (cross-attention without encoder states, an image tower) or uses only
+    through a non-differentiable step (a top-k index selection) is not reached.
+    requires_grad flags are restored."""
+    params = [p for p in decoder.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    ids = _probe_ids(model, model.get_output_embeddings())
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            hidden = _hidden(model, ids, mask, decoder)
+        reached, seen, stack = set(), set(), [hidden.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+            if variable is not None:
+                reached.add(id(variable))
+            stack.extend(n for n, _ in node.next_functions)
+        return reached
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None) -> SeatLoss:
     config, model = handle.config, handle.model
     _check_batch(batch, config.kl_tokens)

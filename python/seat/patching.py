@@ -88,10 +88,10 @@ class SeatHandle:
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError(f"{type(model).__name__} has no linear output head (get_output_embeddings()): "
                              "seat.patch takes a causal LM, e.g. AutoModelForCausalLM, not a bare decoder")
-        from .loss import check_logits_from_hidden
+        from .loss import check_logits_from_hidden, params_reached
 
         decoder = check_logits_from_hidden(model)
-        chosen, report = select_targets(model, config.targets, decoder)
+        chosen, report = select_targets(model, config.targets, decoder, params_reached(model, decoder))
         self.model = model
         self.config = config
         self.decoder = decoder  # the module whose hidden states SEAT's loss reads (the probe checked it)

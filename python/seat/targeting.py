@@ -15,7 +15,10 @@ names ("*.q_proj", "*.experts.*"). The output head, embeddings, norms, biases an
 that are not nn.Linear (Mixtral's TopKRouter) are never targets; a router that is an
 nn.Linear (Qwen2-MoE's gate) is one like any linear layer. Only parameters inside the
 decoder seat.patch validated are targets: others are not on the path from hidden states
-to the logits SEAT's loss reads.
+to the logits SEAT's loss reads. Nor are weights the decoder's forward does not reach with
+a gradient (the cross-attention of an encoder-decoder's decoder run without encoder
+states, a multimodal tower, a sparse-attention indexer behind a top-k): they would hold
+masks and optimizer state and never train.
 """
 from __future__ import annotations
 
@@ -105,11 +108,17 @@ def _skip_reason(mname: str, module: torch.nn.Module, pname: str, param) -> str:
     return "not a linear layer or an expert tensor"
 
 
-def select_targets(model: torch.nn.Module, targets, decoder: torch.nn.Module | None = None):
+UNREACHED = "no gradient reaches it from the logits (unused by a text forward, or behind a non-differentiable step)"
+
+
+def select_targets(model: torch.nn.Module, targets, decoder: torch.nn.Module | None = None,
+                   reached: set[int] | None = None):
     """The weights to train and the report of every parameter.
 
     targets: "all-linear" or fnmatch patterns over selection names (module docstring).
     decoder: the module SEAT's loss runs (default: the whole model).
+    reached: ids of the parameters a gradient of the decoder's output reaches
+        (seat.loss.params_reached); the others are skipped (default: all are reached).
     Returns ([(parameter name, module, parameter)] in model order, TargetingReport).
     Raises ValueError when no weight matches.
     """
@@ -131,6 +140,8 @@ def select_targets(model: torch.nn.Module, targets, decoder: torch.nn.Module | N
                 skipped[name] = _skip_reason(mname, module, pname, p)
             elif id(p) not in in_decoder:
                 skipped[name] = "outside the decoder (not on the path to the logits)"
+            elif reached is not None and id(p) not in reached:
+                skipped[name] = UNREACHED
             else:
                 selector = mname if linear else name
                 if targets == "all-linear" or any(fnmatch.fnmatchcase(selector, t) for t in targets):

@@ -2,7 +2,8 @@
 every causal LM type transformers ships): the types whose decoder is not at
 base_model (Llama 4, Mllama), whose head takes a narrower input than the hidden state
 (Electra, RemBERT), whose vocabularies differ (Inkling2), mixture-of-experts models
-with fused 3-D experts, and plain ones. Plus the probe's behaviour on crafted models."""
+with fused 3-D experts, an encoder-decoder's decoder (BART: cross-attention no text
+forward reaches), and plain ones. Plus the probe's behaviour on crafted models."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,7 @@ from seat.patching import handle_of
 
 pytest.importorskip("transformers")
 
-PASS = ["llama", "gpt2", "gemma2", "llama4_text", "llama4", "mllama", "inkling2_text", "mixtral", "qwen2_moe",
+PASS = ["llama", "gpt2", "gemma2", "bart", "llama4_text", "llama4", "mllama", "inkling2_text", "mixtral", "qwen2_moe",
         "qwen3_moe", "deepseek_v3", "gpt_oss"]
 MOE = {"llama4_text", "llama4", "inkling2_text", "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gpt_oss"}
 # type -> what the refusal must say besides the class name
@@ -59,6 +60,19 @@ def test_the_loss_runs_the_decoder_the_probe_validated(model_type):
     handle = seat.patch(model, density=0.1)
     assert handle.decoder is model.model and model.base_model is model
     torch.testing.assert_close(handle.loss(batch).ce, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_weights_no_gradient_reaches_are_reported_not_targeted():
+    model = build_tiny("bart")  # BartForCausalLM: decoder layers with cross-attention, run without an encoder
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    handle = seat.patch(model, density=0.1)
+    skipped = handle.targeting_report().skipped
+    cross = [n for n in skipped if ".encoder_attn." in n and n.endswith("proj.weight")]
+    assert len(cross) == 8 and all(skipped[n].startswith("no gradient reaches it") for n in cross)
+    assert not any(".encoder_attn." in n for n in handle.targets)
+    assert any(".self_attn." in n for n in handle.targets)
+    handle.unpatch()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 def test_probe_ids_stay_inside_the_input_embedding():
