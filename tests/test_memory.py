@@ -390,6 +390,42 @@ def test_known_config_counts_match_the_transformers_model(name):
     assert arch.block_linear_params == linear
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_default_config_counts_match_the_transformers_model(model_type):
+    """transformers' default configs are the full-size models (Mixtral-8x7B, ...): every
+    parameter counted, the fused expert tensors among the targets."""
+    from transformers import CONFIG_MAPPING
+
+    config = CONFIG_MAPPING[model_type](tie_word_embeddings=False)
+    arch = sm.Architecture.from_config(config)
+    import transformers as tf
+
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(config)
+    assert arch.total_params == sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
+    assert experts > arch.block_linear_params / 2  # the experts dominate what SEAT trains
+    assert arch.router_params == sum(p.numel() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight"))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_targets_and_trained_entries_match_seat_patch(kind):
+    import seat
+    from _models import tiny_model
+
+    model = tiny_model(kind)
+    handle = seat.patch(model, density=0.1)
+    est = sm.estimate(model.config, density=0.1, seq=16)
+    assert est.trainable == handle.num_trainable
+    assert est.target_params == sum(t.param.numel() for t in handle.targets.values())
+    assert est.arch.largest_block_linear == max(t.param.numel() for t in handle.targets.values())
+    assert est.arch.total_params == sum(p.numel() for p in model.parameters())
+    dense = sm.estimate(model.config, density=0.1, seq=16, method="full")
+    assert dense.trainable == est.target_params
+    with pytest.raises(ValueError, match="^method 'lora' is not modelled for mixture-of-experts"):
+        sm.estimate(model.config, method="lora")
+
+
 def test_llama_3_8b_arithmetic():
     """Llama-3-8B in bf16: ~8.03B params, ~6.98B in the block linears (16.1 GB of bf16
     weights); at density 0.05 ~350M entries, int32 indices 1.4 GB, original values

@@ -73,9 +73,49 @@ def _position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
 
 
-def _hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=_position_ids(attention_mask), use_cache=False)
+def decoder_candidates(model) -> list[torch.nn.Module]:
+    """The modules that may be `model`'s decoder (hidden states in, lm_head after), most
+    likely first: transformers' get_decoder(), base_model, then the usual attribute names.
+    Composite models (Llama 4, Mllama) name a base_model_prefix ("language_model") they
+    do not have, so base_model and get_decoder() can be the model itself; those are left
+    out. seat.patch keeps the first that reproduces the model's logits (see
+    check_logits_from_hidden)."""
+    found = []
+    getter = getattr(model, "get_decoder", None)
+    if callable(getter):
+        try:
+            found.append(getter())
+        except Exception:  # a get_decoder that does not apply to this model
+            pass
+    found.append(getattr(model, "base_model", None))
+    for attr in ("model", "transformer", "language_model", "decoder", "gpt_neox", "backbone"):
+        found.append(getattr(model, attr, None))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out = []
+    for module in found:
+        if isinstance(module, torch.nn.Module) and module is not model and module is not head and \
+                all(module is not m for m in out):
+            out.append(module)
+    return out
+
+
+def _decoder(model) -> torch.nn.Module:
+    """The decoder seat.patch validated for `model` (else the first candidate)."""
+    handle = getattr(model, "_seat_handle", None)
+    decoder = getattr(handle, "decoder", None)
+    if decoder is not None:
+        return decoder
+    candidates = decoder_candidates(model)
+    if not candidates:
+        raise ValueError(f"{type(model).__name__} has no decoder module (get_decoder(), base_model, .model)")
+    return candidates[0]
+
+
+def _hidden(model, input_ids: Tensor, attention_mask: Tensor, decoder: torch.nn.Module | None = None) -> Tensor:
+    """(B, T, H) last hidden states of `decoder` (default: the one seat.patch validated)."""
+    decoder = _decoder(model) if decoder is None else decoder
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
+                  use_cache=False)
     return out[0]
 
 
@@ -104,30 +144,122 @@ def logit_transform(config):
     return transform
 
 
-@torch.no_grad()
-def check_logits_from_hidden(model) -> None:
-    """Refuse a model whose logits are not logit_transform(lm_head(base_model(x)[0])):
-    the loss would be silently wrong. One 8-token forward of a probe sequence."""
-    head = model.get_output_embeddings()
+def _probe_ids(model, head) -> Tensor:
+    """(1, 8) token ids valid for both the input embedding and the output head (their
+    vocabularies can differ: a padded input table, a head over fewer tokens)."""
     vocab = head.weight.shape[0]
-    ids = (torch.arange(8, device=head.weight.device) * 7919 % vocab).unsqueeze(0)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embed, "num_embeddings", None)
+    if isinstance(rows, int) and rows > 0:
+        vocab = min(vocab, rows)
+    return (torch.arange(8, device=head.weight.device) * 7919 % vocab).unsqueeze(0)
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
+def _probe_decoder(model, decoder, head, ids, mask, expected, transform) -> str | None:
+    """None if lm_head(decoder(ids)) (transformed) gives `expected`, else why not."""
+    label = type(decoder).__name__
+    try:
+        hidden = _hidden(model, ids, mask, decoder)
+    except Exception as exc:
+        return f"{label} failed on the probe ({_why(exc)})"
+    if not isinstance(hidden, Tensor) or hidden.shape[:-1] != ids.shape:
+        return f"{label} does not return (batch, tokens, hidden) hidden states first"
+    width = head.weight.shape[1]
+    if hidden.shape[-1] != width:
+        return (f"{label} gives hidden states of width {hidden.shape[-1]} but the output head takes {width}: "
+                "a layer between them (a projection or prediction head) that SEAT's loss from hidden states "
+                "would skip")
+    try:
+        got = head(hidden)
+        got = transform(got) if transform is not None else got
+    except Exception as exc:
+        return f"lm_head fails on {label}'s hidden states ({_why(exc)})"
+    tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
+    if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol):
+        return (f"the logits are not lm_head({label} hidden states) up to a known scale or soft-cap "
+                "(seat.loss.logit_transform; supported: plain heads, logit_scale, logits_scaling, "
+                "final_logit_softcapping)")
+    return None
+
+
+def _probe(model) -> tuple[torch.nn.Module | None, list[str]]:
+    """(the first decoder candidate that reproduces the model's logits on a probe, or
+    None; why each one tried does not). The model's own forward raises through."""
+    head = model.get_output_embeddings()
+    ids = _probe_ids(model, head)
     mask = torch.ones_like(ids)
+    transform = logit_transform(model.config)
     was_training = model.training
     model.eval()
     try:
         expected = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False).logits
-        hidden = _hidden(model, ids, mask)
+        reasons = []
+        for decoder in decoder_candidates(model):
+            reason = _probe_decoder(model, decoder, head, ids, mask, expected, transform)
+            if reason is None:
+                return decoder, reasons
+            reasons.append(reason)
+        return None, reasons or ["no decoder module found (get_decoder(), base_model, .model, .transformer)"]
     finally:
         model.train(was_training)
-    transform = logit_transform(model.config)
-    got = head(hidden)
-    got = transform(got) if transform is not None else got
-    tol = 1e-4 if expected.dtype == torch.float32 else 3e-2
-    if not torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol):
-        raise ValueError(
-            f"{type(model).__name__}'s logits are not lm_head(hidden states) up to a known scale or soft-cap "
-            "(seat.loss.logit_transform): SEAT's loss would be wrong for it. Supported: plain heads, "
-            "logit_scale, logits_scaling, final_logit_softcapping")
+
+
+@torch.no_grad()
+def check_logits_from_hidden(model) -> torch.nn.Module:
+    """The decoder of `model` whose hidden states, through lm_head and logit_transform,
+    give the model's own logits: the one SEAT's loss will run. One 8-token forward of a
+    probe sequence, then one per decoder candidate (decoder_candidates) until one fits.
+    Raises ValueError naming the model class and the reason when none fits (the loss
+    would be silently wrong), and when the probe itself fails."""
+    name = type(model).__name__
+    try:
+        decoder, reasons = _probe(model)
+    except Exception as exc:
+        raise ValueError(f"seat.patch cannot use {name}: its forward fails on an 8-token probe "
+                         f"({_why(exc)})") from exc
+    if decoder is None:
+        raise ValueError(f"seat.patch cannot use {name}: SEAT's loss from hidden states would be wrong for it; "
+                         + "; ".join(dict.fromkeys(reasons)))
+    return decoder
+
+
+def params_reached(model, decoder: torch.nn.Module) -> set[int]:
+    """ids of the floating parameters of `decoder` that a gradient of its hidden states
+    reaches on the probe sequence: found by walking the autograd graph of one 8-token
+    forward (eval mode, no backward, so no gradient is formed). A parameter the forward
+    never uses (cross-attention without encoder states, an image tower) or uses only
+    through a non-differentiable step (a top-k index selection) is not reached.
+    requires_grad flags are restored."""
+    params = [p for p in decoder.parameters() if p.is_floating_point()]
+    flags = [p.requires_grad for p in params]
+    ids = _probe_ids(model, model.get_output_embeddings())
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            hidden = _hidden(model, ids, mask, decoder)
+        reached, seen, stack = set(), set(), [hidden.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf tensor
+            if variable is not None:
+                reached.add(id(variable))
+            stack.extend(n for n, _ in node.next_functions)
+        return reached
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
 
 
 def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None) -> SeatLoss:

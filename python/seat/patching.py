@@ -2,8 +2,14 @@
 
 Nothing in the model's code is rewritten and no second model is made. Patching
 
-  * freezes every parameter but the target weights (all linear layers of the decoder by
-    default; GPT-2's Conv1D counts as linear), remembering each requires_grad flag;
+  * finds the decoder whose hidden states, through lm_head, give the model's logits (a
+    probe forward, seat.loss.check_logits_from_hidden) and refuses the model with the
+    reason when there is none;
+  * freezes every parameter but the target weights (the decoder's linear layers and
+    fused mixture-of-experts tensors by default, see seat.targeting; GPT-2's Conv1D
+    counts as linear), remembering each requires_grad flag, and logs (logger "seat",
+    INFO) one line of what it targets and what it skips, and why
+    (handle.targeting_report() has the details);
   * builds a mask per target weight (seat.masks) and stores the weight's original values
     at the masked entries (the only base values SEAT ever changes);
   * returns a SeatHandle that gives the optimizer (seat.optim.SparseAdamW, whose hooks
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
+import logging
 from typing import Iterator, Mapping
 
 import torch
@@ -29,8 +35,10 @@ from . import ops
 from ._modes import eval_mode
 from .config import SeatConfig
 from .masks import Mask, as_mask, build_mask, encode_chosen, mask_indices, mask_nnz, mask_swap_
+from .targeting import TargetingReport, select_targets
 
 _HANDLE_ATTR = "_seat_handle"
+_log = logging.getLogger("seat")
 
 
 @dataclasses.dataclass
@@ -38,16 +46,10 @@ class Target:
     """One trained weight: its module, the mask and the base values at the mask."""
 
     name: str  # parameter name in the model, e.g. "model.layers.0.self_attn.q_proj.weight"
-    module: torch.nn.Module
+    module: torch.nn.Module  # the module holding it (a linear layer, or a block of fused experts)
     param: torch.nn.Parameter
     idx: Tensor | Mask  # (nnz,) int32 sorted flat positions in param.view(-1), or a mask in another encoding
     original: Tensor  # (nnz,) param.dtype: the base values there
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return type(module).__name__ == "Conv1D" and hasattr(module, "weight") and module.weight.dim() == 2
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:
@@ -56,23 +58,6 @@ def _checkpointing(model: torch.nn.Module) -> bool:
         if hasattr(type(model), attr) or attr in getattr(model, "__dict__", {}):
             return bool(getattr(model, attr))
     return False
-
-
-def select_targets(model: torch.nn.Module, targets) -> list[tuple[str, torch.nn.Module]]:
-    """(module name, module) of every linear layer to train, in model order."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    chosen = []
-    for name, module in model.named_modules():
-        if not _is_linear(module) or module is output:
-            continue
-        if output is not None and module.weight is output.weight:  # tied lm_head
-            continue
-        if targets == "all-linear" or any(fnmatch.fnmatchcase(name, pattern) for pattern in targets):
-            chosen.append((name, module))
-    if not chosen:
-        raise ValueError(f"no linear layer of {type(model).__name__} matches targets={targets!r}; module names "
-                         "look like " + ", ".join(n for n, m in list(model.named_modules())[1:6]))
-    return chosen
 
 
 def patch(model: torch.nn.Module, config: SeatConfig | None = None, *, masks: Mapping[str, Tensor] | None = None,
@@ -104,24 +89,25 @@ class SeatHandle:
         if not isinstance(weight, Tensor) or weight.dim() != 2:
             raise ValueError(f"{type(model).__name__} has no linear output head (get_output_embeddings()): "
                              "seat.patch takes a causal LM, e.g. AutoModelForCausalLM, not a bare decoder")
-        from .loss import check_logits_from_hidden
+        from .loss import check_logits_from_hidden, params_reached
 
-        check_logits_from_hidden(model)
+        decoder = check_logits_from_hidden(model)
+        chosen, report = select_targets(model, config.targets, decoder, params_reached(model, decoder))
         self.model = model
         self.config = config
+        self.decoder = decoder  # the module whose hidden states SEAT's loss reads (the probe checked it)
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._optimizer = None
         self._in_reference = False
-        param_names = {id(p): n for n, p in model.named_parameters()}
         self.targets: dict[str, Target] = {}
-        for _, module in select_targets(model, config.targets):
-            weight = module.weight
-            name = param_names[id(weight)]
+        for name, module, weight in chosen:
             if not weight.is_contiguous():
                 raise ValueError(f"{name} is not contiguous; seat masks index a weight's flat storage")
             idx = self._build_mask(name, weight, masks)
             original = weight.detach().view(-1)[mask_indices(idx).long()].clone()
             self.targets[name] = Target(name, module, weight, idx, original)
+        report.trained_entries = {name: mask_nnz(t.idx) for name, t in self.targets.items()}
+        self._report = report
         if masks is not None:
             unknown = sorted(set(masks) - set(self.targets))
             if unknown:
@@ -134,6 +120,7 @@ class SeatHandle:
             model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
         setattr(model, _HANDLE_ATTR, self)
         self._patched = True
+        _log.info(report.summary())
 
     def _build_mask(self, name: str, weight: Tensor, masks):
         """The target's mask: the one given in `masks` (int32 indices, stored in the config's
@@ -151,6 +138,11 @@ class SeatHandle:
     def _check_patched(self) -> None:
         if not self._patched:
             raise RuntimeError("this SeatHandle was unpatched; patch the model again to use it")
+
+    def targeting_report(self) -> TargetingReport:
+        """What seat.patch targets and what it does not, with the reason for each
+        parameter left untrained (str() of it is a table; .summary() the logged line)."""
+        return self._report
 
     @property
     def num_trainable(self) -> int:

@@ -1,14 +1,17 @@
 """seat.patch on tiny Llama / Qwen2 / Mistral / Gemma2 / GPT-2 models: targets, the
-reference forward, training touching only masked entries, unpatch / revert."""
+reference forward, training touching only masked entries, unpatch / revert; on tiny
+mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3): the fused expert
+tensors as targets, the targeting report, their delta round trip."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
 
 import seat
-from _models import KINDS, paired_batch, tiny_model
+from _models import KINDS, MOE_KINDS, paired_batch, tiny_model
 
 pytest.importorskip("transformers")
 
@@ -152,7 +155,7 @@ def test_targets_patterns_and_bad_config():
     handle = seat.patch(model, seat.SeatConfig(density=0.1, targets=["*.q_proj", "*.v_proj"]))
     assert len(handle.targets) == 4 and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in handle.targets)
     handle.unpatch()
-    with pytest.raises(ValueError, match="no linear layer"):
+    with pytest.raises(ValueError, match="no linear layer or expert tensor"):
         seat.patch(model, targets=["*.nothing"])
     with pytest.raises(ValueError, match="density must be in"):
         seat.patch(model, density=1.5)
@@ -255,3 +258,96 @@ def test_a_model_whose_logits_are_not_the_head_is_refused():
     bare = tf.AutoModel.from_config(tiny_model().config)
     with pytest.raises(ValueError, match="no linear output head"):
         seat.patch(bare, density=0.1)
+
+
+def _changes(model, before, handle):
+    """{name: (changed anywhere, changed outside the mask)} for every parameter."""
+    from seat.masks import mask_indices
+
+    out = {}
+    for name, p in model.named_parameters():
+        changed = (p.detach() != before[name]).reshape(-1)
+        allowed = torch.zeros_like(changed)
+        if name in handle.targets:
+            allowed[mask_indices(handle.targets[name].idx).long()] = True
+        out[name] = (bool(changed.any()), bool((changed & ~allowed).any()))
+    return out
+
+
+@pytest.mark.parametrize("kind", MOE_KINDS)
+def test_moe_experts_train_only_at_their_mask_and_the_loss_goes_down(kind):
+    model = tiny_model(kind)
+    experts = {n for n, p in model.named_parameters() if p.dim() == 3}
+    assert experts, "the tiny model keeps its experts as fused 3-D tensors"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    handle = seat.patch(model, density=0.2)
+    assert experts <= set(handle.targets)
+    opt = handle.optimizer(lr=1e-2)
+    batch = paired_batch(seed=1)
+    losses = []
+    for _ in range(5):
+        out = handle.loss(batch)
+        losses.append(out.ce.item())
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < losses[0] - 0.05, losses
+    for name, (changed, outside) in _changes(model, before, handle).items():
+        assert not outside, f"{name} changed outside its mask"
+        assert changed == (name in handle.targets), f"{name}: changed={changed}, target={name in handle.targets}"
+
+
+@pytest.mark.parametrize("kind", ["llama", "mixtral", "qwen2_moe"])
+def test_targeting_report_accounts_for_every_parameter(kind, caplog):
+    model = tiny_model(kind)
+    with caplog.at_level(logging.INFO, logger="seat"):
+        handle = seat.patch(model, density=0.1)
+    report = handle.targeting_report()
+    names = {n for n, _ in model.named_parameters()}
+    assert set(report.targeted) == set(handle.targets)
+    assert set(report.targeted) | set(report.skipped) == names and not set(report.targeted) & set(report.skipped)
+    assert report.trained_entries == {n: t.idx.numel() for n, t in handle.targets.items()}
+    assert report.skipped["lm_head.weight"] == "output head"
+    assert report.skipped["model.embed_tokens.weight"] == "embedding"
+    assert report.skipped["model.norm.weight"] == "normalization"
+    kinds = {n: ("experts" if p.dim() == 3 else "linear") for n, p in model.named_parameters() if n in handle.targets}
+    assert report.targeted == kinds
+    routers = {n for n in names if n.endswith("mlp.gate.weight")}
+    if kind == "llama":
+        assert not routers
+    for name in routers:  # transformers' TopKRouter: no nn.Linear, kept as the base model's
+        assert report.skipped[name] == "router (not an nn.Linear)"
+    if kind == "qwen2_moe":  # its shared expert gate is an nn.Linear: a target like any linear layer
+        assert report.targeted["model.layers.0.mlp.shared_expert_gate.weight"] == "linear"
+    logged = [r for r in caplog.records if r.name == "seat" and r.levelno == logging.INFO]
+    assert [r.getMessage() for r in logged] == [report.summary()]
+    assert f"{sum(k == 'experts' for k in kinds.values())} expert tensors" in report.summary()
+    assert "router" in str(report) or kind == "llama"
+
+
+def test_target_patterns_select_expert_tensors_by_parameter_name():
+    model = tiny_model("mixtral")
+    handle = seat.patch(model, density=0.1, targets=["*.experts.*"])
+    assert set(handle.targets) == {n for n, p in model.named_parameters() if p.dim() == 3}
+    assert handle.targeting_report().skipped["model.layers.0.self_attn.q_proj.weight"] == "not matched by targets"
+    handle.unpatch()
+    handle = seat.patch(model, density=0.1, targets=["*.gate_up_proj", "*.q_proj"])
+    assert sorted(handle.targets) == ["model.layers.0.mlp.experts.gate_up_proj",
+                                      "model.layers.0.self_attn.q_proj.weight",
+                                      "model.layers.1.mlp.experts.gate_up_proj",
+                                      "model.layers.1.self_attn.q_proj.weight"]
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "deepseek_v3"])
+def test_moe_delta_round_trip_covers_the_experts(kind, tmp_path):
+    model = tiny_model(kind)
+    handle = seat.patch(model, density=0.1)
+    _train(handle, steps=2)
+    handle.save_delta(tmp_path / "delta")
+    fresh = tiny_model(kind)
+    experts = [n for n, p in fresh.named_parameters() if p.dim() == 3]
+    trained = dict(model.named_parameters())
+    assert experts and all(not torch.equal(dict(fresh.named_parameters())[n], trained[n]) for n in experts)
+    seat.load_delta(fresh, tmp_path / "delta")
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p, trained[n]), n

@@ -90,7 +90,8 @@ def report(est: MemoryEstimate, gpus: list[tuple[str, int]], reserve: int, unit:
              + f", seq {o.seq}, batch {o.batch}, {o.dtype} on {o.device}"
              + (", gradient checkpointing" if o.gradient_checkpointing else ""),
              f"parameters: {a.total_params / 1e9:.2f}B total, {est.target_params / 1e9:.2f}B in the block linears "
-             f"(the targets); {est.trainable / 1e6:,.1f}M trained entries"]
+             + (f"and {a.experts} experts per sparse layer " if a.experts else "")
+             + f"(the targets); {est.trainable / 1e6:,.1f}M trained entries"]
     if o.method == "seat":
         lines.append(f"modes: indices {o.index_encoding}, compact gradient "
                      + ("none (optimizer in backward)" if o.optimizer_in_backward else o.grad_dtype)
@@ -160,7 +161,10 @@ def main(argv=None) -> int:
             opts = Options(**_options(args, method, density))
         except ValueError as exc:
             parser.error(f"argument {_flag_of(str(exc))}: {exc}")
-        estimates.append(estimate_arch(arch, opts))
+        try:
+            estimates.append(estimate_arch(arch, opts))
+        except ValueError as exc:  # a method the model does not cover for this architecture
+            parser.error(f"argument {_flag_of(str(exc))}: {exc}")
     if args.json:
         items = []
         for est in estimates:

@@ -26,6 +26,8 @@ I intermediate, q = heads * head_dim, kv = kv_heads * head_dim, T tokens per seq
                  keys/values to every head, which it does when a mask is passed), the
                  output (also o_proj's input), SDPA's logsumexp, SDPA's float mask
   MLP            4 * es*I                gate and up outputs, SiLU output, their product
+                                        (mixture of experts: I = k * I_e + I_s, the
+                                        hidden layers a token is routed through)
 
 The same counts were checked against torch.profiler on CPU (float32 and bfloat16,
 grouped and plain attention): see tests/test_memory.py.
@@ -56,7 +58,7 @@ def _round_up(n: int, multiple: int) -> int:
 # ---------------------------------------------------------------------- activations
 def block_activation_bytes(arch: Architecture, opts: Options, seq: int) -> int:
     """Bytes one decoder block saves for backward, per token (see the module docstring)."""
-    es, H, I = opts.es, arch.hidden, arch.intermediate
+    es, H, I = opts.es, arch.hidden, arch.active_intermediate
     norms = 2 * (4 * H + es * H + 4)
     # transformers repeats grouped keys / values to every head (a copy) when it passes a
     # mask to SDPA; with kv_heads == 1 the repeat is a view of the original
@@ -279,9 +281,13 @@ def estimate(config, *, method: str = "seat", density: float = 0.05, seq: int = 
 
 
 def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
+    if opts.method == "lora" and arch.sparse_layers:
+        raise ValueError(f"method 'lora' is not modelled for mixture-of-experts configs ({arch.model_type}): "
+                         "LoRA adapters on fused expert tensors are not counted; use method='seat', 'naive' or "
+                         "'full'")
     es, V, H = opts.es, arch.vocab, arch.hidden
     B, T = opts.batch, opts.seq
-    shapes = [o * i for o, i in arch.block_linear_shapes().values()] * arch.layers
+    shapes = arch.target_numels()
     target = sum(shapes)
     weights = arch.total_params * es
     largest = arch.largest_block_linear
@@ -295,7 +301,7 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
     state: dict[str, int] = {"weights": weights}
     phases: dict[str, dict[str, int]] = {}
     # a no-grad forward: one block's working set at a time (input, norm, q/k/v, MLP)
-    ref_work = B * T * (es * (3 * H + arch.q_dim + 2 * arch.kv_dim + 3 * arch.intermediate) + 4 * H)
+    ref_work = B * T * (es * (3 * H + arch.q_dim + 2 * arch.kv_dim + 3 * arch.active_intermediate) + 4 * H)
 
     if opts.method == "seat":
         count = implicit_nnz if opts.index_encoding == "implicit" else nnz_for
