@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import ops
 from ._constants import IGNORE_INDEX
+from ._modes import eval_mode
 
 
 @dataclasses.dataclass
@@ -193,9 +194,7 @@ def _probe(model) -> tuple[torch.nn.Module | None, list[str]]:
     ids = _probe_ids(model, head)
     mask = torch.ones_like(ids)
     transform = logit_transform(model.config)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         expected = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask), use_cache=False).logits
         reasons = []
         for decoder in decoder_candidates(model):
@@ -204,8 +203,6 @@ def _probe(model) -> tuple[torch.nn.Module | None, list[str]]:
                 return decoder, reasons
             reasons.append(reason)
         return None, reasons or ["no decoder module found (get_decoder(), base_model, .model, .transformer)"]
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -238,12 +235,10 @@ def params_reached(model, decoder: torch.nn.Module) -> set[int]:
     flags = [p.requires_grad for p in params]
     ids = _probe_ids(model, model.get_output_embeddings())
     mask = torch.ones_like(ids)
-    was_training = model.training
-    model.eval()
     try:
         for p in params:
             p.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), eval_mode(model):
             hidden = _hidden(model, ids, mask, decoder)
         reached, seen, stack = set(), set(), [hidden.grad_fn]
         while stack:
@@ -259,7 +254,6 @@ def params_reached(model, decoder: torch.nn.Module) -> set[int]:
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-        model.train(was_training)
 
 
 def seat_loss(handle, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None) -> SeatLoss:
