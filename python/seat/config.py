@@ -30,8 +30,10 @@ class SeatConfig:
         "block16" (any mask): the int32 mask's entries as uint16 offsets within blocks of
         65536 elements (2 bytes per trained entry), same entries and trajectory.
     seed: seeds the masks (per weight, from its name) and stochastic rounding.
-    targets: "all-linear" (every nn.Linear / GPT-2 Conv1D weight except the output
-        embedding) or module-name patterns (fnmatch, e.g. ["*.q_proj", "*.v_proj"]).
+    targets: "all-linear" (every nn.Linear / GPT-2 Conv1D weight and fused 3-D expert
+        tensor of the decoder that a gradient reaches, except the output embedding) or
+        fnmatch patterns over module names, and over parameter names for expert tensors
+        (e.g. ["*.q_proj", "*.v_proj"], ["*.experts.*"]; see seat.targeting).
     kl_weight: lambda of L = CE + lambda * KL (0: the sparse mask alone; x~ is then not
         run and the loss's KL reads NaN). kl_tokens: "all" non-pad positions of x~
         or only its "answer" positions. temperature: of the KL's softmaxes. reverse_kl:
