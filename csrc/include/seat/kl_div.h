@@ -19,7 +19,7 @@
 #include "seat/common.h"
 
 // Host builds force inlining: the CPU kernel calls these from functions compiled for
-// several ISAs (target_clones), and only inlined code gets each clone's vector units.
+// several ISAs (tile_kernels), and only inlined code gets each copy's vector units.
 #if defined(__CUDACC__) || !defined(__GNUC__)
 #define SEAT_KL_HD SEAT_HD
 #else
