@@ -325,13 +325,17 @@ def test_no_grad_needed(backend):
         (dict(cur=torch.zeros(3, 17, dtype=torch.int64)), TypeError, "logits_cur must have dtype"),
         (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask must have shape"),
         (dict(mask=torch.ones(3)), TypeError, "mask must have dtype"),
-        (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=1e-40), ValueError, r"temperature must be >= .*1/temperature must be a finite float32"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(reduction="sum", num_items=4), ValueError, "num_items"),
-        (dict(num_items=0), ValueError, "num_items must be > 0"),
+        (dict(num_items=0), ValueError, "num_items must be a finite number > 0"),
+        (dict(num_items=float("inf")), ValueError, "num_items must be a finite number > 0"),
     ],
-    ids=["ref-shape", "empty-vocab", "int-logits", "mask-shape", "mask-dtype", "temperature", "reduction",
-         "num-items-sum", "num-items-zero"],
+    ids=["ref-shape", "empty-vocab", "int-logits", "mask-shape", "mask-dtype", "temperature", "temperature-inf",
+         "temperature-nan", "temperature-tiny", "reduction", "num-items-sum", "num-items-zero", "num-items-inf"],
 )
 def test_bad_inputs(backend, change, error, match):
     device = backend_device(OP, backend)
