@@ -9,6 +9,7 @@ import importlib
 import pytest
 import torch
 
+import _loss_cases as loss_cases
 import test_fused_linear_paired_loss as fused_tests
 import test_kl_div as kl_tests
 import test_paired_loss as paired_tests
@@ -162,3 +163,81 @@ def test_chunks_never_hold_all_logits():
     want = fused_tests.oracle(**inputs)
     for got, expected in zip(out[:3], want[:3]):
         torch.testing.assert_close(got.double(), expected, **tol(torch.float32))
+
+
+# Non-finite input and empty input: the reference defines the result (see seat.ops.kl_div's
+# module docstring) and every backend gives the same class (NaN / +inf / -inf / finite)
+# entry for entry, and the same values where finite.
+DOCUMENTED_KL_LOSS = {  # (forward, reverse) class of the hostile row's loss: 0 NaN, 1 +inf, 3 finite
+    "finite": (3, 3), "masked-vocab": (3, 3), "ref-all-neg-inf": (0, 0), "cur-all-neg-inf": (0, 0),
+    "both-all-neg-inf": (0, 0), "ref-some-neg-inf": (3, 1), "cur-some-neg-inf": (1, 3), "ref-nan": (0, 0),
+    "cur-nan": (0, 0), "ref-pos-inf": (0, 0), "cur-pos-inf": (0, 0),
+}
+
+
+def _check_same(got, want, tolerance):
+    assert loss_cases.same_class(got, want), (loss_cases.result_class(got), loss_cases.result_class(want))
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got.double().cpu()[finite], want.double().cpu()[finite], **tolerance)
+
+
+@pytest.mark.parametrize("case", sorted(loss_cases.KL_ROWS))
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_kl_div_non_finite_rows(backend, case, reverse, dtype):
+    device = backend_device("kl_div", backend)
+    cur_row, ref_row = loss_cases.KL_ROWS[case]
+    finite_c, finite_r = loss_cases.KL_ROWS["finite"]
+    cur = torch.tensor([finite_c, cur_row], dtype=dtype)
+    ref = torch.tensor([finite_r, ref_row], dtype=dtype)
+    want_loss, want_grad = loss_cases.kl_div_call("reference", cur, ref, temperature=0.7, reduction="none",
+                                                  reverse=reverse)
+    if case in DOCUMENTED_KL_LOSS:
+        assert loss_cases.result_class(want_loss)[1] == DOCUMENTED_KL_LOSS[case][int(reverse)]
+    loss, grad = loss_cases.kl_div_call(backend, cur.to(device), ref.to(device), temperature=0.7, reduction="none",
+                                        reverse=reverse)
+    _check_same(loss, want_loss, kl_tests.loss_tol(dtype))
+    _check_same(grad, want_grad, tol(dtype))
+    # a masked-out row gives 0 whatever it holds
+    mask = torch.tensor([True, False], device=device)
+    loss, grad = loss_cases.kl_div_call(backend, cur.to(device), ref.to(device), mask, reduction="none",
+                                        reverse=reverse)
+    assert loss[1] == 0 and torch.equal(grad[1], torch.zeros_like(grad[1]))
+
+
+@pytest.mark.parametrize("case", sorted(loss_cases.CE_ROWS))
+def test_cross_entropy_non_finite_rows(backend, case):
+    """CE rows follow F.cross_entropy's classes: NaN for NaN / +inf / all -inf rows, +inf
+    for a -inf label logit."""
+    device = backend_device("paired_loss", backend)
+    row, label = loss_cases.CE_ROWS[case]
+    logits = torch.tensor([loss_cases.CE_ROWS["finite"][0], row])
+    labels = torch.tensor([0, label])
+    torch_ce = torch.nn.functional.cross_entropy(logits.double(), labels, reduction="sum")
+    (_, want_ce, _), want_grad = loss_cases.paired_loss_call("reference", logits, labels, torch.empty(0, 3),
+                                                             reduction="sum")
+    assert loss_cases.same_class(want_ce, torch_ce)
+    (_, ce, _), grad = loss_cases.paired_loss_call(backend, logits.to(device), labels.to(device),
+                                                   torch.empty(0, 3, device=device), reduction="sum")
+    _check_same(ce, want_ce, tol(torch.float32))
+    _check_same(grad, want_grad, tol(torch.float32))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_zero_rows_forward_and_backward(backend, reduction):
+    """N = 0: an empty loss for "none", 0 for "sum" (as torch) and "mean" (seat's mean over
+    no rows; torch gives NaN), and an empty gradient from backward, for all three ops."""
+    device = backend_device("kl_div", backend)
+    empty = torch.empty(0, 7, device=device)
+    loss, grad = loss_cases.kl_div_call(backend, empty, empty, reduction=reduction)
+    assert loss.shape == ((0,) if reduction == "none" else ()) and grad.shape == (0, 7)
+    assert reduction == "none" or loss.item() == 0.0
+    if reduction == "none":
+        return
+    no_labels = torch.empty(0, dtype=torch.int64, device=device)
+    losses, grad = loss_cases.paired_loss_call(backend, empty, no_labels, empty, reduction=reduction)
+    assert all(t.item() == 0.0 for t in losses) and grad.shape == (0, 7)
+    hidden = torch.empty(0, 5, device=device)
+    losses, grad = loss_cases.fused_call(backend, hidden, torch.randn(7, 5, device=device), no_labels, hidden,
+                                         reduction=reduction)
+    assert all(t.item() == 0.0 for t in losses) and grad.shape == (0, 5)
