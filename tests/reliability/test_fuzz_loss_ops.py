@@ -31,6 +31,13 @@ WEIGHTS = [0.0, 1.0, 0.5, 1e30, -0.0, -1.0, INF, NAN]
 NUM_ITEMS = [None, 1.0, 3.0, 1e-30, 1e30, 0.0, -2.0, INF, NAN]
 DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 BACKENDS = ["cpu", "triton"]
+# examples per test: a share of the active profile's (ci: 40 -> 25 / 15), so the "long"
+# profile scales these up too
+PROFILE_EXAMPLES = settings.default.max_examples
+
+
+def examples(share: float) -> int:
+    return max(1, int(PROFILE_EXAMPLES * share))
 
 
 def logit_values():
@@ -102,7 +109,7 @@ def compare(call, backend, args, options, scale):
     assert_same(got_grad, want_grad, scale)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(0.625))
 @given(data=st.data())
 def test_fuzz_kl_div(data):
     backend = data.draw(st.sampled_from(BACKENDS))
@@ -128,7 +135,7 @@ def labels_for(draw, n_ce, vocab, ignore_index):
     return torch.tensor(draw(st.lists(choices, min_size=n_ce, max_size=n_ce)), dtype=torch.int64)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(0.625))
 @given(data=st.data())
 def test_fuzz_paired_loss(data):
     backend = data.draw(st.sampled_from(BACKENDS))
@@ -151,7 +158,7 @@ def test_fuzz_paired_loss(data):
             scale_of(logits, ref, temperature=temperature))
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(0.375))
 @given(data=st.data())
 def test_fuzz_fused_linear_paired_loss(data):
     backend = data.draw(st.sampled_from(BACKENDS))

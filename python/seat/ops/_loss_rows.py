@@ -46,6 +46,19 @@ def finite_scalar(name: str, value: float, *, minimum: float = 0.0, inclusive: b
     return value
 
 
+def check_num_items(name: str, num_items: float, temperature: float = 1.0) -> float:
+    """num_items finite, > 0, and large enough that the gradient scale 1/(num_items *
+    temperature) is a finite float32 (an inf scale would turn zero gradients into NaN)."""
+    finite_scalar(name, num_items)
+    if num_items * temperature < MIN_TEMPERATURE:
+        what = name if temperature == 1.0 else f"{name} * temperature"
+        raise ValueError(
+            f"{what} must be >= {MIN_TEMPERATURE:.3g} (the gradient is scaled by 1/{what}, which must be a finite "
+            f"float32); got {num_items}" + ("" if temperature == 1.0 else f" * {temperature}")
+        )
+    return num_items
+
+
 def check_temperature(temperature: float) -> float:
     """temperature finite, > 0, and large enough that 1/temperature is a finite float32."""
     finite_scalar("temperature", temperature)

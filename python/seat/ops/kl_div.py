@@ -26,7 +26,9 @@ computes in float64 then). The per-row losses are summed and divided in torch.
 Non-finite values and empty input. `reference` below defines them and every backend
 gives the same class of result (NaN, +inf, -inf or finite) entry for entry:
   - temperature must be finite, > 0 and >= MIN_TEMPERATURE (~2.9e-39: 1/temperature a
-    finite float32); num_items finite and > 0. Anything else is refused (ValueError).
+    finite float32); num_items finite, > 0 and with num_items * temperature >=
+    MIN_TEMPERATURE (the gradient scale 1/(num_items * temperature) a finite float32).
+    Anything else is refused (ValueError).
   - A -inf logit is probability 0. Entries where the KL target (p_ref; reverse=True:
     p_cur) has no mass contribute 0 (0 * log 0 = 0, as F.kl_div with probabilities; its
     log_target=True form gives NaN there), so masked vocabulary entries (-inf in both
@@ -135,13 +137,14 @@ ENTRY = _registry.register("kl_div", reference,
 
 
 def check_options(temperature: float, reduction: str, num_items: Optional[float], reductions=_checks.REDUCTIONS,
-                  num_items_name: str = "num_items"):
+                  num_items_name: str = "num_items", kl_items: bool = True):
+    """kl_items: num_items divides a KL block, whose gradient also carries 1/temperature."""
     _loss_rows.check_temperature(temperature)
     _checks.choice("reduction", reduction, reductions)
     if num_items is not None:
         if reduction != "mean":
             raise ValueError(f"{num_items_name} divides the summed loss; it needs reduction='mean', not {reduction!r}")
-        _loss_rows.finite_scalar(num_items_name, num_items)
+        _loss_rows.check_num_items(num_items_name, num_items, temperature if kl_items else 1.0)
 
 
 def check(logits_cur, logits_ref, mask, temperature, reduction, num_items) -> None:

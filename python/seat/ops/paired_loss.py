@@ -139,7 +139,7 @@ def check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
 
 def check_paired_options(kl_weight, temperature, reduction, ce_num_items, kl_num_items) -> None:
     _loss_rows.finite_scalar("kl_weight", kl_weight, inclusive=True)
-    check_options(temperature, reduction, ce_num_items, PAIRED_REDUCTIONS, "ce_num_items")
+    check_options(temperature, reduction, ce_num_items, PAIRED_REDUCTIONS, "ce_num_items", kl_items=False)
     check_options(temperature, reduction, kl_num_items, PAIRED_REDUCTIONS, "kl_num_items")
 
 
