@@ -112,7 +112,7 @@ def _kl_row(x_ptr, r_ptr, g_ptr, loss_ptr, scales_ptr, vocab, REVERSE: tl.conste
             if REVERSE:
                 # (c - q) - (lse_c - lse_r): equal logits cancel exactly, even at |x| ~ 1e4
                 p = tl.exp((c - mc) - ls_c)
-                has_mass = p > 0  # the reference's torch.where(p_cur > 0, ...)
+                has_mass = p != 0  # the reference's torch.where(p_cur == 0, 0, ...): NaN stays NaN
                 lr = tl.where(has_mass, c, 0.0) - tl.where(has_mass, q, 0.0)
                 g = tl.where(has_mass, p * ((lr - dlse) - kl) * factor, 0.0)
             else:

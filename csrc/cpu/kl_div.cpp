@@ -2,13 +2,13 @@
 // paired_loss and fused_linear_paired_loss): rows in parallel (at::parallel_for, i.e.
 // OpenMP), each row read twice.
 //   pass 1: online log-softmax of both inputs at once, tile by tile: the tile's max,
-//           then sum e^{x - m} (and the KL weights) in a vectorized loop, merged into the
-//           running state (seat/kl_div.h) -> the row's loss;
+//           then e^{x - m} (and the KL weights) added to kLanes double partial sums in a
+//           vectorized loop (LaneSums) -> the row's loss, formed in double;
 //   pass 2: the gradient w.r.t. the row's logits, written straight into the output.
 // Tiles are converted to the accumulation type in small stack buffers (L1-resident), so
 // no N x V temporary exists besides the gradient. float rows use a branch-free exp and
-// are compiled for AVX-512 / AVX2 / baseline x86-64 (picked at load time by
-// target_clones); double rows (the oracle tests) use libm.
+// are compiled for AVX-512 / AVX2 / baseline x86-64 (picked at first use from the
+// CPU's features, tile_kernels); double rows (the oracle tests) use libm.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -31,21 +31,24 @@
 namespace {
 
 constexpr int kTile = 1024;  // 2-4 tile buffers of 4 KiB (float) stay in L1
+constexpr int kLanes = 16;   // independent partial sums per row (tiles are padded to a multiple)
+static_assert(kTile % kLanes == 0, "tiles hold whole lane groups");
 
 // The tile helpers are compiled into each target_clones variant only if inlined there.
 #define SEAT_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // exp for x <= 0 (every argument here is x - running max or x - lse): Cephes' expf
-// polynomial, ~2 ulp, selects instead of branches so the tile loops vectorize. Below
+// polynomial, ~1 ulp, selects instead of branches so the tile loops vectorize. Below
 // -87.3 it returns 0 where expf would return a denormal (< 1.2e-38); -inf gives 0, NaN
 // stays NaN.
 struct FastExp {
   static SEAT_ALWAYS_INLINE float exp(float x) {
     constexpr float kLow = -87.33654f;
     const float xc = x < kLow ? kLow : (x > 0.f ? 0.f : x);
-    const float y = xc * 1.44269504088896341f + 0.5f;
-    int n = static_cast<int>(y);  // floor(y) via truncation, vectorizable everywhere
-    n -= (static_cast<float>(n) > y) ? 1 : 0;
+    // n = round(xc / ln 2) in [-126, 0]: truncating a positive number (+128) is a floor
+    // that vectorizes on every x86 level (floorf needs SSE4.1, and a compare-and-fix
+    // floor keeps GCC from vectorizing at all).
+    const int n = static_cast<int>(xc * 1.44269504088896341f + 128.5f) - 128;
     const float fn = static_cast<float>(n);
     const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -64,27 +67,58 @@ struct FastExp {
   static SEAT_ALWAYS_INLINE double exp(double x) { return std::exp(x); }
 };
 
+// max that keeps a NaN once seen (a NaN logit makes the whole row NaN, as in torch).
+template <typename A>
+SEAT_ALWAYS_INLINE A nan_max(A m, A x) {
+  return (x > m || x != x) ? x : m;
+}
+
+// The sums of a row's online log-softmax, kept in kLanes partial sums in double whatever
+// the input dtype: s = sum e^{x - m}, a = sum_{e > 0} e^{x - m} (x - o). Lane l adds
+// elements l, l + kLanes, ... (independent accumulators: the loop vectorizes without
+// reassociation), a float term enters its double lane exactly, and the lanes are merged
+// pairwise at the end: the row sums carry no summation error a float loss could show,
+// so the losses are as accurate as torch's (cascade-summed) float ones or better.
+struct LaneSums {
+  alignas(64) double s[kLanes];
+  alignas(64) double a[kLanes];
+};
+
+// Pairwise (tree) sum of the kLanes partial sums.
+SEAT_ALWAYS_INLINE double lane_total(const double* v) {
+  double t[kLanes];
+  for (int l = 0; l < kLanes; ++l) t[l] = v[l];
+  for (int w = kLanes / 2; w > 0; w /= 2) {
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  }
+  return t[0];
+}
+
 template <typename A>
 SEAT_ALWAYS_INLINE A tile_max_impl(const A* x, int n) {
+  A lane_m[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane_m[l] = seat::neg_inf<A>();
+  for (int j = 0; j < n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) lane_m[l] = nan_max(lane_m[l], x[j + l]);
+  }
   A m = seat::neg_inf<A>();
-#pragma omp simd reduction(max : m)
-  for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  for (int l = 0; l < kLanes; ++l) m = nan_max(m, lane_m[l]);
   return m;
 }
 
-// s = sum e^{x - m}, a = sum_{e > 0} e^{x - m} (x - o) (as the reference's p > 0). The same loop serves the
-// target and the other input of a KL row, so identical inputs give identical sums.
+// Add e^{x - m} and the KL weights e^{x - m} (x - o) of a tile (n a multiple of kLanes)
+// to the lanes. The same loop serves the target and the other input of a KL row, so
+// identical inputs give identical sums (and a = 0 exactly).
 template <typename A>
-SEAT_ALWAYS_INLINE void tile_sums_impl(const A* x, const A* o, int n, A m, A* s_out, A* a_out) {
-  A s = 0, a = 0;
-#pragma omp simd reduction(+ : s, a)
-  for (int j = 0; j < n; ++j) {
-    const A e = FastExp::exp(x[j] - m);
-    s += e;
-    a += e > A(0) ? e * (x[j] - o[j]) : A(0);  // no mass (-inf, underflow): no weight
+SEAT_ALWAYS_INLINE void tile_sums_impl(const A* x, const A* o, int n, A m, LaneSums& acc) {
+  for (int j = 0; j < n; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const A e = FastExp::exp(x[j + l] - m);
+      const double w = static_cast<double>(x[j + l]) - static_cast<double>(o[j + l]);
+      acc.s[l] += static_cast<double>(e);
+      acc.a[l] += e > A(0) ? static_cast<double>(e) * w : 0.0;  // no mass (-inf, underflow): no weight
+    }
   }
-  *s_out = s;
-  *a_out = a;
 }
 
 // Row constants of the gradient pass.
@@ -96,77 +130,115 @@ struct GradConsts {
 template <typename A>
 SEAT_ALWAYS_INLINE void tile_kl_grad_impl(const A* c, const A* r, int n, const GradConsts<A>& k, bool reverse, A* g) {
   if (reverse) {
-#pragma omp simd
     for (int j = 0; j < n; ++j) g[j] = seat::kl_reverse_grad<A, FastExp>(c[j], r[j], k.m_c, k.ls_c, k.dlse, k.kl, k.factor);
   } else {
-#pragma omp simd
     for (int j = 0; j < n; ++j) g[j] = seat::kl_forward_grad<A, FastExp>(c[j], r[j], k.m_c, k.ls_c, k.m_r, k.ls_r, k.factor);
   }
 }
 
 template <typename A>
 SEAT_ALWAYS_INLINE void tile_ce_grad_impl(const A* x, int n, int64_t label_in_tile, A m, A ls, A factor, A* g) {
-#pragma omp simd
   for (int j = 0; j < n; ++j) g[j] = seat::ce_grad<A, FastExp>(x[j], m, ls, j == label_in_tile, factor);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SEAT_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
-#else
-#define SEAT_CLONES
-#endif
+// The float tile loops, compiled once per instruction set and picked at first use from
+// what the CPU reports (__builtin_cpu_supports). GCC's target_clones("arch=...") picks
+// by CPU model, and so ran the baseline SSE2 copy on every AMD CPU.
+struct TileKernels {
+  float (*max)(const float*, int);
+  void (*sums)(const float*, const float*, int, float, LaneSums&);
+  void (*kl_grad)(const float*, const float*, int, const GradConsts<float>&, bool, float*);
+  void (*ce_grad)(const float*, int, int64_t, float, float, float, float*);
+};
 
-SEAT_CLONES float tile_max_f32(const float* x, int n) { return tile_max_impl<float>(x, n); }
-SEAT_CLONES void tile_sums_f32(const float* x, const float* o, int n, float m, float* s, float* a) {
-  tile_sums_impl<float>(x, o, n, m, s, a);
-}
-SEAT_CLONES void tile_kl_grad_f32(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse,
-                                  float* g) {
-  tile_kl_grad_impl<float>(c, r, n, k, reverse, g);
-}
-SEAT_CLONES void tile_ce_grad_f32(const float* x, int n, int64_t label_in_tile, float m, float ls, float factor,
-                                  float* g) {
-  tile_ce_grad_impl<float>(x, n, label_in_tile, m, ls, factor, g);
-}
+#define SEAT_TILE_KERNELS(NAME, TARGET)                                                                           \
+  namespace NAME {                                                                                                \
+  TARGET float max(const float* x, int n) { return tile_max_impl<float>(x, n); }                                  \
+  TARGET void sums(const float* x, const float* o, int n, float m, LaneSums& acc) {                               \
+    tile_sums_impl<float>(x, o, n, m, acc);                                                                       \
+  }                                                                                                               \
+  TARGET void kl_grad(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse, float* g) { \
+    tile_kl_grad_impl<float>(c, r, n, k, reverse, g);                                                             \
+  }                                                                                                               \
+  TARGET void ce_grad(const float* x, int n, int64_t label, float m, float ls, float factor, float* g) {          \
+    tile_ce_grad_impl<float>(x, n, label, m, ls, factor, g);                                                      \
+  }                                                                                                               \
+  constexpr TileKernels kernels{max, sums, kl_grad, ce_grad};                                                     \
+  }
+
+SEAT_TILE_KERNELS(baseline, )
+#if defined(__x86_64__) && defined(__GNUC__)
+SEAT_TILE_KERNELS(avx2, __attribute__((target("avx2,fma"))))
+SEAT_TILE_KERNELS(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))))
+#endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
 
-inline float tile_max(const float* x, int n) { return tile_max_f32(x, n); }
-inline double tile_max(const double* x, int n) { return tile_max_impl<double>(x, n); }
-inline void tile_sums(const float* x, const float* o, int n, float m, float* s, float* a) {
-  tile_sums_f32(x, o, n, m, s, a);
+const TileKernels& tile_kernels() {
+  static const TileKernels chosen = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
+      return avx512::kernels;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2::kernels;
+#endif
+    return baseline::kernels;
+  }();
+  return chosen;
 }
-inline void tile_sums(const double* x, const double* o, int n, double m, double* s, double* a) {
-  tile_sums_impl<double>(x, o, n, m, s, a);
+
+inline float tile_max(const float* x, int n) { return tile_kernels().max(x, n); }
+inline double tile_max(const double* x, int n) { return tile_max_impl<double>(x, n); }
+inline void tile_sums(const float* x, const float* o, int n, float m, LaneSums& acc) { tile_kernels().sums(x, o, n, m, acc); }
+inline void tile_sums(const double* x, const double* o, int n, double m, LaneSums& acc) {
+  tile_sums_impl<double>(x, o, n, m, acc);
 }
 inline void tile_kl_grad(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse, float* g) {
-  tile_kl_grad_f32(c, r, n, k, reverse, g);
+  tile_kernels().kl_grad(c, r, n, k, reverse, g);
 }
 inline void tile_kl_grad(const double* c, const double* r, int n, const GradConsts<double>& k, bool reverse,
                          double* g) {
   tile_kl_grad_impl<double>(c, r, n, k, reverse, g);
 }
 inline void tile_ce_grad(const float* x, int n, int64_t label, float m, float ls, float factor, float* g) {
-  tile_ce_grad_f32(x, n, label, m, ls, factor, g);
+  tile_kernels().ce_grad(x, n, label, m, ls, factor, g);
 }
 inline void tile_ce_grad(const double* x, int n, int64_t label, double m, double ls, double factor, double* g) {
   tile_ce_grad_impl<double>(x, n, label, m, ls, factor, g);
 }
 
-// Add one tile (x, with KL weights against o) to a running state.
+// A row's running state: the max so far (NaN once a NaN is seen) and the lane sums
+// relative to it.
 template <typename A>
-inline void tile_accumulate(seat::OnlineLse<A>& st, const A* x, const A* o, int n) {
-  const A bm = tile_max(x, n);
-  const A m = bm > st.m ? bm : st.m;
+struct RowSums {
+  A m = seat::neg_inf<A>();
+  LaneSums lanes{};
+};
+
+// Add one tile (x, with KL weights against o; n a multiple of kLanes) to a running state.
+template <typename A>
+inline void tile_accumulate(RowSums<A>& st, const A* x, const A* o, int n) {
+  const A m = nan_max(st.m, tile_max(x, n));
   if (m == seat::neg_inf<A>()) return;  // only -inf so far: nothing to add
-  A s, a;
-  tile_sums(x, o, n, m, &s, &a);
-  const A k = FastExp::exp(st.m - m);  // 0 on the first finite tile (st.m = -inf)
-  st.s = st.s * k + s;
-  st.a = st.a * k + a;
+  if (!(m == st.m)) {  // a new max: rescale what was summed (k = 0 on the first finite tile)
+    const double k = std::exp(static_cast<double>(st.m) - static_cast<double>(m));
+    for (int l = 0; l < kLanes; ++l) {
+      st.lanes.s[l] *= k;
+      st.lanes.a[l] *= k;
+    }
+  }
+  tile_sums(x, o, n, m, st.lanes);
   st.m = m;
+}
+
+// The row's (max, sum, weighted sum) in double, for the loss formulas of seat/kl_div.h.
+template <typename A>
+inline seat::OnlineLse<double> row_state(const RowSums<A>& st) {
+  return {static_cast<double>(st.m), lane_total(st.lanes.s), lane_total(st.lanes.a)};
 }
 
 // Storage -> accumulation type (bf16 / fp16 through float, exactly).
@@ -179,10 +251,14 @@ inline double to_acc<double, double>(double v) {
   return v;
 }
 
+// Convert n values (times scale) into dst and pad it with -inf up to a multiple of
+// kLanes (padding has no mass: e = 0, no weight).
 template <typename T, typename A>
-inline void load_tile(const T* src, int n, A scale, A* dst) {
-#pragma omp simd
+inline int load_tile(const T* src, int n, A scale, A* dst) {
   for (int j = 0; j < n; ++j) dst[j] = to_acc<A>(src[j]) * scale;
+  const int padded = (n + kLanes - 1) / kLanes * kLanes;
+  for (int j = n; j < padded; ++j) dst[j] = seat::neg_inf<A>();
+  return padded;
 }
 
 template <typename T, typename A>
@@ -195,55 +271,62 @@ void zero_row(TC* grad, int64_t vocab) {
   if (grad != nullptr) std::fill(grad, grad + vocab, static_cast<TC>(0.f));
 }
 
+// KL(p_ref || p_cur) (reverse: KL(p_cur || p_ref)) of one row, and its gradient (times
+// factor) into grad when given. The loss is formed in double from the double row sums.
 template <typename TC, typename TR, typename A>
 A kl_row(const TC* cur, const TR* ref, int64_t vocab, A inv_t, A factor, bool reverse, TC* grad) {
   alignas(64) A cbuf[kTile];
   alignas(64) A rbuf[kTile];
-  seat::OnlineLse<A> sc = seat::online_init<A>(), sr = seat::online_init<A>();
+  RowSums<A> cur_sums, ref_sums;
   for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-    load_tile(cur + v0, n, inv_t, cbuf);
+    const int padded = load_tile(cur + v0, n, inv_t, cbuf);
     load_tile(ref + v0, n, inv_t, rbuf);
-    tile_accumulate(sc, cbuf, rbuf, n);
-    tile_accumulate(sr, rbuf, cbuf, n);
+    tile_accumulate(cur_sums, cbuf, rbuf, padded);
+    tile_accumulate(ref_sums, rbuf, cbuf, padded);
   }
-  const A kl = reverse ? seat::kl_value(sc, sr) : seat::kl_value(sr, sc);
+  const seat::OnlineLse<double> sc = row_state(cur_sums), sr = row_state(ref_sums);
+  const double kl = reverse ? seat::kl_value(sc, sr) : seat::kl_value(sr, sc);
   if (grad != nullptr) {
-    const GradConsts<A> k{sc.m, seat::online_log_s(sc), sr.m, seat::online_log_s(sr), seat::lse_difference(sc, sr),
-                          kl, factor};
+    const GradConsts<A> k{cur_sums.m, static_cast<A>(seat::online_log_s(sc)), ref_sums.m,
+                          static_cast<A>(seat::online_log_s(sr)), static_cast<A>(seat::lse_difference(sc, sr)),
+                          static_cast<A>(kl), factor};
     alignas(64) A gbuf[kTile];
     for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
       const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-      load_tile(cur + v0, n, inv_t, cbuf);
+      const int padded = load_tile(cur + v0, n, inv_t, cbuf);
       load_tile(ref + v0, n, inv_t, rbuf);
-      tile_kl_grad(cbuf, rbuf, n, k, reverse, gbuf);
+      tile_kl_grad(cbuf, rbuf, padded, k, reverse, gbuf);
       store_tile(gbuf, n, grad + v0);
     }
   }
-  return kl;
+  return static_cast<A>(kl);
 }
 
+// Cross-entropy of one row against `label`, and its gradient (times factor) when asked.
 template <typename TC, typename A>
 A ce_row(const TC* x, int64_t vocab, int64_t label, A factor, TC* grad) {
   alignas(64) A xbuf[kTile];
-  seat::OnlineLse<A> st = seat::online_init<A>();
+  RowSums<A> sums;
   for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-    load_tile(x + v0, n, A(1), xbuf);
-    tile_accumulate(st, xbuf, xbuf, n);
+    const int padded = load_tile(x + v0, n, A(1), xbuf);
+    tile_accumulate(sums, xbuf, xbuf, padded);
   }
-  const A ls = seat::online_log_s(st);
+  const seat::OnlineLse<double> st = row_state(sums);
+  const double ls = seat::online_log_s(st);
   if (grad != nullptr) {
     alignas(64) A gbuf[kTile];
     for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
       const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-      load_tile(x + v0, n, A(1), xbuf);
-      tile_ce_grad(xbuf, n, label - v0, st.m, ls, factor, gbuf);
+      const int padded = load_tile(x + v0, n, A(1), xbuf);
+      tile_ce_grad(xbuf, padded, label - v0, sums.m, static_cast<A>(ls), factor, gbuf);
       store_tile(gbuf, n, grad + v0);
     }
   }
-  return (st.m - to_acc<A>(x[label])) + ls;
+  return static_cast<A>((st.m - static_cast<double>(to_acc<A>(x[label]))) + ls);
 }
+
 template <typename TC, typename TR, typename A>
 void paired_rows_typed(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref,
                        const at::Tensor& kl_valid, const at::Tensor& scales, double temperature, int64_t ignore_index,

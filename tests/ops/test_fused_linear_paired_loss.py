@@ -10,78 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _loss_cases import FUSED_N_CE as N_CE, FUSED_VOCAB as VOCAB, loss_tol
+from _loss_cases import fused_check as check, fused_make_inputs as make_inputs, fused_oracle as oracle, fused_run as run
 from conftest import backend_device, tol
-from _loss_oracle import paired_terms
 from seat import ops
 
 OP = "fused_linear_paired_loss"
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-ZERO = torch.zeros((), dtype=torch.float64)
-N_CE, N_KL, HIDDEN, VOCAB = 5, 4, 16, 37
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def loss_tol(dtype):
-    return tol(torch.float64 if dtype == torch.float64 else torch.float32)
-
-
-def make_inputs(dtype, seed, device, *, bias=False, n_ce=N_CE, n_kl=N_KL, hidden=HIDDEN, vocab=VOCAB, n_ignored=1):
-    """dict(hidden, weight, labels, ref_hidden, bias): ref_hidden = the x~ rows plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(n_ce + n_kl, hidden, generator=g, dtype=torch.float64)
-    w = torch.randn(vocab, hidden, generator=g, dtype=torch.float64) * (2.5 / hidden**0.5)
-    ref_h = h[n_ce:] + 0.4 * torch.randn(n_kl, hidden, generator=g, dtype=torch.float64)
-    b = torch.randn(vocab, generator=g, dtype=torch.float64) if bias else None
-    labels = torch.randint(0, vocab, (n_ce,), generator=g)
-    labels[torch.randperm(n_ce, generator=g)[:n_ignored]] = -100
-
-    def cast(t):
-        return None if t is None else t.to(dtype).to(device)
-
-    return dict(hidden=cast(h), weight=cast(w), labels=labels.to(device), ref_hidden=cast(ref_h), bias=cast(b))
-
-
-
-
-def oracle(hidden, weight, labels, ref_hidden, kl_mask=None, bias=None, *, kl_weight=1.0, ignore_index=-100,
-           temperature=1.0, reduction="mean", ce_num_items=None, kl_num_items=None, reverse_kl=False,
-           combine=lambda loss, ce, kl: loss, **_):
-    """(loss, ce, kl, d combine(loss, ce, kl) / d hidden) in float64 on the CPU."""
-    h = hidden.detach().cpu().double().requires_grad_()
-    w = weight.detach().cpu().double()
-    b = None if bias is None else bias.detach().cpu().double()
-    logits = F.linear(h, w, b)
-    ref_logits = F.linear(ref_hidden.detach().cpu().double(), w, b)
-    loss, ce, kl = paired_terms(logits, labels, ref_logits, kl_mask, kl_weight=kl_weight, ignore_index=ignore_index,
-                                temperature=temperature, reduction=reduction, ce_num_items=ce_num_items,
-                                kl_num_items=kl_num_items, reverse_kl=reverse_kl)
-    combine(loss, ce, kl).backward()
-    return loss.detach(), ce.detach(), kl.detach(), h.grad
-
-
-def run(backend, hidden, weight, labels, ref_hidden, kl_mask=None, bias=None, *,
-        combine=lambda loss, ce, kl: loss, **kwargs):
-    """(loss, ce, kl, grad w.r.t. hidden) from the op, via combine(loss, ce, kl).backward()."""
-    h = hidden.detach().requires_grad_()
-    with ops.use_backend(backend):
-        loss, ce, kl = ops.fused_linear_paired_loss(h, weight, labels, ref_hidden, kl_mask, bias, **kwargs)
-    combine(loss, ce, kl).backward()
-    return loss.detach(), ce.detach(), kl.detach(), h.grad
-
-
-def check(backend, inputs, kl_mask=None, **kwargs):
-    got = run(backend, **inputs, kl_mask=kl_mask, **kwargs)
-    expected = oracle(**inputs, kl_mask=kl_mask, **kwargs)
-    dtype = inputs["hidden"].dtype
-    for name, value, want in zip(("loss", "ce", "kl"), got[:3], expected[:3]):
-        assert value.shape == () and value.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-        torch.testing.assert_close(value.cpu().double(), want, **loss_tol(dtype), msg=lambda m: f"{name}: {m}")
-    grad = got[3]
-    assert grad.dtype == dtype and grad.shape == inputs["hidden"].shape
-    torch.testing.assert_close(grad.cpu().double(), expected[3], **tol(dtype))
-    return got
 
 
 # --------------------------------------------------------------------------- value and gradient

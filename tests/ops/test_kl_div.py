@@ -8,92 +8,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from _loss_cases import kl_check as check, kl_oracle as oracle, kl_pair as pair, kl_randn as randn, kl_run as run
+from _loss_cases import loss_tol
 from conftest import backend_device, tol
 from seat import ops
 
 OP = "kl_div"
 NEG_INF = float("-inf")
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def randn(shape, dtype, seed, scale=3.0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
-
-
-def pair(shape, dtype, seed, device="cpu"):
-    """(cur, ref) logits of a fine-tuned and a base model: ref = cur + noise, KL ~ 0.5-3.
-
-    Independent far-apart rows (log-ratios ~ 50) make the reverse-KL gradient
-    p_cur * (log p_cur - log p_ref - KL) lose more than fp32 tolerance to cancellation in
-    any fp32 implementation; close distributions are also the case that matters in SEAT."""
-    cur = randn(shape, torch.float64, seed, scale=2.5)
-    ref = cur + randn(shape, torch.float64, seed + 1000, scale=1.0)
-    return cur.to(dtype).to(device), ref.to(dtype).to(device)
-
-
-def loss_tol(dtype):
-    """The loss accumulates in fp32 (fp64 for fp64 inputs) whatever the input dtype."""
-    return tol(torch.float64 if dtype == torch.float64 else torch.float32)
-
-
-def oracle_rows(cur, ref, temperature=1.0, reverse=False):
-    """Per-row KL(p_ref || p_cur) (reverse: KL(p_cur || p_ref)) in float64 via F.kl_div."""
-    log_cur = F.log_softmax(cur.double() / temperature, dim=-1)
-    log_ref = F.log_softmax(ref.double() / temperature, dim=-1)
-    # F.kl_div(input, target, log_target=True) = exp(target) * (target - input) = KL(target || input) terms.
-    inp, target = (log_ref, log_cur) if reverse else (log_cur, log_ref)
-    # 0 * log 0 = 0: entries the target rules out contribute nothing. Replace them in both
-    # arguments so no NaN (-inf - -inf, 0 * -inf) reaches the forward or autograd.
-    gone = target == NEG_INF
-    zero = torch.zeros((), dtype=torch.float64)
-    terms = F.kl_div(torch.where(gone, zero, inp), torch.where(gone, zero, target), log_target=True, reduction="none")
-    return torch.where(gone, zero, terms).sum(-1)
-
-
-def oracle(cur, ref, mask=None, *, temperature=1.0, reduction="mean", num_items=None, reverse=False,
-           grad_output=None):
-    """(loss, d loss / d cur) in float64 on the CPU; grad_output as for loss.backward()."""
-    cur64 = cur.detach().cpu().double().requires_grad_()
-    per_row = oracle_rows(cur64, ref.detach().cpu(), temperature, reverse)
-    if mask is not None:
-        per_row = torch.where(mask.cpu(), per_row, torch.zeros((), dtype=torch.float64))
-    if reduction == "none":
-        loss = per_row
-    elif reduction == "sum":
-        loss = per_row.sum()
-    else:
-        count = per_row.numel() if mask is None else int(mask.sum())
-        loss = per_row.sum() / (num_items if num_items is not None else max(count, 1))
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output.detach().cpu().double())
-    return loss.detach(), cur64.grad
-
-
-def run(backend, cur, ref, mask=None, *, grad_output=None, **kwargs):
-    """(loss, grad w.r.t. cur) from seat.ops.kl_div under `backend`, via .backward()."""
-    cur = cur.detach().requires_grad_()
-    with ops.use_backend(backend):
-        loss = ops.kl_div(cur, ref, mask, **kwargs)
-    loss.backward(torch.ones_like(loss) if grad_output is None else grad_output)
-    return loss.detach(), cur.grad
-
-
-def check(backend, cur, ref, mask=None, *, grad_output=None, grad_tol=None, **kwargs):
-    """Run the op and the oracle on the same inputs and compare loss and gradient."""
-    loss, grad = run(backend, cur, ref, mask, grad_output=grad_output, **kwargs)
-    expected_loss, expected_grad = oracle(cur, ref, mask, grad_output=grad_output, **kwargs)
-    out_dtype = torch.float64 if torch.float64 in (cur.dtype, ref.dtype) else torch.float32
-    assert loss.dtype == out_dtype
-    assert loss.shape == expected_loss.shape
-    assert grad.dtype == cur.dtype and grad.shape == cur.shape
-    torch.testing.assert_close(loss.cpu().double(), expected_loss, **loss_tol(cur.dtype))
-    torch.testing.assert_close(grad.cpu().double(), expected_grad, **(grad_tol or tol(cur.dtype)))
-    return loss, grad
 
 
 def shape_for(vocab, ndim):
@@ -325,13 +248,18 @@ def test_no_grad_needed(backend):
         (dict(cur=torch.zeros(3, 17, dtype=torch.int64)), TypeError, "logits_cur must have dtype"),
         (dict(mask=torch.ones(4, dtype=torch.bool)), ValueError, "mask must have shape"),
         (dict(mask=torch.ones(3)), TypeError, "mask must have dtype"),
-        (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=1e-40), ValueError, r"temperature must be >= .*1/temperature must be a finite float32"),
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(reduction="sum", num_items=4), ValueError, "num_items"),
-        (dict(num_items=0), ValueError, "num_items must be > 0"),
+        (dict(num_items=0), ValueError, "num_items must be a finite number > 0"),
+        (dict(num_items=float("inf")), ValueError, "num_items must be a finite number > 0"),
+        (dict(num_items=1e-30, temperature=1e-30), ValueError, r"num_items \* temperature must be >= .*finite float32"),
     ],
-    ids=["ref-shape", "empty-vocab", "int-logits", "mask-shape", "mask-dtype", "temperature", "reduction",
-         "num-items-sum", "num-items-zero"],
+    ids=["ref-shape", "empty-vocab", "int-logits", "mask-shape", "mask-dtype", "temperature", "temperature-inf",
+         "temperature-nan", "temperature-tiny", "reduction", "num-items-sum", "num-items-zero", "num-items-inf", "num-items-times-temperature-tiny"],
 )
 def test_bad_inputs(backend, change, error, match):
     device = backend_device(OP, backend)

@@ -10,71 +10,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backend_device, tol
-from _loss_oracle import paired_terms
+from _loss_cases import paired_check as check, paired_make_batch as make_batch, paired_oracle as oracle
+from _loss_cases import loss_tol, paired_run as run
+from conftest import backend_device
 from seat import ops
 
 OP = "paired_loss"
 NEG_INF = float("-inf")
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
-ZERO = torch.zeros((), dtype=torch.float64)
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def loss_tol(dtype):
-    """The three outputs accumulate in fp32 (fp64 for fp64 inputs)."""
-    return tol(torch.float64 if dtype == torch.float64 else torch.float32)
-
-
-def make_batch(n_ce, n_kl, vocab, dtype, seed, device, *, n_ignored=0, ignore_index=-100):
-    """logits (x rows, then x~ rows), labels with n_ignored ignore_index entries, ref_logits.
-
-    ref_logits = the x~ logits plus noise (a fine-tuned model stays close to its base)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n_ce + n_kl, vocab, generator=g, dtype=torch.float64) * 2.5
-    ref_logits = logits[n_ce:] + torch.randn(n_kl, vocab, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, vocab, (n_ce,), generator=g)
-    labels[torch.randperm(n_ce, generator=g)[:n_ignored]] = ignore_index
-    return logits.to(dtype).to(device), labels.to(device), ref_logits.to(dtype).to(device)
-
-
-
-
-def oracle(logits, labels, ref_logits, kl_mask=None, *, kl_weight=1.0, ignore_index=-100, temperature=1.0,
-           reduction="mean", ce_num_items=None, kl_num_items=None, reverse_kl=False,
-           combine=lambda loss, ce, kl: loss):
-    """(loss, ce, kl, d combine(loss, ce, kl) / d logits) in float64 on the CPU."""
-    x = logits.detach().cpu().double().requires_grad_()
-    loss, ce, kl = paired_terms(x, labels, ref_logits, kl_mask, kl_weight=kl_weight, ignore_index=ignore_index,
-                                temperature=temperature, reduction=reduction, ce_num_items=ce_num_items,
-                                kl_num_items=kl_num_items, reverse_kl=reverse_kl)
-    combine(loss, ce, kl).backward()
-    return loss.detach(), ce.detach(), kl.detach(), x.grad
-
-
-def run(backend, logits, labels, ref_logits, kl_mask=None, *, combine=lambda loss, ce, kl: loss, **kwargs):
-    """(loss, ce, kl, grad w.r.t. logits) from seat.ops.paired_loss, via combine(...).backward()."""
-    x = logits.detach().requires_grad_()
-    with ops.use_backend(backend):
-        loss, ce, kl = ops.paired_loss(x, labels, ref_logits, kl_mask, **kwargs)
-    combine(loss, ce, kl).backward()
-    return loss.detach(), ce.detach(), kl.detach(), x.grad
-
-
-def check(backend, logits, labels, ref_logits, kl_mask=None, **kwargs):
-    """Compare the op with the oracle: the three outputs and the gradient."""
-    got = run(backend, logits, labels, ref_logits, kl_mask, **kwargs)
-    expected = oracle(logits, labels, ref_logits, kl_mask, **kwargs)
-    out_dtype = torch.float64 if torch.float64 in (logits.dtype, ref_logits.dtype) else torch.float32
-    for name, value, want in zip(("loss", "ce", "kl"), got[:3], expected[:3]):
-        assert value.shape == () and value.dtype == out_dtype, name
-        torch.testing.assert_close(value.cpu().double(), want, **loss_tol(logits.dtype), msg=lambda m: f"{name}: {m}")
-    grad = got[3]
-    assert grad.dtype == logits.dtype and grad.shape == logits.shape
-    torch.testing.assert_close(grad.cpu().double(), expected[3], **tol(logits.dtype))
-    return got
 
 
 # --------------------------------------------------------------------------- value and gradient
@@ -256,15 +199,21 @@ def test_no_grad_gives_the_values(backend):
         (dict(kl_mask=torch.ones(3)), TypeError, "kl_mask must have dtype"),
         (dict(labels=[0.0, 1.0, 2.0, 3.0]), TypeError, "labels must have dtype"),
         (dict(logits=torch.zeros(7, 17)[None]), ValueError, "logits must be 2-D"),
-        (dict(kl_weight=-1.0), ValueError, "kl_weight must be >= 0"),
+        (dict(kl_weight=-1.0), ValueError, "kl_weight must be a finite number >= 0"),
+        (dict(kl_weight=float("inf")), ValueError, "kl_weight must be a finite number >= 0"),
         (dict(reduction="none"), ValueError, "reduction must be one of"),
-        (dict(reduction="sum", ce_num_items=3), ValueError, "num_items"),
-        (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+        (dict(reduction="sum", ce_num_items=3), ValueError, "ce_num_items"),
+        (dict(kl_num_items=float("nan")), ValueError, "kl_num_items must be a finite number > 0"),
+        (dict(ce_num_items=1e-40), ValueError, r"ce_num_items must be >= .*finite float32"),
+        (dict(temperature=0.0), ValueError, "temperature must be a finite number > 0"),
+        (dict(temperature=float("inf")), ValueError, "temperature must be a finite number > 0"),
+        (dict(logits=torch.zeros(7, 0), ref_logits=torch.zeros(3, 0), labels=[-100] * 4), ValueError,
+         "logits must have a non-empty vocabulary"),
         (dict(ref_logits=torch.zeros(3, 17, requires_grad=True)), ValueError, "ref_logits requires grad"),
     ],
     ids=["label-too-big", "label-negative", "rows-vs-labels", "rows-vs-ref", "ref-vocab", "kl-mask-length",
-         "kl-mask-dtype", "float-labels", "3d-logits", "negative-kl-weight", "reduction-none", "num-items-sum",
-         "temperature", "ref-requires-grad"],
+         "kl-mask-dtype", "float-labels", "3d-logits", "negative-kl-weight", "inf-kl-weight", "reduction-none",
+         "num-items-sum", "nan-kl-num-items", "tiny-ce-num-items", "temperature", "temperature-inf", "empty-vocab", "ref-requires-grad"],
 )
 def test_bad_inputs(backend, change, error, match):
     device = backend_device(OP, backend)

@@ -10,7 +10,8 @@
 // Written this way, identical inputs give A_t = 0 and lse_t == lse_o bit for bit, so
 // the loss (and the gradient below) is exactly zero, and entries with p_t = 0 (-inf
 // logits) contribute nothing (0 * log 0 = 0), as the torch reference does with
-// torch.where(p > 0, ...).
+// torch.where(p == 0, 0, ...). Rows without a distribution (all -inf, or a NaN / +inf
+// logit) come out NaN, as in the reference (python/seat/ops/kl_div.py).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -19,7 +20,7 @@
 #include "seat/common.h"
 
 // Host builds force inlining: the CPU kernel calls these from functions compiled for
-// several ISAs (target_clones), and only inlined code gets each clone's vector units.
+// several ISAs (tile_kernels), and only inlined code gets each copy's vector units.
 #if defined(__CUDACC__) || !defined(__GNUC__)
 #define SEAT_KL_HD SEAT_HD
 #else
@@ -112,13 +113,14 @@ SEAT_KL_HD T kl_forward_grad(T c, T r, T m_c, T ls_c, T m_r, T ls_r, T factor) {
 }
 
 // d KL(p_cur || p_ref) / d cur_v (times factor): p_cur (log p_cur - log p_ref - KL),
-// 0 where p_cur = 0 (-inf logits, or mass below the smallest float). The log-ratio is formed as (c - r) - (lse_c - lse_r) (dlse =
+// 0 where p_cur == 0 (-inf logits, or mass below the smallest float); a NaN p_cur (a NaN
+// or +inf row) stays NaN. The log-ratio is formed as (c - r) - (lse_c - lse_r) (dlse =
 // lse_difference(cur, ref)) so equal logits cancel exactly even at |logit| ~ 1e4.
 template <typename T, typename E = StdExp>
 SEAT_KL_HD T kl_reverse_grad(T c, T r, T m_c, T ls_c, T dlse, T kl, T factor) {
   const T p = E::exp((c - m_c) - ls_c);
   const T g = p * (((c - r) - dlse) - kl) * factor;
-  return p > T(0) ? g : T(0);  // the reference's where(p_cur > 0, ...); a select: vectorizable
+  return p == T(0) ? T(0) : g;  // the reference's where(p_cur == 0, 0, ...); a select: vectorizable
 }
 
 // d CE / d x_v (times factor): softmax(x)_v - [v == label].

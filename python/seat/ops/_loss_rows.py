@@ -23,12 +23,51 @@ deterministic, and without a host sync (denominators stay on the device).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 RowsKernel = Callable[..., "tuple[Tensor, Tensor]"]
+
+# The kernels multiply logits by 1/temperature in float32 (for float32 and lower inputs):
+# below this, 1/temperature is inf there.
+MIN_TEMPERATURE = 1.0 / torch.finfo(torch.float32).max
+
+
+def finite_scalar(name: str, value: float, *, minimum: float = 0.0, inclusive: bool = False) -> float:
+    """value is a finite number > minimum (>= with inclusive): inf and NaN would turn
+    every row into inf / NaN (or 0 * inf) instead of being reported."""
+    ok = math.isfinite(value) and (value >= minimum if inclusive else value > minimum)
+    if not ok:
+        bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ValueError(f"{name} must be a finite number {bound}; got {value}")
+    return value
+
+
+def check_num_items(name: str, num_items: float, temperature: float = 1.0) -> float:
+    """num_items finite, > 0, and large enough that the gradient scale 1/(num_items *
+    temperature) is a finite float32 (an inf scale would turn zero gradients into NaN)."""
+    finite_scalar(name, num_items)
+    if num_items * temperature < MIN_TEMPERATURE:
+        what = name if temperature == 1.0 else f"{name} * temperature"
+        raise ValueError(
+            f"{what} must be >= {MIN_TEMPERATURE:.3g} (the gradient is scaled by 1/{what}, which must be a finite "
+            f"float32); got {num_items}" + ("" if temperature == 1.0 else f" * {temperature}")
+        )
+    return num_items
+
+
+def check_temperature(temperature: float) -> float:
+    """temperature finite, > 0, and large enough that 1/temperature is a finite float32."""
+    finite_scalar("temperature", temperature)
+    if temperature < MIN_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be >= {MIN_TEMPERATURE:.3g} (1/temperature must be a finite float32); "
+            f"got {temperature}"
+        )
+    return temperature
 
 
 def native_rows(logits, labels, ref_logits, kl_valid, scales, temperature, ignore_index, reverse, compute_grad):

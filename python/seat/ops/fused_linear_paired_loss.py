@@ -29,6 +29,7 @@ Low-precision weights: on the CPU the weight (and bias) is upcast once per call 
 V x H fp32 copy); on CUDA the products use torch.mm(..., out_dtype=float32) without a
 copy, and the gradient's matmul rounds grad_logits to the weight dtype first (as other
 fused-linear losses do). The CUDA path has not been run on a GPU yet.
+Non-finite values and empty input: as paired_loss on the logits (its module docstring).
 """
 from __future__ import annotations
 
@@ -171,6 +172,8 @@ def check(hidden, weight, labels, ref_hidden, kl_mask, bias, *, kl_weight, tempe
     _checks.tensor("hidden", hidden, dtypes=_checks.FLOAT_DTYPES, ndim=2)
     _checks.tensor("weight", weight, dtypes=(hidden.dtype,), ndim=2)
     _checks.tensor("ref_hidden", ref_hidden, dtypes=(hidden.dtype,), ndim=2)
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one row (the vocabulary); got shape {tuple(weight.shape)}")
     if weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must be (V, H) with H = hidden.shape[1] = {hidden.shape[1]}; got {tuple(weight.shape)}")
     if ref_hidden.shape[1] != hidden.shape[1]:

@@ -22,6 +22,27 @@ Backends (python/seat/ops/_loss_rows.py holds the shared glue): one fused per-ro
   triton  seat_kernels/kl_div.py: the same dtypes and accumulation as cpu.
 A float64 input upcasts the other input to float64 before the kernel (as the reference
 computes in float64 then). The per-row losses are summed and divided in torch.
+
+Non-finite values and empty input. `reference` below defines them and every backend
+gives the same class of result (NaN, +inf, -inf or finite) entry for entry:
+  - temperature must be finite, > 0 and >= MIN_TEMPERATURE (~2.9e-39: 1/temperature a
+    finite float32); num_items finite, > 0 and with num_items * temperature >=
+    MIN_TEMPERATURE (the gradient scale 1/(num_items * temperature) a finite float32).
+    Anything else is refused (ValueError).
+  - A -inf logit is probability 0. Entries where the KL target (p_ref; reverse=True:
+    p_cur) has no mass contribute 0 (0 * log 0 = 0, as F.kl_div with probabilities; its
+    log_target=True form gives NaN there), so masked vocabulary entries (-inf in both
+    inputs, or only in the target) give finite results.
+  - Target mass where the other distribution has none (-inf there): that row's KL is
+    +inf, as F.kl_div gives; the gradient of forward KL stays finite, that of reverse
+    KL is NaN where p_cur > 0.
+  - A row without a distribution (all -inf, or holding a NaN or +inf) in either input:
+    NaN loss and NaN gradient (softmax is 0/0 there; torch.log_softmax gives NaN too),
+    except that the reverse-KL gradient is 0 where p_cur == 0. A row with mask False
+    gives 0 loss and 0 gradient whatever it holds.
+  - Zero rows: reduction "none" gives an empty tensor, "sum" 0, "mean" 0 (torch gives
+    0/0 = NaN there; here the mean's denominator is max(valid rows, 1), the rule that
+    also makes all-masked batches 0), and backward gives an empty gradient.
 """
 from __future__ import annotations
 
@@ -39,18 +60,22 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def kl_rows(cur: Tensor, ref: Tensor, temperature: float, reverse: bool) -> tuple[Tensor, Tensor]:
-    """Per-row KL and its gradient w.r.t. the un-tempered cur logits (rows of (N, V))."""
-    log_cur = torch.log_softmax(cur / temperature, dim=-1)
-    log_ref = torch.log_softmax(ref / temperature, dim=-1)
+    """Per-row KL and its gradient w.r.t. the un-tempered cur logits (rows of (N, V)).
+    This defines the non-finite cases every backend follows (see the module docstring)."""
+    # logits * (1/T) with 1/T rounded to the compute dtype, as the kernels scale them
+    inv_t = 1.0 / temperature
+    log_cur = torch.log_softmax(cur * inv_t, dim=-1)
+    log_ref = torch.log_softmax(ref * inv_t, dim=-1)
     p_cur, p_ref = log_cur.exp(), log_ref.exp()
     zero = torch.zeros((), dtype=cur.dtype, device=cur.device)
+    # 0 * log 0 = 0: entries without target mass contribute nothing; a NaN p (a NaN,
+    # +inf or all -inf row) is not 0 and stays NaN.
     if not reverse:
-        # 0 * log 0 = 0: vocabulary entries the reference rules out contribute nothing.
-        per_row = torch.where(p_ref > 0, p_ref * (log_ref - log_cur), zero).sum(-1)
-        grad = (p_cur - p_ref) / temperature
+        per_row = torch.where(p_ref == 0, zero, p_ref * (log_ref - log_cur)).sum(-1)
+        grad = (p_cur - p_ref) * inv_t
     else:
-        per_row = torch.where(p_cur > 0, p_cur * (log_cur - log_ref), zero).sum(-1)
-        grad = torch.where(p_cur > 0, p_cur * (log_cur - log_ref - per_row[:, None]), zero) / temperature
+        per_row = torch.where(p_cur == 0, zero, p_cur * (log_cur - log_ref)).sum(-1)
+        grad = torch.where(p_cur == 0, zero, p_cur * (log_cur - log_ref - per_row[:, None])) * inv_t
     return per_row, grad
 
 
@@ -111,13 +136,15 @@ ENTRY = _registry.register("kl_div", reference,
                            {"cpu": _NATIVE, "cuda": _NATIVE, "triton": kernel(_loss_rows.triton_rows)})
 
 
-def check_options(temperature: float, reduction: str, num_items: Optional[float], reductions=_checks.REDUCTIONS):
-    _checks.positive("temperature", temperature)
+def check_options(temperature: float, reduction: str, num_items: Optional[float], reductions=_checks.REDUCTIONS,
+                  num_items_name: str = "num_items", kl_items: bool = True):
+    """kl_items: num_items divides a KL block, whose gradient also carries 1/temperature."""
+    _loss_rows.check_temperature(temperature)
     _checks.choice("reduction", reduction, reductions)
     if num_items is not None:
         if reduction != "mean":
-            raise ValueError(f"num_items divides the summed loss; it needs reduction='mean', not {reduction!r}")
-        _checks.positive("num_items", num_items)
+            raise ValueError(f"{num_items_name} divides the summed loss; it needs reduction='mean', not {reduction!r}")
+        _loss_rows.check_num_items(num_items_name, num_items, temperature if kl_items else 1.0)
 
 
 def check(logits_cur, logits_ref, mask, temperature, reduction, num_items) -> None:
@@ -162,12 +189,13 @@ def _(logits_cur, logits_ref, mask, *, temperature, reduction, num_items, revers
 
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.reduction = keyword_only_inputs["reduction"]
+    ctx.compute_grad = keyword_only_inputs["compute_grad"]
     ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and grad_loss is not None:
+    if not ctx.compute_grad:  # (zero rows give an empty gradient that is still the gradient)
         raise RuntimeError("seat.ops.kl_div: backward needs compute_grad=True in the forward call")
     scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
     return grad * scale.to(grad.dtype), None, None

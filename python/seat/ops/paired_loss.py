@@ -16,6 +16,14 @@ sum / kl_num_items); reduction="sum" sums both. temperature applies to the KL on
 
 Backends: the per-row kernel of kl_div (cpu, cuda, triton; see kl_div's docstring for
 dtypes) handles both blocks in one launch: rows before labels.numel() are CE rows.
+
+Non-finite values and empty blocks follow kl_div's rules (its module docstring) for the
+KL rows; kl_weight must be finite and >= 0, ce_num_items / kl_num_items finite and > 0.
+A CE row holding a NaN or +inf logit, or all -inf, gives NaN loss and gradient (as
+F.cross_entropy); a -inf logit at the label gives +inf loss and a finite gradient. An
+empty block (no x rows, or no x~ rows) contributes 0 to the loss (a mean over no rows
+is 0, not NaN), so paired_loss with labels of length 0 is a plain KL and with kl_weight
+0 a plain CE; backward on zero rows gives an empty gradient.
 """
 from __future__ import annotations
 
@@ -130,17 +138,17 @@ def check_label_values(labels: Tensor, vocab: int, ignore_index: int) -> None:
 
 
 def check_paired_options(kl_weight, temperature, reduction, ce_num_items, kl_num_items) -> None:
-    if not kl_weight >= 0:
-        raise ValueError(f"kl_weight must be >= 0; got {kl_weight}")
-    check_options(temperature, reduction, ce_num_items, PAIRED_REDUCTIONS)
-    if kl_num_items is not None:
-        check_options(temperature, reduction, kl_num_items, PAIRED_REDUCTIONS)
+    _loss_rows.finite_scalar("kl_weight", kl_weight, inclusive=True)
+    check_options(temperature, reduction, ce_num_items, PAIRED_REDUCTIONS, "ce_num_items", kl_items=False)
+    check_options(temperature, reduction, kl_num_items, PAIRED_REDUCTIONS, "kl_num_items")
 
 
 def check(logits, labels, ref_logits, kl_mask, *, kl_weight, temperature, reduction, ce_num_items,
           kl_num_items, values: bool = True) -> None:
     _checks.tensor("logits", logits, dtypes=_checks.FLOAT_DTYPES, ndim=2)
     _checks.tensor("ref_logits", ref_logits, dtypes=_checks.FLOAT_DTYPES, ndim=2)
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must have a non-empty vocabulary (second) dim; got shape {tuple(logits.shape)}")
     if ref_logits.shape[1] != logits.shape[1]:
         raise ValueError(f"ref_logits must have logits' vocabulary size {logits.shape[1]}; got {ref_logits.shape[1]}")
     check_labels_and_mask(labels, kl_mask, logits.shape[0], ref_logits.shape[0], "logits")
@@ -162,6 +170,7 @@ def paired_setup_context(labels_position: int):
     def setup_context(ctx, inputs, keyword_only_inputs, output):
         ctx.n_ce = inputs[labels_position].shape[0]
         ctx.kl_weight = keyword_only_inputs["kl_weight"]
+        ctx.compute_grad = keyword_only_inputs["compute_grad"]
         ctx.save_for_backward(output[3])
 
     return setup_context
@@ -170,7 +179,7 @@ def paired_setup_context(labels_position: int):
 def paired_backward(ctx, grad_loss, grad_ce, grad_kl, _grad_of_grad):
     """d/d rows = (g_loss + g_ce) * dCE on the x rows, (w * g_loss + g_kl) * dKL on x~."""
     (grad,) = ctx.saved_tensors
-    if grad.numel() == 0:
+    if not ctx.compute_grad:  # (zero rows give an empty gradient that is still the gradient)
         raise RuntimeError("seat.ops paired loss: backward needs compute_grad=True in the forward call")
 
     def coef(*terms):
