@@ -46,7 +46,8 @@ def adamw_step(w, g, m, v, vmax, decay, one_minus_beta1, beta2, one_minus_beta2,
     m = tl.where(near_m, m, g) + tl.where(near_m, one_minus_beta1, one_minus_beta1 - 1.0) * (g - m)
     v = v * beta2 + one_minus_beta2 * g * g
     if AMSGRAD:
-        vmax = tl.maximum(vmax, v)
+        # torch.maximum propagates NaN from either side; tl.maximum keeps the number
+        vmax = tl.where((vmax >= v) | (vmax != vmax), vmax, v)
         second = vmax
     else:
         second = v

@@ -300,6 +300,30 @@ def test_non_finite_gradients_step_as_the_reference(grad_value, beta1):
     assert ref.error is None and not torch.isfinite(ref.after[2][::3]).any()
 
 
+@pytest.mark.parametrize("nan_in", ("running_max", "second_moment"))
+def test_amsgrad_maximum_keeps_nan_from_either_side(nan_in):
+    """The amsgrad maximum is torch.maximum: NaN in the running maximum or in the new
+    second moment (beta2 = 0 times an inf moment) stays NaN on every backend."""
+    idx = torch.arange(0, 24, 3, dtype=torch.int32)
+    exp_avg_sq = torch.full((8,), 0.25)
+    vmax = torch.full((8,), 0.5)
+    if nan_in == "running_max":
+        vmax[::2] = math.nan
+    else:
+        exp_avg_sq[::2] = math.inf  # 0 * inf
+
+    def make():
+        return [torch.randn(24, generator=torch.Generator().manual_seed(0)), torch.ones(8), torch.zeros(8),
+                exp_avg_sq.clone(), vmax.clone()], _encodings.as_mask_args("mask", idx.clone())
+
+    def call(t, m):
+        ops.sparse_adamw_([t[0]], [m], [t[1]], [t[2]], [t[3]], max_exp_avg_sqs=[t[4]], lr=0.1, beta2=0.0, step=1)
+
+    ref = H.assert_same(on_every_backend(make, call))
+    assert ref.error is None
+    assert ref.after[4][::2].isnan().all() and not ref.after[4][1::2].isnan().any()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_disjoint_views_of_one_buffer_are_not_aliases(backend):
     """Two params and their states as disjoint slices of flat buffers (how flattened

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import seat  # noqa: E402
 from _trainer_helpers import RECORDS, assert_params_equal, make_trainer, tokenizer, trained_params  # noqa: E402
+from seat.delta import _format as delta_format  # noqa: E402
 from seat.perturb import EntityPerturber  # noqa: E402
 from seat.trainer_resume import ResumeMismatchError  # noqa: E402
 
@@ -151,8 +152,11 @@ def _json(name, edit):
 
 
 def _base_hash(meta):
+    """Another base under the first weight's mask, resealed as seat would write it (so the
+    check reached is the base comparison in load_delta, not the config checksum)."""
     weight = next(iter(meta["weights"].values()))
     weight["base_sha256"] = "0" * 64
+    meta["config_sha256"] = delta_format.config_sha256(meta)
 
 
 TAMPERED = {
@@ -164,6 +168,8 @@ TAMPERED = {
     "delta-weights-garbage": (_write("seat_delta/delta.safetensors", "junk"), "is not a readable seat delta"),
     "delta-meta-garbage": (_write("seat_delta/seat_config.json", "{"), "is not a readable seat delta"),
     "delta-base-hash": (_json("seat_delta/seat_config.json", _base_hash), "base values"),
+    "delta-config-unsealed": (_json("seat_delta/seat_config.json", lambda d: d.update(model_class="Other")),
+                              "altered after it was saved"),
     "run-record-garbage": (_write("seat_run.json", "{"), r"seat_run\.json is not readable JSON"),
     "run-record-format": (_json("seat_run.json", lambda d: d.update(format="other")), "is not a seat-trainer-run"),
     "run-record-config": (_json("seat_run.json", lambda d: d["seat_config"].update(seed=5)),

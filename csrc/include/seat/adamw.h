@@ -40,7 +40,8 @@ SEAT_HD T adamw_step(T w, T g, T& m, T& v, T* vmax, const AdamWScalars<T>& s, bo
   v = v * s.beta2 + s.one_minus_beta2 * g * g;
   T second = v;
   if (vmax != nullptr) {
-    if (!(*vmax >= v)) *vmax = v;  // max, NaN-propagating like torch.maximum
+    // max, NaN-propagating from either side like torch.maximum
+    if (*vmax == *vmax && !(*vmax >= v)) *vmax = v;
     second = *vmax;
   }
   const T denom = seat_sqrt(second) / s.bias_correction2_sqrt + s.eps;
