@@ -20,6 +20,8 @@ from typing import Callable
 
 import torch
 
+import _bandwidth
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -64,9 +66,10 @@ def load_average() -> list[float] | None:
         return None
 
 
-def environment(device: str) -> dict:
+def environment(device: str, *, bandwidth: bool = True) -> dict:
     """What a result depends on: device, library versions, the commit (and whether the
-    working tree had uncommitted changes to tracked files), threads and machine load."""
+    working tree had uncommitted changes to tracked files), threads, machine load and
+    (bandwidth=True) the memory bandwidth probe at the current thread count."""
     dirty = _git("status", "--porcelain", "--untracked-files=no")
     env = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
            "triton": _version("triton"), "transformers": _version("transformers"), "python": platform.python_version(),
@@ -78,6 +81,8 @@ def environment(device: str) -> dict:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env.update(cuda=torch.version.cuda, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    compute_capability=f"{props.major}.{props.minor}")
+    if bandwidth:
+        env["bandwidth"] = _bandwidth.probe(device=device)
     return env
 
 
@@ -139,6 +144,10 @@ def environment_line(env: dict) -> str:
             f"{' + uncommitted changes' if env.get('git_dirty') else ''}; {env['date']}")
     if env.get("device") == "cpu" and env.get("load_avg"):
         line += f"; 1-minute load average {env['load_avg'][0]:.1f} on {env.get('cpu_count')} CPUs"
+    if env.get("bandwidth"):
+        bw = env["bandwidth"]
+        line += (f"; bandwidth probe ({bw.get('threads')} threads): copy {bw['copy_gbs']:.1f} GB/s, "
+                 f"triad {bw['triad_gbs']:.1f} GB/s")
     return line
 
 

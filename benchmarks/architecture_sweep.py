@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         result = dataclasses.asdict(check_architecture(model_type, density=args.density))
         rows.append(result)
         print(f"{model_type:28s} {result['status']:8s} {result['seconds']:6.2f}s {result['reason'][:120]}", flush=True)
-    env = environment("cpu")
+    env = environment("cpu", bandwidth=False)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.update:
         earlier = json.loads((args.out / "architecture-sweep.json").read_text())["rows"]

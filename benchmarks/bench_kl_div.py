@@ -172,16 +172,29 @@ SIZES = {
     "quick": [("kl_div", 32, 32000, "float32"), ("paired_loss", 32, 32000, "float32")],
     "full": [
         ("kl_div", 64, 32000, "float32"),
+        ("kl_div", 64, 32000, "bfloat16"),
         ("kl_div", 256, 32000, "float32"),
         ("kl_div", 64, 128256, "float32"),
         ("kl_div", 64, 128256, "bfloat16"),
         ("kl_div", 256, 128256, "float32"),
+        ("kl_div", 256, 128256, "bfloat16"),
         ("paired_loss", 64, 32000, "float32"),
+        ("paired_loss", 64, 32000, "bfloat16"),
         ("paired_loss", 128, 128256, "float32"),
+        ("paired_loss", 128, 128256, "bfloat16"),
         ("fused_linear", 1024, 128256, "float32"),
     ],
 }
 OPS = ("kl_div", "paired_loss", "fused_linear")
+
+
+def min_bytes(op: str, inputs: dict) -> int | None:
+    """Bytes a forward + backward must move at least: read every logit of both inputs once,
+    write the gradient once. None for fused_linear (its matmuls make it compute-bound)."""
+    if op == "fused_linear":
+        return None
+    cur, ref = inputs["cur"], inputs["ref"]
+    return 2 * cur.numel() * cur.element_size() + ref.numel() * ref.element_size()
 
 
 def run_case(op, n, vocab, dtype_name, device, reps, compile_too, memory_too=True) -> dict:
@@ -197,7 +210,10 @@ def run_case(op, n, vocab, dtype_name, device, reps, compile_too, memory_too=Tru
     def mib(b):
         return None if b is None else round(b / 2**20, 1)
 
+    moved = min_bytes(op, inputs)
     return dict(op=op, rows=n, vocab=vocab, dtype=dtype_name, seat_ms=round(t_seat * 1e3, 2),
+                min_mb=None if moved is None else round(moved / 1e6, 1),
+                seat_gbs=None if moved is None else round(moved / t_seat / 1e9, 2),
                 naive_ms=round(t_naive * 1e3, 2), speedup=round(t_naive / t_seat, 2),
                 compiled_ms=None if t_compiled is None else round(t_compiled * 1e3, 2),
                 speedup_vs_compiled=None if t_compiled is None else round(t_compiled / t_seat, 2),
@@ -238,6 +254,8 @@ def main(argv=None, progress: Progress | None = None) -> int:
         progress.done(f"{op} {n}x{vocab} {dtype_name}")
         print(json.dumps(row), flush=True)
     env = environment(args.device)
+    for row in rows:  # the share of the machine's bandwidth (triad probe) each row reaches
+        row["of_probe"] = None if row["seat_gbs"] is None else round(row["seat_gbs"] / env["bandwidth"]["triad_gbs"], 2)
     env.update(size=size, reps=args.reps, fused_hidden=FUSED_HIDDEN,
                seat_backend=seat_backend(args.device) or "default (triton)")
     memory_how = ("peak RSS growth of one call beyond its inputs, in a fresh process each (glibc mmap threshold "
@@ -251,7 +269,8 @@ def main(argv=None, progress: Progress | None = None) -> int:
                  ("naive_ms", "eager ms"), ("speedup", "speed vs eager"), ("compiled_ms", "compiled ms"),
                  ("speedup_vs_compiled", "speed vs compiled"), ("seat_peak_mib", "seat peak MiB"),
                  ("naive_peak_mib", "eager peak MiB"), ("memory_ratio", "memory: eager / seat"),
-                 ("input_mib", "inputs MiB"), ("loss_abs_diff", "loss diff")],
+                 ("input_mib", "inputs MiB"), ("min_mb", "min MB moved"), ("seat_gbs", "seat GB/s"),
+                 ("of_probe", "of probe"), ("loss_abs_diff", "loss diff")],
         notes=[f"Time: median of {args.reps} forward + backward calls after a warm-up, "
                f"{env['torch_threads']} torch threads on {env['cpu_count']} CPUs" if args.device == "cpu" else
                f"Time: triton.testing.do_bench (median) of forward + backward, {args.reps} x 100 ms of repeats.",
@@ -261,6 +280,9 @@ def main(argv=None, progress: Progress | None = None) -> int:
                f"Peak = {memory_how}; memory: eager / seat above 1: seat needs less.",
                f"seat backend: {env['seat_backend']}; fused_linear: hidden size {FUSED_HIDDEN}, eager computes "
                "both models' N x V logits.",
+               "min MB moved: both inputs read once and the gradient written once (1 MB = 1e6 bytes); seat GB/s = "
+               "that / seat's time; of probe = seat GB/s / the triad bandwidth probe (benchmarks/_bandwidth.py) "
+               "in the line above.",
                "loss diff: |seat - eager| of the loss, a check that both compute the same thing."],
     )
     print(md.read_text())

@@ -16,8 +16,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <tuple>
+#include <type_traits>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 // The tile loops are full of selects on floats (x == -inf, e > 0, the exp's range
 // clamp); under GCC's default -ftrapping-math it will not turn them into vector blends,
@@ -141,9 +147,15 @@ SEAT_ALWAYS_INLINE void tile_ce_grad_impl(const A* x, int n, int64_t label_in_ti
   for (int j = 0; j < n; ++j) g[j] = seat::ce_grad<A, FastExp>(x[j], m, ls, j == label_in_tile, factor);
 }
 
-// The float tile loops, compiled once per instruction set and picked at first use from
-// what the CPU reports (__builtin_cpu_supports). GCC's target_clones("arch=...") picks
-// by CPU model, and so ran the baseline SSE2 copy on every AMD CPU.
+// 8 floats, 8 int32, 4 doubles: the vector types of the float tile loops (kl_div_tiles.h).
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+typedef double d4 __attribute__((vector_size(32)));
+
+// The float tile loops (kl_div_tiles.h), compiled once per instruction set and picked
+// at first use from what the CPU reports (__builtin_cpu_supports). GCC's
+// target_clones("arch=...") picks by CPU model, and so ran the baseline SSE2 copy on
+// every AMD CPU. Other compilers get the baseline copy only.
 struct TileKernels {
   float (*max)(const float*, int);
   void (*sums)(const float*, const float*, int, float, LaneSums&);
@@ -151,42 +163,53 @@ struct TileKernels {
   void (*ce_grad)(const float*, int, int64_t, float, float, float, float*);
 };
 
-#define SEAT_TILE_KERNELS(NAME, TARGET)                                                                           \
-  namespace NAME {                                                                                                \
-  TARGET float max(const float* x, int n) { return tile_max_impl<float>(x, n); }                                  \
-  TARGET void sums(const float* x, const float* o, int n, float m, LaneSums& acc) {                               \
-    tile_sums_impl<float>(x, o, n, m, acc);                                                                       \
-  }                                                                                                               \
-  TARGET void kl_grad(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse, float* g) { \
-    tile_kl_grad_impl<float>(c, r, n, k, reverse, g);                                                             \
-  }                                                                                                               \
-  TARGET void ce_grad(const float* x, int n, int64_t label, float m, float ls, float factor, float* g) {          \
-    tile_ce_grad_impl<float>(x, n, label, m, ls, factor, g);                                                      \
-  }                                                                                                               \
-  constexpr TileKernels kernels{max, sums, kl_grad, ce_grad};                                                     \
-  }
-
-SEAT_TILE_KERNELS(baseline, )
-#if defined(__x86_64__) && defined(__GNUC__)
-SEAT_TILE_KERNELS(avx2, __attribute__((target("avx2,fma"))))
-SEAT_TILE_KERNELS(avx512, __attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))))
+namespace baseline {
+TileKernels make_kernels() {
+  return {tile_max_impl<float>, tile_sums_impl<float>, tile_kl_grad_impl<float>, tile_ce_grad_impl<float>};
+}
+}  // namespace baseline
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "kl_div_tiles.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+#include "kl_div_tiles.h"
+}  // namespace avx512
+#pragma GCC pop_options
+#define SEAT_KL_ISA_COPIES 1
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
 
+// The copy for this CPU, or the one SEAT_CPU_ISA names (baseline, avx2, avx512: tests
+// run every copy the machine can execute; asking for one it cannot is an error).
 const TileKernels& tile_kernels() {
   static const TileKernels chosen = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
+    const char* env = std::getenv("SEAT_CPU_ISA");
+    const std::string asked = env != nullptr ? env : "";
+    TORCH_CHECK(asked.empty() || asked == "baseline" || asked == "avx2" || asked == "avx512",
+                "SEAT_CPU_ISA must be baseline, avx2 or avx512 (or unset: the best this CPU runs); got '", asked, "'");
+    if (asked == "baseline") return baseline::make_kernels();
+#ifdef SEAT_KL_ISA_COPIES
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
-      return avx512::kernels;
-    }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return avx2::kernels;
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                        __builtin_cpu_supports("avx512dq");
+    TORCH_CHECK(asked != "avx512" || avx512, "SEAT_CPU_ISA=avx512: this CPU lacks AVX-512 (F, VL, DQ)");
+    TORCH_CHECK(asked != "avx2" || avx2, "SEAT_CPU_ISA=avx2: this CPU lacks AVX2 / FMA");
+    if (avx512 && asked != "avx2") return avx512::make_kernels();
+    if (avx2) return avx2::make_kernels();
+#else
+    TORCH_CHECK(asked.empty(), "SEAT_CPU_ISA=", asked, ": this build has the baseline copy only");
 #endif
-    return baseline::kernels;
+    return baseline::make_kernels();
   }();
   return chosen;
 }
@@ -261,9 +284,39 @@ inline int load_tile(const T* src, int n, A scale, A* dst) {
   return padded;
 }
 
+// The tile the loops read: src itself where it already is what load_tile would make
+// (the accumulation type, scale 1, whole lane groups), else its converted copy in buf.
+// Skipping the copy saves a store and a load per element on float32 rows.
+template <typename T, typename A>
+inline const A* tile_input(const T* src, int n, A scale, A* buf, int* padded) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (scale == A(1) && n % kLanes == 0) {
+      *padded = n;
+      return src;
+    }
+  }
+  *padded = load_tile(src, n, scale, buf);
+  return buf;
+}
+
 template <typename T, typename A>
 inline void store_tile(const A* src, int n, T* dst) {
   for (int j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+// Where a tile's gradient is written: straight into the output where it has the
+// accumulation type and the tile is whole lane groups, else into buf (then store_tile).
+template <typename T, typename A>
+inline A* tile_output(T* dst, int n, A* buf) {
+  if constexpr (std::is_same_v<T, A>) {
+    if (n % kLanes == 0) return dst;
+  }
+  return buf;
+}
+
+template <typename T, typename A>
+inline void finish_tile(const A* out, int n, A* buf, T* dst) {
+  if (out == buf) store_tile(buf, n, dst);
 }
 
 template <typename TC>
@@ -278,12 +331,13 @@ A kl_row(const TC* cur, const TR* ref, int64_t vocab, A inv_t, A factor, bool re
   alignas(64) A cbuf[kTile];
   alignas(64) A rbuf[kTile];
   RowSums<A> cur_sums, ref_sums;
+  int padded = 0;
   for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-    const int padded = load_tile(cur + v0, n, inv_t, cbuf);
-    load_tile(ref + v0, n, inv_t, rbuf);
-    tile_accumulate(cur_sums, cbuf, rbuf, padded);
-    tile_accumulate(ref_sums, rbuf, cbuf, padded);
+    const A* c = tile_input(cur + v0, n, inv_t, cbuf, &padded);
+    const A* r = tile_input(ref + v0, n, inv_t, rbuf, &padded);
+    tile_accumulate(cur_sums, c, r, padded);
+    tile_accumulate(ref_sums, r, c, padded);
   }
   const seat::OnlineLse<double> sc = row_state(cur_sums), sr = row_state(ref_sums);
   const double kl = reverse ? seat::kl_value(sc, sr) : seat::kl_value(sr, sc);
@@ -294,10 +348,11 @@ A kl_row(const TC* cur, const TR* ref, int64_t vocab, A inv_t, A factor, bool re
     alignas(64) A gbuf[kTile];
     for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
       const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-      const int padded = load_tile(cur + v0, n, inv_t, cbuf);
-      load_tile(ref + v0, n, inv_t, rbuf);
-      tile_kl_grad(cbuf, rbuf, padded, k, reverse, gbuf);
-      store_tile(gbuf, n, grad + v0);
+      const A* c = tile_input(cur + v0, n, inv_t, cbuf, &padded);
+      const A* r = tile_input(ref + v0, n, inv_t, rbuf, &padded);
+      A* g = tile_output(grad + v0, n, gbuf);
+      tile_kl_grad(c, r, padded, k, reverse, g);
+      finish_tile(g, n, gbuf, grad + v0);
     }
   }
   return static_cast<A>(kl);
@@ -308,10 +363,11 @@ template <typename TC, typename A>
 A ce_row(const TC* x, int64_t vocab, int64_t label, A factor, TC* grad) {
   alignas(64) A xbuf[kTile];
   RowSums<A> sums;
+  int padded = 0;
   for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
     const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-    const int padded = load_tile(x + v0, n, A(1), xbuf);
-    tile_accumulate(sums, xbuf, xbuf, padded);
+    const A* t = tile_input(x + v0, n, A(1), xbuf, &padded);
+    tile_accumulate(sums, t, t, padded);
   }
   const seat::OnlineLse<double> st = row_state(sums);
   const double ls = seat::online_log_s(st);
@@ -319,9 +375,10 @@ A ce_row(const TC* x, int64_t vocab, int64_t label, A factor, TC* grad) {
     alignas(64) A gbuf[kTile];
     for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
       const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-      const int padded = load_tile(x + v0, n, A(1), xbuf);
-      tile_ce_grad(xbuf, padded, label - v0, sums.m, static_cast<A>(ls), factor, gbuf);
-      store_tile(gbuf, n, grad + v0);
+      const A* t = tile_input(x + v0, n, A(1), xbuf, &padded);
+      A* g = tile_output(grad + v0, n, gbuf);
+      tile_ce_grad(t, padded, label - v0, sums.m, static_cast<A>(ls), factor, g);
+      finish_tile(g, n, gbuf, grad + v0);
     }
   }
   return static_cast<A>((st.m - static_cast<double>(to_acc<A>(x[label]))) + ls);

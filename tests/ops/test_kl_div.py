@@ -125,6 +125,25 @@ def test_scaled_loss_backward(backend):
     torch.testing.assert_close(leaf.grad.cpu().double(), expected, **tol(torch.float32))
 
 
+def test_backward_twice_and_into_an_existing_grad(backend):
+    """The saved row gradient survives what autograd users do with theirs: a second
+    backward (retain_graph), accumulation into an existing .grad, that .grad zeroed in
+    place between the two (as torch's own ops allow)."""
+    device = backend_device(OP, backend)
+    cur, ref = pair((5, 37), torch.float32, seed=21, device=device)
+    _, grad = run(backend, cur, ref)
+    leaf = cur.detach().requires_grad_()
+    with ops.use_backend(backend):
+        loss = ops.kl_div(leaf, ref)
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(leaf.grad, grad, rtol=0, atol=0)
+    leaf.grad.zero_()  # an optimizer's zero_grad(set_to_none=False) between the two
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(leaf.grad, grad, rtol=0, atol=0)
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, 2 * grad, rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- special values
 
 

@@ -46,7 +46,7 @@ def test_matches_oracle(backend, vocab, dtype, reduction, kl_weight):
     ],
     ids=["loss", "ce-only", "kl-only", "2loss+ce", "-ce/2+3kl", "all-three"],
 )
-@pytest.mark.parametrize("kl_weight", [0.0, 2.5])
+@pytest.mark.parametrize("kl_weight", [0.0, 1.0, 2.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_gradient_into_any_output(backend, dtype, kl_weight, combine):
     device = backend_device(OP, backend)
@@ -63,6 +63,23 @@ def test_backward_through_one_output_touches_only_its_rows(backend, which):
     silent, active = (grad[4:], grad[:4]) if which == "ce" else (grad[:4], grad[4:])
     assert torch.equal(silent, torch.zeros_like(silent))
     assert (active.abs().amax(-1) > 0).all()
+
+
+def test_backward_twice_and_into_an_existing_grad(backend):
+    """A second backward (retain_graph), accumulation, and a .grad zeroed in place between
+    them sum correctly (as with torch's own ops)."""
+    device = backend_device(OP, backend)
+    logits, labels, ref_logits = make_batch(4, 3, 33, torch.float32, seed=4, device=device)
+    _, _, _, grad = run(backend, logits, labels, ref_logits)
+    x = logits.detach().requires_grad_()
+    with ops.use_backend(backend):
+        loss, _, _ = ops.paired_loss(x, labels, ref_logits)
+    loss.backward(retain_graph=True)
+    x.grad.zero_()
+    loss.backward(retain_graph=True)
+    torch.testing.assert_close(x.grad, grad, rtol=0, atol=0)
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("ignore_index", [-100, -1, 3])

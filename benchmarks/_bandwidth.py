@@ -1,0 +1,77 @@
+"""The memory bandwidth this machine achieves, the yardstick of every memory-bound kernel.
+
+Two probes on buffers far larger than any cache, at each torch thread count the results
+use, each the median of a few timed calls after a warm-up:
+
+  copy   dst.copy_(src)                 reads n, writes n bytes    -> 2n / time
+  triad  torch.add(b, c, alpha=s, out=a) reads 2n, writes n bytes  -> 3n / time
+
+(the STREAM kernels' byte counts: a write-allocate that also reads the destination is not
+counted, as STREAM does not). A kernel row then reports the bytes it must move at least
+and the fraction of the triad figure it reaches (`fraction_of_probe`).
+
+    python benchmarks/_bandwidth.py [--mib 256] [--threads 1 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+DEFAULT_MIB = 256
+
+
+def _time(fn, repeats: int, device: str) -> float:
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    fn()  # warm-up: pages touched, threads spun up
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def probe(threads: int | None = None, *, device: str = "cpu", mib: int = DEFAULT_MIB, repeats: int = 5) -> dict:
+    """{"device", "threads", "mib", "copy_gbs", "triad_gbs"} at `threads` torch threads
+    (default: the current count; CPU only), GB/s = 1e9 bytes per second. The thread count
+    is restored after."""
+    before = torch.get_num_threads()
+    threads = threads or before
+    n = mib * 2**20 // 4
+    a, b, c = (torch.ones(n, device=device) for _ in range(3))
+    try:
+        torch.set_num_threads(threads)
+        copy_s = _time(lambda: a.copy_(b), repeats, device)
+        triad_s = _time(lambda: torch.add(b, c, alpha=3.0, out=a), repeats, device)
+    finally:
+        torch.set_num_threads(before)
+    nbytes = n * 4
+    return {"device": device, "threads": threads, "mib": mib, "copy_gbs": round(2 * nbytes / copy_s / 1e9, 2),
+            "triad_gbs": round(3 * nbytes / triad_s / 1e9, 2)}
+
+
+def fraction(nbytes: float, ms: float, probe_result: dict) -> float:
+    """The share of the probe's triad bandwidth a call moving `nbytes` in `ms` reaches."""
+    return nbytes / (ms * 1e-3) / (probe_result["triad_gbs"] * 1e9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--mib", type=int, default=DEFAULT_MIB, help="size of each buffer")
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="thread counts (default: 1 up to torch's current count)")
+    args = parser.parse_args()
+    counts = [None] if args.device == "cuda" else args.threads or range(1, torch.get_num_threads() + 1)
+    for t in counts:
+        print(json.dumps(probe(t, device=args.device, mib=args.mib)))
+
+
+if __name__ == "__main__":
+    main()
