@@ -16,9 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <tuple>
 #include <type_traits>
 #if defined(__x86_64__)
@@ -32,6 +30,7 @@
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
 #endif
+#include "isa.h"
 #include "seat/kl_div.h"
 
 namespace {
@@ -168,7 +167,7 @@ TileKernels make_kernels() {
   return {tile_max_impl<float>, tile_sums_impl<float>, tile_kl_grad_impl<float>, tile_ce_grad_impl<float>};
 }
 }  // namespace baseline
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef SEAT_CPU_ISA_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
@@ -181,33 +180,21 @@ namespace avx512 {
 #include "kl_div_tiles.h"
 }  // namespace avx512
 #pragma GCC pop_options
-#define SEAT_KL_ISA_COPIES 1
 #endif
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
 
-// The copy for this CPU, or the one SEAT_CPU_ISA names (baseline, avx2, avx512: tests
-// run every copy the machine can execute; asking for one it cannot is an error).
+// The copy seat::cpu::cpu_isa() picks (this CPU's best, or SEAT_CPU_ISA's).
 const TileKernels& tile_kernels() {
   static const TileKernels chosen = [] {
-    const char* env = std::getenv("SEAT_CPU_ISA");
-    const std::string asked = env != nullptr ? env : "";
-    TORCH_CHECK(asked.empty() || asked == "baseline" || asked == "avx2" || asked == "avx512",
-                "SEAT_CPU_ISA must be baseline, avx2 or avx512 (or unset: the best this CPU runs); got '", asked, "'");
-    if (asked == "baseline") return baseline::make_kernels();
-#ifdef SEAT_KL_ISA_COPIES
-    __builtin_cpu_init();
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                        __builtin_cpu_supports("avx512dq");
-    TORCH_CHECK(asked != "avx512" || avx512, "SEAT_CPU_ISA=avx512: this CPU lacks AVX-512 (F, VL, DQ)");
-    TORCH_CHECK(asked != "avx2" || avx2, "SEAT_CPU_ISA=avx2: this CPU lacks AVX2 / FMA");
-    if (avx512 && asked != "avx2") return avx512::make_kernels();
-    if (avx2) return avx2::make_kernels();
-#else
-    TORCH_CHECK(asked.empty(), "SEAT_CPU_ISA=", asked, ": this build has the baseline copy only");
+#ifdef SEAT_CPU_ISA_COPIES
+    switch (seat::cpu::cpu_isa()) {
+      case seat::cpu::Isa::kAvx512: return avx512::make_kernels();
+      case seat::cpu::Isa::kAvx2: return avx2::make_kernels();
+      case seat::cpu::Isa::kBaseline: break;
+    }
 #endif
     return baseline::make_kernels();
   }();

@@ -13,8 +13,12 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "dtype_io.h"
+#include "isa.h"
 #include "seat/adamw.h"
 #include "seat/masks.h"
 
@@ -35,20 +39,83 @@ constexpr int64_t kParallelBlocks = 8;
 // An index walk touches the parameter at scattered positions: it asks for the cache line
 // of the entry this many entries ahead.
 constexpr int64_t kPrefetchAhead = 16;
+// A hash walk asks for the lines of the elements this many 32-element words ahead.
+constexpr int64_t kWordsAhead = 8;
 
 // ----------------------------------------------------------------------------- walks
 
-// flags[k] = membership of element begin + k, for k < len. A branch-free loop the
-// compiler vectorizes; cloned for AVX2 (32-bit lane multiplies) with a baseline fallback,
-// picked at load time, since the hash of every element is what bounds the hash walks.
-__attribute__((target_clones("avx2", "default"))) void member_flags(uint32_t key, int64_t begin, int64_t len,
-                                                                    int64_t threshold, uint8_t* flags) {
+// Membership of elements [begin, begin + len) of a hash mask as bits: words[w] bit i is
+// element begin + 32 w + i (bits past len are 0). The hash of every element is what bounds
+// the hash walks, so the AVX2 version hashes 8 elements per instruction and turns the
+// comparisons into bits with movemask; the members are then found with bit scans.
+void member_words_scalar(uint32_t key, int64_t begin, int64_t len, int64_t threshold, uint32_t* words) {
   const bool all = threshold > static_cast<int64_t>(UINT32_MAX);  // density 1
   const uint32_t below = all ? 0u : static_cast<uint32_t>(threshold);
-  for (int64_t k = 0; k < len; ++k) {
-    flags[k] = static_cast<uint8_t>(all | (seat::mix32(key ^ seat::mix32(static_cast<uint32_t>(begin + k))) < below));
+  for (int64_t w = 0; w * 32 < len; ++w) {
+    // 32 flags in a loop the compiler vectorizes (SSE2 / NEON), then packed into bits
+    uint8_t flags[32];
+    const uint32_t first = static_cast<uint32_t>(begin + w * 32);
+    for (uint32_t i = 0; i < 32; ++i) {
+      flags[i] = static_cast<uint8_t>(all | (seat::mix32(key ^ seat::mix32(first + i)) < below));
+    }
+    uint32_t bits = 0;
+    for (int i = 0; i < 32; ++i) bits |= static_cast<uint32_t>(flags[i]) << i;
+    const int64_t n = len - w * 32;
+    words[w] = n >= 32 ? bits : bits & ((uint32_t{1} << n) - 1);
   }
 }
+
+#ifdef SEAT_CPU_ISA_COPIES
+// seat::mix32 on 8 lanes.
+__attribute__((target("avx2"))) inline __m256i mix32x8(__m256i x) {
+  const __m256i mul = _mm256_set1_epi32(0x45D9F3B);
+  x = _mm256_mullo_epi32(_mm256_xor_si256(_mm256_srli_epi32(x, 16), x), mul);
+  x = _mm256_mullo_epi32(_mm256_xor_si256(_mm256_srli_epi32(x, 16), x), mul);
+  return _mm256_xor_si256(_mm256_srli_epi32(x, 16), x);
+}
+
+__attribute__((target("avx2"))) void member_words_avx2(uint32_t key, int64_t begin, int64_t len, int64_t threshold,
+                                                       uint32_t* words) {
+  if (threshold > static_cast<int64_t>(UINT32_MAX)) {  // density 1: every element
+    return member_words_scalar(key, begin, len, threshold, words);
+  }
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i keys = _mm256_set1_epi32(static_cast<int32_t>(key));
+  const __m256i sign = _mm256_set1_epi32(INT32_MIN);
+  // h < threshold as unsigned 32-bit numbers = a signed comparison with both signs flipped
+  const __m256i limit = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(threshold))), sign);
+  const int64_t n_words = (len + 31) / 32;
+  for (int64_t w = 0; w < n_words; ++w) {
+    uint32_t bits = 0;
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t first = static_cast<uint32_t>(begin + w * 32 + q * 8);
+      const __m256i e = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first)), lanes);
+      const __m256i h = mix32x8(_mm256_xor_si256(keys, mix32x8(e)));
+      const __m256i below = _mm256_cmpgt_epi32(limit, _mm256_xor_si256(h, sign));
+      bits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(below))) << (q * 8);
+    }
+    words[w] = bits;
+  }
+  const int64_t tail = len % 32;
+  if (tail != 0) words[n_words - 1] &= (uint32_t{1} << tail) - 1;
+}
+#endif
+
+using MemberWords = void (*)(uint32_t, int64_t, int64_t, int64_t, uint32_t*);
+
+MemberWords member_words_for_this_cpu() {
+#ifdef SEAT_CPU_ISA_COPIES
+  if (seat::cpu::cpu_isa() != seat::cpu::Isa::kBaseline) return member_words_avx2;
+#endif
+  return member_words_scalar;
+}
+
+void member_words(uint32_t key, int64_t begin, int64_t len, int64_t threshold, uint32_t* words) {
+  static const MemberWords chosen = member_words_for_this_cpu();
+  chosen(key, begin, len, threshold, words);
+}
+
+int64_t words_of(int64_t block) { return (block + 31) / 32; }
 
 // Walk<P>::run(m, grain, f, prefetch) runs f(position, slot) on every entry of m, P's work
 // items in parallel when m has more than `grain` entries; prefetch(position) is a hint
@@ -96,20 +163,21 @@ struct Walk<IndexMask> {
   }
 };
 
-// Hash masks: per block, the membership flags first (vectorized, member_flags), then the
-// members in order, skipping 8 flags at a time where none is set (most of them at low
-// density). Same entries and bounds as HashMask::visit: slots from block_offsets[b], below
-// the next block's first slot and nnz; a block with no slots is not hashed at all.
+// Hash masks: per block, the membership bits first (member_words), then the members in
+// order by bit scans (most words are 0 at low density). Same entries and bounds as
+// HashMask::visit: slots from block_offsets[b], below the next block's first slot and
+// nnz; a block with no slots is not hashed at all.
 template <>
 struct Walk<HashMask> {
   template <typename F, typename Prefetch>
-  static void run(const MaskRef& mask, int64_t, const F& fn, const Prefetch&) {
+  static void run(const MaskRef& mask, int64_t, const F& fn, const Prefetch& pf) {
 #pragma omp parallel if (mask.n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
     {
       const MaskRef m = mask;
       F f = fn;
+      Prefetch prefetch = pf;
       const int64_t n_blocks = m.n_blocks;
-      std::vector<uint8_t> flags(static_cast<size_t>(m.block) + 8, 0);
+      std::vector<uint32_t> words(static_cast<size_t>(words_of(m.block)));
 #pragma omp for schedule(static)
       for (int64_t b = 0; b < n_blocks; ++b) {
         int64_t slot = m.index[b];
@@ -117,14 +185,15 @@ struct Walk<HashMask> {
         if (slot < 0 || slot >= limit) continue;
         const int64_t begin = b * m.block;
         const int64_t len = std::min(m.block, m.numel - begin);
-        member_flags(m.key, begin, len, m.threshold, flags.data());
-        std::fill(flags.begin() + len, flags.begin() + ((len + 7) & ~int64_t{7}), uint8_t{0});
-        for (int64_t k = 0; k < len && slot < limit; k += 8) {
-          uint64_t word;
-          std::memcpy(&word, flags.data() + k, sizeof(word));
-          if (word == 0) continue;
-          for (int64_t q = k; q < k + 8 && q < len && slot < limit; ++q) {
-            if (flags[q]) f(begin + q, slot++);
+        member_words(m.key, begin, len, m.threshold, words.data());
+        for (int64_t w = 0; w < words_of(len) && slot < limit; ++w) {
+          // the members' cache lines a few words ahead (2 lines of fp32 per word): the
+          // loads behind the bit scans otherwise wait on memory one line at a time
+          const int64_t ahead = begin + (w + kWordsAhead) * 32;
+          if (ahead < m.numel) prefetch(ahead);
+          if (ahead + 16 < m.numel) prefetch(ahead + 16);
+          for (uint32_t word = words[w]; word != 0 && slot < limit; word &= word - 1) {
+            f(begin + w * 32 + __builtin_ctz(word), slot++);
           }
         }
       }
@@ -393,13 +462,13 @@ void implicit_block_counts_cpu(at::Tensor counts, int64_t numel, int64_t key, in
   int32_t* out = counts.data_ptr<int32_t>();
 #pragma omp parallel if (n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
   {
-    std::vector<uint8_t> flags(static_cast<size_t>(block));
+    std::vector<uint32_t> words(static_cast<size_t>(words_of(block)));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t begin = b * block, len = std::min(block, numel - begin);
-      member_flags(static_cast<uint32_t>(key), begin, len, threshold, flags.data());
+      member_words(static_cast<uint32_t>(key), begin, len, threshold, words.data());
       int32_t c = 0;
-      for (int64_t q = 0; q < len; ++q) c += flags[q];
+      for (int64_t w = 0; w < words_of(len); ++w) c += __builtin_popcount(words[w]);
       out[b] = c;
     }
   }

@@ -1,9 +1,10 @@
-"""The CPU loss kernel's float tile loops are compiled once per instruction set (baseline
-x86-64, AVX2, AVX-512) and one is picked at first use; the test suite otherwise runs only
-the copy this machine picks. Here every copy the machine can execute runs (SEAT_CPU_ISA,
-one subprocess each) and is checked against the reference backend: kl_div forward and
-reverse, paired_loss and its CE rows, float32 and bfloat16, vocabularies that are and are
-not whole tiles, temperature, -inf entries and masked rows."""
+"""The CPU kernels compile their hot loops once per instruction set (baseline x86-64, AVX2,
+AVX-512) and pick one at first use; the rest of the suite runs only the copy this machine
+picks. Here every copy the machine can execute runs (SEAT_CPU_ISA, one subprocess each)
+against the reference backend: the loss kernel's tiles (kl_div forward and reverse,
+paired_loss and its CE rows, float32 and bfloat16, vocabularies that are and are not whole
+tiles, temperature, -inf entries, masked rows) and the hash-mask membership (implicit
+masks' block offsets and a gather, bit for bit, at sizes that end mid-word)."""
 from __future__ import annotations
 
 import os
@@ -48,6 +49,19 @@ for vocab in (17, 1024, 4097, 3 * 1024 + 48):
             tol = 1e-6 if dtype == torch.float32 else 1e-2
             torch.testing.assert_close(g_cpu, g_ref, rtol=tol, atol=tol, equal_nan=True)
             worst = max(worst, float((g_cpu - g_ref).nan_to_num(0.0, 0.0, 0.0).abs().max()))
+
+from seat.masks import ImplicitMask
+for numel, density, block in ((1, 0.5, 1024), (4096 * 3 + 17, 0.05, 4096), (70001, 0.3, 1024), (5000, 1.0, 1024)):
+    dense = torch.randn(numel)
+    masks = {}
+    for backend in ("reference", "cpu"):
+        with ops.use_backend(backend):
+            mask = ImplicitMask(numel, density, seed=11, param_id=3, block=block)
+            out = torch.zeros(mask.nnz)
+            ops.masked_gather_(out, dense, mask)
+        masks[backend] = (mask.block_offsets.clone(), out)
+    assert torch.equal(masks["reference"][0], masks["cpu"][0]), (numel, density)
+    assert torch.equal(masks["reference"][1], masks["cpu"][1]), (numel, density)
 print("ok", worst)
 """
 
