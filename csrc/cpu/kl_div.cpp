@@ -384,28 +384,35 @@ void paired_rows_typed(const at::Tensor& logits, const at::Tensor& labels, const
   const A inv_t = static_cast<A>(1.0 / temperature);
   A* out = per_row.data_ptr<A>();
   TC* g = grad.numel() > 0 ? static_cast<TC*>(grad.data_ptr()) : nullptr;
-  // Rows are independent: parallel over rows, a few per task when rows are short.
+  auto ce = [&](int64_t i) {
+    TC* grow = g != nullptr ? g + i * vocab : nullptr;
+    const int64_t label = lab[i];
+    if (label == ignore_index) {  // ignored x row: no loss, no gradient
+      out[i] = A(0);
+      zero_row(grow, vocab);
+    } else {
+      out[i] = ce_row<TC, A>(x + i * vocab, vocab, label, ce_factor, grow);
+    }
+  };
+  auto kl = [&](int64_t k) {
+    const int64_t i = n_ce + k;
+    TC* grow = g != nullptr ? g + i * vocab : nullptr;
+    if (valid != nullptr && !valid[k]) {  // masked x~ row
+      out[i] = A(0);
+      zero_row(grow, vocab);
+    } else {
+      out[i] = kl_row<TC, TR, A>(x + i * vocab, r + k * vocab, vocab, inv_t, kl_factor, reverse, grow);
+    }
+  };
+  // Rows are independent. Work item j is CE row j and KL row j (where they exist): a KL
+  // row reads two inputs, a CE row one, and contiguous ranges of rows would give one
+  // thread the x rows and another the x~ rows. A few items per task when rows are short.
+  const int64_t n_kl = n_rows - n_ce;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1));
-  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      TC* grow = g != nullptr ? g + i * vocab : nullptr;
-      if (i < n_ce) {
-        const int64_t label = lab[i];
-        if (label == ignore_index) {  // ignored x row: no loss, no gradient
-          out[i] = A(0);
-          zero_row(grow, vocab);
-        } else {
-          out[i] = ce_row<TC, A>(x + i * vocab, vocab, label, ce_factor, grow);
-        }
-      } else {
-        const int64_t k = i - n_ce;
-        if (valid != nullptr && !valid[k]) {  // masked x~ row
-          out[i] = A(0);
-          zero_row(grow, vocab);
-        } else {
-          out[i] = kl_row<TC, TR, A>(x + i * vocab, r + k * vocab, vocab, inv_t, kl_factor, reverse, grow);
-        }
-      }
+  at::parallel_for(0, std::max(n_ce, n_kl), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      if (j < n_ce) ce(j);
+      if (j < n_kl) kl(j);
     }
   });
 }

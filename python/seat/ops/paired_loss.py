@@ -187,10 +187,11 @@ def paired_backward(ctx, grad_loss, grad_ce, grad_kl, _grad_of_grad):
 
     ce_scale = coef(grad_loss, grad_ce)
     kl_scale = coef(None if grad_loss is None else grad_loss * ctx.kl_weight, grad_kl)
-    out = torch.empty_like(grad)
-    out[: ctx.n_ce] = grad[: ctx.n_ce] * ce_scale
-    out[ctx.n_ce:] = grad[ctx.n_ce:] * kl_scale
-    return out
+    # one pass over the rows: each row times its block's coefficient
+    row_scale = grad.new_empty((grad.shape[0], 1))
+    row_scale[: ctx.n_ce] = ce_scale
+    row_scale[ctx.n_ce:] = kl_scale
+    return grad * row_scale
 
 
 @torch.library.custom_op("seat::paired_loss", mutates_args=())
