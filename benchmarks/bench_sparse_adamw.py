@@ -33,13 +33,14 @@ from _common import Progress, environment, measure, pyplot, write_results  # noq
 from _memory import measure_peak, optimizer_tensors  # noqa: E402
 
 from seat import ops  # noqa: E402
-from seat.masks import random_mask  # noqa: E402
+from seat.masks import ImplicitMask, encode, random_mask  # noqa: E402
 from seat.optim import SparseAdamW  # noqa: E402
 
 # (name, out_features, in_features) of a Llama-3-8B decoder block's linear layers
 LLAMA3_8B_BLOCK = [("q_proj", 4096, 4096), ("k_proj", 1024, 4096), ("v_proj", 1024, 4096), ("o_proj", 4096, 4096),
                    ("gate_proj", 14336, 4096), ("up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
 DENSITIES = (0.5, 0.1, 0.05, 0.01)
+ENCODINGS = ("block16", "implicit")  # besides int32, at d=0.05
 
 
 def make_params(shapes, device):
@@ -74,8 +75,29 @@ def bench_dense(label, make_opt, params, grads, device, repeats, mask=None):
     return row
 
 
-def bench_seat(label, params, grads, density, device, repeats, backend=None):
+def seat_masks(params, density, device, encoding="int32"):
+    """One mask per param: random int32 indices, as a Block16Mask, or an ImplicitMask."""
+    if encoding == "implicit":
+        return [ImplicitMask(p, density, seed=0, param_id=i, device=device) for i, p in enumerate(params)]
     masks = [random_mask(p, density, seed=i).to(device) for i, p in enumerate(params)]
+    return masks if encoding == "int32" else [encode(m, p.numel(), encoding) for m, p in zip(masks, params)]
+
+
+def moved_bytes(params, masks) -> int:
+    """What a seat update must move at least, counted in 64-byte lines where it touches
+    scattered entries: the dense gradient's lines holding a trained entry (read), the
+    parameter's same lines (read + write), and per entry the int32 index, the compact
+    gradient (write, then read) and both fp32 moments (read + write)."""
+    total = 0
+    for p, m in zip(params, masks):
+        idx = (m if isinstance(m, torch.Tensor) else m.indices()).long().cpu()
+        lines = torch.unique(idx // (64 // p.element_size())).numel()
+        total += lines * 64 * 3 + idx.numel() * (4 + 8 + 16)
+    return total
+
+
+def bench_seat(label, params, grads, density, device, repeats, backend=None, encoding="int32"):
+    masks = seat_masks(params, density, device, encoding)
     opt = SparseAdamW(params, masks, lr=1e-4)
 
     def update():
@@ -87,7 +109,8 @@ def bench_seat(label, params, grads, density, device, repeats, backend=None):
 
     with ops.use_backend(backend):
         timing = measure(update, device=device, repeats=repeats)
-    row = {"method": label, "density": density, **timing, "state_bytes": opt.state_bytes()}
+    row = {"method": label, "density": density, **timing, "state_bytes": opt.state_bytes(),
+           "moved_bytes": moved_bytes(params, masks)}
     opt.remove_hooks()
     return row
 
@@ -165,7 +188,7 @@ def main(argv=None, progress: Progress | None = None) -> int:
     except ImportError:
         bnb = None
         print("  bitsandbytes not installed: AdamW8bit skipped")
-    progress.expect(4 + (bnb is not None) + len(DENSITIES) + 1 + len(LEAN_MODES))
+    progress.expect(4 + (bnb is not None) + len(DENSITIES) + len(ENCODINGS) + 1 + len(LEAN_MODES))
     run(bench_dense("adamw-foreach", adamw(foreach=True), params, grads, args.device, args.repeats))
     run(bench_dense("adamw-fused", adamw(fused=True), params, grads, args.device, args.repeats))
     if bnb is not None:
@@ -181,18 +204,28 @@ def main(argv=None, progress: Progress | None = None) -> int:
     del bool_masks
     for density in DENSITIES:
         run(bench_seat(f"seat d={density}", params, grads, density, args.device, args.repeats))
+    for encoding in ENCODINGS:
+        run(bench_seat(f"seat d=0.05 {encoding}", params, grads, 0.05, args.device, args.repeats,
+                       encoding=encoding))
     run(bench_seat("seat-reference d=0.05", params, grads, 0.05, args.device, args.repeats, backend="reference"))
     for mode, options in LEAN_MODES.items():
         run(bench_lean(f"lean: {mode} d=0.05", params, grads, 0.05, args.device, args.repeats, options))
 
-    for key in ("peak_bytes", "transient_bytes"):  # one CSV header for every row
+    for key in ("peak_bytes", "transient_bytes", "moved_bytes"):  # one CSV header for every row
         for r in rows:
             r.setdefault(key, None)
     naive = next(r for r in rows if r["method"].startswith("naive-seat d="))
+    fused = next(r for r in rows if r["method"] == "adamw-fused")
+    int32 = next(r for r in rows if r["method"] == "seat d=0.05")
+    env = environment(args.device)
     for r in rows:
         r["speedup_vs_naive"] = naive["ms"] / r["ms"]
         r["memory_vs_naive"] = r["state_bytes"] / naive["state_bytes"]
-    env = environment(args.device)
+        r["time_vs_fused"] = r["ms"] / fused["ms"]
+        r["time_vs_int32"] = r["ms"] / int32["ms"] if r["method"].startswith("seat d=0.05") else None
+        moved = r["moved_bytes"]
+        r["moved_MB"] = None if moved is None else moved / 1e6
+        r["of_probe"] = None if moved is None else moved / (r["ms"] * 1e-3) / (env["bandwidth"]["triad_gbs"] * 1e9)
     env.update(shapes=shapes, n_params=n_params, scale=scale)
     name = "sparse_adamw" if scale == 1 else f"sparse_adamw_scale{scale}"
     md = write_results(
@@ -201,7 +234,9 @@ def main(argv=None, progress: Progress | None = None) -> int:
               f"{n_params / 1e6:.0f}M fp32 params",
         columns=[("method", "method"), ("density", "density"), ("ms", "update ms (median)"),
                  ("speedup_vs_naive", "speed vs naive SEAT"), ("bytes_per_param", "optimizer B/param"),
-                 ("memory_vs_naive", "memory vs naive SEAT"), ("peak_bytes", "update peak bytes")],
+                 ("memory_vs_naive", "memory vs naive SEAT"), ("time_vs_fused", "time / adamw-fused"),
+                 ("time_vs_int32", "time / int32 mask"), ("moved_MB", "min MB moved"), ("of_probe", "of probe"),
+                 ("peak_bytes", "update peak bytes")],
         notes=["update = what runs between backward and the next forward: for seat, compacting each dense "
                "gradient (the backward hook) and the compact AdamW step; for naive SEAT, multiplying each "
                "gradient by its bool mask and a dense AdamW step.",
@@ -210,6 +245,12 @@ def main(argv=None, progress: Progress | None = None) -> int:
                "optimizer B/param: optimizer-held bytes (state, masks, compact gradients) per parameter of the "
                "block; dense gradients and the params themselves are not counted.",
                f"{args.repeats} timed repeats after 2 warm-up runs; median.",
+               "seat d=0.05 block16 / implicit: the same update with the masks as Block16Mask / ImplicitMask "
+               "(time / int32 mask: against the int32 row of this run).",
+               "min MB moved (seat rows): the dense gradient's and the parameter's 64-byte lines that hold a "
+               "trained entry (read; read + write) and per entry the int32 index, the compact gradient (written, "
+               "read) and both moments (read + written); of probe = that / the time / the triad bandwidth of the "
+               "probe in the line above.",
                LEAN_NOTE],
     )
     print(md.read_text())
