@@ -16,25 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when run as a script
+
 DEFAULT_MIB = 256
-
-
-def _time(fn, repeats: int, device: str) -> float:
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    fn()  # warm-up: pages touched, threads spun up
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def probe(threads: int | None = None, *, device: str = "cpu", mib: int = DEFAULT_MIB, repeats: int = 5) -> dict:
@@ -45,10 +34,15 @@ def probe(threads: int | None = None, *, device: str = "cpu", mib: int = DEFAULT
     threads = threads or before
     n = mib * 2**20 // 4
     a, b, c = (torch.ones(n, device=device) for _ in range(3))
+    from _common import measure  # (_common imports this module at its top)
+
+    def seconds(fn):
+        return measure(fn, device=device, warmup=1, repeats=repeats, do_bench=False)["ms"] / 1e3
+
     try:
         torch.set_num_threads(threads)
-        copy_s = _time(lambda: a.copy_(b), repeats, device)
-        triad_s = _time(lambda: torch.add(b, c, alpha=3.0, out=a), repeats, device)
+        copy_s = seconds(lambda: a.copy_(b))
+        triad_s = seconds(lambda: torch.add(b, c, alpha=3.0, out=a))
     finally:
         torch.set_num_threads(before)
     nbytes = n * 4

@@ -21,6 +21,15 @@ def test_bench_sparse_adamw_writes_results(tmp_path):
     assert abs(seat["bytes_per_param"] - 0.05 * 16) < 0.01  # idx, exp_avg, exp_avg_sq, grad: 4 B each
     assert (tmp_path / "sparse_adamw_scale64.md").read_text().startswith("# Optimizer update")
     assert data["environment"]["device_name"]
+    probe = data["environment"]["bandwidth"]  # the bandwidth probe beside every result
+    assert probe["copy_gbs"] > 0 and probe["triad_gbs"] > 0
+    for encoding in ("block16", "implicit"):
+        row = next(r for r in data["rows"] if r["method"] == f"seat d=0.05 {encoding}")
+        assert row["time_vs_int32"] > 0 and 0 < row["of_probe"]
+    # lines of 16 fp32 entries, 3 x 64 B per line touched, 28 B per entry: between all
+    # entries in distinct lines and all in as few lines as possible
+    nnz = seat["state_bytes"] / 16
+    assert nnz * 28 + nnz / 16 * 192 <= seat["moved_bytes"] <= nnz * (28 + 192)
     lean = {r["method"]: r for r in data["rows"] if r["method"].startswith("lean: ")}
     assert len(lean) == 5
     # per trained entry: idx 4 + bf16 grad 2 + moments 8 / no grad / 8-bit moments ~2.03

@@ -144,6 +144,22 @@ def test_backward_twice_and_into_an_existing_grad(backend):
     torch.testing.assert_close(leaf.grad, 2 * grad, rtol=0, atol=0)
 
 
+def test_a_kept_gradient_output_is_not_shared_with_grad(backend):
+    """The op's own gradient output, kept by a caller of torch.ops.seat.kl_div, is never
+    the buffer that becomes .grad (which later backward calls accumulate into)."""
+    device = backend_device(OP, backend)
+    cur, ref = pair((3, 21), torch.float32, seed=22, device=device)
+    leaf = cur.detach().requires_grad_()
+    with ops.use_backend(backend):
+        loss, kept = torch.ops.seat.kl_div(leaf, ref, None, temperature=1.0, reduction="mean", num_items=None,
+                                           reverse=False, compute_grad=True)
+    before = kept.detach().clone()
+    loss.backward()
+    assert kept.data_ptr() != leaf.grad.data_ptr()
+    leaf.grad.add_(1.0)
+    assert torch.equal(kept.detach(), before)
+
+
 # --------------------------------------------------------------------------- special values
 
 

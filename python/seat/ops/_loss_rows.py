@@ -24,6 +24,7 @@ deterministic, and without a host sync (denominators stay on the device).
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -122,3 +123,30 @@ def empty_labels(device) -> Tensor:
 
 def empty_mask(device) -> Tensor:
     return torch.empty(0, dtype=torch.bool, device=device)
+
+
+def hands_on_saved_grad(ctx, scale) -> bool:
+    """The backward may return the saved row gradient itself, skipping the N x V pass of
+    `grad * scale` and its new tensor: scale a 0-d tensor exactly 1 (loss.backward() on
+    a mean or a sum), on the CPU (a CUDA scale would need a host sync), outside compiled
+    graphs, and only where nothing else can see the buffer afterwards: the graph is not
+    kept (retain_graph=False: autograd frees the saved tensor right after this backward,
+    so a consumer may take it over, e.g. as a leaf's .grad) and the forward's own
+    gradient output was not kept by the caller (ctx.grad_output_ref, a weak reference)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return (isinstance(scale, Tensor) and scale.device.type == "cpu" and scale.dim() == 0
+            and keep_graph is not None and not keep_graph()
+            and getattr(ctx, "grad_output_ref", lambda: True)() is None
+            and not torch.compiler.is_compiling() and not is_fake(scale) and scale.item() == 1.0)
+
+
+def keep_grad_output_ref(ctx, grad_output: Tensor) -> None:
+    """Remember (weakly) the forward's gradient output, for hands_on_saved_grad."""
+    ctx.grad_output_ref = weakref.ref(grad_output)
+
+
+def is_fake(t: Tensor) -> bool:
+    """A FakeTensor (or a functional wrapper of one): shapes only, no values to read."""
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return _is_fake(t)

@@ -191,12 +191,15 @@ def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.reduction = keyword_only_inputs["reduction"]
     ctx.compute_grad = keyword_only_inputs["compute_grad"]
     ctx.save_for_backward(output[1])
+    _loss_rows.keep_grad_output_ref(ctx, output[1])
 
 
 def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad:  # (zero rows give an empty gradient that is still the gradient)
         raise RuntimeError("seat.ops.kl_div: backward needs compute_grad=True in the forward call")
+    if ctx.reduction != "none" and _loss_rows.hands_on_saved_grad(ctx, grad_loss):
+        return grad, None, None
     scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
     return grad * scale.to(grad.dtype), None, None
 

@@ -172,6 +172,7 @@ def paired_setup_context(labels_position: int):
         ctx.kl_weight = keyword_only_inputs["kl_weight"]
         ctx.compute_grad = keyword_only_inputs["compute_grad"]
         ctx.save_for_backward(output[3])
+        _loss_rows.keep_grad_output_ref(ctx, output[3])
 
     return setup_context
 
@@ -187,6 +188,8 @@ def paired_backward(ctx, grad_loss, grad_ce, grad_kl, _grad_of_grad):
 
     ce_scale = coef(grad_loss, grad_ce)
     kl_scale = coef(None if grad_loss is None else grad_loss * ctx.kl_weight, grad_kl)
+    if _loss_rows.hands_on_saved_grad(ctx, ce_scale) and _loss_rows.hands_on_saved_grad(ctx, kl_scale):
+        return grad  # both coefficients exactly 1: the saved rows are the gradient
     # one pass over the rows: each row times its block's coefficient
     row_scale = grad.new_empty((grad.shape[0], 1))
     row_scale[: ctx.n_ce] = ce_scale
