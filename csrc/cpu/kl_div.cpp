@@ -456,6 +456,7 @@ std::tuple<at::Tensor, at::Tensor> paired_rows_cpu(const at::Tensor& logits, con
   for (const auto* t : {&logits, &labels, &ref_logits, &kl_valid, &scales}) {
     TORCH_CHECK(t->device().is_cpu(), "paired_rows CPU kernel: every tensor must be on the CPU");
   }
+  if (!fp64) tile_kernels();  // picked (and a bad SEAT_CPU_ISA refused) before any parallel region
   at::Tensor per_row = at::empty({logits.size(0)}, logits.options().dtype(acc));
   at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   if (logits.size(0) == 0) return {per_row, grad};

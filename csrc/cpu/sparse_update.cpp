@@ -110,9 +110,12 @@ MemberWords member_words_for_this_cpu() {
   return member_words_scalar;
 }
 
-void member_words(uint32_t key, int64_t begin, int64_t len, int64_t threshold, uint32_t* words) {
+// The membership function for this process. Called on the calling thread before any
+// parallel region: the first call may throw (a bad SEAT_CPU_ISA), which must not happen
+// inside an OpenMP region (an exception escaping one terminates the process).
+MemberWords member_words() {
   static const MemberWords chosen = member_words_for_this_cpu();
-  chosen(key, begin, len, threshold, words);
+  return chosen;
 }
 
 int64_t words_of(int64_t block) { return (block + 31) / 32; }
@@ -171,6 +174,7 @@ template <>
 struct Walk<HashMask> {
   template <typename F, typename Prefetch>
   static void run(const MaskRef& mask, int64_t, const F& fn, const Prefetch& pf) {
+    const MemberWords member_words_fn = member_words();
 #pragma omp parallel if (mask.n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
     {
       const MaskRef m = mask;
@@ -185,7 +189,7 @@ struct Walk<HashMask> {
         if (slot < 0 || slot >= limit) continue;
         const int64_t begin = b * m.block;
         const int64_t len = std::min(m.block, m.numel - begin);
-        member_words(m.key, begin, len, m.threshold, words.data());
+        member_words_fn(m.key, begin, len, m.threshold, words.data());
         for (int64_t w = 0; w < words_of(len) && slot < limit; ++w) {
           // the members' cache lines a few words ahead (2 lines of fp32 per word): the
           // loads behind the bit scans otherwise wait on memory one line at a time
@@ -460,13 +464,14 @@ void implicit_block_counts_cpu(at::Tensor counts, int64_t numel, int64_t key, in
   const int64_t n_blocks = seat::n_blocks_of(numel, block);
   check_mask_tensor(counts, at::kInt, n_blocks, "counts (ceil(numel / block) entries)", who);
   int32_t* out = counts.data_ptr<int32_t>();
+  const MemberWords member_words_fn = member_words();
 #pragma omp parallel if (n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
   {
     std::vector<uint32_t> words(static_cast<size_t>(words_of(block)));
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < n_blocks; ++b) {
       const int64_t begin = b * block, len = std::min(block, numel - begin);
-      member_words(static_cast<uint32_t>(key), begin, len, threshold, words.data());
+      member_words_fn(static_cast<uint32_t>(key), begin, len, threshold, words.data());
       int32_t c = 0;
       for (int64_t w = 0; w < words_of(len); ++w) c += __builtin_popcount(words[w]);
       out[b] = c;

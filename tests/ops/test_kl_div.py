@@ -160,6 +160,52 @@ def test_a_kept_gradient_output_is_not_shared_with_grad(backend):
     assert torch.equal(kept.detach(), before)
 
 
+def test_autograd_grad_gives_a_plain_tensor_usable_in_another_graph(backend):
+    """torch.autograd.grad's result is a detached tensor (no grad_fn of the op) that can
+    enter a new computation and be backpropagated through it."""
+    device = backend_device(OP, backend)
+    cur, ref = pair((4, 19), torch.float32, seed=23, device=device)
+    _, expected = run(backend, cur, ref)
+    leaf = cur.detach().requires_grad_()
+    weight = torch.ones((), device=device, requires_grad=True)
+    with ops.use_backend(backend):
+        (grad,) = torch.autograd.grad(ops.kl_div(leaf, ref), leaf)
+    assert not grad.requires_grad and grad.grad_fn is None
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    (grad * weight).sum().backward()
+    torch.testing.assert_close(weight.grad, expected.sum())
+
+
+def test_batched_output_gradients(backend):
+    """is_grads_batched=True (vmap over output gradients) works like torch's own ops."""
+    device = backend_device(OP, backend)
+    cur, ref = pair((3, 17), torch.float32, seed=24, device=device)
+    _, expected = run(backend, cur, ref, reduction="sum")
+    leaf = cur.detach().requires_grad_()
+    with ops.use_backend(backend):
+        loss = ops.kl_div(leaf, ref, reduction="sum")
+    scales = torch.tensor([1.0, 2.0], device=device)
+    (grads,) = torch.autograd.grad(loss, leaf, scales, is_grads_batched=True)
+    torch.testing.assert_close(grads, torch.stack([expected, 2 * expected]))
+
+
+def test_a_detached_kept_gradient_output_is_not_changed(backend):
+    """A caller of the raw op that keeps a detached alias of its gradient output never
+    sees it change when later backward calls accumulate into .grad."""
+    device = backend_device(OP, backend)
+    cur, ref = pair((3, 21), torch.float32, seed=25, device=device)
+    leaf = cur.detach().requires_grad_()
+    with ops.use_backend(backend):
+        loss, out = torch.ops.seat.kl_div(leaf, ref, None, temperature=1.0, reduction="mean", num_items=None,
+                                          reverse=False, compute_grad=True)
+        kept = out.detach()
+        del out
+        loss.backward()
+        before = kept.clone()
+        ops.kl_div(leaf, ref).backward()
+    assert torch.equal(kept, before)
+
+
 # --------------------------------------------------------------------------- special values
 
 

@@ -23,7 +23,9 @@ deterministic, and without a host sync (denominators stay on the device).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import weakref
 from typing import Callable, Optional
 
@@ -126,27 +128,45 @@ def empty_mask(device) -> Tensor:
 
 
 def hands_on_saved_grad(ctx, scale) -> bool:
-    """The backward may return the saved row gradient itself, skipping the N x V pass of
-    `grad * scale` and its new tensor: scale a 0-d tensor exactly 1 (loss.backward() on
-    a mean or a sum), on the CPU (a CUDA scale would need a host sync), outside compiled
-    graphs, and only where nothing else can see the buffer afterwards: the graph is not
+    """The backward may return the saved row gradient itself (detached), skipping the
+    N x V pass of `grad * scale` and its new tensor: scale a plain 0-d tensor exactly 1
+    (loss.backward() on a mean or a sum) on the CPU (a CUDA scale would need a host sync),
+    outside compiled graphs and functorch transforms, and only where nothing else can see
+    the buffer afterwards: the op was called through seat's wrapper, which drops its
+    gradient output (ctx.hand_on_allowed), no saved-tensor hooks were active (they could
+    keep the tensor), the output object is gone (a weak reference), and the graph is not
     kept (retain_graph=False: autograd frees the saved tensor right after this backward,
-    so a consumer may take it over, e.g. as a leaf's .grad) and the forward's own
-    gradient output was not kept by the caller (ctx.grad_output_ref, a weak reference)."""
+    so a consumer may take the buffer over, e.g. as a leaf's .grad)."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return (isinstance(scale, Tensor) and scale.device.type == "cpu" and scale.dim() == 0
+    if not (getattr(ctx, "hand_on_allowed", False) and ctx.grad_output_ref() is None
             and keep_graph is not None and not keep_graph()
-            and getattr(ctx, "grad_output_ref", lambda: True)() is None
-            and not torch.compiler.is_compiling() and not is_fake(scale) and scale.item() == 1.0)
+            and type(scale) is Tensor and scale.device.type == "cpu" and scale.dim() == 0
+            and not torch._C._functorch.is_functorch_wrapped_tensor(scale)
+            and not torch.compiler.is_compiling()):
+        return False
+    try:
+        return scale.item() == 1.0
+    except RuntimeError:  # a batched output gradient (is_grads_batched) has no single value
+        return False
+
+
+_WRAPPER_CALL = threading.local()
+
+
+@contextlib.contextmanager
+def wrapper_call():
+    """Around the op call in seat's public wrapper, which discards the op's gradient
+    output: the op's backward may then hand its saved gradient on (hands_on_saved_grad)."""
+    previous = getattr(_WRAPPER_CALL, "active", False)
+    _WRAPPER_CALL.active = True
+    try:
+        yield
+    finally:
+        _WRAPPER_CALL.active = previous
 
 
 def keep_grad_output_ref(ctx, grad_output: Tensor) -> None:
-    """Remember (weakly) the forward's gradient output, for hands_on_saved_grad."""
+    """Record in setup_context what hands_on_saved_grad needs to know of the forward."""
     ctx.grad_output_ref = weakref.ref(grad_output)
-
-
-def is_fake(t: Tensor) -> bool:
-    """A FakeTensor (or a functional wrapper of one): shapes only, no values to read."""
-    from torch._subclasses.fake_tensor import is_fake as _is_fake
-
-    return _is_fake(t)
+    ctx.hand_on_allowed = (getattr(_WRAPPER_CALL, "active", False)
+                           and torch._C._autograd._top_saved_tensors_default_hooks(False) is None)

@@ -241,8 +241,9 @@ def fused_linear_paired_loss(
             )
     no_grad_input("ref_hidden", ref_hidden)
     compute_grad = torch.is_grad_enabled() and hidden.requires_grad
-    loss, ce, kl, _ = torch.ops.seat.fused_linear_paired_loss(
-        hidden, weight, labels, ref_hidden, kl_mask, bias, ignore_index=int(ignore_index),
-        reverse_kl=bool(reverse_kl), compute_grad=compute_grad, **options,
-    )
+    with _loss_rows.wrapper_call():  # the gradient output is dropped here
+        loss, ce, kl, _ = torch.ops.seat.fused_linear_paired_loss(
+            hidden, weight, labels, ref_hidden, kl_mask, bias, ignore_index=int(ignore_index),
+            reverse_kl=bool(reverse_kl), compute_grad=compute_grad, **options,
+        )
     return loss, ce, kl

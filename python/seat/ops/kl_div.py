@@ -199,7 +199,7 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     if not ctx.compute_grad:  # (zero rows give an empty gradient that is still the gradient)
         raise RuntimeError("seat.ops.kl_div: backward needs compute_grad=True in the forward call")
     if ctx.reduction != "none" and _loss_rows.hands_on_saved_grad(ctx, grad_loss):
-        return grad, None, None
+        return grad.detach(), None, None
     scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss
     return grad * scale.to(grad.dtype), None, None
 
@@ -226,8 +226,9 @@ def kl_div(
     check(logits_cur, logits_ref, mask, temperature, reduction, num_items)
     no_grad_input("logits_ref", logits_ref)
     compute_grad = torch.is_grad_enabled() and logits_cur.requires_grad
-    loss, _ = torch.ops.seat.kl_div(
-        logits_cur, logits_ref, mask, temperature=temperature, reduction=reduction, num_items=num_items, reverse=bool(reverse),
-        compute_grad=compute_grad,
-    )
+    with _loss_rows.wrapper_call():  # the gradient output is dropped here
+        loss, _ = torch.ops.seat.kl_div(
+            logits_cur, logits_ref, mask, temperature=temperature, reduction=reduction, num_items=num_items,
+            reverse=bool(reverse), compute_grad=compute_grad,
+        )
     return loss

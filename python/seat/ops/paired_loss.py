@@ -189,7 +189,7 @@ def paired_backward(ctx, grad_loss, grad_ce, grad_kl, _grad_of_grad):
     ce_scale = coef(grad_loss, grad_ce)
     kl_scale = coef(None if grad_loss is None else grad_loss * ctx.kl_weight, grad_kl)
     if _loss_rows.hands_on_saved_grad(ctx, ce_scale) and _loss_rows.hands_on_saved_grad(ctx, kl_scale):
-        return grad  # both coefficients exactly 1: the saved rows are the gradient
+        return grad.detach()  # both coefficients exactly 1: the saved rows are the gradient
     # one pass over the rows: each row times its block's coefficient
     row_scale = grad.new_empty((grad.shape[0], 1))
     row_scale[: ctx.n_ce] = ce_scale
@@ -238,8 +238,9 @@ def paired_loss(
     check(logits, labels, ref_logits, kl_mask, **options)
     no_grad_input("ref_logits", ref_logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
-    loss, ce, kl, _ = torch.ops.seat.paired_loss(
-        logits, labels, ref_logits, kl_mask, ignore_index=int(ignore_index), reverse_kl=bool(reverse_kl),
-        compute_grad=compute_grad, **options,
-    )
+    with _loss_rows.wrapper_call():  # the gradient output is dropped here
+        loss, ce, kl, _ = torch.ops.seat.paired_loss(
+            logits, labels, ref_logits, kl_mask, ignore_index=int(ignore_index), reverse_kl=bool(reverse_kl),
+            compute_grad=compute_grad, **options,
+        )
     return loss, ce, kl
