@@ -8,7 +8,7 @@ use, each the median of a few timed calls after a warm-up:
 
 (the STREAM kernels' byte counts: a write-allocate that also reads the destination is not
 counted, as STREAM does not). A kernel row then reports the bytes it must move at least
-and the fraction of the triad figure it reaches (`fraction_of_probe`).
+and the fraction of the triad figure it reaches (`fraction`, the "of probe" columns).
 
     python benchmarks/_bandwidth.py [--mib 256] [--threads 1 2]
 """

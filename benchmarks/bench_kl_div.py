@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bandwidth import fraction  # noqa: E402
 from _common import Progress, environment, measure, pyplot, write_results  # noqa: E402
 
 
@@ -255,7 +256,8 @@ def main(argv=None, progress: Progress | None = None) -> int:
         print(json.dumps(row), flush=True)
     env = environment(args.device)
     for row in rows:  # the share of the machine's bandwidth (triad probe) each row reaches
-        row["of_probe"] = None if row["seat_gbs"] is None else round(row["seat_gbs"] / env["bandwidth"]["triad_gbs"], 2)
+        row["of_probe"] = None if row["min_mb"] is None else round(
+            fraction(row["min_mb"] * 1e6, row["seat_ms"], env["bandwidth"]), 2)
     env.update(size=size, reps=args.reps, fused_hidden=FUSED_HIDDEN,
                seat_backend=seat_backend(args.device) or "default (triton)")
     memory_how = ("peak RSS growth of one call beyond its inputs, in a fresh process each (glibc mmap threshold "

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bandwidth import fraction  # noqa: E402
 from _common import Progress, environment, measure, pyplot, write_results  # noqa: E402
 from _memory import measure_peak, optimizer_tensors  # noqa: E402
 
@@ -225,7 +226,7 @@ def main(argv=None, progress: Progress | None = None) -> int:
         r["time_vs_int32"] = r["ms"] / int32["ms"] if r["method"].startswith("seat d=0.05") else None
         moved = r["moved_bytes"]
         r["moved_MB"] = None if moved is None else moved / 1e6
-        r["of_probe"] = None if moved is None else moved / (r["ms"] * 1e-3) / (env["bandwidth"]["triad_gbs"] * 1e9)
+        r["of_probe"] = None if moved is None else fraction(moved, r["ms"], env["bandwidth"])
     env.update(shapes=shapes, n_params=n_params, scale=scale)
     name = "sparse_adamw" if scale == 1 else f"sparse_adamw_scale{scale}"
     md = write_results(

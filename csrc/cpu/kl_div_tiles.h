@@ -80,8 +80,7 @@ void tile_sums8(const float* x, const float* o, int n, float m, LaneSums& acc) {
   std::memcpy(acc.a, a, sizeof(a));
 }
 
-void tile_kl_grad8(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse,
-                                      float* g) {
+void tile_kl_grad8(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse, float* g) {
   if (reverse) {
     for (int j = 0; j < n; j += 8) {
       const f8 cv = load8(c + j), rv = load8(r + j);
@@ -97,8 +96,7 @@ void tile_kl_grad8(const float* c, const float* r, int n, const GradConsts<float
   }
 }
 
-void tile_ce_grad8(const float* x, int n, int64_t label_in_tile, float m, float ls, float factor,
-                                      float* g) {
+void tile_ce_grad8(const float* x, int n, int64_t label_in_tile, float m, float ls, float factor, float* g) {
   const int32_t label = label_in_tile >= 0 && label_in_tile < n ? static_cast<int32_t>(label_in_tile) : -1;
   const i8 iota{0, 1, 2, 3, 4, 5, 6, 7};
   for (int j = 0; j < n; j += 8) {

@@ -48,10 +48,13 @@ constexpr int64_t kWordsAhead = 8;
 // element begin + 32 w + i (bits past len are 0). The hash of every element is what bounds
 // the hash walks, so the AVX2 version hashes 8 elements per instruction and turns the
 // comparisons into bits with movemask; the members are then found with bit scans.
+// 32-bit membership words covering n elements.
+int64_t words_of(int64_t n) { return (n + 31) / 32; }
+
 void member_words_scalar(uint32_t key, int64_t begin, int64_t len, int64_t threshold, uint32_t* words) {
   const bool all = threshold > static_cast<int64_t>(UINT32_MAX);  // density 1
   const uint32_t below = all ? 0u : static_cast<uint32_t>(threshold);
-  for (int64_t w = 0; w * 32 < len; ++w) {
+  for (int64_t w = 0; w < words_of(len); ++w) {
     // 32 flags in a loop the compiler vectorizes (SSE2 / NEON), then packed into bits
     uint8_t flags[32];
     const uint32_t first = static_cast<uint32_t>(begin + w * 32);
@@ -84,7 +87,7 @@ __attribute__((target("avx2"))) void member_words_avx2(uint32_t key, int64_t beg
   const __m256i sign = _mm256_set1_epi32(INT32_MIN);
   // h < threshold as unsigned 32-bit numbers = a signed comparison with both signs flipped
   const __m256i limit = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(threshold))), sign);
-  const int64_t n_words = (len + 31) / 32;
+  const int64_t n_words = words_of(len);
   for (int64_t w = 0; w < n_words; ++w) {
     uint32_t bits = 0;
     for (int q = 0; q < 4; ++q) {
@@ -117,8 +120,6 @@ MemberWords member_words() {
   static const MemberWords chosen = member_words_for_this_cpu();
   return chosen;
 }
-
-int64_t words_of(int64_t block) { return (block + 31) / 32; }
 
 // Walk<P>::run(m, grain, f, prefetch) runs f(position, slot) on every entry of m, P's work
 // items in parallel when m has more than `grain` entries; prefetch(position) is a hint
