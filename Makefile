@@ -30,7 +30,8 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PY) -m pip install -q "$(TORCH)" "setuptools>=64" wheel
 	$(PY) -m pip install -q "triton>=3.2" "numpy>=1.24" "packaging>=23" "pytest>=8" "ninja>=1.11" \
 		"safetensors>=0.4" "transformers>=4.46" "tokenizers>=0.20" "peft>=0.13" "rouge-score>=0.1.2" \
-		"matplotlib>=3.7" "bitsandbytes>=0.45" "hypothesis>=6.100"
+		"matplotlib>=3.7" "bitsandbytes>=0.45" "hypothesis>=6.100" \
+		"trl>=1.10" "datasets>=3.0" "pyyaml>=6.0" "tqdm>=4.60" "mkdocs-material>=9.5" "mkdocstrings[python]>=0.26"
 	touch $@
 
 venv: $(VENV)/.deps
