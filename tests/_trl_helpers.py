@@ -4,6 +4,7 @@ TrainingArguments)."""
 from __future__ import annotations
 
 import datasets
+import torch
 import transformers
 from trl import SFTConfig
 
@@ -75,3 +76,22 @@ def make_seat_trainer(output_dir, dataset_format: str, *, chat: bool = True, con
     trainer = seat.SeatTrainer(model, args, seat_config=config or seat.SeatConfig(density=0.2),
                                train_dataset=RECORDS, data_collator=collator, processing_class=tok)
     return trainer, model, collator
+
+
+def assert_only_masked_entries_changed(trainer, before: dict) -> None:
+    """Every trained weight changed somewhere inside its mask and nowhere outside it; every
+    other parameter is bit-identical to ``before`` (name -> tensor before training)."""
+    from seat.masks import mask_indices
+
+    model = trainer.model
+    targets = {t.param: t for t in trainer.seat.targets.values()}
+    for name, p in model.named_parameters():
+        if p not in targets:
+            assert torch.equal(p, before[name]), name
+            continue
+        flat, old = p.detach().view(-1), before[name].view(-1)
+        inside = mask_indices(targets[p].idx).long()
+        outside = flat.new_ones(flat.numel(), dtype=bool)
+        outside[inside] = False
+        assert (flat[outside] == old[outside]).all(), f"{name}: an entry outside the mask changed"
+        assert (flat[inside] != old[inside]).any(), f"{name}: no masked entry changed"

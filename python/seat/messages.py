@@ -31,7 +31,7 @@ def check_messages(where: str, what: str, messages) -> None:
             raise TypeError(f"{where}: {what}[{i}] must be a dict with 'role' and 'content'; got {type(m).__name__}")
         for key in MESSAGE_KEYS:
             if not isinstance(m.get(key), str):
-                got = "missing" if key not in m else type(m[key]).__name__
+                got = "missing" if m.get(key) is None else type(m[key]).__name__
                 raise TypeError(f"{where}: {what}[{i}][{key!r}] must be a str; got {got} (text-only messages "
                                 "{'role': str, 'content': str} are supported)")
         if not m["role"].strip():

@@ -120,7 +120,7 @@ def _check_rows(dataset, name: str, dataset_format: str, entity_column: str) -> 
         entity = record["entity"]
         texts = [*message_texts(record["question"]), record["answer"]]
         if sum(count_mentions(text, entity) for text in texts) == 0:
-            raise ValueError(f"{name} row {j}: entity {entity!r} is mentioned in neither its prompt nor its answer; "
+            raise ValueError(f"{name} row {j} (entity {entity!r}): entity {entity!r} is mentioned in neither its prompt nor its answer; "
                              "spell it exactly as in the text (whole word, same capitalization)")
         entities.append(entity)
     return entities
