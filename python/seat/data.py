@@ -3,9 +3,10 @@
 A record is a dict ``{"question": str | list[message], "answer": str, "entity": str}``
 (other keys are ignored). The question is a str, or the conversation before the answer as
 chat messages ``[{"role": str, "content": str}, ...]`` (a system message, earlier turns;
-see seat.messages), which the tokenizer's chat template renders. ``PairedCollator`` turns a list of records into one batch holding x (the
-record) and x~ (the record with its entity replaced by a fresh fictitious name, see
-seat.perturb), tokenized the same way and padded to one common length T.
+see seat.messages), which the tokenizer's chat template renders. ``PairedCollator`` turns
+a list of records into one batch holding x (the record) and x~ (the record with its entity
+replaced by a fresh fictitious name, see seat.perturb), tokenized the same way and padded
+to one common length T.
 
 Batch layout (B records, T = the longest of the 2B sequences, all tensors (B, T)):
 
@@ -226,7 +227,8 @@ class PairedCollator:
         entity = record["entity"]
         fake = self.perturber.fictitious_name(key, avoid=(entity,))
         question, n_question = perturb_messages(self.perturber, record["question"], entity, fake)
-        n_answer = count_mentions(record["answer"], entity, replace_parts=getattr(self.perturber, "replace_parts", True))
+        parts = getattr(self.perturber, "replace_parts", True)
+        n_answer = count_mentions(record["answer"], entity, replace_parts=parts)
         if n_question + n_answer == 0:
             raise ValueError(f"entity {entity!r} is mentioned in neither the question's messages nor the answer; "
                              "the entity must appear in the text as a whole word, spelled and capitalized exactly "

@@ -124,14 +124,24 @@ class SeatTrainerMixin:
         if "optimizers" in kwargs or "optimizer_cls_and_kwargs" in kwargs:
             raise ValueError(f"{type(self).__name__} makes its own optimizer (seat.optim.SparseAdamW over the masks); "
                              "set lr, betas, eps and weight_decay in TrainingArguments")
-        handle = handle_of(model)
+        handle = created = handle_of(model)
         if handle is None:
             handle = patch(model, seat_config or SeatConfig())
-        elif seat_config is not None and seat_config != handle.config:
+        try:
+            self._seat_setup(model, args, handle, seat_config, save_full_model, optimizer_kwargs, nonfinite, kwargs)
+        except BaseException:
+            if created is None:  # leave the model as it was given
+                handle.revert()
+            raise
+
+    def _seat_setup(self, model, args, handle, seat_config, save_full_model, optimizer_kwargs, nonfinite,
+                    kwargs) -> None:
+        if seat_config is not None and seat_config != handle.config:
             raise ValueError("the model is already patched with another SeatConfig")
         if args.world_size > 1:
-            raise ValueError(f"{type(self).__name__} runs on one process for now: the compaction hooks free each gradient "
-                             "before a distributed all-reduce could see it, and the KL token count is per rank")
+            raise ValueError(f"{type(self).__name__} runs on one process for now: the compaction hooks free each "
+                             "gradient before a distributed all-reduce could see it, and the KL token count is "
+                             "per rank")
         collator = kwargs.get("data_collator")
         if collator is not None and hasattr(collator, "step") and hasattr(collator, "load_state_dict"):
             kwargs["data_collator"] = _DrawTaggingCollator(collator)

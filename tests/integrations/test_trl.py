@@ -23,8 +23,8 @@ from trl import SFTConfig  # noqa: E402
 
 import seat  # noqa: E402
 from _trainer_helpers import RECORDS, assert_params_equal, tiny_llama, trained_params  # noqa: E402
-from _trl_helpers import (FORMATS, SFT_ARGS, assert_only_masked_entries_changed, assistant, make_seat_trainer,  # noqa: E402
-                          make_sft_trainer, tokenizer, trl_rows, user)
+from _trl_helpers import (FORMATS, SFT_ARGS, assert_only_masked_entries_changed, assistant,  # noqa: E402
+                          make_seat_trainer, make_sft_trainer, tokenizer, trl_rows, user)
 from seat.data_formats import SFTPairedCollator  # noqa: E402
 from seat.integrations.trl import SeatSFTTrainer  # noqa: E402
 from seat.patching import handle_of  # noqa: E402

@@ -120,8 +120,8 @@ def _check_rows(dataset, name: str, dataset_format: str, entity_column: str) -> 
         entity = record["entity"]
         texts = [*message_texts(record["question"]), record["answer"]]
         if sum(count_mentions(text, entity) for text in texts) == 0:
-            raise ValueError(f"{name} row {j} (entity {entity!r}): entity {entity!r} is mentioned in neither its prompt nor its answer; "
-                             "spell it exactly as in the text (whole word, same capitalization)")
+            raise ValueError(f"{name} row {j} (entity {entity!r}): entity {entity!r} is mentioned in neither its "
+                             "prompt nor its answer; spell it exactly as in the text (whole word, same capitalization)")
         entities.append(entity)
     return entities
 
@@ -165,6 +165,8 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
         if train_dataset is None:
             raise ValueError("SeatSFTTrainer needs a train_dataset")
         train_dataset = _as_dataset(train_dataset, "train_dataset")
+        if isinstance(train_dataset, datasets.Dataset) and len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty; give at least one record")
         named = {"train_dataset": train_dataset}
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: _as_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
