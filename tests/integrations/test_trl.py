@@ -230,10 +230,17 @@ def test_malformed_messages_are_named(tmp_path, rows, exc, match):
     (dict(peft_config=object()), "does not take peft_config"),
     (dict(formatting_func=lambda r: r["prompt"]), "does not take formatting_func"),
     (dict(optimizers=(None, None)), "makes its own optimizer"),
+    # refused after the model was patched: the patch is reverted
+    (dict(optimizer_kwargs=dict(update_in_backward=True)), "update_in_backward=True .* gradient_accumulation_steps"),
 ])
 def test_options_seat_cannot_take_are_refused(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         _try(tmp_path, _rows(), **kwargs)
+
+
+def test_an_empty_dataset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        _try(tmp_path, datasets.Dataset.from_list([]))
 
 
 def test_conversational_rows_need_a_chat_template(tmp_path):
