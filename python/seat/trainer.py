@@ -85,6 +85,7 @@ class SeatTrainerMixin:
       * keeps the columns its collator reads (seat.PairedCollator: question, answer,
         entity) with the default remove_unused_columns=True, as it keeps the model's.
       * one process only for now (world_size > 1 is refused).
+      * a refused set-up leaves the model as it was given (a patch made here is reverted).
 
     Non-finite losses (nonfinite=): the loss of every micro-batch is checked before its
     backward, so no NaN/inf ever reaches a gradient, the optimizer state or a weight
