@@ -148,9 +148,9 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
             EntityPerturber(exclude=every entity of the datasets, seed=args.seed); an
             IterableDataset needs one, as its entities cannot be listed up front).
         seat_config, save_full_model, optimizer_kwargs, nonfinite: as seat.SeatTrainer.
-        Other keyword arguments go to trl.SFTTrainer (callbacks, compute_metrics, ...);
-        peft_config, quantization_config, formatting_func and compute_loss_func are
-        refused, and so is an optimizer (SEAT makes its own).
+        **kwargs: go to trl.SFTTrainer (callbacks, compute_metrics, ...);
+            peft_config, quantization_config, formatting_func and compute_loss_func are
+            refused, and so is an optimizer (SEAT makes its own).
 
     Logged per step: loss, ce, kl and nonfinite_skipped, as SeatTrainer logs them
     (SFTTrainer's entropy, mean_token_accuracy and num_tokens are not computed).
