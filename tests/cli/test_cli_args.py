@@ -78,6 +78,14 @@ def test_bad_option_is_refused_before_loading(files, tmp_path, no_model_load, ex
     assert not out.exists()
 
 
+def test_targets_matching_nothing_are_refused_after_loading(files, tmp_path):
+    """Which weights a pattern matches is known once the model is built: still exit 2,
+    nothing written."""
+    out = tmp_path / "run"
+    _refused(_argv(files, out, "--targets", "*.nothing"), "--targets", "matches targets=['*.nothing']")
+    assert not out.exists()
+
+
 def test_missing_required(files, tmp_path, no_model_load):
     code, _, err = run_cli(["train", "--data", str(files["facts"]), "--output-dir", str(tmp_path / "o")])
     assert code == 2 and "--model" in err and "required" in err

@@ -126,10 +126,6 @@ def plan(output_dir: str, resume: str) -> Path | None:
     return None  # an earlier run stopped before its first checkpoint: start it again
 
 
-def describe_option(key: str) -> str:
-    return BY_DEST[key].flag if key in BY_DEST else key
-
-
 def ensure_writable(output_dir: str) -> None:
     """The folder (or its nearest existing parent) can be written."""
     path = os.path.abspath(output_dir)
