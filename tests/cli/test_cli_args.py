@@ -239,9 +239,15 @@ def test_help_lists_every_command_and_option():
     assert code == 2 and "usage: seat" in err
 
 
-def test_memory_is_delegated(files):
+def test_memory_and_info_are_delegated(files):
     code, out, _ = run_cli(["memory", "--config", files["model"] / "config.json", "--device", "cpu", "--json"])
     assert code == 0 and json.loads(out)
+    code, out, _ = run_cli(["info", "--json"])
+    from seat import __version__
+
+    assert code == 0 and __version__ in out and "backends" in json.loads(out)
+    code, _, err = run_cli(["eval", "--model", files["model"]])
+    assert code == 2 and "--questions" in err  # seat.evaluate's own parser
 
 
 def test_python_dash_m_seat_runs_in_a_fresh_process():
@@ -259,3 +265,13 @@ def test_python_dash_m_seat_runs_in_a_fresh_process():
 def test_console_script():
     done = subprocess.run(["seat", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "train" in done.stdout
+
+
+def test_the_guide_documents_every_flag():
+    guide = (REPO / "docs" / "guides" / "cli.md").read_text(encoding="utf-8")
+    parser, own = __import__("seat.cli", fromlist=["build_parser"]).build_parser()
+    for command in own.values():
+        for action in command._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert flag in guide, flag
