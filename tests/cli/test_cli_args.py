@@ -258,6 +258,10 @@ def test_python_dash_m_seat_runs_in_a_fresh_process():
     done = subprocess.run([sys.executable, "-m", "seat", "train", "--density", "3"], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "--density" in done.stderr
+    done = subprocess.run([sys.executable, "-c", "import sys, seat.cli; seat.cli.build_parser(); "
+                           "print([m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr  # `seat --help` and its parse errors stay fast
 
 
 @pytest.mark.skipif(shutil.which("seat") is None,

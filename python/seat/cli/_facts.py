@@ -46,7 +46,7 @@ def _json_lines(path: str, lines) -> list[tuple[str, object]]:
 
 def _read_json(path: str, jsonl: bool) -> list[tuple[str, object]]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark some editors write is skipped
             content = f.read()
     except UnicodeDecodeError as e:
         _fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
