@@ -86,6 +86,16 @@ def test_targets_matching_nothing_are_refused_after_loading(files, tmp_path):
     assert not out.exists()
 
 
+def test_damaged_weights_are_an_argument_error(files, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(files["model"], damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = tmp_path / "run"
+    _refused(_argv(files, out)[:2] + [damaged] + _argv(files, out)[3:], "--model", "do not load")
+    assert not out.exists()
+
+
 def test_missing_required(files, tmp_path, no_model_load):
     code, _, err = run_cli(["train", "--data", str(files["facts"]), "--output-dir", str(tmp_path / "o")])
     assert code == 2 and "--model" in err and "required" in err

@@ -272,8 +272,8 @@ def check_config_values(data: dict, path: str) -> dict:
         converted = []
         for v in values:
             if isinstance(v, (bool, dict, list)):
-                raise UsageError(f"{where} must be a {'list of strings or a string' if o.kind == 'list' else 'single value'}; "
-                                 f"got {v!r}")
+                expected = "string or a list of strings" if o.kind == "list" else "single value"
+                raise UsageError(f"{where} must be a {expected}; got {v!r}")
             try:
                 c = o.type(str(v))
             except argparse.ArgumentTypeError as e:

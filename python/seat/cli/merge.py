@@ -106,9 +106,13 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     import torch
     import transformers
+    from safetensors import SafetensorError
 
     load_dtype = getattr(torch, delta_dtypes[0]) if len(delta_dtypes) == 1 else "auto"
-    model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=load_dtype)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=load_dtype)
+    except (OSError, ValueError, SafetensorError) as e:
+        raise UsageError(f"argument --model: the weights of {args.model!r} do not load: {e}") from None
     try:
         load_delta(model, args.delta)
     except DeltaMismatchError as e:

@@ -19,7 +19,6 @@ from ._options import UsageError, add_train_arguments, resolve, seat_config_fiel
 DESCRIPTION = ("Fine-tune a causal LM on a facts file with SEAT (sparse updates + entity-perturbation KL). "
                "Writes OUTPUT_DIR/delta (load it with seat.load_delta, or `seat merge` it into the model), "
                "OUTPUT_DIR/checkpoint-N (resumable) and OUTPUT_DIR/seat_report.json.")
-TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,10 +39,9 @@ def _seat_config(values: dict):
         return SeatConfig(**fields)
     except (TypeError, ValueError) as e:
         message = str(e)
-        name = next((k for k in fields if message.startswith(k)), None)
-        flag = "--" + name.replace("_", "-") if name else "--mask / --mask-encoding"
-        if "mask_encoding" in message and "mask=" in message:
-            flag = "--mask-encoding"
+        # SeatConfig's messages start with the field's name (the longest one that fits: mask_encoding, not mask)
+        name = next((k for k in sorted(fields, key=len, reverse=True) if message.startswith(k)), None)
+        flag = "--" + name.replace("_", "-") if name else "--density / --mask / --targets"
         raise UsageError(f"argument {flag}: {message}") from None
 
 
@@ -239,12 +237,16 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     # ---- every argument checked: load and train
     import transformers
+    from safetensors import SafetensorError
 
     from ..trainer import SeatTrainer
     from ..trainer_resume import ResumeMismatchError
 
-    dtype = "auto" if values["dtype"] == "auto" else getattr(torch, TORCH_DTYPES[values["dtype"]])
-    model = transformers.AutoModelForCausalLM.from_pretrained(values["model"], dtype=dtype)
+    dtype = "auto" if values["dtype"] == "auto" else getattr(torch, values["dtype"])
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(values["model"], dtype=dtype)
+    except (OSError, ValueError, SafetensorError) as e:  # damaged weight files (the folder was checked above)
+        raise UsageError(f"argument --model: the weights of {values['model']!r} do not load: {e}") from None
     optimizer_kwargs = {"grad_dtype": torch.bfloat16 if values["grad_dtype"] == "bfloat16" else None,
                         "update_in_backward": values["update_in_backward"], "state_bits": values["state_bits"]}
     out = Path(values["output_dir"])
@@ -252,8 +254,9 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         trainer = SeatTrainer(model, training_args, seat_config=seat_config, optimizer_kwargs=optimizer_kwargs,
                               nonfinite=values["nonfinite"], train_dataset=records, data_collator=collator,
                               processing_class=tok, callbacks=[_callback(out, record)])
-    except ValueError as e:  # e.g. --targets patterns that match no weight of this model
-        raise UsageError(f"argument --targets: {e}" if "target" in str(e).lower() else str(e)) from None
+    except ValueError as e:  # --targets patterns that match no weight of this model, a model seat cannot patch
+        flag = "--targets" if "targets" in str(e) else "--model"
+        raise UsageError(f"argument {flag}: {e}") from None
     out.mkdir(parents=True, exist_ok=True)
     _rundir.write_args(out, record)
     print(f"seat train: {len(records)} records, {trainer.seat.num_trainable:,} trained entries in "
