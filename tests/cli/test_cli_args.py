@@ -125,6 +125,7 @@ def _bad_facts(tmp_path, name: str, text: str) -> Path:
     ("facts.csv", "question,answer,entity\nWho is Ann Lee ?,A baker .,Ann Lee\nWhere is Bo Tran ?,,Bo Tran\n",
      ["facts.csv row 2 (line 3)", "'answer' is empty"]),
     ("facts.json", '["Who is Ann Lee ?"]', ["facts.json item 0", "is a str"]),
+    ("facts.json", '{"data": []}', ["holds one JSON object (keys 'data')", "JSON array"]),
     ("facts.txt", "x", ["unknown file type '.txt'"]),
     ("facts.jsonl", "\n\n", ["holds no records"]),
 ])

@@ -50,12 +50,18 @@ def _read_json(path: str, jsonl: bool) -> list[tuple[str, object]]:
             content = f.read()
     except UnicodeDecodeError as e:
         _fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
-    if not jsonl and content.lstrip().startswith("["):
+    if not jsonl:
         try:
             data = json.loads(content)
         except json.JSONDecodeError as e:
-            _fail(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
-        return [(f"{path} item {i}", row) for i, row in enumerate(data)]
+            if content.lstrip().startswith("["):
+                _fail(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})")
+            data = None  # not one JSON document: JSON Lines under a .json name
+        if isinstance(data, list):
+            return [(f"{path} item {i}", row) for i, row in enumerate(data)]
+        if isinstance(data, dict) and not set(data) & set(KEYS):
+            _fail(f"{path} holds one JSON object (keys {', '.join(map(repr, list(data)[:6]))}), not a list of "
+                  "records; write a JSON array of objects, or one object per line in a .jsonl file")
     return _json_lines(path, content.splitlines())
 
 
