@@ -62,6 +62,28 @@ class _NonFiniteLoss(Exception):
         self.value = value
 
 
+# TrainingArguments -> what SparseAdamW's param group holds (a reused optimizer keeps its own).
+_GROUP_HYPERPARAMETERS = (("learning_rate", lambda g: g.get("initial_lr", g["lr"])),
+                          ("adam_beta1", lambda g: g["betas"][0]), ("adam_beta2", lambda g: g["betas"][1]),
+                          ("adam_epsilon", lambda g: g["eps"]), ("weight_decay", lambda g: g["weight_decay"]))
+
+
+def _check_reused_optimizer(optimizer, args, trainer: str) -> None:
+    """Refuse TrainingArguments whose lr, betas, eps or weight decay differ from those of
+    the optimizer the handle already made (by handle.optimizer() or an earlier trainer on
+    this model): that optimizer keeps its own, and the LR scheduler starts from its
+    group's initial_lr, so the arguments would be silently ignored."""
+    group = optimizer.param_groups[0]
+    differ = [f"{name}={getattr(args, name)!r} (the optimizer has {float(read(group))!r})"
+              for name, read in _GROUP_HYPERPARAMETERS if float(getattr(args, name)) != float(read(group))]
+    if differ:
+        raise ValueError(f"the model's SEAT optimizer already exists (made by handle.optimizer() or an earlier "
+                         f"trainer on this model) and {trainer} trains with it, but the TrainingArguments set "
+                         f"{', '.join(differ)}: set them to the optimizer's values to go on with it; to train with "
+                         "new values, call handle.unpatch() (it keeps the trained weights) and build the trainer "
+                         "again, which patches the model anew")
+
+
 def _sums() -> dict:
     return {"loss": 0.0, "ce": 0.0, "kl": 0.0, "steps": 0}
 
@@ -166,6 +188,8 @@ class SeatTrainerMixin:
                 raise ValueError(f"update_in_backward=True cannot clip gradients (each parameter is updated before "
                                  f"the global norm is known): set max_grad_norm=0 in TrainingArguments (got "
                                  f"{args.max_grad_norm}), or drop update_in_backward")
+        if handle._optimizer is not None:
+            _check_reused_optimizer(handle._optimizer, args, type(self).__name__)
         self.seat = handle
         self.save_full_model = save_full_model
         self.nonfinite = nonfinite
