@@ -106,6 +106,10 @@ class SeatTrainerMixin:
         that trained, and nonfinite_skipped (see below).
       * keeps the columns its collator reads (seat.PairedCollator: question, answer,
         entity) with the default remove_unused_columns=True, as it keeps the model's.
+      * a model already patched keeps its handle; a handle whose optimizer exists (made
+        by handle.optimizer() or an earlier trainer on the model) is trained with that
+        optimizer, and TrainingArguments whose lr, betas, eps or weight decay differ
+        from it are refused (handle.unpatch() keeps the trained weights for a new run).
       * one process only for now (world_size > 1 is refused).
       * a refused set-up leaves the model as it was given (a patch made here is reverted).
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
 
@@ -28,6 +29,7 @@ from _trl_helpers import (FORMATS, SFT_ARGS, assert_only_masked_entries_changed,
 from seat.data_formats import SFTPairedCollator  # noqa: E402
 from seat.integrations.trl import SeatSFTTrainer  # noqa: E402
 from seat.patching import handle_of  # noqa: E402
+from seat.perturb import EntityPerturber  # noqa: E402
 
 CASES = [(f, True) for f in FORMATS] + [("prompt-completion", False)]
 CASE_IDS = ["plain-chat-tokenizer", "conversational", "messages", "plain-word-tokenizer"]
@@ -265,3 +267,78 @@ def test_without_trl_the_import_error_says_how_to_install():
                             "print('trl' in sys.modules, 'datasets' in sys.modules)"],
                            capture_output=True, text=True, check=True).stdout
     assert light.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------- odd input, refused before patching
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(eval_dataset=[]), r"eval_dataset is empty; give at least one record or leave eval_dataset out"),
+    (dict(eval_dataset={"held_out": []}), r"eval_dataset\['held_out'\] is empty"),
+    (dict(eval_dataset=_rows("prompt-completion")),
+     r"eval_dataset is in TRL's 'prompt-completion' format, but its collator reads 'messages'"),
+    (dict(data_collator=seat.PairedCollator(tokenizer(chat=True), EntityPerturber(exclude=["Ann Lee", "Bo Tran"]),
+                                            use_chat_template=True)),
+     r"data_collator \(PairedCollator\) reads the columns \['question', 'answer', 'entity'\], but train_dataset "
+     r"has \['messages', 'entity'\] \(no 'question', 'answer'\).*leave data_collator=None"),
+    (dict(perturber=EntityPerturber(exclude=["Ann Lee", "Bo Tran"], replace_parts=False)),
+     r"train_dataset row 0 \(entity 'Ann Lee'\): entity 'Ann Lee' is mentioned in neither"),
+    (dict(config=dict(model_init_kwargs={"quantization_config": {"load_in_8bit": True}})),
+     r"does not take model_init_kwargs\['quantization_config'\]"),
+], ids=["empty-eval", "empty-eval-in-dict", "eval-in-another-format", "paired-collator-on-trl-rows",
+        "mention-the-perturber-would-not-replace", "quantized-via-model-init-kwargs"])
+def test_odd_datasets_and_collators_are_refused_before_patching(tmp_path, kwargs, match):
+    rows = _rows()
+    if "perturber" in kwargs:  # only first names: replaced with replace_parts=True, not without
+        rows = [dict(r, messages=[{**m, "content": m["content"].replace("Ann Lee", "Ann")} for m in r["messages"]])
+                for r in rows]
+    with pytest.raises(ValueError, match=match):
+        _try(tmp_path, rows, **kwargs)
+
+
+def test_an_empty_iterable_dataset_is_refused(tmp_path):
+    empty = datasets.Dataset.from_list(_rows()).to_iterable_dataset().filter(lambda row: False)
+    with pytest.raises(ValueError, match="train_dataset is empty; give at least one record"):
+        _try(tmp_path, empty, perturber=EntityPerturber(exclude=["Ann Lee", "Bo Tran"]))
+
+
+def test_a_paired_collator_over_seat_records_trains(tmp_path):
+    tok = tokenizer(chat=True)
+    collator = seat.PairedCollator(tok, EntityPerturber(exclude=["Ann Lee", "Bo Tran"]), use_chat_template=True)
+    args = SFTConfig(output_dir=str(tmp_path), **dict(SFT_ARGS, max_steps=1, save_steps=100))
+    trainer = SeatSFTTrainer(tiny_llama(tok), args, train_dataset=RECORDS, data_collator=collator,
+                             processing_class=tok)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+
+
+def test_a_set_up_refused_inside_sft_trainer_restores_the_model_forward(tmp_path):
+    """SFTTrainer replaces model.forward (its fused LM head) before a later check of its own
+    refuses the set-up: the model keeps neither the SEAT patch nor the new forward."""
+    tok = tokenizer(chat=True)
+    model = tiny_llama(tok)
+    args = SFTConfig(output_dir=str(tmp_path), **dict(SFT_ARGS, router_aux_loss_coef=0.5))
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        SeatSFTTrainer(model, args, train_dataset=_rows(), processing_class=tok)
+    assert handle_of(model) is None and "forward" not in vars(model)
+
+
+def test_the_callers_config_is_not_changed_and_a_model_id_loads_as_in_sft_trainer(tmp_path, monkeypatch):
+    """SFTTrainer writes into args.accelerator_config (an IterableDataset turns dispatch_batches
+    off): on the trainer's copy only. A model id is loaded with args.trust_remote_code and
+    the tokenizer at model_init_kwargs' revision, as SFTTrainer loads them."""
+    tok = tokenizer(chat=True)
+    tiny_llama(tok).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    loads = []
+    load_tokenizer = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **kw: loads.append(kw) or load_tokenizer(*a, **kw))
+    config = SFTConfig(output_dir=str(tmp_path / "out"), **dict(SFT_ARGS, max_steps=1, save_steps=100,
+                                                                 accelerator_config={"dispatch_batches": True},
+                                                                 model_init_kwargs={"revision": "main"}))
+    rows = datasets.Dataset.from_list(_rows()).to_iterable_dataset()
+    trainer = SeatSFTTrainer(str(tmp_path / "base"), config, train_dataset=rows,
+                             perturber=EntityPerturber(exclude=["Ann Lee", "Bo Tran"]))
+    assert not trainer.args.accelerator_config.dispatch_batches
+    assert config.accelerator_config.dispatch_batches and config.dataset_kwargs is None
+    assert loads == [{"revision": "main", "trust_remote_code": False}]
