@@ -117,6 +117,19 @@ def test_delta_checkpoint_and_bit_exact_resume(tmp_path):
         other.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_a_resume_with_shuffle_dataset_changed_is_refused(tmp_path):
+    """SFTConfig.shuffle_dataset reorders the training rows: a resume must use the same."""
+    shuffled, _ = make_sft_trainer(tmp_path / "a", "messages", max_steps=3, shuffle_dataset=True)
+    shuffled.train()
+    plain, _ = make_sft_trainer(tmp_path / "b", "messages", max_steps=3)
+    plain.train()
+    for trainer, other in ((plain, tmp_path / "a"), (shuffled, tmp_path / "b")):
+        with pytest.raises(seat.ResumeMismatchError, match="training_args.shuffle_dataset"):
+            trainer.train(resume_from_checkpoint=str(other / "checkpoint-3"))
+    resumed, _ = make_sft_trainer(tmp_path / "a", "messages", max_steps=3, shuffle_dataset=True)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+
+
 def test_default_remove_unused_columns_and_plain_training_arguments(tmp_path):
     """SFTConfig's and TrainingArguments' default remove_unused_columns=True keep the
     collator's columns (an extra column is dropped); TrainingArguments are converted to an

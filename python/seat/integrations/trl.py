@@ -271,6 +271,14 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
                 model.forward = forward
             raise
 
+    def _run_record(self) -> dict:
+        record = super()._run_record()
+        # The shuffle of the training rows done here (SFTConfig.shuffle_dataset) orders the
+        # batches too; recorded only when on, as checkpoints without the key were written.
+        if self.args.shuffle_dataset:
+            record["training_args"]["shuffle_dataset"] = True
+        return record
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # SFTTrainer's reads logits from the outputs; SEAT's loss gives ce and kl instead.
         return transformers.Trainer.prediction_step(self, model, inputs, prediction_loss_only, ignore_keys)
