@@ -219,6 +219,12 @@ class PairedCollator:
             ids.append(int(tok.eos_token_id))
         return prompt + ids, len(prompt)
 
+    def encode_record(self, record: Mapping) -> tuple[list[int], int]:
+        """``encode`` of a checked record's x (question and answer in Unicode NFC)."""
+        question = record["question"]
+        question = unicodedata.normalize("NFC", question) if isinstance(question, str) else nfc_messages(question)
+        return self.encode(question, unicodedata.normalize("NFC", record["answer"]))
+
     def _perturb(self, record: Mapping, key: int) -> tuple[dict, str]:
         """x~'s record and its fictitious name; a messages question has the entity
         replaced in every message's content (the same draw as perturb_record's)."""
@@ -302,9 +308,7 @@ class PairedCollator:
                 pert, fake = self._perturb(record, self.example_key(self.step, i, worker))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            question = (unicodedata.normalize("NFC", question) if isinstance(question, str)
-                        else nfc_messages(question))
-            ids, n_prompt = self.encode(question, unicodedata.normalize("NFC", record["answer"]))
+            ids, n_prompt = self.encode_record(record)
             pert_ids, pert_n_prompt = self.encode(pert["question"], pert["answer"])
             for what, seq, n in (("x", ids, n_prompt), ("x~ (perturbed)", pert_ids, pert_n_prompt)):
                 if len(seq) == n:

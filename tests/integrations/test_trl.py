@@ -266,8 +266,24 @@ def test_conversational_rows_need_a_chat_template(tmp_path):
 
 
 def test_too_long_rows_are_an_error_not_truncated(tmp_path):
-    trainer, _ = make_sft_trainer(tmp_path, "prompt-completion", max_length=8, max_steps=1)
-    with pytest.raises(ValueError, match=r"record 0 .*longer than max_length=8"):
+    """A row whose x is longer than max_length stops the set-up (before patching), naming
+    the row; one whose x~ is longer (a longer fictitious name) stops at its step."""
+    with pytest.raises(ValueError, match=r"train_dataset row 0 \(entity 'Ann Lee'\) is 1[0-9] tokens .*longer than "
+                                         r"max_length=8: SEAT never truncates; raise SFTConfig.max_length"):
+        _try(tmp_path, _rows("prompt-completion"), config=dict(max_length=8))
+    with pytest.raises(ValueError, match=r"eval_dataset row 0 .*longer than max_length"):
+        _try(tmp_path, _rows(), eval_dataset=[dict(_rows()[0], entity="Ann Lee", messages=[
+            user("Ann Lee ? " * 20), assistant("Ann Lee .")])], config=dict(max_length=40))
+    tok = tokenizer(chat=False)
+    collator = SFTPairedCollator(tok, EntityPerturber(exclude=["Ann Lee", "Bo Tran"], names=["Al Cy Di Ed Fu"]),
+                                 dataset_format="prompt-completion")
+    longest = max(len(collator.encode(r["question"], r["answer"])[0]) for r in RECORDS)
+    trainer, _ = make_sft_trainer(tmp_path, "prompt-completion", chat=False, max_length=longest, max_steps=1,
+                                  trainer_kwargs=dict(data_collator=SFTPairedCollator(
+                                      tok, collator.perturber, dataset_format="prompt-completion",
+                                      max_length=longest)))
+    with pytest.raises(ValueError, match=r"record \d \(entity '.*'\): x~ \(perturbed\) is \d+ tokens, longer than "
+                                         f"max_length={longest}"):
         trainer.train()
 
 

@@ -160,6 +160,21 @@ def _check_rows(dataset, name: str, dataset_format: str, entity_column: str, rep
     return entities
 
 
+def _check_lengths(dataset, name: str, collator: SFTPairedCollator) -> None:
+    """Every row's x fits collator.max_length (a map-style dataset's rows), so that a long
+    row stops the set-up rather than a run at its step. x~ differs from x by the length of
+    a fictitious name: the collator still checks both at every step."""
+    if collator.max_length is None or not isinstance(dataset, datasets.Dataset):
+        return
+    for j, row in enumerate(dataset):
+        record = to_seat_record(row, collator.dataset_format, collator.entity_column, f"{name} row {j}")
+        n = len(collator.encode_record(record)[0])
+        if n > collator.max_length:
+            raise ValueError(f"{name} row {j} (entity {record['entity']!r}) is {n} tokens (prompt, answer and eos), "
+                             f"longer than max_length={collator.max_length}: SEAT never truncates; raise "
+                             "SFTConfig.max_length (None: no bound), or shorten or drop the row")
+
+
 class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
     """trl.SFTTrainer for SEAT (see the module docstring and seat.SeatTrainer).
 
@@ -168,7 +183,8 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
             model id / path, loaded as SFTTrainer loads it (args.model_init_kwargs).
         args: a trl.SFTConfig (a transformers.TrainingArguments is converted, as
             SFTTrainer does). Used on a copy. max_length bounds x and x~ (a longer row is
-            an error, never truncated). Refused: packing, padding_free,
+            an error, never truncated: a row whose x is longer, before training; one whose
+            x~ is, at its step). Refused: packing, padding_free,
             completion_only_loss=False, assistant_only_loss=True, loss_type other than
             "nll", label smoothing, chat_template_path.
         train_dataset, eval_dataset: datasets (or lists of dicts) in one of TRL's formats
@@ -258,6 +274,9 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
         elif perturber is not None:
             raise ValueError("perturber is used only by the collator SeatSFTTrainer builds; give it to your "
                              "data_collator instead")
+        if isinstance(data_collator, SFTPairedCollator):
+            for name, dataset in named.items():
+                _check_lengths(dataset, name, data_collator)
         forward = vars(model).get("forward")  # SFTTrainer replaces model.forward (a fused LM head)
         try:
             super().__init__(model, args, seat_config=seat_config, save_full_model=save_full_model,
