@@ -154,11 +154,17 @@ class SeatTrainerMixin:
         handle = created = handle_of(model)
         if handle is None:
             handle = patch(model, seat_config or SeatConfig())
+        had_optimizer = handle._optimizer is not None
         try:
             self._seat_setup(model, args, handle, seat_config, save_full_model, optimizer_kwargs, nonfinite, kwargs)
         except BaseException:
-            if created is None:  # leave the model as it was given
+            # leave the model as it was given: unpatched, or patched without an optimizer
+            # made here (a trainer built next would have to take this one's options)
+            if created is None:
                 handle.revert()
+            elif not had_optimizer and handle._optimizer is not None:
+                handle._optimizer.remove_hooks()
+                handle._optimizer = None
             raise
 
     def _seat_setup(self, model, args, handle, seat_config, save_full_model, optimizer_kwargs, nonfinite,

@@ -351,6 +351,23 @@ def test_a_set_up_refused_inside_sft_trainer_restores_the_model_forward(tmp_path
     assert handle_of(model) is None and "forward" not in vars(model)
 
 
+def test_a_refused_set_up_on_a_patched_model_drops_the_optimizer_it_made(tmp_path):
+    """A model patched beforehand stays patched after a refused set-up, without the
+    optimizer that set-up made: the next trainer makes its own, with its own lr."""
+    tok = tokenizer(chat=True)
+    model = tiny_llama(tok)
+    handle = seat.patch(model, seat.SeatConfig(density=0.2))
+    args = dict(SFT_ARGS, max_steps=1, save_steps=100)
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        SeatSFTTrainer(model, SFTConfig(output_dir=str(tmp_path), **dict(args, router_aux_loss_coef=0.5)),
+                       train_dataset=_rows(), processing_class=tok)
+    assert handle_of(model) is handle and handle._optimizer is None
+    trainer = SeatSFTTrainer(model, SFTConfig(output_dir=str(tmp_path), **dict(args, learning_rate=0.125)),
+                             train_dataset=_rows(), processing_class=tok)
+    trainer.train()
+    assert trainer.state.log_history[0]["learning_rate"] == 0.125
+
+
 def test_the_callers_config_is_not_changed_and_a_model_id_loads_as_in_sft_trainer(tmp_path, monkeypatch):
     """SFTTrainer writes into args.accelerator_config (an IterableDataset turns dispatch_batches
     off): on the trainer's copy only. A model id is loaded with args.trust_remote_code and
