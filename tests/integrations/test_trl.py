@@ -313,8 +313,11 @@ def test_without_trl_the_import_error_says_how_to_install():
      r"train_dataset row 0 \(entity 'Ann Lee'\): entity 'Ann Lee' is mentioned in neither"),
     (dict(config=dict(model_init_kwargs={"quantization_config": {"load_in_8bit": True}})),
      r"does not take model_init_kwargs\['quantization_config'\]"),
+    (dict(config=dict(pad_token="<nope>")), r"pad_token '<nope>' .*not in the tokenizer's vocabulary"),
+    (dict(eval_dataset=[dict(_rows()[0], images=["photo.png"])]), r"eval_dataset has an 'images' column"),
 ], ids=["empty-eval", "empty-eval-in-dict", "eval-in-another-format", "paired-collator-on-trl-rows",
-        "mention-the-perturber-would-not-replace", "quantized-via-model-init-kwargs"])
+        "mention-the-perturber-would-not-replace", "quantized-via-model-init-kwargs", "pad-token-not-in-vocab",
+        "images"])
 def test_odd_datasets_and_collators_are_refused_before_patching(tmp_path, kwargs, match):
     rows = _rows()
     if "perturber" in kwargs:  # only first names: replaced with replace_parts=True, not without
@@ -385,6 +388,15 @@ def test_the_callers_config_is_not_changed_and_a_model_id_loads_as_in_sft_traine
     rows = datasets.Dataset.from_list(_rows()).to_iterable_dataset()
     trainer = SeatSFTTrainer(str(tmp_path / "base"), config, train_dataset=rows,
                              perturber=EntityPerturber(exclude=["Ann Lee", "Bo Tran"]))
+    assert trainer.processing_class.pad_token == tok.pad_token  # kept without SFTConfig.pad_token
     assert not trainer.args.accelerator_config.dispatch_batches
     assert config.accelerator_config.dispatch_batches and config.dataset_kwargs is None
     assert loads == [{"revision": "main", "trust_remote_code": False}]
+
+
+def test_sft_config_pad_token_sets_the_tokenizers_as_in_sft_trainer(tmp_path):
+    tok = tokenizer(chat=True)
+    assert tok.pad_token == "[PAD]"
+    args = SFTConfig(output_dir=str(tmp_path), **dict(SFT_ARGS, pad_token="[EOS]"))
+    SeatSFTTrainer(tiny_llama(tok), args, train_dataset=_rows(), processing_class=tok)
+    assert tok.pad_token == "[EOS]"

@@ -148,6 +148,11 @@ def _check_rows(dataset, name: str, dataset_format: str, entity_column: str, rep
         if column in columns:
             raise ValueError(f"{name} has a {column!r} column, which SeatSFTTrainer does not pass to the chat "
                              "template; drop the column")
+    for column in ("image", "images"):
+        if column in columns:
+            raise ValueError(f"{name} has an {column!r} column: SeatSFTTrainer trains on text only and would "
+                             "silently leave the images out; drop the column (SEAT on vision-language data is not "
+                             "supported)")
     rows = dataset if isinstance(dataset, datasets.Dataset) else [next(iter(dataset))]
     entities = []
     for j, row in enumerate(rows):
@@ -190,8 +195,8 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
         train_dataset, eval_dataset: datasets (or lists of dicts) in one of TRL's formats
             (seat.data_formats), all in the same one, each row with its entity; an
             empty one is refused.
-        processing_class: the tokenizer (None: loaded from the model's id). Without a
-            pad token it gets args.pad_token or its eos token, as in SFTTrainer.
+        processing_class: the tokenizer (None: loaded from the model's id). Its pad token
+            becomes args.pad_token if set, else stays, else is its eos token, as in SFTTrainer.
         data_collator: None builds seat.data_formats.SFTPairedCollator for the format of
             the first training row, with ``perturber``; or your own paired collator (an
             SFTPairedCollator's rows are checked as above; another's record_keys must be
@@ -264,8 +269,13 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
                     raise ValueError("an IterableDataset needs perturber=EntityPerturber(exclude=[every training "
                                      "entity]): its entities cannot be listed up front")
                 perturber = EntityPerturber(exclude=sorted(set(entities)), seed=args.seed)
-            if processing_class.pad_token is None:  # as SFTTrainer does
-                processing_class.pad_token = args.pad_token or processing_class.eos_token
+            # as SFTTrainer does: args.pad_token, else the tokenizer's own, else its eos token
+            pad_token = args.pad_token or processing_class.pad_token or processing_class.eos_token
+            if pad_token not in processing_class.get_vocab():
+                raise ValueError(f"pad_token {pad_token!r} (SFTConfig.pad_token, else the tokenizer's pad or eos "
+                                 "token) is not in the tokenizer's vocabulary; set SFTConfig.pad_token to one of its "
+                                 "tokens")
+            processing_class.pad_token = pad_token
             handle = handle_of(model)
             config = seat_config or (handle.config if handle is not None else SeatConfig())
             data_collator = SFTPairedCollator(processing_class, perturber, dataset_format=dataset_format,
