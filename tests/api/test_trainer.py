@@ -214,3 +214,20 @@ def test_a_second_trainer_on_the_same_model_takes_its_optimizer_hyperparameters_
                              seat_config=seat.SeatConfig(density=0.2))
     third.train()
     assert [h["learning_rate"] for h in third.state.log_history if "loss" in h] == [0.5]
+
+
+def test_evaluation_draws_from_its_own_collator_so_a_resume_stays_bit_exact(tmp_path):
+    """Evaluation during training perturbs the eval rows with a copy of the collator at draw
+    0: the training collator's counter does not move, a resume from a checkpoint written
+    after an evaluation continues bit-exactly, and two evaluations of one model are equal."""
+    options = dict(eval_strategy="steps", eval_steps=3, trainer_kwargs=dict(eval_dataset=RECORDS[:3]))
+    trainer, model, collator = make_trainer(tmp_path / "a", **options)
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "eval_loss" in h]) == 2
+    assert collator.step == 12  # 6 steps of 2 micro-batches: evaluation drew none of its names
+    uninterrupted = trained_params(model)
+    resumed_trainer, resumed, _ = make_trainer(tmp_path / "a", **options)
+    resumed_trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert_params_equal(resumed, uninterrupted)
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["eval_loss"] == second["eval_loss"] and math.isfinite(first["eval_loss"])
