@@ -71,8 +71,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .messages import check_messages, message_texts, nfc_messages, perturb_messages
-from .perturb import EntityPerturber, count_mentions, stable_key
+from .messages import check_messages, nfc_messages, perturb_messages, record_mentions
+from .perturb import EntityPerturber, stable_key
 
 __all__ = ["PairedCollator", "load_records", "KL_TOKENS", "DEFAULT_PROMPT_FORMAT", "IGNORE_INDEX"]
 
@@ -219,6 +219,12 @@ class PairedCollator:
             ids.append(int(tok.eos_token_id))
         return prompt + ids, len(prompt)
 
+    def encode_record(self, record: Mapping) -> tuple[list[int], int]:
+        """``encode`` of a checked record's x (question and answer in Unicode NFC)."""
+        question = record["question"]
+        question = unicodedata.normalize("NFC", question) if isinstance(question, str) else nfc_messages(question)
+        return self.encode(question, unicodedata.normalize("NFC", record["answer"]))
+
     def _perturb(self, record: Mapping, key: int) -> tuple[dict, str]:
         """x~'s record and its fictitious name; a messages question has the entity
         replaced in every message's content (the same draw as perturb_record's)."""
@@ -226,13 +232,12 @@ class PairedCollator:
             return self.perturber.perturb_record(record, key)
         entity = record["entity"]
         fake = self.perturber.fictitious_name(key, avoid=(entity,))
-        question, n_question = perturb_messages(self.perturber, record["question"], entity, fake)
         parts = getattr(self.perturber, "replace_parts", True)
-        n_answer = count_mentions(record["answer"], entity, replace_parts=parts)
-        if n_question + n_answer == 0:
+        if record_mentions(record["question"], record["answer"], entity, replace_parts=parts) == 0:
             raise ValueError(f"entity {entity!r} is mentioned in neither the question's messages nor the answer; "
                              "the entity must appear in the text as a whole word, spelled and capitalized exactly "
                              "as in 'entity'")
+        question = perturb_messages(self.perturber, record["question"], entity, fake)
         return {**record, "question": question, "answer": self.perturber.perturb(record["answer"], entity, fake),
                 "entity": fake}, fake
 
@@ -303,9 +308,7 @@ class PairedCollator:
                 pert, fake = self._perturb(record, self.example_key(self.step, i, worker))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            question = (unicodedata.normalize("NFC", question) if isinstance(question, str)
-                        else nfc_messages(question))
-            ids, n_prompt = self.encode(question, unicodedata.normalize("NFC", record["answer"]))
+            ids, n_prompt = self.encode_record(record)
             pert_ids, pert_n_prompt = self.encode(pert["question"], pert["answer"])
             for what, seq, n in (("x", ids, n_prompt), ("x~ (perturbed)", pert_ids, pert_n_prompt)):
                 if len(seq) == n:
@@ -385,8 +388,7 @@ def load_records(path: str | os.PathLike, *, require_entity: bool = True) -> lis
             _check_record(f"{where} (entity {record.get('entity')!r})", record)
             if require_entity:
                 entity = record["entity"]
-                texts = [*message_texts(record["question"]), record["answer"]]
-                if sum(count_mentions(text, entity) for text in texts) == 0:
+                if record_mentions(record["question"], record["answer"], entity) == 0:
                     raise ValueError(f"{where}: entity {entity!r} is mentioned in neither the question nor the "
                                      "answer; spell it exactly as in the text (whole word, same capitalization) "
                                      "or pass require_entity=False")

@@ -47,13 +47,17 @@ def nfc_messages(messages) -> list[dict]:
     return [{"role": m["role"], "content": unicodedata.normalize("NFC", m["content"])} for m in messages]
 
 
-def perturb_messages(perturber, messages, entity: str, fake: str) -> tuple[list[dict], int]:
-    """``(copies with the entity replaced by fake in every content, mentions replaced)``."""
-    replace_parts = getattr(perturber, "replace_parts", True)
-    count = sum(count_mentions(m["content"], entity, replace_parts=replace_parts) for m in messages)
-    return [{"role": m["role"], "content": perturber.perturb(m["content"], entity, fake)} for m in messages], count
+def perturb_messages(perturber, messages, entity: str, fake: str) -> list[dict]:
+    """Copies of ``messages`` with the entity replaced by fake in every content."""
+    return [{"role": m["role"], "content": perturber.perturb(m["content"], entity, fake)} for m in messages]
 
 
 def message_texts(question) -> list[str]:
     """The texts of a prompt: [question] for a str, every message's content for a list."""
     return [question] if isinstance(question, str) else [m["content"] for m in question]
+
+
+def record_mentions(question, answer: str, entity: str, *, replace_parts: bool = True) -> int:
+    """How many mentions of ``entity`` EntityPerturber.perturb would replace in a record's
+    prompt (a str or chat messages) and answer (0: the record cannot be perturbed)."""
+    return sum(count_mentions(text, entity, replace_parts=replace_parts) for text in [*message_texts(question), answer])

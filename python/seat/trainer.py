@@ -4,7 +4,8 @@ The SEAT behaviour lives in SeatTrainerMixin, which goes before a transformers.T
 subclass in the bases: SeatTrainer = SeatTrainerMixin + transformers.Trainer, and
 seat.integrations.trl.SeatSFTTrainer = SeatTrainerMixin + trl.SFTTrainer. The mixin
 overrides the Trainer's own hooks (compute_loss, training_step, get_batch_samples,
-_clip_grad_norm, log, _save, _load_from_checkpoint, _set_signature_columns_if_needed) and
+_clip_grad_norm, log, _save, _load_from_checkpoint, _set_signature_columns_if_needed,
+get_eval_dataloader, get_test_dataloader) and
 calls super() for the rest, so the trainer after it in the MRO keeps its own behaviour."""
 from __future__ import annotations
 
@@ -23,35 +24,16 @@ from .delta import DeltaMismatchError, load_delta
 from .loss import kl_row_mask
 from .masks import mask_indices
 from .patching import handle_of, patch
+from .trainer_collator import DRAW_KEY, DrawTaggingCollator, evaluation_collator, is_stateful
 from .trainer_resume import RUN_FILE, ResumeMismatchError, check_delta, check_resume, run_record
 
 DELTA_DIR = "seat_delta"
 COLLATOR_STATE = "seat_collator.json"
-DRAW_KEY = "seat_collator_step"  # batch key: the collator step that built the batch
 # What a resume reads beside seat_run.json (the Trainer's own file names).
 TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth")
 # The keys of a batch that SeatHandle.loss reads (seat.data's batch layout).
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pert_input_ids", "pert_attention_mask", "pert_kl_mask")
 NONFINITE_MODES = ("skip", "raise")
-
-
-class _DrawTaggingCollator:
-    """Wraps a stateful collator (seat.PairedCollator) so each batch says which of its
-    steps built it. The data loader builds batches ahead of their use, so the collator's
-    own counter at checkpoint time is ahead of what training consumed; the trainer
-    checkpoints the step after the last batch it actually trained on instead."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, records):
-        step = self.inner.step
-        batch = self.inner(records)
-        batch[DRAW_KEY] = torch.tensor(step, dtype=torch.int64)
-        return batch
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
 
 class _NonFiniteLoss(Exception):
@@ -60,6 +42,28 @@ class _NonFiniteLoss(Exception):
     def __init__(self, value: float):
         super().__init__(value)
         self.value = value
+
+
+# TrainingArguments -> what SparseAdamW's param group holds (a reused optimizer keeps its own).
+_GROUP_HYPERPARAMETERS = (("learning_rate", lambda g: g.get("initial_lr", g["lr"])),
+                          ("adam_beta1", lambda g: g["betas"][0]), ("adam_beta2", lambda g: g["betas"][1]),
+                          ("adam_epsilon", lambda g: g["eps"]), ("weight_decay", lambda g: g["weight_decay"]))
+
+
+def _check_reused_optimizer(optimizer, args, trainer: str) -> None:
+    """Refuse TrainingArguments whose lr, betas, eps or weight decay differ from those of
+    the optimizer the handle already made (by handle.optimizer() or an earlier trainer on
+    this model): that optimizer keeps its own, and the LR scheduler starts from its
+    group's initial_lr, so the arguments would be silently ignored."""
+    group = optimizer.param_groups[0]
+    differ = [f"{name}={getattr(args, name)!r} (the optimizer has {float(read(group))!r})"
+              for name, read in _GROUP_HYPERPARAMETERS if float(getattr(args, name)) != float(read(group))]
+    if differ:
+        raise ValueError(f"the model's SEAT optimizer already exists (made by handle.optimizer() or an earlier "
+                         f"trainer on this model) and {trainer} trains with it, but the TrainingArguments set "
+                         f"{', '.join(differ)}: set them to the optimizer's values to go on with it; to train with "
+                         "new values, call handle.unpatch() (it keeps the trained weights) and build the trainer "
+                         "again, which patches the model anew")
 
 
 def _sums() -> dict:
@@ -84,6 +88,13 @@ class SeatTrainerMixin:
         that trained, and nonfinite_skipped (see below).
       * keeps the columns its collator reads (seat.PairedCollator: question, answer,
         entity) with the default remove_unused_columns=True, as it keeps the model's.
+      * a model already patched keeps its handle; a handle whose optimizer exists (made
+        by handle.optimizer() or an earlier trainer on the model) is trained with that
+        optimizer, and TrainingArguments whose lr, betas, eps or weight decay differ
+        from it are refused (handle.unpatch() keeps the trained weights for a new run).
+      * evaluation (evaluate, predict, eval_strategy) perturbs its rows with a copy of
+        the collator at draw 0 (seat.trainer_collator.evaluation_collator): it never
+        moves the names training draws, and its losses compare across evaluations.
       * one process only for now (world_size > 1 is refused).
       * a refused set-up leaves the model as it was given (a patch made here is reverted).
 
@@ -128,11 +139,17 @@ class SeatTrainerMixin:
         handle = created = handle_of(model)
         if handle is None:
             handle = patch(model, seat_config or SeatConfig())
+        had_optimizer = handle._optimizer is not None
         try:
             self._seat_setup(model, args, handle, seat_config, save_full_model, optimizer_kwargs, nonfinite, kwargs)
         except BaseException:
-            if created is None:  # leave the model as it was given
+            # leave the model as it was given: unpatched, or patched without an optimizer
+            # made here (a trainer built next would have to take this one's options)
+            if created is None:
                 handle.revert()
+            elif not had_optimizer and handle._optimizer is not None:
+                handle._optimizer.remove_hooks()
+                handle._optimizer = None
             raise
 
     def _seat_setup(self, model, args, handle, seat_config, save_full_model, optimizer_kwargs, nonfinite,
@@ -144,8 +161,8 @@ class SeatTrainerMixin:
                              "gradient before a distributed all-reduce could see it, and the KL token count is "
                              "per rank")
         collator = kwargs.get("data_collator")
-        if collator is not None and hasattr(collator, "step") and hasattr(collator, "load_state_dict"):
-            kwargs["data_collator"] = _DrawTaggingCollator(collator)
+        if collator is not None and is_stateful(collator):
+            kwargs["data_collator"] = DrawTaggingCollator(collator)
         collator_kl_tokens = getattr(collator, "kl_tokens", None)
         if collator_kl_tokens is not None and collator_kl_tokens != handle.config.kl_tokens:
             raise ValueError(f"data_collator builds KL masks for kl_tokens={collator_kl_tokens!r} but the SeatConfig "
@@ -166,6 +183,8 @@ class SeatTrainerMixin:
                 raise ValueError(f"update_in_backward=True cannot clip gradients (each parameter is updated before "
                                  f"the global norm is known): set max_grad_norm=0 in TrainingArguments (got "
                                  f"{args.max_grad_norm}), or drop update_in_backward")
+        if handle._optimizer is not None:
+            _check_reused_optimizer(handle._optimizer, args, type(self).__name__)
         self.seat = handle
         self.save_full_model = save_full_model
         self.nonfinite = nonfinite
@@ -196,6 +215,24 @@ class SeatTrainerMixin:
             super()._set_signature_columns_if_needed()
             keep = list(BATCH_KEYS) + list(getattr(self.data_collator, "record_keys", ()))
             self._signature_columns = list(dict.fromkeys(self._signature_columns + keep))
+
+    # ------------------------------------------------------------------ evaluation
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._with_collator(evaluation_collator(self.data_collator), super().get_eval_dataloader,
+                                   eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        return self._with_collator(evaluation_collator(self.data_collator), super().get_test_dataloader,
+                                   test_dataset)
+
+    def _with_collator(self, collator, build, *args):
+        """``build(*args)`` (a data loader, which keeps its collate_fn) with ``collator`` as
+        self.data_collator meanwhile."""
+        training, self.data_collator = self.data_collator, collator
+        try:
+            return build(*args)
+        finally:
+            self.data_collator = training
 
     # ------------------------------------------------------------------ loss
     def get_batch_samples(self, epoch_iterator, num_batches, device):

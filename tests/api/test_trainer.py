@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 import seat  # noqa: E402
 from _tokenizers import word_tokenizer  # noqa: E402
-from _trainer_helpers import RECORDS, assert_params_equal, make_trainer, trained_params  # noqa: E402
+from _trainer_helpers import ARGS, RECORDS, assert_params_equal, make_trainer, trained_params  # noqa: E402
 from seat.perturb import EntityPerturber  # noqa: E402
 
 
@@ -191,3 +191,43 @@ def test_collator_and_config_must_agree_on_kl_tokens(tmp_path):
     with pytest.raises(ValueError, match="kl_tokens='answer' but the SeatConfig says kl_tokens='all'"):
         seat.SeatTrainer(model, args, train_dataset=RECORDS, data_collator=collator)
     assert seat.patching.handle_of(model) is None  # the refused trainer left the model unpatched
+
+
+def test_a_second_trainer_on_the_same_model_takes_its_optimizer_hyperparameters_or_refuses(tmp_path):
+    """The handle's optimizer is made once; a second trainer on the model trains with it.
+    Its LR scheduler starts from the optimizer's initial_lr, so TrainingArguments with
+    another lr (or betas, eps, weight decay) would be ignored: they are refused."""
+    first, model, collator = make_trainer(tmp_path / "a", max_steps=1, save_steps=100)
+    first.train()
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "b"), **{**ARGS, "max_steps": 1,
+                                                                             "learning_rate": 0.5, "adam_beta2": 0.9})
+    with pytest.raises(ValueError, match=r"learning_rate=0.5 \(the optimizer has 0.02\), adam_beta2=0.9 "
+                                         r"\(the optimizer has 0.999\): set them .*handle.unpatch\(\)"):
+        seat.SeatTrainer(model, args, train_dataset=RECORDS, data_collator=collator)
+    assert seat.patching.handle_of(model) is first.seat  # a refused trainer leaves the patch it found
+    same = transformers.TrainingArguments(output_dir=str(tmp_path / "c"), **{**ARGS, "max_steps": 1})
+    second = seat.SeatTrainer(model, same, train_dataset=RECORDS, data_collator=collator)
+    second.train()
+    assert [h["learning_rate"] for h in second.state.log_history if "loss" in h] == [ARGS["learning_rate"]]
+    first.seat.unpatch()  # keeps the trained weights; a new trainer patches anew with its own optimizer
+    third = seat.SeatTrainer(model, args, train_dataset=RECORDS, data_collator=collator,
+                             seat_config=seat.SeatConfig(density=0.2))
+    third.train()
+    assert [h["learning_rate"] for h in third.state.log_history if "loss" in h] == [0.5]
+
+
+def test_evaluation_draws_from_its_own_collator_so_a_resume_stays_bit_exact(tmp_path):
+    """Evaluation during training perturbs the eval rows with a copy of the collator at draw
+    0: the training collator's counter does not move, a resume from a checkpoint written
+    after an evaluation continues bit-exactly, and two evaluations of one model are equal."""
+    options = dict(eval_strategy="steps", eval_steps=3, trainer_kwargs=dict(eval_dataset=RECORDS[:3]))
+    trainer, model, collator = make_trainer(tmp_path / "a", **options)
+    trainer.train()
+    assert len([h for h in trainer.state.log_history if "eval_loss" in h]) == 2
+    assert collator.step == 12  # 6 steps of 2 micro-batches: evaluation drew none of its names
+    uninterrupted = trained_params(model)
+    resumed_trainer, resumed, _ = make_trainer(tmp_path / "a", **options)
+    resumed_trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+    assert_params_equal(resumed, uninterrupted)
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["eval_loss"] == second["eval_loss"] and math.isfinite(first["eval_loss"])

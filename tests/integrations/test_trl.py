@@ -2,8 +2,8 @@
 records, seeds and masks it builds SeatTrainer's batches and trains SeatTrainer's run bit for
 bit (losses per step and weights) in each TRL format; only masked entries change; multi-turn
 prompts with a system message train; delta checkpoints resume bit-exactly; default
-remove_unused_columns keeps the columns; bad rows and SFT options SEAT cannot take are refused
-before the model is patched; and a missing TRL says how to install it."""
+remove_unused_columns keeps the columns; a resume with shuffle_dataset changed is refused; and
+a missing TRL says how to install it. Refused input: test_trl_refused.py."""
 from __future__ import annotations
 
 import copy
@@ -17,7 +17,6 @@ import torch
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-import datasets  # noqa: E402
 import transformers  # noqa: E402
 from trl import SFTConfig  # noqa: E402
 
@@ -27,7 +26,6 @@ from _trl_helpers import (FORMATS, SFT_ARGS, assert_only_masked_entries_changed,
                           make_seat_trainer, make_sft_trainer, tokenizer, trl_rows, user)
 from seat.data_formats import SFTPairedCollator  # noqa: E402
 from seat.integrations.trl import SeatSFTTrainer  # noqa: E402
-from seat.patching import handle_of  # noqa: E402
 
 CASES = [(f, True) for f in FORMATS] + [("prompt-completion", False)]
 CASE_IDS = ["plain-chat-tokenizer", "conversational", "messages", "plain-word-tokenizer"]
@@ -115,6 +113,19 @@ def test_delta_checkpoint_and_bit_exact_resume(tmp_path):
         other.train(resume_from_checkpoint=str(checkpoint))
 
 
+def test_a_resume_with_shuffle_dataset_changed_is_refused(tmp_path):
+    """SFTConfig.shuffle_dataset reorders the training rows: a resume must use the same."""
+    shuffled, _ = make_sft_trainer(tmp_path / "a", "messages", max_steps=3, shuffle_dataset=True)
+    shuffled.train()
+    plain, _ = make_sft_trainer(tmp_path / "b", "messages", max_steps=3)
+    plain.train()
+    for trainer, other in ((plain, tmp_path / "a"), (shuffled, tmp_path / "b")):
+        with pytest.raises(seat.ResumeMismatchError, match="training_args.shuffle_dataset"):
+            trainer.train(resume_from_checkpoint=str(other / "checkpoint-3"))
+    resumed, _ = make_sft_trainer(tmp_path / "a", "messages", max_steps=3, shuffle_dataset=True)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+
+
 def test_default_remove_unused_columns_and_plain_training_arguments(tmp_path):
     """SFTConfig's and TrainingArguments' default remove_unused_columns=True keep the
     collator's columns (an extra column is dropped); TrainingArguments are converted to an
@@ -157,103 +168,6 @@ def test_custom_entity_column_eval_and_a_model_path(tmp_path):
     trainer.train()
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] > 0 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
-
-
-# ---------------------------------------------------------------------- refused input
-
-def _try(tmp_path, rows, **kwargs):
-    tok = tokenizer(chat=True)
-    model = tiny_llama(tok)
-    config = kwargs.pop("config", {})
-    args = SFTConfig(output_dir=str(tmp_path), **dict(SFT_ARGS, **config))
-    try:
-        SeatSFTTrainer(model, args, train_dataset=rows, processing_class=tok, **kwargs)
-    finally:
-        assert handle_of(model) is None  # refused before the model was patched
-
-
-def _rows(fmt="messages"):
-    return trl_rows(fmt)
-
-
-@pytest.mark.parametrize("change, match", [
-    (lambda rows: [{k: v for k, v in r.items() if k != "entity"} for r in rows],
-     r"train_dataset has no 'entity' column .*add a column 'entity'"),
-    (lambda rows: rows[:1] + [dict(rows[1], entity=None)] + rows[2:],
-     r"train_dataset row 1 has no 'entity': SEAT needs each record's subject entity"),
-    (lambda rows: rows[:2] + [dict(rows[2], entity="Cy Vo")],
-     r"train_dataset row 2 \(entity 'Cy Vo'\): entity 'Cy Vo' is mentioned in neither"),
-    (lambda rows: rows[:3] + [dict(rows[3], messages=rows[3]["messages"][:1])],
-     r"train_dataset row 3 \(entity 'Bo Tran'\): 'messages' must end with the assistant's answer .*\['user'\]"),
-    (lambda rows: rows[:1] + [dict(rows[1], messages=[user("Who is Ann Lee ?"), user("Ann Lee ?")])],
-     r"row 1 .*must end with the assistant's answer"),
-    (lambda rows: [{"text": "Ann Lee was born in Paris .", "entity": "Ann Lee"}],
-     r"language modeling text .*prompt-completion format"),
-    (lambda rows: [{"conversations": [{"from": "human", "value": "Ann Lee ?"}], "entity": "Ann Lee"}],
-     r"ShareGPT .*convert them to 'messages'"),
-    (lambda rows: [{"question": "Ann Lee ?", "answer": "Ann Lee .", "entity": "Ann Lee"}],
-     r"has keys \['answer', 'entity', 'question'\]; SEAT reads TRL's prompt-completion"),
-    (lambda rows: [dict(r, tools="[]") for r in rows], r"'tools' column"),
-], ids=["no-entity-column", "entity-none", "entity-not-mentioned", "no-answer", "last-not-assistant",
-        "text-format", "sharegpt", "seat-records", "tools-column"])
-def test_bad_rows_are_named_before_anything_is_patched(tmp_path, change, match):
-    with pytest.raises(ValueError, match=match):
-        _try(tmp_path, change(_rows()))
-
-
-@pytest.mark.parametrize("rows, exc, match", [
-    ([{"messages": "Ann Lee ?", "entity": "Ann Lee"}], TypeError, r"row 0 .*'messages' must be a list of chat"),
-    ([{"messages": [{"role": r, "content": [{"type": "text", "text": "Ann Lee ."}]} for r in ("user", "assistant")],
-       "entity": "Ann Lee"}], TypeError,
-     r"row 0 .*'messages'\[0\]\['content'\] must be a str; got list"),
-    ([{"messages": [{"role": "user"}, assistant("Ann Lee .")], "entity": "Ann Lee"}], TypeError,
-     r"'messages'\[0\]\['content'\] must be a str; got missing"),
-    ([{"prompt": [user("Ann Lee ?")], "completion": [assistant("Ann Lee ."), user("?")], "entity": "Ann Lee"}],
-     ValueError, r"'completion' must be one assistant message"),
-    ([{"prompt": "Ann Lee ?", "completion": 3, "entity": "Ann Lee"}], TypeError,
-     r"'completion' must be a str in a prompt-completion dataset"),
-    ([{"messages": [user("Ann Lee ?"), assistant("Ann Lee .")], "entity": 7}], TypeError,
-     r"'entity' must be a str"),
-], ids=["messages-str", "multimodal-content", "no-content", "two-completion-messages", "completion-int",
-        "entity-int"])
-def test_malformed_messages_are_named(tmp_path, rows, exc, match):
-    with pytest.raises(exc, match=match):
-        _try(tmp_path, rows)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(config=dict(packing=True)), "packing"),
-    (dict(config=dict(padding_free=True)), "padding_free"),
-    (dict(config=dict(assistant_only_loss=True)), "assistant_only_loss=True"),
-    (dict(config=dict(completion_only_loss=False)), "completion_only_loss=False"),
-    (dict(config=dict(loss_type="dft")), "loss_type='dft'"),
-    (dict(peft_config=object()), "does not take peft_config"),
-    (dict(formatting_func=lambda r: r["prompt"]), "does not take formatting_func"),
-    (dict(optimizers=(None, None)), "makes its own optimizer"),
-    # refused after the model was patched: the patch is reverted
-    (dict(optimizer_kwargs=dict(update_in_backward=True)), "update_in_backward=True .* gradient_accumulation_steps"),
-])
-def test_options_seat_cannot_take_are_refused(tmp_path, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        _try(tmp_path, _rows(), **kwargs)
-
-
-def test_an_empty_dataset_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="train_dataset is empty"):
-        _try(tmp_path, datasets.Dataset.from_list([]))
-
-
-def test_conversational_rows_need_a_chat_template(tmp_path):
-    tok = tokenizer(chat=False)
-    args = SFTConfig(output_dir=str(tmp_path), **SFT_ARGS)
-    with pytest.raises(ValueError, match="rendered with the tokenizer's chat template, but the tokenizer has none"):
-        SeatSFTTrainer(tiny_llama(tok), args, train_dataset=_rows(), processing_class=tok)
-
-
-def test_too_long_rows_are_an_error_not_truncated(tmp_path):
-    trainer, _ = make_sft_trainer(tmp_path, "prompt-completion", max_length=8, max_steps=1)
-    with pytest.raises(ValueError, match=r"record 0 .*longer than max_length=8"):
-        trainer.train()
 
 
 def test_without_trl_the_import_error_says_how_to_install():

@@ -31,9 +31,9 @@ from packaging.version import Version
 
 from ..config import SeatConfig
 from ..data_formats import SFTPairedCollator, detect_format, to_seat_record
-from ..messages import message_texts
+from ..messages import record_mentions
 from ..patching import handle_of
-from ..perturb import EntityPerturber, count_mentions
+from ..perturb import EntityPerturber
 from ..trainer import SeatTrainerMixin
 
 MIN_TRL = "1.10"
@@ -61,7 +61,7 @@ def _sft_config(args) -> SFTConfig:
     if not isinstance(args, transformers.TrainingArguments):
         raise TypeError(f"args must be a trl.SFTConfig (or transformers.TrainingArguments); got {type(args).__name__}")
     if isinstance(args, SFTConfig):
-        args = copy.copy(args)
+        args = copy.deepcopy(args)  # SFTTrainer writes into nested fields (accelerator_config)
     else:
         values = args.to_dict()
         values["hub_token"] = args.hub_token  # to_dict hides it
@@ -74,6 +74,9 @@ def _check_config(args: SFTConfig, kwargs: dict) -> None:
     for name, why in _REFUSED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"SeatSFTTrainer does not take {name}: {why}")
+    if (args.model_init_kwargs or {}).get("quantization_config") is not None:
+        raise ValueError(f"SeatSFTTrainer does not take model_init_kwargs['quantization_config']: "
+                         f"{_REFUSED_KWARGS['quantization_config']}")
     refused = [
         (args.packing or args.padding_free, "packing / padding_free: SEAT's batches pair each record with its "
                                             "perturbed copy, row by row; set packing=False and padding_free=False"),
@@ -93,18 +96,50 @@ def _check_config(args: SFTConfig, kwargs: dict) -> None:
 
 
 def _as_dataset(dataset, name: str):
+    """``dataset`` as a datasets.Dataset / IterableDataset; an empty one is refused."""
     if isinstance(dataset, list):
-        return datasets.Dataset.from_list(dataset)
+        dataset = datasets.Dataset.from_list(dataset)
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
         raise TypeError(f"{name} must be a datasets.Dataset, a datasets.IterableDataset or a list of dicts; got "
                         f"{type(dataset).__name__}")
+    _first_row(dataset, name)
     return dataset
 
 
-def _check_rows(dataset, name: str, dataset_format: str, entity_column: str) -> list[str]:
+def _first_row(dataset, name: str) -> dict:
+    try:
+        return next(iter(dataset))
+    except StopIteration:
+        raise ValueError(f"{name} is empty; give at least one record"
+                         + ("" if name == "train_dataset" else f" or leave {name.split('[')[0]} out")) from None
+
+
+def _columns(dataset, name: str) -> list[str]:
+    return dataset.column_names or list(_first_row(dataset, name))
+
+
+def _check_columns(dataset, name: str, collator) -> None:
+    """The columns a collator other than SFTPairedCollator reads (its record_keys) are
+    there: remove_unused_columns would drop the others, and the error would come at the
+    first training step."""
+    keys, columns = getattr(collator, "record_keys", None), _columns(dataset, name)
+    missing = [k for k in keys or () if k not in columns]
+    if missing:
+        raise ValueError(f"data_collator ({type(collator).__name__}) reads the columns {list(keys)}, but {name} has "
+                         f"{columns} (no {', '.join(map(repr, missing))}): give it rows with those columns, or leave "
+                         "data_collator=None to read TRL's formats with seat.data_formats.SFTPairedCollator")
+
+
+def _check_rows(dataset, name: str, dataset_format: str, entity_column: str, replace_parts: bool) -> list[str]:
     """Every row of a map-style dataset (the first of an iterable one) converts to a SEAT
-    record that mentions its entity; returns the entities seen. Errors name the row."""
-    columns = dataset.column_names or list(next(iter(dataset)))
+    record that mentions its entity (as the perturber counts mentions: replace_parts);
+    returns the entities seen. Errors name the row."""
+    columns = _columns(dataset, name)
+    found = detect_format(_first_row(dataset, name), f"{name} row 0")
+    if found != dataset_format:
+        raise ValueError(f"{name} is in TRL's {found!r} format, but its collator reads {dataset_format!r} (the "
+                         f"format of train_dataset row 0, or data_collator.dataset_format): convert {name} to "
+                         f"{dataset_format!r}")
     if entity_column not in columns:
         raise ValueError(f"{name} has no {entity_column!r} column (columns: {columns}): SEAT needs each record's "
                          f"subject entity to build its perturbed copy; add a column {entity_column!r} with the name "
@@ -113,17 +148,36 @@ def _check_rows(dataset, name: str, dataset_format: str, entity_column: str) -> 
         if column in columns:
             raise ValueError(f"{name} has a {column!r} column, which SeatSFTTrainer does not pass to the chat "
                              "template; drop the column")
+    for column in ("image", "images"):
+        if column in columns:
+            raise ValueError(f"{name} has an {column!r} column: SeatSFTTrainer trains on text only and would "
+                             "silently leave the images out; drop the column (SEAT on vision-language data is not "
+                             "supported)")
     rows = dataset if isinstance(dataset, datasets.Dataset) else [next(iter(dataset))]
     entities = []
     for j, row in enumerate(rows):
         record = to_seat_record(row, dataset_format, entity_column, f"{name} row {j}")
         entity = record["entity"]
-        texts = [*message_texts(record["question"]), record["answer"]]
-        if sum(count_mentions(text, entity) for text in texts) == 0:
+        if record_mentions(record["question"], record["answer"], entity, replace_parts=replace_parts) == 0:
             raise ValueError(f"{name} row {j} (entity {entity!r}): entity {entity!r} is mentioned in neither its "
                              "prompt nor its answer; spell it exactly as in the text (whole word, same capitalization)")
         entities.append(entity)
     return entities
+
+
+def _check_lengths(dataset, name: str, collator: SFTPairedCollator) -> None:
+    """Every row's x fits collator.max_length (a map-style dataset's rows), so that a long
+    row stops the set-up rather than a run at its step. x~ differs from x by the length of
+    a fictitious name: the collator still checks both at every step."""
+    if collator.max_length is None or not isinstance(dataset, datasets.Dataset):
+        return
+    for j, row in enumerate(dataset):
+        record = to_seat_record(row, collator.dataset_format, collator.entity_column, f"{name} row {j}")
+        n = len(collator.encode_record(record)[0])
+        if n > collator.max_length:
+            raise ValueError(f"{name} row {j} (entity {record['entity']!r}) is {n} tokens (prompt, answer and eos), "
+                             f"longer than max_length={collator.max_length}: SEAT never truncates; raise "
+                             "SFTConfig.max_length (None: no bound), or shorten or drop the row")
 
 
 class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
@@ -134,23 +188,32 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
             model id / path, loaded as SFTTrainer loads it (args.model_init_kwargs).
         args: a trl.SFTConfig (a transformers.TrainingArguments is converted, as
             SFTTrainer does). Used on a copy. max_length bounds x and x~ (a longer row is
-            an error, never truncated). Refused: packing, padding_free,
+            an error, never truncated: a row whose x is longer, before training; one whose
+            x~ is, at its step). Refused: packing, padding_free,
             completion_only_loss=False, assistant_only_loss=True, loss_type other than
             "nll", label smoothing, chat_template_path.
         train_dataset, eval_dataset: datasets (or lists of dicts) in one of TRL's formats
-            (seat.data_formats), each row with its entity.
-        processing_class: the tokenizer (None: loaded from the model's id). Without a
-            pad token it gets args.pad_token or its eos token, as in SFTTrainer.
+            (seat.data_formats), all in the same one, each row with its entity; an
+            empty one is refused.
+        processing_class: the tokenizer (None: loaded from the model's id). Its pad token
+            becomes args.pad_token if set, else stays, else is its eos token, as in SFTTrainer.
         data_collator: None builds seat.data_formats.SFTPairedCollator for the format of
-            the first training row, with ``perturber``; or your own paired collator.
+            the first training row, with ``perturber``; or your own paired collator (an
+            SFTPairedCollator's rows are checked as above; another's record_keys must be
+            columns of the datasets, e.g. seat.PairedCollator over question/answer rows).
         entity_column: the column holding each row's entity.
         perturber: the seat.perturb.EntityPerturber of the fictitious names (None:
             EntityPerturber(exclude=every entity of the datasets, seed=args.seed); an
             IterableDataset needs one, as its entities cannot be listed up front).
         seat_config, save_full_model, optimizer_kwargs, nonfinite: as seat.SeatTrainer.
         **kwargs: go to trl.SFTTrainer (callbacks, compute_metrics, ...);
-            peft_config, quantization_config, formatting_func and compute_loss_func are
-            refused, and so is an optimizer (SEAT makes its own).
+            peft_config, quantization_config (also in args.model_init_kwargs),
+            formatting_func and compute_loss_func are refused, and so is an optimizer
+            (SEAT makes its own). A second trainer on an already trained model reuses
+            its SEAT optimizer (see SeatTrainerMixin).
+
+    A refused set-up leaves the model as it was given: no SEAT patch, and not the
+    model.forward that SFTTrainer installs (its fused LM head, unused by SEAT's loss).
 
     Logged per step: loss, ce, kl and nonfinite_skipped, as SeatTrainer logs them
     (SFTTrainer's entropy, mean_token_accuracy and num_tokens are not computed).
@@ -165,8 +228,6 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
         if train_dataset is None:
             raise ValueError("SeatSFTTrainer needs a train_dataset")
         train_dataset = _as_dataset(train_dataset, "train_dataset")
-        if isinstance(train_dataset, datasets.Dataset) and len(train_dataset) == 0:
-            raise ValueError("train_dataset is empty; give at least one record")
         named = {"train_dataset": train_dataset}
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: _as_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
@@ -181,25 +242,40 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
             dataset_format = (collator.dataset_format if collator is not None
                               else detect_format(next(iter(train_dataset)), "train_dataset row 0"))
             entity_column = collator.entity_column if collator is not None else entity_column
+            replace_parts = getattr(collator.perturber if collator is not None else perturber, "replace_parts", True)
             entities = []
             for name, dataset in named.items():
-                entities += _check_rows(dataset, name, dataset_format, entity_column)
-        if isinstance(model, str):
-            model = trl.trainer.utils.create_model_from_path(model, **dict(args.model_init_kwargs or {}))
+                entities += _check_rows(dataset, name, dataset_format, entity_column, replace_parts)
+        else:
+            for name, dataset in named.items():
+                _check_columns(dataset, name, collator)
+        revision = None
+        if isinstance(model, str):  # loaded as SFTTrainer loads it
+            init_kwargs = dict(args.model_init_kwargs or {})
+            init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+            revision = init_kwargs.get("revision")
+            model = trl.trainer.utils.create_model_from_path(model, **init_kwargs)
+            args.model_init_kwargs = None  # used (SFTTrainer would warn that they are ignored)
         if processing_class is None:
             model_id = getattr(model.config, "_name_or_path", None)
             if not model_id:
                 raise ValueError("SeatSFTTrainer needs processing_class (the tokenizer): the model has no id to load "
                                  "one from")
-            processing_class = transformers.AutoTokenizer.from_pretrained(model_id)
+            processing_class = transformers.AutoTokenizer.from_pretrained(
+                model_id, revision=revision, trust_remote_code=args.trust_remote_code)
         if data_collator is None:
             if perturber is None:
                 if not isinstance(train_dataset, datasets.Dataset):
                     raise ValueError("an IterableDataset needs perturber=EntityPerturber(exclude=[every training "
                                      "entity]): its entities cannot be listed up front")
                 perturber = EntityPerturber(exclude=sorted(set(entities)), seed=args.seed)
-            if processing_class.pad_token is None:  # as SFTTrainer does
-                processing_class.pad_token = args.pad_token or processing_class.eos_token
+            # as SFTTrainer does: args.pad_token, else the tokenizer's own, else its eos token
+            pad_token = args.pad_token or processing_class.pad_token or processing_class.eos_token
+            if pad_token not in processing_class.get_vocab():
+                raise ValueError(f"pad_token {pad_token!r} (SFTConfig.pad_token, else the tokenizer's pad or eos "
+                                 "token) is not in the tokenizer's vocabulary; set SFTConfig.pad_token to one of its "
+                                 "tokens")
+            processing_class.pad_token = pad_token
             handle = handle_of(model)
             config = seat_config or (handle.config if handle is not None else SeatConfig())
             data_collator = SFTPairedCollator(processing_class, perturber, dataset_format=dataset_format,
@@ -208,10 +284,29 @@ class SeatSFTTrainer(SeatTrainerMixin, SFTTrainer):
         elif perturber is not None:
             raise ValueError("perturber is used only by the collator SeatSFTTrainer builds; give it to your "
                              "data_collator instead")
-        super().__init__(model, args, seat_config=seat_config, save_full_model=save_full_model,
-                         optimizer_kwargs=optimizer_kwargs, nonfinite=nonfinite, data_collator=data_collator,
-                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-                         **kwargs)
+        if isinstance(data_collator, SFTPairedCollator):
+            for name, dataset in named.items():
+                _check_lengths(dataset, name, data_collator)
+        forward = vars(model).get("forward")  # SFTTrainer replaces model.forward (a fused LM head)
+        try:
+            super().__init__(model, args, seat_config=seat_config, save_full_model=save_full_model,
+                             optimizer_kwargs=optimizer_kwargs, nonfinite=nonfinite, data_collator=data_collator,
+                             train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, **kwargs)
+        except BaseException:  # a refused set-up leaves the model as it was given
+            if forward is None:
+                vars(model).pop("forward", None)
+            else:
+                model.forward = forward
+            raise
+
+    def _run_record(self) -> dict:
+        record = super()._run_record()
+        # The shuffle of the training rows done here (SFTConfig.shuffle_dataset) orders the
+        # batches too; recorded only when on, as checkpoints without the key were written.
+        if self.args.shuffle_dataset:
+            record["training_args"]["shuffle_dataset"] = True
+        return record
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # SFTTrainer's reads logits from the outputs; SEAT's loss gives ce and kl instead.
