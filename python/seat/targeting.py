@@ -121,6 +121,10 @@ def _skip_reason(mname: str, module: torch.nn.Module, pname: str, param) -> str:
 UNREACHED = "no gradient reaches it from the logits (unused by a text forward, or behind a non-differentiable step)"
 
 
+def _matched(targets, selector: str) -> bool:
+    return targets == "all-linear" or any(fnmatch.fnmatchcase(selector, t) for t in targets)
+
+
 def select_targets(model: torch.nn.Module, targets, decoder: torch.nn.Module | None = None,
                    reached: set[int] | None = None):
     """The weights to train and the report of every parameter.
@@ -151,21 +155,19 @@ def select_targets(model: torch.nn.Module, targets, decoder: torch.nn.Module | N
                 skipped[name] = _skip_reason(mname, module, pname, p)
             elif id(p) not in in_decoder:
                 skipped[name] = "outside the decoder (not on the path to the logits)"
+            elif not (quant4 or p.is_floating_point()) and _matched(targets, mname if linear else name):
+                raise ValueError(
+                    f"{name} is a {p.dtype} weight of a {type(module).__name__}: seat trains floating-point "
+                    "weights, and bitsandbytes 4-bit layers (Linear4bit) as QSEAT deltas. Load the model in a "
+                    "float dtype or with BitsAndBytesConfig(load_in_4bit=True), or leave this layer out of "
+                    "SeatConfig.targets")
             elif reached is not None and id(p) not in reached and not quant4:
                 skipped[name] = UNREACHED
+            elif _matched(targets, mname if linear else name):
+                chosen.append((name, module, p))
+                targeted[name] = kind
             else:
-                selector = mname if linear else name
-                if targets == "all-linear" or any(fnmatch.fnmatchcase(selector, t) for t in targets):
-                    if not (quant4 or p.is_floating_point()):
-                        raise ValueError(
-                            f"{name} is a {p.dtype} weight of a {type(module).__name__}: seat trains floating-point "
-                            "weights, and bitsandbytes 4-bit layers (Linear4bit) as QSEAT deltas. Load the model in "
-                            "a float dtype or with BitsAndBytesConfig(load_in_4bit=True), or leave this layer out "
-                            "of SeatConfig.targets")
-                    chosen.append((name, module, p))
-                    targeted[name] = kind
-                else:
-                    skipped[name] = "not matched by targets"
+                skipped[name] = "not matched by targets"
     report = TargetingReport(type(model).__name__, targeted, skipped)
     if not chosen:
         examples = [n for n, m in list(model.named_modules())[1:6]]

@@ -1,6 +1,8 @@
 """SeatTrainer: transformers.Trainer wired for SEAT (see the class docstring)."""
 from __future__ import annotations
 
+import contextlib
+
 import copy
 import json
 import math
@@ -156,7 +158,8 @@ class SeatTrainer(transformers.Trainer):
             weight_decay=args.weight_decay, **optimizer_kwargs)
         # The Trainer zeroes model grads only; the compact ones live in the optimizer.
         optimizer.register_step_post_hook(lambda opt, *_: opt.zero_grad())
-        super().__init__(model=model, args=args, optimizers=(optimizer, None), **kwargs)
+        with _trainable_quantized(model, handle):
+            super().__init__(model=model, args=args, optimizers=(optimizer, None), **kwargs)
         # We normalize by token counts ourselves: have the Trainer count label tokens over
         # the accumulated micro-batches and not divide the loss again.
         self.model_accepts_loss_kwargs = True
@@ -346,6 +349,26 @@ class SeatTrainer(transformers.Trainer):
         if collator_state is not None:
             self.data_collator.load_state_dict(collator_state)
         self.nonfinite_skipped = saved["nonfinite"]["skipped"]
+
+
+@contextlib.contextmanager
+def _trainable_quantized(model, handle):
+    """transformers' Trainer refuses a quantized model without PEFT adapters ("purely
+    quantized"); a model seat patched with 4-bit targets trains its QSEAT deltas, which
+    play the adapters' part. The flag that check reads is set for the check only."""
+    if not handle._quant_targets():
+        yield
+        return
+    key = "_hf_peft_config_loaded"
+    had, before = key in model.__dict__, model.__dict__.get(key)
+    model.__dict__[key] = True
+    try:
+        yield
+    finally:
+        if had:
+            model.__dict__[key] = before
+        else:
+            model.__dict__.pop(key, None)
 
 
 def _read_collator_state(path: Path) -> dict:

@@ -52,7 +52,7 @@ def save_delta(handle, directory) -> None:
     tensors, weights = {}, {}
     for name, t in handle.targets.items():
         if isinstance(t, QuantTarget):  # a 4-bit weight: its delta, settings and dequantized base
-            mask = t.mask
+            mask = as_mask(t.mask, t.weight_numel, name)
             idx = mask.indices()
             values, weights[name] = weight_entry(t)
         else:
