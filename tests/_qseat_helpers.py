@@ -1,5 +1,8 @@
 """Tiny causal LMs loaded with bitsandbytes 4-bit weights on the CPU, the way a user loads
-a real one: the tiny model of tests/_models.py saved to a folder, then
+a real one: the tiny model of tests/_models.py (widened to hidden 64, MLP 128, so every
+weight's rows are whole 64-element absmax blocks, as in real models: bitsandbytes
+0.50.2's CPU dequantize mis-scales rows of other widths, see tests/_quant4.py) saved to
+a folder, then
 ``from_pretrained(folder, quantization_config=BitsAndBytesConfig(load_in_4bit=True, ...),
 device_map="cpu")`` (transformers quantizes it on the CPU; no hub access).
 
@@ -26,7 +29,11 @@ def _saved_checkpoint(kind: str, seed: int) -> str:
     key = (kind, seed)
     if key not in _SAVED:
         torch.manual_seed(seed)
-        model = tf.AutoModelForCausalLM.from_config(tiny_config(kind), attn_implementation="eager")
+        config = tiny_config(kind)
+        config.hidden_size, config.intermediate_size = 64, 128
+        if "head_dim" in config.to_dict():  # Llama fixes its head_dim at construction
+            config.head_dim = 64 // config.num_attention_heads
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
         folder = tempfile.mkdtemp(prefix=f"seat-qseat-{kind}-")
         model.save_pretrained(folder)
         _SAVED[key] = folder
@@ -148,3 +155,62 @@ def cleanup_checkpoints() -> None:  # pragma: no cover - for interactive use
         if os.path.isdir(folder):
             shutil.rmtree(folder, ignore_errors=True)
     _SAVED.clear()
+
+
+# ---------------------------------------------------------------------- a measured step
+def load_4bit(config, dtype, folder, double_quant: bool = False, gradient_checkpointing: bool = False):
+    """A random model of `config` (seeded) saved to `folder`, loaded back with its
+    decoder's linears in nf4 (compute dtype = `dtype`) as benchmarks/bench_seat_step.py's
+    make_model prepares a model: train mode, no cache, non-reentrant checkpointing."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(folder)
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=quant_config("nf4", dtype, double_quant), device_map="cpu", dtype=dtype)
+    model.config.use_cache = False
+    model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def quant_state_tensors(model) -> list[torch.Tensor]:
+    """The tensors of every 4-bit weight's QuantState (not parameters or buffers)."""
+    out = []
+    for _, module in linear4bit_modules(model):
+        state = module.weight.quant_state
+        out += [state.absmax, state.code]
+        if state.nested:
+            out += [state.offset, state.state2.absmax, state.state2.code]
+    return out
+
+
+def build_qseat(config, batch, device, dtype, folder, density: float, gradient_checkpointing: bool = False,
+                optimizer_kwargs: dict | None = None, seat_kwargs: dict | None = None, double_quant: bool = False):
+    """benchmarks/bench_seat_step.py's build_seat on the model loaded in 4-bit: (step,
+    alive, tokens, info) for benchmarks/_memory.PeakMemory."""
+    import seat
+    from _memory import module_tensors, optimizer_tensors
+    from bench_seat_step import LR, mask_tensors
+
+    model = load_4bit(config, dtype, folder, double_quant, gradient_checkpointing)
+    handle = seat.patch(model, density=density, **(seat_kwargs or {}))
+    opt = handle.optimizer(lr=LR, **{"weight_decay": 0.0, **(optimizer_kwargs or {})})
+
+    def step(phase):
+        with phase("forward"):
+            loss = handle.loss(batch).loss
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            opt.step()
+            opt.zero_grad()
+        return float(loss.detach())
+
+    masks = lambda: [mask_tensors(t.mask) for t in handle.targets.values()]  # noqa: E731
+    alive = lambda: [module_tensors(model), quant_state_tensors(model), optimizer_tensors(opt), masks(),  # noqa: E731
+                     batch]
+    tokens = int(batch["attention_mask"].sum() + batch["pert_attention_mask"].sum())
+    info = {"trainable_params": handle.num_trainable, "keep": (model, handle, opt), "cleanup": handle.revert}
+    return step, alive, tokens, info

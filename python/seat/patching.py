@@ -158,10 +158,10 @@ class SeatHandle:
     def _mask_source(self, module, settings, name: str, masks):
         """What a 4-bit weight's mask is drawn from: its dequantized values for a magnitude
         mask, else only its shape (a meta tensor: nothing is allocated)."""
-        from .quant import effective_weight
+        from .quant._target import dequantized
 
         if self.config.mask == "magnitude" and not (masks is not None and name in masks):
-            return effective_weight(module, settings, None, None).float()
+            return dequantized(module, torch.float32)
         return torch.empty(settings.shape, device="meta")
 
     def _quant_targets(self) -> list:

@@ -109,7 +109,7 @@ def test_the_gradient_of_the_delta_is_the_masked_weight_gradient():
     target = handle.targets["model.layers.0.mlp.down_proj.weight"]
     with torch.no_grad():
         target.delta.normal_(0, 0.01)
-    x = torch.randn(3, 5, 48, requires_grad=True)
+    x = torch.randn(3, 5, 128, requires_grad=True)
     y = target.module(x)
     g = torch.randn_like(y)
     y.backward(g)

@@ -26,15 +26,15 @@ import torch
 from torch import Tensor
 
 from ._settings import QuantSettings, is_4bit_linear, settings_of
-from ._target import QuantTarget, effective_weight
+from ._target import QuantTarget, dequantized
 
 
 def base_values(module, settings: QuantSettings, mask) -> Tensor:
     """The dequantized base (float32) at the mask's entries: what base_sha256 hashes."""
     from ..masks import mask_indices
 
-    w = effective_weight(module, settings, None, None)
-    return w.view(-1)[mask_indices(mask).long()].float()
+    w = dequantized(module, torch.float32)
+    return w.view(-1)[mask_indices(mask).long()]
 
 
 def weight_entry(t: QuantTarget) -> tuple[Tensor, dict]:

@@ -24,20 +24,23 @@ def effective_weight(module, settings: QuantSettings, delta: Tensor | None, mask
     return _dequant4_delta(module.weight, module.weight.quant_state, delta, mask, _dtype(settings.compute_dtype))
 
 
+def dequantized(module, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A Linear4bit's weight dequantized to `dtype` (a new tensor)."""
+    return _dequant4_delta(module.weight, module.weight.quant_state, None, None, dtype)
+
+
 def _dequant4_delta(packed: Tensor, quant_state, delta: Tensor | None, mask, dtype: torch.dtype) -> Tensor:
-    """The op seat.ops.dequant4_delta computes (one call, for the switch to it)."""
-    import bitsandbytes.functional as bnbf
+    """seat.ops.dequant4_delta: bitsandbytes' dequantize_4bit(packed, quant_state).to(dtype)
+    with delta added at the mask's entries, in one pass."""
+    from .. import ops
 
-    from ..masks import mask_indices
-
-    w = bnbf.dequantize_4bit(packed, quant_state).to(dtype)
-    if delta is not None:
-        w.view(-1).index_add_(0, mask_indices(mask).long(), delta)
-    return w
+    return ops.dequant4_delta(packed, quant_state, None if delta is None else mask, delta, dtype=dtype)
 
 
 def _full_mask(numel: int, device):
-    """Every entry of a 1-D tensor of numel elements, as a mask (the delta's optimizer mask)."""
+    """Every entry of a 1-D tensor of numel elements (the delta's optimizer mask). An int32
+    arange (4 B per entry) until the native sparse ops take seat.masks.FullMask (no index),
+    which this returns then: `return FullMask(numel, device=device)`."""
     from ..masks import IndexMask
 
     return IndexMask(torch.arange(numel, dtype=torch.int32, device=device), numel, _checked=True)
