@@ -133,6 +133,9 @@ def check_config(meta, where) -> int:
         raise DeltaMismatchError(f"{where} lists no weights")
     for name, info in meta["weights"].items():
         _check_weight(f"{where}: weight {name!r}", info, version)
+    if version >= QUANT_FORMAT_VERSION and not any("quant" in info for info in meta["weights"].values()):
+        raise DeltaMismatchError(f"{where} says format_version {version}, which marks a delta of 4-bit weights, but "
+                                 "no weight has a 'quant' entry: its format_version was edited")
     return version
 
 
