@@ -19,12 +19,14 @@
 
 #include "dtype_io.h"
 #include "isa.h"
+#include "mask_ref.h"
 #include "seat/adamw.h"
 #include "seat/masks.h"
 
 namespace {
 
 using seat::Block16Mask;
+using seat::FullMask;
 using seat::HashMask;
 using seat::IndexMask;
 using seat::MaskRef;
@@ -167,6 +169,22 @@ struct Walk<IndexMask> {
   }
 };
 
+// Every element: positions 0 .. nnz - 1 in order, statically scheduled (no index to read).
+template <>
+struct Walk<FullMask> {
+  template <typename F, typename Prefetch>
+  static void run(const MaskRef& mask, int64_t grain, const F& fn, const Prefetch&) {
+#pragma omp parallel if (mask.nnz > grain) num_threads(at::get_num_threads())
+    {
+      const MaskRef m = mask;
+      F f = fn;
+      const int64_t n = m.nnz < m.numel ? m.nnz : m.numel;
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < n; ++j) f(j, j);
+    }
+  }
+};
+
 // Hash masks: per block, the membership bits first (member_words), then the members in
 // order by bit scans (most words are 0 at low density). Same entries and bounds as
 // HashMask::visit: slots from block_offsets[b], below the next block's first slot and
@@ -213,60 +231,10 @@ void for_each_entry(const MaskRef& m, int64_t grain, const F& f, const Prefetch&
 
 // ----------------------------------------------------------------------------- masks
 
-// Calls f(policy) with the policy of `encoding`: the only place the encoding is read.
-template <typename F>
-void dispatch_encoding(int64_t encoding, const char* who, F&& f) {
-  switch (static_cast<seat::Encoding>(encoding)) {
-    case seat::Encoding::kIndex: return f(IndexMask{});
-    case seat::Encoding::kBlock16: return f(Block16Mask{});
-    case seat::Encoding::kHash: return f(HashMask{});
-  }
-  TORCH_CHECK(false, who, ": encoding must be 0 (int32), 1 (block16) or 2 (hash); got ", encoding);
-}
-
-void check_mask_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name, const char* who) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.dim() == 1, who, ": ", name,
-              " must be a contiguous 1-D ", dtype, " CPU tensor");
-  TORCH_CHECK(t.numel() == numel, who, ": ", name, " must have ", numel, " entries; got ", t.numel());
-}
-
-// The MaskRef of one mask of a tensor of `numel` elements with `nnz` compact entries,
-// after the checks the walks rely on: index and offsets as long as they read them, hash
-// parameters in their ranges. The values themselves are checked by the Python layer
-// (python/seat/ops/_encodings.py); the walks skip what lies outside the tensors, so a
-// direct caller, or a mask edited behind torch's back, cannot reach other memory.
-MaskRef mask_ref(IndexMask, const at::Tensor& index, const at::Tensor&, at::IntArrayRef, int64_t numel, int64_t nnz,
-                 const char* who) {
-  check_mask_tensor(index, at::kInt, nnz, "the index mask", who);
-  return {index.data_ptr<int32_t>(), nullptr, numel, nnz, 0, 0, 0, 0};
-}
-
-MaskRef mask_ref(Block16Mask, const at::Tensor& index, const at::Tensor& offsets, at::IntArrayRef, int64_t numel,
-                 int64_t nnz, const char* who) {
-  const int64_t n_blocks = seat::n_blocks_of(numel, seat::kBlock16);
-  check_mask_tensor(index, at::kInt, n_blocks + 1, "block_starts (ceil(numel / 65536) + 1 entries)", who);
-  check_mask_tensor(offsets, at::kUInt16, nnz, "offsets (one per entry)", who);
-  return {index.data_ptr<int32_t>(), static_cast<const uint16_t*>(offsets.data_ptr()), numel, nnz, n_blocks, 0, 0,
-          0};
-}
-
-void check_hash(int64_t numel, int64_t key, int64_t threshold, int64_t block, const char* who) {
-  TORCH_CHECK(numel >= 0 && numel <= INT32_MAX, who, ": hash masks reach at most 2**31-1 elements; got ", numel);
-  TORCH_CHECK(key >= 0 && key <= UINT32_MAX, who, ": the mask key must be in [0, 2**32); got ", key);
-  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t{1} << 32), who, ": threshold must be in [0, 2**32]; got ",
-              threshold);
-  TORCH_CHECK(block >= 256 && block <= seat::kBlock16 && (block & (block - 1)) == 0, who,
-              ": block must be a power of two in [256, 65536]; got ", block);
-}
-
-MaskRef mask_ref(HashMask, const at::Tensor& index, const at::Tensor&, at::IntArrayRef ints, int64_t numel,
-                 int64_t nnz, const char* who) {
-  const int64_t key = ints[0], threshold = ints[1], block = ints[2];
-  check_hash(numel, key, threshold, block, who);
-  const int64_t n_blocks = seat::n_blocks_of(numel, block);
-  check_mask_tensor(index, at::kInt, n_blocks + 1, "block_offsets (ceil(numel / block) + 1 entries)", who);
-  return {index.data_ptr<int32_t>(), nullptr, numel, nnz, n_blocks, threshold, block, static_cast<uint32_t>(key)};
-}
+using seat::cpu::check_hash;
+using seat::cpu::check_mask_tensor;
+using seat::cpu::dispatch_encoding;
+using seat::cpu::mask_ref;
 
 void check_dense(const at::Tensor& t, const char* name, const char* who) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), who, ": ", name, " must be a contiguous CPU tensor");

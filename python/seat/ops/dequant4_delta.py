@@ -127,7 +127,7 @@ def _no_mask(device) -> MaskArgs:
                     _encodings.no_offsets(device), _encodings.NO_INTS)
 
 
-ENTRY = _registry.register("dequant4_delta", reference, {})
+ENTRY = _registry.register("dequant4_delta", reference, {"cpu": _native, "cuda": _native, "triton": _triton})
 
 
 # ----------------------------------------------------------------------------- validation
