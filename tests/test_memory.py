@@ -690,9 +690,9 @@ def test_qseat_prediction_within_15_percent_of_the_measured_peak(kind, dtype, mo
         info["cleanup"]()
     est = predict("seat", config, batch, dtype, checkpointing, base_bits=4, **options)
     # an implicit mask draws Binomial entries, the estimate takes the mean: each entry more
-    # costs its delta value, its 8-bit moments (+ absmax) and its index in the full mask
+    # costs its delta value, its moments (8-bit: + a share of absmax) and compact gradient
     per_entry = est.options.es + (2 if est.options.optimizer_bits == 8 else 8) + (
-        0 if est.options.optimizer_in_backward else GRAD_BYTES[est.options.grad_dtype]) + 4
+        0 if est.options.optimizer_in_backward else GRAD_BYTES[est.options.grad_dtype])
     drift = (drawn - est.trainable) * per_entry
     assert est.state_bytes + full + drift == pytest.approx(report.start_bytes, rel=2e-3)
     plain = predict("seat", config, batch, dtype, checkpointing, **options)

@@ -38,12 +38,10 @@ def _dequant4_delta(packed: Tensor, quant_state, delta: Tensor | None, mask, dty
 
 
 def _full_mask(numel: int, device):
-    """Every entry of a 1-D tensor of numel elements (the delta's optimizer mask). An int32
-    arange (4 B per entry) until the native sparse ops take seat.masks.FullMask (no index),
-    which this returns then: `return FullMask(numel, device=device)`."""
-    from ..masks import IndexMask
+    """Every entry of a 1-D tensor of numel elements (the delta's optimizer mask): no index."""
+    from ..masks import FullMask
 
-    return IndexMask(torch.arange(numel, dtype=torch.int32, device=device), numel, _checked=True)
+    return FullMask(numel, device=device)
 
 
 class Switch:
