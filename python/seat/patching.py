@@ -200,7 +200,11 @@ class SeatHandle:
 
     @property
     def trainable_fraction(self) -> float:
-        return self.num_trainable / sum(p.numel() for p in self.model.parameters())
+        """num_trainable over the model's parameters, a 4-bit weight counted by its
+        elements (not its packed bytes) and the deltas not counted."""
+        total = sum(p.numel() for p in self.model.parameters())
+        total += sum(t.weight_numel - t.module.weight.numel() - t.delta.numel() for t in self._quant_targets())
+        return self.num_trainable / total
 
     # ------------------------------------------------------------------ training pieces
     def optimizer(self, lr: float = 1e-4, **kwargs):

@@ -58,8 +58,10 @@ def mask_fingerprints(handle) -> dict[str, object]:
 
     out = {}
     for name, t in handle.targets.items():
-        weight_mask = getattr(t, "weight_mask", None)  # a 4-bit target's mask over its weight (seat.quant)
-        mask = weight_mask if weight_mask is not None else as_mask(t.idx, t.param.numel(), name)
+        if hasattr(t, "weight_mask"):  # a 4-bit target: its mask over the weight, not the delta's (seat.quant)
+            mask = as_mask(t.weight_mask, t.weight_numel, name)
+        else:
+            mask = as_mask(t.idx, t.param.numel(), name)
         spec = mask.spec()
         if spec is None:
             idx = mask.indices().to(torch.int32).cpu().contiguous()

@@ -318,3 +318,34 @@ def test_cpu_repacking_is_off_while_patched_and_restored_after():
     assert not any(m.support_avx512bf16_for_cpu for _, m in linear4bit_modules(model))
     handle.revert()
     assert {n: m.support_avx512bf16_for_cpu for n, m in linear4bit_modules(model)} == flags
+
+
+def test_a_4bit_seat_trainer_run_resumes_bit_exactly(tmp_path):
+    """SeatTrainer's checkpoint of a QSEAT run (its delta, optimizer state, run record)
+    continues on a fresh copy of the 4-bit base to the same deltas, bit for bit."""
+    import transformers
+
+    from _trainer_helpers import ARGS, RECORDS, tiny_llama, tokenizer
+    from seat.perturb import EntityPerturber
+
+    tok = tokenizer()
+    tiny_llama(tok).save_pretrained(tmp_path / "base")
+
+    def run(out, **overrides):
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", device_map="cpu", quantization_config=transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+        collator = seat.PairedCollator(tok, EntityPerturber(exclude=[r["entity"] for r in RECORDS], seed=1))
+        args = transformers.TrainingArguments(output_dir=str(out), **{**ARGS, "max_steps": 4, "save_steps": 2})
+        trainer = seat.SeatTrainer(model, args, seat_config=seat.SeatConfig(density=0.2),
+                                   train_dataset=RECORDS, data_collator=collator, processing_class=tok)
+        trainer.train(**overrides)
+        handle = seat.patching.handle_of(model)
+        return {n: t.delta.detach().clone() for n, t in handle.targets.items()}
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "b", resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    assert any(bool(v.abs().sum() > 0) for v in straight.values())
