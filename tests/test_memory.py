@@ -740,7 +740,18 @@ def test_qseat_goals_for_the_named_models():
     assert default4.peak < bf16.peak - 8 * GB  # the base's 15 GiB of bf16 weights, at about a quarter
     big = sm.estimate("Llama-3-70B", density=0.01, double_quant=True, **lean)
     assert 45 * GB < big.peak < 47 * GB
-    with pytest.raises(ValueError, match="base_bits=4 is modelled for method 'seat'"):
+    with pytest.raises(ValueError, match="base_bits 4 .QSEAT. is modelled for method 'seat'"):
         sm.estimate("Llama-3-8B", method="lora", base_bits=4)
     with pytest.raises(ValueError, match="base_bits must be one of 4"):
         sm.estimate("Llama-3-8B", base_bits=8)
+
+
+def test_qseat_cli(capsys):
+    assert cli_main(["--config", "Llama-3-8B", "--base-bits", "4", "--double-quant", "--gradient-checkpointing",
+                     "--optimizer-in-backward", "--optimizer-bits", "8", "--index-encoding", "implicit"]) == 0
+    out = capsys.readouterr().out
+    assert "4-bit base (blocksize 64, double quantization)" in out and "trained deltas" in out
+    assert "original values" not in out
+    with pytest.raises(SystemExit):
+        cli_main(["--config", "Llama-3-8B", "--base-bits", "4", "--method", "lora"])
+    assert "argument --base-bits: base_bits 4 (QSEAT) is modelled for method 'seat' only" in capsys.readouterr().err

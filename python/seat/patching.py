@@ -11,7 +11,9 @@ Nothing in the model's code is rewritten and no second model is made. Patching
     INFO) one line of what it targets and what it skips, and why
     (handle.targeting_report() has the details);
   * builds a mask per target weight (seat.masks) and stores the weight's original values
-    at the masked entries (the only base values SEAT ever changes);
+    at the masked entries (the only base values SEAT ever changes); a bitsandbytes 4-bit
+    target (Linear4bit) instead keeps its packed weight untouched and trains a delta
+    beside it, one value per mask entry (QSEAT: seat.quant);
   * returns a SeatHandle that gives the optimizer (seat.optim.SparseAdamW, whose hooks
     compact each dense gradient as it is produced), the base model on demand
     (`with handle.reference():` swaps the original values in and back), the SEAT loss of

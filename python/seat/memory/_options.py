@@ -124,7 +124,7 @@ class Options:
         if self.base_bits is not None:
             _choice("base_bits", self.base_bits, BASE_BITS)
             if self.method != "seat":
-                raise ValueError(f"base_bits={self.base_bits} is modelled for method 'seat' (QSEAT) only; got "
+                raise ValueError(f"base_bits {self.base_bits} (QSEAT) is modelled for method 'seat' only; got "
                                  f"method {self.method!r}")
         _int("quant_blocksize", self.quant_blocksize, 1)
         if not isinstance(self.double_quant, bool):
