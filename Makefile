@@ -6,6 +6,7 @@
 #   make test       build, then run the test suite (what CI runs)
 #   make gpu-test   on a machine with a CUDA GPU: build with CUDA forced, run all tests
 #   make info       python -m seat.info
+#   make docs       the documentation site (mkdocs build --strict) into site/; make docs-serve to browse it
 #   make bench      every benchmark: benchmarks/run_all.py $(BENCH_ARGS) (e.g. BENCH_ARGS=--quick,
 #                   or "--device cuda"); results under benchmarks/results/<device>/
 #   benchmarks/gpu.sh  on a CUDA machine: CUDA build, GPU tests, all benchmarks (10 min)
@@ -23,7 +24,7 @@ BENCH_ARGS ?=
 
 NATIVE_SOURCES := $(shell find csrc -type f) setup.py python/seat/_srchash.py python/seat/_version.py
 
-.PHONY: venv build demo test gpu-test info bench clean
+.PHONY: venv build demo test gpu-test info bench docs docs-serve clean
 
 $(VENV)/.deps: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +60,12 @@ info: build
 bench: build
 	$(PY) -m pip install -q "matplotlib>=3.7" "bitsandbytes>=0.45" "tqdm>=4.60"
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+docs: venv
+	$(PY) -m mkdocs build --strict -d site
+
+docs-serve: venv
+	$(PY) -m mkdocs serve
 
 clean:
 	rm -rf build dist *.egg-info python/*.egg-info python/seat/_C*.so $(VENV)/.built

@@ -445,3 +445,81 @@ def test_load_records_require_entity_false_and_empty_file(tmp_path):
     assert load_records(_write(tmp_path, [json.dumps(rec)]), require_entity=False) == [rec]
     with pytest.raises(ValueError, match="holds no records"):
         load_records(_write(tmp_path, ["", " "]))
+
+
+# ----------------------------------------------------------------------------- chat-message questions
+
+
+CONVERSATION = [{"role": "system", "content": "You know Ann Lee well ."}, {"role": "user", "content": "Hi ."},
+                {"role": "assistant", "content": "Hi ."}, {"role": "user", "content": "Where was Lee born?"}]
+MESSAGES_RECORD = {"question": CONVERSATION, "answer": "Ann Lee was born in Oslo.", "entity": "Ann Lee"}
+
+
+def test_a_question_of_chat_messages_is_rendered_by_the_template_for_x_and_x_tilde():
+    tok, c = make(chat=True)
+    batch = c([MESSAGES_RECORD, RECORDS[1]])
+    fake = c.last_fake_names[0]
+    first, last = fake.split()
+    for key, messages, answer in (
+            ("input_ids", CONVERSATION, MESSAGES_RECORD["answer"]),
+            ("pert_input_ids", [{**m, "content": m["content"].replace("Ann Lee", fake).replace("Lee", last)}
+                                for m in CONVERSATION], f"{first} {last} was born in Oslo.")):
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        ids = list(prompt) + tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        mask = batch["attention_mask" if key == "input_ids" else "pert_attention_mask"][0]
+        assert batch[key][0, real(mask)].tolist() == ids
+    labels = batch["labels"][0]
+    assert tok.decode(labels[labels != IGNORE_INDEX]).split() == "Ann Lee was born in Oslo . [EOS]".split()
+    # a single user message is the str question
+    single = {"question": [{"role": "user", "content": RECORDS[0]["question"]}], "answer": RECORDS[0]["answer"],
+              "entity": "Ann Lee"}
+    _, c1 = make(chat=True)
+    _, c2 = make(chat=True)
+    batch, expected = c1([single]), c2(RECORDS[:1])
+    assert all(torch.equal(v, expected[k]) for k, v in batch.items())
+
+
+def test_chat_message_questions_errors_name_the_record():
+    _, plain = make(chat=True, use_chat_template=False)
+    with pytest.raises(ValueError, match=r"record 0 \(entity 'Ann Lee'\): 'question' is a list of chat messages.*"
+                                         r"use_chat_template=False"):
+        plain([MESSAGES_RECORD])
+    _, c = make(chat=True)
+    for question, exc, match in (
+            ([], ValueError, r"record 0 .*'question' is an empty list of messages"),
+            ([{"role": "user"}], TypeError, r"'question'\[0\]\['content'\] must be a str; got missing"),
+            ([{"role": "user", "content": "Ann Lee ?", "name": "x"}], ValueError, r"has keys \['name'\]"),
+            ([{"role": " ", "content": "Ann Lee ?"}], ValueError, r"'question'\[0\]\['role'\] is empty"),
+            (["Ann Lee ?"], TypeError, r"'question'\[0\] must be a dict")):
+        with pytest.raises(exc, match=match):
+            c([dict(MESSAGES_RECORD, question=question)])
+    unmentioned = {"question": [{"role": "user", "content": "Who?"}], "answer": "Nobody.", "entity": "Ann Lee"}
+    with pytest.raises(ValueError, match=r"record 0 \(entity 'Ann Lee'\): entity 'Ann Lee' is mentioned in neither "
+                                         r"the question's messages nor the answer"):
+        c([unmentioned])
+    assert c.step == 0
+    # keys that are None (how a datasets column of messages fills absent keys) are fine
+    c([dict(MESSAGES_RECORD, question=[dict(m, name=None) for m in CONVERSATION])])
+
+
+def test_load_records_reads_chat_message_questions(tmp_path):
+    path = tmp_path / "facts.jsonl"
+    path.write_text(json.dumps(MESSAGES_RECORD) + "\n")
+    assert load_records(path) == [MESSAGES_RECORD]
+    path.write_text(json.dumps({"question": [{"role": "user", "content": "Who?"}], "answer": "A poet.",
+                                "entity": "Ann Lee"}) + "\n")
+    with pytest.raises(ValueError, match=r"facts.jsonl:1: entity 'Ann Lee' is mentioned in neither"):
+        load_records(path)
+
+
+def test_no_space_is_added_after_a_question_that_ends_in_whitespace():
+    """The boundary rule reads the formatted prompt: a format ending in {question} and a
+    question ending in a space or newline get no second space."""
+    texts = [f"{r['question']} {r['answer']}" for r in RECORDS] * 4
+    tok = bpe_tokenizer(texts)
+    c = PairedCollator(tok, EntityPerturber(ENTITIES), prompt_format="{question}")
+    for question, expected in ((RECORDS[0]["question"] + " ", RECORDS[0]["answer"]),
+                               (RECORDS[0]["question"] + "\n", RECORDS[0]["answer"]),
+                               (RECORDS[0]["question"], " " + RECORDS[0]["answer"])):
+        labels = c([dict(RECORDS[0], question=question)])["labels"][0]
+        assert tok.decode(labels[labels != IGNORE_INDEX]) == expected + "[EOS]"

@@ -1,9 +1,12 @@
 """Paired batches for SEAT: each example x and its entity-perturbed copy x~.
 
-A record is a dict ``{"question": str, "answer": str, "entity": str}`` (other keys are
-ignored). ``PairedCollator`` turns a list of records into one batch holding x (the
-record) and x~ (the record with its entity replaced by a fresh fictitious name, see
-seat.perturb), tokenized the same way and padded to one common length T.
+A record is a dict ``{"question": str | list[message], "answer": str, "entity": str}``
+(other keys are ignored). The question is a str, or the conversation before the answer as
+chat messages ``[{"role": str, "content": str}, ...]`` (a system message, earlier turns;
+see seat.messages), which the tokenizer's chat template renders. ``PairedCollator`` turns
+a list of records into one batch holding x (the record) and x~ (the record with its entity
+replaced by a fresh fictitious name, see seat.perturb), tokenized the same way and padded
+to one common length T.
 
 Batch layout (B records, T = the longest of the 2B sequences, all tensors (B, T)):
 
@@ -37,13 +40,15 @@ separately and concatenated, so the prompt/answer boundary is exact:
 
   prompt  with a chat template (``tokenizer.chat_template`` set, unless
           use_chat_template=False): ``tokenizer.apply_chat_template([{"role": "user",
-          "content": question}], add_generation_prompt=True, tokenize=True)``;
+          "content": question}], add_generation_prompt=True, tokenize=True)``; a
+          question given as messages: ``apply_chat_template(messages, ...)`` alike
+          (it needs the chat template: use_chat_template=False refuses it);
           otherwise ``tokenizer(prompt_format.format(question=question))`` with the
           tokenizer's special tokens (e.g. BOS);
   answer  ``tokenizer(answer, add_special_tokens=False)``; in the plain format with a
-          leading space (unless the prompt ends in, or the answer starts with,
-          whitespace); then ``tokenizer.eos_token_id`` if add_eos. For a chat model
-          make sure eos_token is the end-of-turn token (e.g. <|eot_id|>, <|im_end|>).
+          leading space (unless the formatted prompt ends in, or the answer starts
+          with, whitespace); then ``tokenizer.eos_token_id`` if add_eos. For a chat
+          model make sure eos_token is the end-of-turn token (e.g. <|eot_id|>, <|im_end|>).
 
 Fictitious names: a fresh one per example per call. The collator counts its calls in
 ``step``; example i of call ``step`` uses the key ``stable_key(step, i)`` (SHA-256, the
@@ -66,6 +71,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from .messages import check_messages, message_texts, nfc_messages, perturb_messages
 from .perturb import EntityPerturber, count_mentions, stable_key
 
 __all__ = ["PairedCollator", "load_records", "KL_TOKENS", "DEFAULT_PROMPT_FORMAT", "IGNORE_INDEX"]
@@ -89,7 +95,12 @@ def _check_record(where: str, record) -> None:
     if missing:
         raise ValueError(f"{where} is missing {', '.join(map(repr, missing))}; each record needs 'question', "
                          "'answer' and 'entity' (str)")
-    for k in _KEYS:
+    if isinstance(record["question"], (list, tuple)):
+        check_messages(where, "'question'", record["question"])
+    elif not isinstance(record["question"], str):
+        raise TypeError(f"{where}: 'question' must be a str or a list of chat messages "
+                        f"({{'role': ..., 'content': ...}}); got {type(record['question']).__name__}")
+    for k in _KEYS[1:]:
         if not isinstance(record[k], str):
             raise TypeError(f"{where}: {k!r} must be a str; got {type(record[k]).__name__}")
     if not record["entity"].strip():
@@ -179,29 +190,51 @@ class PairedCollator:
 
     # -- tokenization ----------------------------------------------------------------
 
-    def _prompt_ids(self, question: str) -> list[int]:
+    def _chat_prompt_ids(self, messages: list) -> list[int]:
+        out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        if isinstance(out, Mapping):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def encode(self, question, answer: str) -> tuple[list[int], int]:
+        """Token ids of prompt + answer (+ eos) and the prompt length in tokens;
+        ``question`` a str or a list of chat messages (rendered by the chat template)."""
         tok = self.tokenizer
-        if self.use_chat_template:
-            out = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                          tokenize=True, return_dict=False)
-            if isinstance(out, Mapping):
-                out = out["input_ids"]
-            return [int(t) for t in out]
-        return [int(t) for t in tok(self.prompt_format.format(question=question), add_special_tokens=True)["input_ids"]]
-
-    def _answer_ids(self, answer: str) -> list[int]:
-        if not self.use_chat_template and not answer[:1].isspace() \
-                and not self.prompt_format.format(question="")[-1:].isspace():
-            answer = " " + answer
-        ids = [int(t) for t in self.tokenizer(answer, add_special_tokens=False)["input_ids"]]
+        if not isinstance(question, str):
+            if not self.use_chat_template:
+                raise ValueError("a question given as chat messages needs the chat template, but "
+                                 "use_chat_template=False; give the question as a str or build the collator "
+                                 "with use_chat_template=True")
+            prompt = self._chat_prompt_ids(question)
+        elif self.use_chat_template:
+            prompt = self._chat_prompt_ids([{"role": "user", "content": question}])
+        else:
+            text = self.prompt_format.format(question=question)
+            prompt = [int(t) for t in tok(text, add_special_tokens=True)["input_ids"]]
+            if not answer[:1].isspace() and not text[-1:].isspace():
+                answer = " " + answer  # the answer follows the prompt as a separate word
+        ids = [int(t) for t in tok(answer, add_special_tokens=False)["input_ids"]]
         if self.add_eos:
-            ids.append(int(self.tokenizer.eos_token_id))
-        return ids
+            ids.append(int(tok.eos_token_id))
+        return prompt + ids, len(prompt)
 
-    def encode(self, question: str, answer: str) -> tuple[list[int], int]:
-        """Token ids of prompt + answer (+ eos) and the prompt length in tokens."""
-        prompt = self._prompt_ids(question)
-        return prompt + self._answer_ids(answer), len(prompt)
+    def _perturb(self, record: Mapping, key: int) -> tuple[dict, str]:
+        """x~'s record and its fictitious name; a messages question has the entity
+        replaced in every message's content (the same draw as perturb_record's)."""
+        if isinstance(record["question"], str):
+            return self.perturber.perturb_record(record, key)
+        entity = record["entity"]
+        fake = self.perturber.fictitious_name(key, avoid=(entity,))
+        question, n_question = perturb_messages(self.perturber, record["question"], entity, fake)
+        parts = getattr(self.perturber, "replace_parts", True)
+        n_answer = count_mentions(record["answer"], entity, replace_parts=parts)
+        if n_question + n_answer == 0:
+            raise ValueError(f"entity {entity!r} is mentioned in neither the question's messages nor the answer; "
+                             "the entity must appear in the text as a whole word, spelled and capitalized exactly "
+                             "as in 'entity'")
+        return {**record, "question": question, "answer": self.perturber.perturb(record["answer"], entity, fake),
+                "entity": fake}, fake
 
     # -- keys and state --------------------------------------------------------------
 
@@ -261,12 +294,18 @@ class PairedCollator:
         for i, record in enumerate(records):
             where = _describe(i, record)
             _check_record(where, record)
+            question = record["question"]
+            if not isinstance(question, str) and not self.use_chat_template:
+                raise ValueError(f"{where}: 'question' is a list of chat messages, which only a chat template "
+                                 "renders, but use_chat_template=False; give it as a str or build the collator "
+                                 "with use_chat_template=True")
             try:
-                pert, fake = self.perturber.perturb_record(record, self.example_key(self.step, i, worker))
+                pert, fake = self._perturb(record, self.example_key(self.step, i, worker))
             except ValueError as e:
                 raise ValueError(f"{where}: {e}") from None
-            ids, n_prompt = self.encode(unicodedata.normalize("NFC", record["question"]),
-                                        unicodedata.normalize("NFC", record["answer"]))
+            question = (unicodedata.normalize("NFC", question) if isinstance(question, str)
+                        else nfc_messages(question))
+            ids, n_prompt = self.encode(question, unicodedata.normalize("NFC", record["answer"]))
             pert_ids, pert_n_prompt = self.encode(pert["question"], pert["answer"])
             for what, seq, n in (("x", ids, n_prompt), ("x~ (perturbed)", pert_ids, pert_n_prompt)):
                 if len(seq) == n:
@@ -322,7 +361,8 @@ def load_records(path: str | os.PathLike, *, require_entity: bool = True) -> lis
     """Read a JSONL file of records ``{"question", "answer", "entity"}`` (one JSON object
     per line; blank lines skipped; extra keys kept).
 
-    Checks every line: valid JSON, an object, the three keys as str, non-empty entity
+    Checks every line: valid JSON, an object, the three keys (question a str or chat
+    messages, answer and entity str), non-empty entity
     and answer, and (require_entity) that the entity is mentioned in the question or
     answer as seat.perturb matches it (whole word, case-sensitive, or its first or last
     name alone). Errors say ``path:line``.
@@ -345,7 +385,8 @@ def load_records(path: str | os.PathLike, *, require_entity: bool = True) -> lis
             _check_record(f"{where} (entity {record.get('entity')!r})", record)
             if require_entity:
                 entity = record["entity"]
-                if count_mentions(record["question"], entity) + count_mentions(record["answer"], entity) == 0:
+                texts = [*message_texts(record["question"]), record["answer"]]
+                if sum(count_mentions(text, entity) for text in texts) == 0:
                     raise ValueError(f"{where}: entity {entity!r} is mentioned in neither the question nor the "
                                      "answer; spell it exactly as in the text (whole word, same capitalization) "
                                      "or pass require_entity=False")

@@ -1,8 +1,14 @@
-"""SeatTrainer: transformers.Trainer wired for SEAT (see the class docstring)."""
+"""SeatTrainer: transformers.Trainer wired for SEAT (see the class docstring).
+
+The SEAT behaviour lives in SeatTrainerMixin, which goes before a transformers.Trainer
+subclass in the bases: SeatTrainer = SeatTrainerMixin + transformers.Trainer, and
+seat.integrations.trl.SeatSFTTrainer = SeatTrainerMixin + trl.SFTTrainer. The mixin
+overrides the Trainer's own hooks (compute_loss, training_step, get_batch_samples,
+_clip_grad_norm, log, _save, _load_from_checkpoint, _set_signature_columns_if_needed) and
+calls super() for the rest, so the trainer after it in the MRO keeps its own behaviour."""
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import json
 import math
@@ -61,8 +67,8 @@ def _sums() -> dict:
     return {"loss": 0.0, "ce": 0.0, "kl": 0.0, "steps": 0}
 
 
-class SeatTrainer(transformers.Trainer):
-    """transformers.Trainer for SEAT.
+class SeatTrainerMixin:
+    """The SEAT behaviour of a transformers.Trainer (subclass); put it first in the bases.
 
       * patches the model (or takes an already patched one) and trains with the handle's
         SparseAdamW (lr, betas, eps and weight decay from TrainingArguments; the Trainer's
@@ -80,6 +86,7 @@ class SeatTrainer(transformers.Trainer):
       * keeps the columns its collator reads (seat.PairedCollator: question, answer,
         entity) with the default remove_unused_columns=True, as it keeps the model's.
       * one process only for now (world_size > 1 is refused).
+      * a refused set-up leaves the model as it was given (a patch made here is reverted).
 
     Non-finite losses (nonfinite=): the loss of every micro-batch is checked before its
     backward, so no NaN/inf ever reaches a gradient, the optimizer state or a weight
@@ -112,21 +119,31 @@ class SeatTrainer(transformers.Trainer):
                  seat_config: SeatConfig | None = None, save_full_model: bool = False,
                  optimizer_kwargs: dict | None = None, nonfinite: str = "skip", **kwargs):
         if model is None or args is None:
-            raise ValueError("SeatTrainer needs a model and TrainingArguments")
+            raise ValueError(f"{type(self).__name__} needs a model and TrainingArguments")
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be 'skip' (skip the optimizer step, warn and count) or 'raise' "
                              f"(stop with an error naming the step); got {nonfinite!r}")
         if "optimizers" in kwargs or "optimizer_cls_and_kwargs" in kwargs:
-            raise ValueError("SeatTrainer makes its own optimizer (seat.optim.SparseAdamW over the masks); "
+            raise ValueError(f"{type(self).__name__} makes its own optimizer (seat.optim.SparseAdamW over the masks); "
                              "set lr, betas, eps and weight_decay in TrainingArguments")
-        handle = handle_of(model)
+        handle = created = handle_of(model)
         if handle is None:
             handle = patch(model, seat_config or SeatConfig())
-        elif seat_config is not None and seat_config != handle.config:
+        try:
+            self._seat_setup(model, args, handle, seat_config, save_full_model, optimizer_kwargs, nonfinite, kwargs)
+        except BaseException:
+            if created is None:  # leave the model as it was given
+                handle.revert()
+            raise
+
+    def _seat_setup(self, model, args, handle, seat_config, save_full_model, optimizer_kwargs, nonfinite,
+                    kwargs) -> None:
+        if seat_config is not None and seat_config != handle.config:
             raise ValueError("the model is already patched with another SeatConfig")
         if args.world_size > 1:
-            raise ValueError("SeatTrainer runs on one process for now: the compaction hooks free each gradient "
-                             "before a distributed all-reduce could see it, and the KL token count is per rank")
+            raise ValueError(f"{type(self).__name__} runs on one process for now: the compaction hooks free each "
+                             "gradient before a distributed all-reduce could see it, and the KL token count is "
+                             "per rank")
         collator = kwargs.get("data_collator")
         if collator is not None and hasattr(collator, "step") and hasattr(collator, "load_state_dict"):
             kwargs["data_collator"] = _DrawTaggingCollator(collator)
@@ -137,7 +154,7 @@ class SeatTrainer(transformers.Trainer):
         optimizer_kwargs = dict(optimizer_kwargs or {})
         if handle._optimizer is not None and optimizer_kwargs:
             raise ValueError("the handle already made its optimizer: optimizer_kwargs cannot change it; pass them "
-                             "to SeatTrainer before calling handle.optimizer(), or drop them")
+                             f"to {type(self).__name__} before calling handle.optimizer(), or drop them")
         in_backward = (handle._optimizer.update_in_backward if handle._optimizer is not None
                        else bool(optimizer_kwargs.get("update_in_backward", False)))
         if in_backward:
@@ -253,7 +270,7 @@ class SeatTrainer(transformers.Trainer):
             # The loop calls optimizer.step() next; the accelerate-wrapped optimizer steps
             # only while gradients are to be synced, so this step is not applied.
             self.accelerator.gradient_state._set_sync_gradients(False)
-            warnings.warn(f"SeatTrainer: {self._describe_bad(step)}; skipped the whole optimizer step "
+            warnings.warn(f"{type(self).__name__}: {self._describe_bad(step)}; skipped the whole optimizer step "
                           f"(nonfinite='skip'; {self.nonfinite_skipped} skipped so far)", RuntimeWarning,
                           stacklevel=2)
 
@@ -349,6 +366,10 @@ class SeatTrainer(transformers.Trainer):
         if collator_state is not None:
             self.data_collator.load_state_dict(collator_state)
         self.nonfinite_skipped = saved["nonfinite"]["skipped"]
+
+
+class SeatTrainer(SeatTrainerMixin, transformers.Trainer):
+    __doc__ = "transformers.Trainer for SEAT.\n" + SeatTrainerMixin.__doc__.split("\n", 1)[1]
 
 
 @contextlib.contextmanager

@@ -190,3 +190,4 @@ def test_collator_and_config_must_agree_on_kl_tokens(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="kl_tokens='answer' but the SeatConfig says kl_tokens='all'"):
         seat.SeatTrainer(model, args, train_dataset=RECORDS, data_collator=collator)
+    assert seat.patching.handle_of(model) is None  # the refused trainer left the model unpatched
