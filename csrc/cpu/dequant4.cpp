@@ -5,7 +5,8 @@
 // element) and gets the delta entries that fall in it while it is still in cache. The
 // mask encoding is a policy (seat/masks.h) finding a tile's entries: int32 indices by
 // binary search, block16 from its block's entries and offsets, full as the tile itself,
-// hash masks whole mask blocks at a time (a tile holds whole mask blocks). The element
+// hash masks whole mask blocks at a time (a tile holds whole mask blocks; membership
+// hashed 8 lanes at a time, member_words.h). The element
 // math is seat/dequant4.h. Inputs were validated by python/seat/ops/dequant4_delta.py;
 // the TORCH_CHECKs guard direct callers, and no position or slot outside the tensors is
 // ever touched, whatever the mask holds.
@@ -19,8 +20,10 @@
 #include <algorithm>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "mask_ref.h"
+#include "member_words.h"
 #include "seat/dequant4.h"
 #include "seat/masks.h"
 
@@ -29,6 +32,9 @@ namespace {
 using seat::HashMask;
 using seat::MaskRef;
 using seat::Quant4Ref;
+using seat::cpu::member_words;
+using seat::cpu::MemberWords;
+using seat::cpu::words_of;
 
 // Elements per tile: a multiple of every bnb block size (<= 4096) and of 2 (whole bytes),
 // inside one 65536-element block16 block; 32 KiB of bf16, cache-resident while its
@@ -69,11 +75,12 @@ void dequantize_tile(const Quant4Ref& q, int64_t begin, int64_t end, Out* out) {
   }
 }
 
-// f(position, slot) for the mask's entries with positions in [begin, end), a tile.
+// f(position, slot) for the mask's entries with positions in [begin, end), a tile;
+// `words`: scratch of words_of(m.block) membership words (hash masks only).
 template <typename P>
 struct TileEntries {
   template <typename F>
-  static void run(const MaskRef& m, int64_t begin, int64_t end, F&& f) {
+  static void run(const MaskRef& m, int64_t begin, int64_t end, MemberWords, uint32_t*, F&& f) {
     int64_t lo, hi;
     P::tile_slots(m, begin, end, &lo, &hi);
     for (int64_t j = lo; j < hi; ++j) {
@@ -83,27 +90,50 @@ struct TileEntries {
   }
 };
 
-// A tile of whole mask blocks (begin and end multiples of m.block, or end == numel).
+// A tile of whole mask blocks (begin and end multiples of m.block, or end == numel). The
+// entries of HashMask::visit: each block's membership bits (8 hashes per instruction with
+// AVX2), its members by bit scans, numbered from block_offsets[b] and below the next
+// block's first slot (or nnz).
 template <>
 struct TileEntries<HashMask> {
   template <typename F>
-  static void run(const MaskRef& m, int64_t begin, int64_t end, F&& f) {
-    for (int64_t b = begin / m.block; b < m.n_blocks && b * m.block < end; ++b) HashMask::visit(m, b, f);
+  static void run(const MaskRef& m, int64_t begin, int64_t end, MemberWords member_words_fn, uint32_t* words,
+                  F&& f) {
+    for (int64_t b = begin / m.block; b < m.n_blocks && b * m.block < end; ++b) {
+      int64_t slot = m.index[b];
+      const int64_t limit = std::min<int64_t>(m.index[b + 1], m.nnz);
+      if (slot < 0 || slot >= limit) continue;
+      const int64_t first = b * m.block, len = std::min(m.block, m.numel - first);
+      member_words_fn(m.key, first, len, m.threshold, words);
+      for (int64_t w = 0; w < words_of(len) && slot < limit; ++w) {
+        for (uint32_t word = words[w]; word != 0 && slot < limit; word &= word - 1) {
+          f(first + w * 32 + __builtin_ctz(word), slot++);
+        }
+      }
+    }
   }
 };
 
 template <typename P, typename Out, bool NESTED>
 void dequant4_delta(const Quant4Ref& q, const MaskRef& m, const Out* delta, Out* out) {
-  const int64_t tile = std::is_same<P, HashMask>::value ? std::max(kTile, m.block) : kTile;
+  const bool hash = std::is_same<P, HashMask>::value;
+  const int64_t tile = hash ? std::max(kTile, m.block) : kTile;
   const int64_t tiles = (q.numel + tile - 1) / tile;
-#pragma omp parallel for schedule(static) if (tiles > 1) num_threads(at::get_num_threads())
-  for (int64_t t = 0; t < tiles; ++t) {
-    const int64_t begin = t * tile, end = std::min(begin + tile, q.numel);
-    dequantize_tile<Out, NESTED>(q, begin, end, out);
-    if (m.nnz == 0) continue;
-    TileEntries<P>::run(m, begin, end, [=](int64_t pos, int64_t slot) {
-      out[pos] = static_cast<Out>(static_cast<float>(out[pos]) + static_cast<float>(delta[slot]));
-    });
+  // chosen on this thread: the first call may throw (a bad SEAT_CPU_ISA), never inside
+  // the OpenMP region
+  const MemberWords member_words_fn = hash && m.nnz > 0 ? member_words() : nullptr;
+#pragma omp parallel if (tiles > 1) num_threads(at::get_num_threads())
+  {
+    std::vector<uint32_t> words(hash ? static_cast<size_t>(words_of(m.block)) : 0);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t begin = t * tile, end = std::min(begin + tile, q.numel);
+      dequantize_tile<Out, NESTED>(q, begin, end, out);
+      if (m.nnz == 0) continue;
+      TileEntries<P>::run(m, begin, end, member_words_fn, words.data(), [=](int64_t pos, int64_t slot) {
+        out[pos] = static_cast<Out>(static_cast<float>(out[pos]) + static_cast<float>(delta[slot]));
+      });
+    }
   }
 }
 

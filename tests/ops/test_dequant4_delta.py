@@ -189,3 +189,34 @@ def test_bnb_unflattened_where_its_cpu_kernel_blocks_right():
 
     packed, qs = quantize((48, 128), quant_type="nf4", nested=True, blocksize=64)
     assert torch.equal(ops.dequant4_delta(packed, qs), F.dequantize_4bit(packed, qs))
+
+
+@pytest.mark.parametrize("encoding", ["int32", "block16", "full"])
+def test_native_kernel_skips_entries_outside_the_weight(encoding):
+    """A direct caller of the CPU kernel with a mask that lies (positions outside the
+    weight, block starts past the offsets): those entries are skipped, nothing outside
+    the tensors is touched, the rest is the plain dequantize plus the valid entries."""
+    from seat.ops import _native
+    from seat.ops._encodings import no_offsets
+
+    _native.load()
+    packed, qs = quantize((70_001,), nested=True, dtype=torch.float32)
+    q = quant4_of(qs)
+    plain = ops.dequant4_delta(packed, qs, dtype=torch.float32)
+    delta = torch.ones(4)
+    expected = plain.clone()
+    if encoding == "int32":
+        index, offsets, valid = torch.tensor([-7, 3, 69_999, 10**9], dtype=torch.int32), no_offsets("cpu"), [3, 69_999]
+    elif encoding == "block16":  # block 1 holds elements 65536..70000: offset 65535 lies past the weight
+        index = torch.tensor([0, 2, 4], dtype=torch.int32)
+        offsets = torch.tensor([5, 9, 4463, 65535], dtype=torch.int32).to(torch.uint16)
+        valid = [5, 9, 65536 + 4463]
+    else:
+        index, offsets, delta = torch.empty(0, dtype=torch.int32), no_offsets("cpu"), torch.ones(70_001)
+        valid = list(range(70_001))
+    expected[valid] += 1
+    out = torch.full((70_001,), float("nan"))
+    code = {"int32": 0, "block16": 1, "full": 3}[encoding]
+    torch.ops.seat_C.dequant4_delta_(out, packed, q.absmax, q.code, q.blocksize, q.nested_absmax, q.nested_code,
+                                     q.nested_blocksize, q.offset, delta, code, index, offsets, [0, 0, 0])
+    assert torch.equal(out, expected)
