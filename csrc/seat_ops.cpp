@@ -11,7 +11,8 @@ TORCH_LIBRARY(seat_C, m) {
   // The sparse-update family. A mask is passed as (encoding, mask_index, mask_offsets,
   // mask_ints) (seat/masks.h): encoding 0 = int32 indices (mask_index = idx), 1 = block16
   // (mask_index = block_starts, mask_offsets = uint16 offsets), 2 = hash (mask_index =
-  // block_offsets, mask_ints = key, threshold, block); an unused tensor is empty, unused
+  // block_offsets, mask_ints = key, threshold, block), 3 = full (every element: mask_index
+  // empty, the compact arrays one entry per element); an unused tensor is empty, unused
   // ints are 0. mask_ints holds 3 ints per mask.
   // out[slot] += dense.view(-1)[position] over the mask's entries
   m.def(
@@ -30,6 +31,14 @@ TORCH_LIBRARY(seat_C, m) {
       "Tensor(d!)[] masters, Tensor(e!)[] max_exp_avg_sqs, int encoding, Tensor[] mask_indices, "
       "Tensor[] mask_offsets, int[] mask_ints, float[] scalars, bool maximize, bool stochastic, int step_key, "
       "bool dense_state) -> ()");
+  // out = a bitsandbytes 4-bit weight (packed, absmax, code, blocksize; with double
+  // quantization nested_absmax, nested_code, nested_blocksize, offset) dequantized into
+  // out's dtype, plus delta (out's dtype, one value per mask entry) at the mask's entries
+  // (seat/dequant4.h; encoding 3 = full: every element, empty mask_index).
+  m.def(
+      "dequant4_delta_(Tensor(a!) out, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+      "Tensor? nested_absmax, Tensor? nested_code, int nested_blocksize, float offset, Tensor delta, int encoding, "
+      "Tensor mask_index, Tensor mask_offsets, int[] mask_ints) -> ()");
   // counts[b] = members of block b of the hash mask (key, threshold) over numel elements.
   m.def("implicit_block_counts_(Tensor(a!) counts, int numel, int key, int threshold, int block) -> ()");
   // Fused log-softmax losses, per row (kl_div, paired_loss, fused_linear_paired_loss):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 # Modules holding Triton kernels; a new kernel family adds its module here.
-KERNEL_MODULES = ("seat_kernels.sparse_update", "seat_kernels.kl_div")
+KERNEL_MODULES = ("seat_kernels.sparse_update", "seat_kernels.kl_div", "seat_kernels.dequant4")
 
 
 def aot_specs():

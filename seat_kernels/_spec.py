@@ -17,3 +17,4 @@ class AotSpec:
     signature: dict[str, str]
     constexprs: dict[str, Any]
     num_warps: int = 4
+    options: dict = dataclasses.field(default_factory=dict)  # more compile options (enable_fp_fusion, ...)

@@ -44,7 +44,7 @@ def compile_spec(spec, arch: int) -> dict:
 
     start = time.perf_counter()
     source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps, **spec.options})
     result = {"kernel": spec.name, "arch": f"sm_{arch}", "num_warps": spec.num_warps,
               "compile_s": round(time.perf_counter() - start, 3)}
     result.update(_resource_usage(compiled.asm["cubin"]))

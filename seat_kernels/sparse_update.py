@@ -9,6 +9,8 @@ Encodings (the `encoding` ids of the ops; csrc/include/seat/masks.h is the C++ t
   HASH     element e is trained iff mix32(key ^ mix32(e)) < threshold; mask_index =
            block_offsets (int32, n_blocks + 1: members before each block of `block`
            elements); mask_ints = (key, threshold, block)
+  FULL     every element: position = slot (a compact parameter trained whole);
+           mask_index empty
 
 Compact slot j is the j-th entry in increasing position order for every encoding, so
 trajectories do not depend on the encoding. `entries` is the one place that decodes a
@@ -38,10 +40,11 @@ import triton.language as tl
 from ._spec import AotSpec
 from .adamw_math import load_scalars, mix32, round_to_param, update_entries
 
-ENCODINGS = {"index": 0, "block16": 1, "hash": 2}  # the ops' encoding ids
+ENCODINGS = {"index": 0, "block16": 1, "hash": 2, "full": 3}  # the ops' encoding ids
 INDEX = tl.constexpr(ENCODINGS["index"])
 BLOCK16 = tl.constexpr(ENCODINGS["block16"])
 HASH = tl.constexpr(ENCODINGS["hash"])
+FULL = tl.constexpr(ENCODINGS["full"])
 
 BLOCK16_SIZE = tl.constexpr(65536)
 # Binary-search steps of a block16 position: 16 cover the at most 32768 blocks of a
@@ -124,8 +127,8 @@ def entries(ENC: tl.constexpr, index_ptr, offsets_ptr, item, tile, first, limit,
     a flat position in the parameter and a slot in the compact arrays, valid where live;
     count = HASH members of the tile (the next tile's slots start at first + count).
 
-    INDEX / BLOCK16: item = TILE compact entries; a position outside [0, numel) is
-    dead (the mask lied).
+    INDEX / BLOCK16 / FULL: item = TILE compact entries; a position outside [0, numel)
+    is dead (the mask lied; FULL: position = slot).
     HASH: item = mask block (elements item * MASK_BLOCK + tile + lane), members numbered
     from `first`; a slot at or past `limit` is dead."""
     if ENC == HASH:
@@ -139,7 +142,9 @@ def entries(ENC: tl.constexpr, index_ptr, offsets_ptr, item, tile, first, limit,
     else:
         slot = item.to(tl.int64) * TILE + tl.arange(0, TILE)
         live = slot < nnz
-        if ENC == INDEX:
+        if ENC == FULL:
+            return slot, slot, live & (slot < numel), 0
+        elif ENC == INDEX:
             pos = tl.load(index_ptr + slot, mask=live, other=0)
             return pos, slot, live & (pos >= 0) & (pos < numel), 0
         else:
@@ -251,6 +256,8 @@ def _mask_launch(encoding: int, compact: int, numel: int, mask_index, mask_offse
         nnz = min(compact, mask_index.numel())
     elif encoding == BLOCK16.value:
         nnz = min(compact, mask_offsets.numel())
+    elif encoding == FULL.value:
+        nnz = min(compact, numel)
     elif encoding == HASH.value:
         nnz, tile = compact, min(tile, block)
         return triton.cdiv(numel, block), nnz, (key, threshold), block, tile

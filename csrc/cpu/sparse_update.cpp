@@ -19,12 +19,15 @@
 
 #include "dtype_io.h"
 #include "isa.h"
+#include "mask_ref.h"
+#include "member_words.h"
 #include "seat/adamw.h"
 #include "seat/masks.h"
 
 namespace {
 
 using seat::Block16Mask;
+using seat::FullMask;
 using seat::HashMask;
 using seat::IndexMask;
 using seat::MaskRef;
@@ -44,82 +47,9 @@ constexpr int64_t kWordsAhead = 8;
 
 // ----------------------------------------------------------------------------- walks
 
-// Membership of elements [begin, begin + len) of a hash mask as bits: words[w] bit i is
-// element begin + 32 w + i (bits past len are 0). The hash of every element is what bounds
-// the hash walks, so the AVX2 version hashes 8 elements per instruction and turns the
-// comparisons into bits with movemask; the members are then found with bit scans.
-// 32-bit membership words covering n elements.
-int64_t words_of(int64_t n) { return (n + 31) / 32; }
-
-void member_words_scalar(uint32_t key, int64_t begin, int64_t len, int64_t threshold, uint32_t* words) {
-  const bool all = threshold > static_cast<int64_t>(UINT32_MAX);  // density 1
-  const uint32_t below = all ? 0u : static_cast<uint32_t>(threshold);
-  for (int64_t w = 0; w < words_of(len); ++w) {
-    // 32 flags in a loop the compiler vectorizes (SSE2 / NEON), then packed into bits
-    uint8_t flags[32];
-    const uint32_t first = static_cast<uint32_t>(begin + w * 32);
-    for (uint32_t i = 0; i < 32; ++i) {
-      flags[i] = static_cast<uint8_t>(all | (seat::mix32(key ^ seat::mix32(first + i)) < below));
-    }
-    uint32_t bits = 0;
-    for (int i = 0; i < 32; ++i) bits |= static_cast<uint32_t>(flags[i]) << i;
-    const int64_t n = len - w * 32;
-    words[w] = n >= 32 ? bits : bits & ((uint32_t{1} << n) - 1);
-  }
-}
-
-#ifdef SEAT_CPU_ISA_COPIES
-// seat::mix32 on 8 lanes.
-__attribute__((target("avx2"))) inline __m256i mix32x8(__m256i x) {
-  const __m256i mul = _mm256_set1_epi32(0x45D9F3B);
-  x = _mm256_mullo_epi32(_mm256_xor_si256(_mm256_srli_epi32(x, 16), x), mul);
-  x = _mm256_mullo_epi32(_mm256_xor_si256(_mm256_srli_epi32(x, 16), x), mul);
-  return _mm256_xor_si256(_mm256_srli_epi32(x, 16), x);
-}
-
-__attribute__((target("avx2"))) void member_words_avx2(uint32_t key, int64_t begin, int64_t len, int64_t threshold,
-                                                       uint32_t* words) {
-  if (threshold > static_cast<int64_t>(UINT32_MAX)) {  // density 1: every element
-    return member_words_scalar(key, begin, len, threshold, words);
-  }
-  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i keys = _mm256_set1_epi32(static_cast<int32_t>(key));
-  const __m256i sign = _mm256_set1_epi32(INT32_MIN);
-  // h < threshold as unsigned 32-bit numbers = a signed comparison with both signs flipped
-  const __m256i limit = _mm256_xor_si256(_mm256_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(threshold))), sign);
-  const int64_t n_words = words_of(len);
-  for (int64_t w = 0; w < n_words; ++w) {
-    uint32_t bits = 0;
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t first = static_cast<uint32_t>(begin + w * 32 + q * 8);
-      const __m256i e = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(first)), lanes);
-      const __m256i h = mix32x8(_mm256_xor_si256(keys, mix32x8(e)));
-      const __m256i below = _mm256_cmpgt_epi32(limit, _mm256_xor_si256(h, sign));
-      bits |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(below))) << (q * 8);
-    }
-    words[w] = bits;
-  }
-  const int64_t tail = len % 32;
-  if (tail != 0) words[n_words - 1] &= (uint32_t{1} << tail) - 1;
-}
-#endif
-
-using MemberWords = void (*)(uint32_t, int64_t, int64_t, int64_t, uint32_t*);
-
-MemberWords member_words_for_this_cpu() {
-#ifdef SEAT_CPU_ISA_COPIES
-  if (seat::cpu::cpu_isa() != seat::cpu::Isa::kBaseline) return member_words_avx2;
-#endif
-  return member_words_scalar;
-}
-
-// The membership function for this process. Called on the calling thread before any
-// parallel region: the first call may throw (a bad SEAT_CPU_ISA), which must not happen
-// inside an OpenMP region (an exception escaping one terminates the process).
-MemberWords member_words() {
-  static const MemberWords chosen = member_words_for_this_cpu();
-  return chosen;
-}
+using seat::cpu::member_words;
+using seat::cpu::MemberWords;
+using seat::cpu::words_of;
 
 // Walk<P>::run(m, grain, f, prefetch) runs f(position, slot) on every entry of m, P's work
 // items in parallel when m has more than `grain` entries; prefetch(position) is a hint
@@ -163,6 +93,22 @@ struct Walk<IndexMask> {
         if (j + kPrefetchAhead < nnz) prefetch(static_cast<int64_t>(m.index[j + kPrefetchAhead]));
         IndexMask::visit(m, j, f);
       }
+    }
+  }
+};
+
+// Every element: positions 0 .. nnz - 1 in order, statically scheduled (no index to read).
+template <>
+struct Walk<FullMask> {
+  template <typename F, typename Prefetch>
+  static void run(const MaskRef& mask, int64_t grain, const F& fn, const Prefetch&) {
+#pragma omp parallel if (mask.nnz > grain) num_threads(at::get_num_threads())
+    {
+      const MaskRef m = mask;
+      F f = fn;
+      const int64_t n = m.nnz < m.numel ? m.nnz : m.numel;
+#pragma omp for schedule(static)
+      for (int64_t j = 0; j < n; ++j) f(j, j);
     }
   }
 };
@@ -213,60 +159,10 @@ void for_each_entry(const MaskRef& m, int64_t grain, const F& f, const Prefetch&
 
 // ----------------------------------------------------------------------------- masks
 
-// Calls f(policy) with the policy of `encoding`: the only place the encoding is read.
-template <typename F>
-void dispatch_encoding(int64_t encoding, const char* who, F&& f) {
-  switch (static_cast<seat::Encoding>(encoding)) {
-    case seat::Encoding::kIndex: return f(IndexMask{});
-    case seat::Encoding::kBlock16: return f(Block16Mask{});
-    case seat::Encoding::kHash: return f(HashMask{});
-  }
-  TORCH_CHECK(false, who, ": encoding must be 0 (int32), 1 (block16) or 2 (hash); got ", encoding);
-}
-
-void check_mask_tensor(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name, const char* who) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.dim() == 1, who, ": ", name,
-              " must be a contiguous 1-D ", dtype, " CPU tensor");
-  TORCH_CHECK(t.numel() == numel, who, ": ", name, " must have ", numel, " entries; got ", t.numel());
-}
-
-// The MaskRef of one mask of a tensor of `numel` elements with `nnz` compact entries,
-// after the checks the walks rely on: index and offsets as long as they read them, hash
-// parameters in their ranges. The values themselves are checked by the Python layer
-// (python/seat/ops/_encodings.py); the walks skip what lies outside the tensors, so a
-// direct caller, or a mask edited behind torch's back, cannot reach other memory.
-MaskRef mask_ref(IndexMask, const at::Tensor& index, const at::Tensor&, at::IntArrayRef, int64_t numel, int64_t nnz,
-                 const char* who) {
-  check_mask_tensor(index, at::kInt, nnz, "the index mask", who);
-  return {index.data_ptr<int32_t>(), nullptr, numel, nnz, 0, 0, 0, 0};
-}
-
-MaskRef mask_ref(Block16Mask, const at::Tensor& index, const at::Tensor& offsets, at::IntArrayRef, int64_t numel,
-                 int64_t nnz, const char* who) {
-  const int64_t n_blocks = seat::n_blocks_of(numel, seat::kBlock16);
-  check_mask_tensor(index, at::kInt, n_blocks + 1, "block_starts (ceil(numel / 65536) + 1 entries)", who);
-  check_mask_tensor(offsets, at::kUInt16, nnz, "offsets (one per entry)", who);
-  return {index.data_ptr<int32_t>(), static_cast<const uint16_t*>(offsets.data_ptr()), numel, nnz, n_blocks, 0, 0,
-          0};
-}
-
-void check_hash(int64_t numel, int64_t key, int64_t threshold, int64_t block, const char* who) {
-  TORCH_CHECK(numel >= 0 && numel <= INT32_MAX, who, ": hash masks reach at most 2**31-1 elements; got ", numel);
-  TORCH_CHECK(key >= 0 && key <= UINT32_MAX, who, ": the mask key must be in [0, 2**32); got ", key);
-  TORCH_CHECK(threshold >= 0 && threshold <= (int64_t{1} << 32), who, ": threshold must be in [0, 2**32]; got ",
-              threshold);
-  TORCH_CHECK(block >= 256 && block <= seat::kBlock16 && (block & (block - 1)) == 0, who,
-              ": block must be a power of two in [256, 65536]; got ", block);
-}
-
-MaskRef mask_ref(HashMask, const at::Tensor& index, const at::Tensor&, at::IntArrayRef ints, int64_t numel,
-                 int64_t nnz, const char* who) {
-  const int64_t key = ints[0], threshold = ints[1], block = ints[2];
-  check_hash(numel, key, threshold, block, who);
-  const int64_t n_blocks = seat::n_blocks_of(numel, block);
-  check_mask_tensor(index, at::kInt, n_blocks + 1, "block_offsets (ceil(numel / block) + 1 entries)", who);
-  return {index.data_ptr<int32_t>(), nullptr, numel, nnz, n_blocks, threshold, block, static_cast<uint32_t>(key)};
-}
+using seat::cpu::check_hash;
+using seat::cpu::check_mask_tensor;
+using seat::cpu::dispatch_encoding;
+using seat::cpu::mask_ref;
 
 void check_dense(const at::Tensor& t, const char* name, const char* who) {
   TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), who, ": ", name, " must be a contiguous CPU tensor");

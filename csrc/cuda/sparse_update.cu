@@ -13,6 +13,8 @@
 //                           Positions must be recomputed in order, so it cannot be
 //                           per-entry; the CPU walks a block serially instead.
 //
+//   FullMask                as IndexMask, position = slot (no index to read).
+//
 // with_policy() is the only switch on the encoding; the dtype combinations that exist are
 // the instantiation lists (SEAT_*_LIST), from which the dtype dispatch is generated.
 #include <cuda_bf16.h>
@@ -303,6 +305,14 @@ const char* layout_error<Block16Mask>(const MaskRef& m, int64_t index_numel, int
 }
 
 template <>
+const char* layout_error<FullMask>(const MaskRef& m, int64_t index_numel, int64_t offsets_numel) {
+  if (index_numel != 0) return "mask_index must be empty for a full mask";
+  if (offsets_numel != 0) return "mask_offsets must be empty for a full mask";
+  if (m.nnz != m.numel) return "a full mask needs one compact entry per element";
+  return nullptr;
+}
+
+template <>
 const char* layout_error<HashMask>(const MaskRef& m, int64_t index_numel, int64_t offsets_numel) {
   if (m.block < 256 || m.block > 65536 || (m.block & (m.block - 1)) != 0)
     return "block must be a power of two in [256, 65536]";
@@ -323,6 +333,7 @@ R with_policy(Encoding encoding, R unknown, Fn&& fn) {
     case Encoding::kIndex: return fn(IndexMask{});
     case Encoding::kBlock16: return fn(Block16Mask{});
     case Encoding::kHash: return fn(HashMask{});
+    case Encoding::kFull: return fn(FullMask{});
   }
   return unknown;
 }

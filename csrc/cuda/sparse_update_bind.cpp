@@ -18,6 +18,7 @@
 
 #include "seat/adamw.h"
 #include "seat/masks.h"
+#include "mask_bind.h"
 #include "sparse_update.cuh"
 #include "torch_dtype.h"
 
@@ -30,39 +31,10 @@ using seat::cuda::TensorRef;
 
 constexpr int64_t kMaxTensorsPerLaunch = 65535;  // grid.y
 
-bool is_flat(const at::Tensor& t, const at::Device& device) {
-  return t.device() == device && t.is_contiguous() && t.dim() == 1;
-}
-
-void* ptr_or_null(const at::Tensor& t) { return t.numel() > 0 ? t.data_ptr() : nullptr; }
-
-// The mask of a parameter of `numel` elements with `nnz` compact entries; mask_layout_error
-// holds the sizes to the encoding, so the kernels' reads stay inside the mask tensors.
-MaskRef mask_ref(int64_t encoding, const at::Tensor& index, const at::Tensor& offsets, const int64_t* ints,
-                 int64_t numel, int64_t nnz, const at::Device& device, const char* who) {
-  TORCH_CHECK(is_flat(index, device) && index.scalar_type() == at::kInt, who,
-              ": mask_index must be a contiguous 1-D int32 tensor on ", device);
-  TORCH_CHECK(offsets.numel() == 0 || (is_flat(offsets, device) && offsets.scalar_type() == at::kUInt16), who,
-              ": mask_offsets must be empty or a contiguous 1-D uint16 tensor on ", device);
-  TORCH_CHECK(ints[0] >= 0 && ints[0] <= std::numeric_limits<uint32_t>::max(), who,
-              ": the mask key must be a uint32, got ", ints[0]);
-  const MaskRef m{index.data_ptr<int32_t>(),
-                  static_cast<const uint16_t*>(ptr_or_null(offsets)),
-                  numel,
-                  nnz,
-                  std::max<int64_t>(index.numel() - 1, 0),
-                  ints[1],
-                  ints[2],
-                  static_cast<uint32_t>(ints[0])};
-  const char* error =
-      seat::cuda::mask_layout_error(static_cast<Encoding>(encoding), m, index.numel(), offsets.numel());
-  TORCH_CHECK(error == nullptr, who, ": ", error);
-  return m;
-}
-
-void check_launch(cudaError_t err, const char* who) {
-  TORCH_CHECK(err == cudaSuccess, who, " failed: ", cudaGetErrorString(err));
-}
+using seat::cuda::check_launch;
+using seat::cuda::is_flat;
+using seat::cuda::mask_ref;
+using seat::cuda::ptr_or_null;
 
 void masked_gather_cuda(at::Tensor out, const at::Tensor& dense, int64_t encoding,
                         const at::Tensor& mask_index, const at::Tensor& mask_offsets, at::IntArrayRef mask_ints) {

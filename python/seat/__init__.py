@@ -18,6 +18,7 @@ _LAZY = {
     "masks": ("seat.masks", None),
     "optim": ("seat.optim", None),
     "memory": ("seat.memory", None),
+    "quant": ("seat.quant", None),
     "patch": ("seat.patching", "patch"),
     "SeatConfig": ("seat.config", "SeatConfig"),
     "SeatHandle": ("seat.patching", "SeatHandle"),
@@ -29,7 +30,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from . import info, masks, memory, ops, optim  # noqa: F401
+    from . import info, masks, memory, ops, optim, quant  # noqa: F401
     from .config import SeatConfig  # noqa: F401
     from .data import PairedCollator  # noqa: F401
     from .delta import DeltaMismatchError, load_delta  # noqa: F401

@@ -9,6 +9,9 @@ INT32_MAX = 2**31 - 1  # masks index a weight's flat storage with int32: at most
 # seat.masks.ImportanceScores), and the mask encodings (seat.masks.ENCODINGS holds their classes).
 MASK_KINDS = ("random", "magnitude")
 MASK_ENCODINGS = ("int32", "implicit", "block16")
+# Encodings seat uses internally, not a SeatConfig choice: "full" (seat.masks.FullMask) marks
+# every entry of a compact parameter (QSEAT's delta) as trained, holding no index.
+INTERNAL_ENCODINGS = ("full",)
 CHOSEN_ENCODINGS = ("int32", "block16")  # the encodings that can store chosen entries (not only a hash's draw)
 
 BLOCK16_SIZE = 65536  # elements per block of a block16 mask (uint16 offsets)

@@ -11,7 +11,9 @@ Nothing in the model's code is rewritten and no second model is made. Patching
     INFO) one line of what it targets and what it skips, and why
     (handle.targeting_report() has the details);
   * builds a mask per target weight (seat.masks) and stores the weight's original values
-    at the masked entries (the only base values SEAT ever changes);
+    at the masked entries (the only base values SEAT ever changes); a bitsandbytes 4-bit
+    target (Linear4bit) instead keeps its packed weight untouched and trains a delta
+    beside it, one value per mask entry (QSEAT: seat.quant);
   * returns a SeatHandle that gives the optimizer (seat.optim.SparseAdamW, whose hooks
     compact each dense gradient as it is produced), the base model on demand
     (`with handle.reference():` swaps the original values in and back), the SEAT loss of
@@ -91,6 +93,24 @@ class SeatHandle:
                              "seat.patch takes a causal LM, e.g. AutoModelForCausalLM, not a bare decoder")
         from .loss import check_logits_from_hidden, params_reached
 
+        from . import quant
+
+        self._repacking = quant.disable_cpu_repacking(model)  # before any probe forward (seat.quant)
+        try:
+            self._setup(model, config, masks, check_logits_from_hidden, params_reached)
+        except BaseException:
+            quant.restore_cpu_repacking(model, self._repacking)
+            raise
+        setattr(model, _HANDLE_ATTR, self)
+        self._patched = True
+        _log.info(self._report.summary())
+
+    def _setup(self, model, config, masks, check_logits_from_hidden, params_reached) -> None:
+        """Everything __init__ does, checked before the model is changed (its flags, then
+        the 4-bit targets' forwards, are changed last)."""
+        from .quant import QuantTarget, is_4bit_linear, settings_of
+        from .quant._target import Switch
+
         decoder = check_logits_from_hidden(model)
         chosen, report = select_targets(model, config.targets, decoder, params_reached(model, decoder))
         self.model = model
@@ -99,8 +119,15 @@ class SeatHandle:
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._optimizer = None
         self._in_reference = False
-        self.targets: dict[str, Target] = {}
+        self._deltas_on = Switch()  # the 4-bit targets' deltas, off inside reference()
+        self.targets: dict[str, Target | QuantTarget] = {}
         for name, module, weight in chosen:
+            if is_4bit_linear(module):  # QSEAT: a delta beside the packed weight (seat.quant)
+                settings = settings_of(name, module)
+                idx = self._build_mask(name, self._mask_source(module, settings, name, masks), masks,
+                                       device=weight.device)
+                self.targets[name] = QuantTarget.create(name, module, idx, settings, self._deltas_on)
+                continue
             if not weight.is_contiguous():
                 raise ValueError(f"{name} is not contiguous; seat masks index a weight's flat storage")
             idx = self._build_mask(name, weight, masks)
@@ -116,23 +143,47 @@ class SeatHandle:
             p.requires_grad_(False)
         for target in self.targets.values():
             target.param.requires_grad_(True)
+        installed = []
+        try:
+            for target in self._quant_targets():
+                target.install()
+                installed.append(target)
+        except BaseException:
+            for target in installed:
+                target.uninstall()
+            for name, p in model.named_parameters():
+                p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+            raise
         if _checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # reentrant checkpointing needs a grad-requiring input
-        setattr(model, _HANDLE_ATTR, self)
-        self._patched = True
-        _log.info(report.summary())
 
-    def _build_mask(self, name: str, weight: Tensor, masks):
+    def _mask_source(self, module, settings, name: str, masks):
+        """What a 4-bit weight's mask is drawn from: its dequantized values for a magnitude
+        mask, else only its shape (a meta tensor: nothing is allocated)."""
+        from .quant._target import dequantized
+
+        if self.config.mask == "magnitude" and not (masks is not None and name in masks):
+            return dequantized(module, torch.float32)
+        return torch.empty(settings.shape, device="meta")
+
+    def _quant_targets(self) -> list:
+        from .quant import QuantTarget
+
+        return [t for t in self.targets.values() if isinstance(t, QuantTarget)]
+
+    def _build_mask(self, name: str, weight: Tensor, masks, device=None):
         """The target's mask: the one given in `masks` (int32 indices, stored in the config's
-        mask_encoding when that is an explicit one, or a Mask), else drawn by the config."""
+        mask_encoding when that is an explicit one, or a Mask), else drawn by the config,
+        on `device` (default: the weight's)."""
         c = self.config
+        device = weight.device if device is None else device
         if masks is not None and name in masks:
             mask = as_mask(masks[name], weight.numel(), f"masks[{name!r}]")
             if isinstance(masks[name], Tensor):  # given entries, stored as the config says
-                return encode_chosen(mask.indices().to(weight.device), weight.numel(), c.mask_encoding)
-            return mask if mask.device == weight.device else mask.to(weight.device)
+                return encode_chosen(mask.indices().to(device), weight.numel(), c.mask_encoding)
+            return mask if mask.device == device else mask.to(device)
         return build_mask(name, weight.detach(), c.density, kind=c.mask, seed=c.seed, encoding=c.mask_encoding,
-                          device=weight.device)
+                          device=device)
 
     # ------------------------------------------------------------------ queries
     def _check_patched(self) -> None:
@@ -151,7 +202,11 @@ class SeatHandle:
 
     @property
     def trainable_fraction(self) -> float:
-        return self.num_trainable / sum(p.numel() for p in self.model.parameters())
+        """num_trainable over the model's parameters, a 4-bit weight counted by its
+        elements (not its packed bytes) and the deltas not counted."""
+        total = sum(p.numel() for p in self.model.parameters())
+        total += sum(t.weight_numel - t.module.weight.numel() - t.delta.numel() for t in self._quant_targets())
+        return self.num_trainable / total
 
     # ------------------------------------------------------------------ training pieces
     def optimizer(self, lr: float = 1e-4, **kwargs):
@@ -189,10 +244,12 @@ class SeatHandle:
         try:
             with torch.no_grad(), self._updates_forbidden():
                 self._swap_all()
+                self._deltas_on.on = False
                 try:
                     with eval_mode(self.model):
                         yield
                 finally:
+                    self._deltas_on.on = True
                     self._swap_all()
         finally:
             self._in_reference = False
@@ -211,8 +268,11 @@ class SeatHandle:
                                f"there, not the trained ones); call it after the block")
 
     def _swap_all(self) -> None:
+        """Exchange the trained and the base values of the float targets (a 4-bit target's
+        base is its packed weight, never written: its delta is switched off instead)."""
         for t in self.targets.values():
-            mask_swap_(t.param.data, t.idx, t.original)
+            if isinstance(t, Target):
+                mask_swap_(t.param.data, t.idx, t.original)
 
     def loss(self, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None):
         """The SEAT loss of a batch from seat.PairedCollator: a SeatLoss(loss, ce, kl)."""
@@ -234,11 +294,32 @@ class SeatHandle:
     # ------------------------------------------------------------------ the way back
     def unpatch(self) -> None:
         """Remove every hook, mask and stored value; keep the trained weights (like PEFT's
-        merge_and_unload) and restore each parameter's requires_grad flag."""
+        merge_and_unload) and restore each parameter's requires_grad flag.
+
+        Refused for a model with 4-bit targets (QSEAT): their trained values are deltas
+        beside the packed weights, which could take them only by being quantized again
+        (losing most of the update). Keep the handle patched to use the trained model
+        (its forward includes the deltas), save_delta() and load it (seat.load_delta) onto
+        the 4-bit base or merged into a bf16 one, or revert()."""
         self._check_patched()
         self._refuse_in_reference("unpatch")
+        quant = self._quant_targets()
+        if quant:
+            raise RuntimeError(f"unpatch() would lose the trained deltas of {len(quant)} 4-bit weights (e.g. "
+                               f"{quant[0].name}): a 4-bit weight cannot take them without being quantized again. "
+                               "Keep the model patched to use it, save_delta() and seat.load_delta() it onto a "
+                               "4-bit or a bf16 base, or revert() to drop the deltas")
+        self._teardown()
+
+    def _teardown(self) -> None:
+        """Remove hooks, 4-bit forwards and deltas; restore flags; forget the targets."""
+        from . import quant
+
         if self._optimizer is not None:
             self._optimizer.remove_hooks()
+        for t in self._quant_targets():
+            t.uninstall()
+        quant.restore_cpu_repacking(self.model, self._repacking)
         for name, p in self.model.named_parameters():
             p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         delattr(self.model, _HANDLE_ATTR)
@@ -246,13 +327,15 @@ class SeatHandle:
         self._patched = False
 
     def revert(self) -> None:
-        """Put the original weights back (bit-exact), then unpatch."""
+        """Put the original weights back (bit-exact), then unpatch. The 4-bit targets lose
+        their deltas and get their own forward back (their packed weights never changed)."""
         self._check_patched()
         self._refuse_in_reference("revert")
         with torch.no_grad():
             for t in self.targets.values():
-                t.param.data.view(-1)[mask_indices(t.idx).long()] = t.original
-        self.unpatch()
+                if isinstance(t, Target):
+                    t.param.data.view(-1)[mask_indices(t.idx).long()] = t.original
+        self._teardown()
 
     def __repr__(self) -> str:
         state = "patched" if self._patched else "unpatched"

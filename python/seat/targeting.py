@@ -19,6 +19,12 @@ to the logits SEAT's loss reads. Nor are weights the decoder's forward does not 
 a gradient (the cross-attention of an encoder-decoder's decoder run without encoder
 states, a multimodal tower, a sparse-attention indexer behind a top-k): they would hold
 masks and optimizer state and never train.
+
+bitsandbytes 4-bit linear layers (Linear4bit, a subclass of nn.Linear holding a packed
+uint8 weight) are targets of the kind "linear4bit": seat.patch trains a delta beside each
+(seat.quant, QSEAT). bitsandbytes gives their packed weights no gradient, so they are not
+probed for reachability. Any other linear weight that is not floating point (an 8-bit
+Linear8bitLt, an integer weight) is refused when the targets select it.
 """
 from __future__ import annotations
 
@@ -29,8 +35,11 @@ from collections import Counter
 
 import torch
 
+from .quant._settings import is_4bit_linear
+
 LINEAR = "linear"
 EXPERTS = "experts"
+LINEAR4BIT = "linear4bit"
 _CONV = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 
 
@@ -57,7 +66,7 @@ def layer_pattern(name: str) -> str:
 class TargetingReport:
     """Every parameter of the model, targeted or skipped.
 
-    targeted: parameter name -> "linear" or "experts".
+    targeted: parameter name -> "linear", "linear4bit" or "experts".
     skipped: parameter name -> why it is not trained.
     trained_entries: parameter name -> entries in its mask (targets only).
     """
@@ -81,7 +90,8 @@ class TargetingReport:
         entries = sum(self.trained_entries.values())
         reasons = Counter(self.skipped.values())
         skipped = ", ".join(f"{count} {why}" for why, count in sorted(reasons.items()))
-        return (f"seat.patch({self.model_class}): targets {kinds[LINEAR]} linear weights and {kinds[EXPERTS]} "
+        quant = f", {kinds[LINEAR4BIT]} 4-bit linear weights (trained as deltas)" if kinds[LINEAR4BIT] else ""
+        return (f"seat.patch({self.model_class}): targets {kinds[LINEAR]} linear weights{quant} and {kinds[EXPERTS]} "
                 f"expert tensors ({entries:,} trained entries); not trained: {skipped or 'nothing'}")
 
     def __str__(self) -> str:
@@ -111,6 +121,10 @@ def _skip_reason(mname: str, module: torch.nn.Module, pname: str, param) -> str:
 UNREACHED = "no gradient reaches it from the logits (unused by a text forward, or behind a non-differentiable step)"
 
 
+def _matched(targets, selector: str) -> bool:
+    return targets == "all-linear" or any(fnmatch.fnmatchcase(selector, t) for t in targets)
+
+
 def select_targets(model: torch.nn.Module, targets, decoder: torch.nn.Module | None = None,
                    reached: set[int] | None = None):
     """The weights to train and the report of every parameter.
@@ -133,22 +147,27 @@ def select_targets(model: torch.nn.Module, targets, decoder: torch.nn.Module | N
             seen.add(id(p))
             name = f"{mname}.{pname}" if mname else pname
             linear = pname == "weight" and is_linear(module)
-            kind = LINEAR if linear else EXPERTS if is_expert_tensor(module, p) else None
+            quant4 = linear and is_4bit_linear(module)
+            kind = LINEAR4BIT if quant4 else LINEAR if linear else EXPERTS if is_expert_tensor(module, p) else None
             if p is head_weight or module is head:
                 skipped[name] = "output head" if module is head else "tied to the output head"
             elif kind is None:
                 skipped[name] = _skip_reason(mname, module, pname, p)
             elif id(p) not in in_decoder:
                 skipped[name] = "outside the decoder (not on the path to the logits)"
-            elif reached is not None and id(p) not in reached:
+            elif not (quant4 or p.is_floating_point()) and _matched(targets, mname if linear else name):
+                raise ValueError(
+                    f"{name} is a {p.dtype} weight of a {type(module).__name__}: seat trains floating-point "
+                    "weights, and bitsandbytes 4-bit layers (Linear4bit) as QSEAT deltas. Load the model in a "
+                    "float dtype or with BitsAndBytesConfig(load_in_4bit=True), or leave this layer out of "
+                    "SeatConfig.targets")
+            elif reached is not None and id(p) not in reached and not quant4:
                 skipped[name] = UNREACHED
+            elif _matched(targets, mname if linear else name):
+                chosen.append((name, module, p))
+                targeted[name] = kind
             else:
-                selector = mname if linear else name
-                if targets == "all-linear" or any(fnmatch.fnmatchcase(selector, t) for t in targets):
-                    chosen.append((name, module, p))
-                    targeted[name] = kind
-                else:
-                    skipped[name] = "not matched by targets"
+                skipped[name] = "not matched by targets"
     report = TargetingReport(type(model).__name__, targeted, skipped)
     if not chosen:
         examples = [n for n, m in list(model.named_modules())[1:6]]

@@ -9,6 +9,7 @@ get_eval_dataloader, get_test_dataloader) and
 calls super() for the rest, so the trainer after it in the MRO keeps its own behaviour."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -193,7 +194,8 @@ class SeatTrainerMixin:
             weight_decay=args.weight_decay, **optimizer_kwargs)
         # The Trainer zeroes model grads only; the compact ones live in the optimizer.
         optimizer.register_step_post_hook(lambda opt, *_: opt.zero_grad())
-        super().__init__(model=model, args=args, optimizers=(optimizer, None), **kwargs)
+        with _trainable_quantized(model, handle):
+            super().__init__(model=model, args=args, optimizers=(optimizer, None), **kwargs)
         # We normalize by token counts ourselves: have the Trainer count label tokens over
         # the accumulated micro-batches and not divide the loss again.
         self.model_accepts_loss_kwargs = True
@@ -405,6 +407,26 @@ class SeatTrainerMixin:
 
 class SeatTrainer(SeatTrainerMixin, transformers.Trainer):
     __doc__ = "transformers.Trainer for SEAT.\n" + SeatTrainerMixin.__doc__.split("\n", 1)[1]
+
+
+@contextlib.contextmanager
+def _trainable_quantized(model, handle):
+    """transformers' Trainer refuses a quantized model without PEFT adapters ("purely
+    quantized"); a model seat patched with 4-bit targets trains its QSEAT deltas, which
+    play the adapters' part. The flag that check reads is set for the check only."""
+    if not handle._quant_targets():
+        yield
+        return
+    key = "_hf_peft_config_loaded"
+    had, before = key in model.__dict__, model.__dict__.get(key)
+    model.__dict__[key] = True
+    try:
+        yield
+    finally:
+        if had:
+            model.__dict__[key] = before
+        else:
+            model.__dict__.pop(key, None)
 
 
 def _read_collator_state(path: Path) -> dict:

@@ -58,7 +58,10 @@ def mask_fingerprints(handle) -> dict[str, object]:
 
     out = {}
     for name, t in handle.targets.items():
-        mask = as_mask(t.idx, t.param.numel(), name)
+        if hasattr(t, "weight_mask"):  # a 4-bit target: its mask over the weight, not the delta's (seat.quant)
+            mask = as_mask(t.weight_mask, t.weight_numel, name)
+        else:
+            mask = as_mask(t.idx, t.param.numel(), name)
         spec = mask.spec()
         if spec is None:
             idx = mask.indices().to(torch.int32).cpu().contiguous()

@@ -38,3 +38,17 @@ def test_bench_sparse_adamw_writes_results(tmp_path):
     assert lean["lean: update in backward d=0.05"]["state_bytes"] == default * 12 // 16
     assert lean["lean: all three d=0.05"]["state_bytes"] < default * 6.1 / 16
     assert all(r["peak_bytes"] >= r["state_bytes"] for r in lean.values())
+
+
+def test_bench_dequant4_delta_writes_results(tmp_path):
+    import pytest
+
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dequant4_delta.py"), "--quick",
+                           "--repeats", "1", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "dequant4_delta_quick.json").read_text())
+    assert {r["method"] for r in data["rows"]} == {"bnb dequantize_4bit", "reference", "seat int32",
+                                                   "seat implicit"}
+    assert {r["shape"] for r in data["rows"]} == {"512x512", "512x1792"}
+    assert all(r["ms"] > 0 and r["vs_reference"] > 0 for r in data["rows"])

@@ -4,7 +4,8 @@ picks. Here every copy the machine can execute runs (SEAT_CPU_ISA, one subproces
 against the reference backend: the loss kernel's tiles (kl_div forward and reverse,
 paired_loss and its CE rows, float32 and bfloat16, vocabularies that are and are not whole
 tiles, temperature, -inf entries, masked rows) and the hash-mask membership (implicit
-masks' block offsets and a gather, bit for bit, at sizes that end mid-word)."""
+masks' block offsets, a gather and dequant4_delta, bit for bit, at sizes that end
+mid-word)."""
 from __future__ import annotations
 
 import os
@@ -62,6 +63,21 @@ for numel, density, block in ((1, 0.5, 1024), (4096 * 3 + 17, 0.05, 4096), (7000
         masks[backend] = (mask.block_offsets.clone(), out)
     assert torch.equal(masks["reference"][0], masks["cpu"][0]), (numel, density)
     assert torch.equal(masks["reference"][1], masks["cpu"][1]), (numel, density)
+
+try:  # dequant4_delta walks implicit masks with the same membership words
+    import bitsandbytes.functional as bnb_f
+except ImportError:
+    bnb_f = None
+for numel in ((4096 * 3 + 17, 70001) if bnb_f is not None else ()):
+    weight = torch.randn(numel).to(torch.bfloat16)
+    packed, qs = bnb_f.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    mask = ImplicitMask(numel, 0.3, seed=5, param_id=1, block=1024)
+    delta = torch.randn(mask.nnz).to(torch.bfloat16)
+    got = {}
+    for backend in ("reference", "cpu"):
+        with ops.use_backend(backend):
+            got[backend] = ops.dequant4_delta(packed, qs, mask, delta)
+    assert torch.equal(got["reference"], got["cpu"]), numel
 print("ok", worst)
 """
 

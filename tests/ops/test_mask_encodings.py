@@ -1,5 +1,6 @@
 """The sparse-update ops (masked_gather_, masked_swap_, sparse_adamw_) on every mask
-encoding and backend: against the oracle (the mask decoded to int32 indices, plain torch
+encoding and backend (the internal "full" encoding, FullMask, at density 1 only: every
+entry): against the oracle (the mask decoded to int32 indices, plain torch
 indexing, float64 where possible), bit-identical across encodings for the same entries,
 on odd sizes (numel below, at and off a block boundary, empty and full masks), and bad
 input refused before anything is written."""
@@ -12,10 +13,10 @@ import torch
 from conftest import backend_device, tol
 
 from seat import ops
-from seat.masks import Block16Mask, ImplicitMask
+from seat.masks import Block16Mask, FullMask, ImplicitMask
 from seat.ops import _encodings
 
-ENCODINGS = ("int32", "block16", "implicit")
+ENCODINGS = ("int32", "block16", "implicit", "full")
 # (numel, hash block): below one block, exactly one block, off a block boundary, several
 # block16 blocks with a partial last one (and one hash block of 65536)
 SIZES = [(1, 256), (256, 256), (4097, 256), (70_001, 4096), (131_073, 65536)]
@@ -24,7 +25,11 @@ DENSITIES = [0.0, 0.3, 1.0]
 
 def make_mask(encoding: str, numel: int, density: float, block: int = 256, device="cpu", seed=11, param_id=3):
     """(mask in `encoding`, its int32 indices on the CPU): the entries of one hash mask,
-    so every encoding holds the same ones."""
+    so every encoding holds the same ones. "full" is every entry: density 1 only."""
+    if encoding == "full":
+        if density != 1.0:
+            pytest.skip("a full mask holds every entry (density 1)")
+        return FullMask(numel).to(device), torch.arange(numel, dtype=torch.int32)
     hashed = ImplicitMask(numel, density, seed=seed, param_id=param_id, block=block)
     idx = hashed.indices()
     mask = {"int32": idx, "block16": Block16Mask(idx, numel), "implicit": hashed}[encoding]
@@ -144,7 +149,7 @@ def test_sparse_adamw_is_the_same_in_every_encoding(backend, config):
     # the gather and swap tests cover multi-block block16 masks on every backend)
     interpreted = backend == "triton" and device.type == "cpu"
     shapes = ((33, 65), (5000,), (1,), (300,) if interpreted else (70_001,))
-    runs = {e: _Run(config, e, device, shapes) for e in ENCODINGS}
+    runs = {e: _Run(config, e, device, shapes) for e in ENCODINGS if e != "full"}
     reference = _Run(config, "int32", "cpu", shapes)
     before = [p.clone() for p in runs["int32"].params]
     for step in range(1, 4):
@@ -164,6 +169,69 @@ def test_sparse_adamw_is_the_same_in_every_encoding(backend, config):
         untouched = torch.ones(p.numel(), dtype=torch.bool)
         untouched[ix.long()] = False
         assert torch.equal(p.view(-1).cpu()[untouched], b.view(-1).cpu()[untouched])
+
+
+@pytest.mark.parametrize("config", list(ADAMW_CONFIGS))
+def test_sparse_adamw_full_mask_is_an_int32_arange(backend, config):
+    """A full mask steps every entry exactly as int32 indices 0 .. numel - 1 do."""
+    device = backend_device("sparse_adamw_", backend)
+    interpreted = backend == "triton" and device.type == "cpu"
+    shapes = ((33, 65), (1,), (300,) if interpreted else (70_001,))
+    full, arange = (_Run(config, e, device, shapes, density=1.0) for e in ("full", "int32"))
+    assert all(torch.equal(ix, torch.arange(ix.numel(), dtype=torch.int32)) for ix in arange.idxs)
+    assert all(isinstance(m, FullMask) for m in full.masks)
+    for step in range(1, 4):
+        grads = arange.grads()
+        full.grads()
+        with ops.use_backend(backend):
+            full.step(step, [g.clone() for g in grads])
+            arange.step(step, [g.clone() for g in grads])
+    for a, b in zip(full.tensors(), arange.tensors()):
+        assert torch.equal(a, b)
+
+
+def test_full_mask_protocol():
+    mask = FullMask(torch.zeros(3, 5))
+    assert (mask.numel, mask.nnz, mask.nbytes, mask.encoding) == (15, 15, 0, "full")
+    assert torch.equal(mask.indices(), torch.arange(15, dtype=torch.int32))
+    assert torch.equal(mask.chunk(4, 9).indices(), torch.arange(4, 9, dtype=torch.int32))
+    assert mask.chunk(4, 9).nnz == 5
+    from seat.masks import as_mask, from_spec, from_state_dict
+
+    assert from_state_dict(mask.state_dict(), 15) == mask
+    assert from_spec(mask.spec()) == mask and mask != FullMask(14)
+    assert as_mask(mask, 15) is mask
+    with pytest.raises(ValueError, match="covers 15 elements; its tensor has 16"):
+        as_mask(mask, 16)
+    with pytest.raises(ValueError, match="chunk"):
+        mask.chunk(3, 16)
+
+
+def test_full_mask_is_not_a_config_encoding():
+    """An internal encoding: masks are built from a selection, and "full" selects nothing."""
+    from seat.masks import ALL_ENCODINGS, ENCODINGS as USER_ENCODINGS, build_mask
+
+    assert "full" in ALL_ENCODINGS and "full" not in USER_ENCODINGS
+    with pytest.raises(ValueError, match="encoding must be one of"):
+        build_mask("w", torch.zeros(10), 0.5, encoding="full")
+
+
+@pytest.mark.parametrize("over,error,message", [
+    (dict(index=torch.zeros(2, dtype=torch.int32)), ValueError, "a full mask holds no indices"),
+    (dict(index=torch.zeros(0, dtype=torch.int64)), TypeError, "must have dtype int32"),
+    (dict(ints=(1, 0, 0)), ValueError, "the mask ints of a full mask must be"),
+    (dict(offsets=torch.zeros(3, dtype=torch.uint16)), ValueError, "a full mask has no offsets"),
+])
+def test_full_mask_bad_args_refused(backend, over, error, message):
+    device = backend_device("masked_gather_", backend)
+    args = FullMask(40, device=device).op_args()._asdict()
+    args.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in over.items()})
+    out = torch.zeros(40, device=device)
+    with ops.use_backend(backend), pytest.raises(error, match=message):
+        ops.masked_gather_(out, torch.randn(40, device=device), _encodings.MaskArgs(**args))
+    with ops.use_backend(backend), pytest.raises(ValueError, match="out must have one entry per element"):
+        ops.masked_gather_(torch.zeros(39, device=device), torch.randn(40, device=device), FullMask(40).to(device))
+    assert torch.all(out == 0)
 
 
 # ----------------------------------------------------------------------------- block16 encoding

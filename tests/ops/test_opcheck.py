@@ -18,6 +18,8 @@ def _samples(name: str, device):
 
     if name in ("masked_gather_", "masked_swap_", "sparse_adamw_", "implicit_block_offsets_"):
         return _sparse_update_samples(name, device, randn)
+    if name == "dequant4_delta":
+        return _dequant4_samples(device)
     if name == "kl_div":
         kw = dict(temperature=1.0, reduction="mean", num_items=None, reverse=False, compute_grad=True)
         return [((randn(2, 3, 11, grad=True), randn(2, 3, 11), None), kw),
@@ -88,6 +90,29 @@ def _sparse_update_samples(name, device, randn):
     return samples
 
 
+def _dequant4_samples(device):
+    """A plain and a double-quantized 4-bit weight, without and with a delta per encoding."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    from _quant4 import make_mask, quantize
+
+    from seat.ops.dequant4_delta import quant4_of
+
+    samples = []
+    for nested, dtype in ((False, torch.bfloat16), (True, torch.float32)):
+        packed, qs = quantize((9, 30), nested=nested, dtype=dtype)
+        q = quant4_of(qs)
+        head = (packed.to(device), q.absmax.to(device), q.code.to(device), q.blocksize, list(q.shape), dtype,
+                None if q.nested_absmax is None else q.nested_absmax.to(device),
+                None if q.nested_code is None else q.nested_code.to(device), q.nested_blocksize, q.offset)
+        samples.append((head, {}))
+        for encoding in ("int32", "block16", "implicit", "full"):
+            mask, idx = make_mask(encoding, 270, 0.2, device=device)
+            a = _encodings.as_mask_args("mask", mask)
+            samples.append(((*head, a.index, torch.randn(idx.numel()).to(dtype).to(device), a.offsets, a.encoding,
+                             list(a.ints)), {}))
+    return samples
+
+
 def _nnz(mask) -> int:
     """Entries of a mask given as MaskArgs (the last prefix count of the encoded ones)."""
     return mask.index.numel() if mask.encoding == _encodings.INDEX else int(mask.index[-1])
@@ -104,7 +129,7 @@ def test_opcheck(name, backend):
 
 def test_every_op_in_the_design_table_is_registered():
     expected = {"masked_gather_", "masked_swap_", "sparse_adamw_", "implicit_block_offsets_", "kl_div",
-                "paired_loss", "fused_linear_paired_loss"}
+                "paired_loss", "fused_linear_paired_loss", "dequant4_delta"}
     assert set(ops.OPS) == expected
     for name in expected:
         assert hasattr(torch.ops.seat, name)

@@ -22,6 +22,16 @@
 //                in [0, 2**32]); index = block_offsets (int32, n_blocks + 1: members
 //                before each block of `block` elements); one item per block, whose
 //                members are recomputed in order and numbered from its first slot.
+//   FullMask     every element in order: position = slot = j (a compact parameter
+//                trained whole); index empty, nnz == numel; one item per entry.
+//
+// Tiles (dequant4_delta): P::tile_slots(m, begin, end, &lo, &hi) gives the slots whose
+// entries may lie in positions [begin, end) for the encodings with one item per entry
+// (IndexMask: two binary searches of the sorted indices; Block16Mask: [begin, end) inside
+// one 65536-element block, the block's entries and a binary search of its offsets;
+// FullMask: [begin, end) itself); P::tile_position(m, begin, j) is slot j's position (a
+// caller still checks it lies in [begin, end): a mask that lies is skipped, not followed).
+// HashMask tiles are whole mask blocks (P::visit).
 //
 // Bounds: every visit yields slots in [0, nnz) and positions in [0, numel) only, whatever
 // the tensors hold (an index or offset outside them is skipped), so a kernel never
@@ -35,7 +45,7 @@
 namespace seat {
 
 // Encoding ids: the `encoding` int of the seat_C schemas (python/seat/ops/_encodings.py).
-enum class Encoding : int64_t { kIndex = 0, kBlock16 = 1, kHash = 2 };
+enum class Encoding : int64_t { kIndex = 0, kBlock16 = 1, kHash = 2, kFull = 3 };
 
 // Ints per mask in the schemas' mask_ints: (key, threshold, block) of a HashMask, zeros
 // for the others.
@@ -60,6 +70,21 @@ SEAT_HD bool hash_member(uint32_t key, int64_t e, int64_t threshold) {
   return static_cast<int64_t>(mix32(key ^ mix32(static_cast<uint32_t>(e)))) < threshold;
 }
 
+// The first j in [lo, hi) with key(j) >= value (hi if none), for key non-decreasing in j;
+// only keys inside [lo, hi) are read, whatever they hold.
+template <typename Key>
+SEAT_HD int64_t lower_bound(int64_t lo, int64_t hi, int64_t value, const Key& key) {
+  while (lo < hi) {
+    const int64_t mid = lo + ((hi - lo) >> 1);
+    if (key(mid) < value) {
+      lo = mid + 1;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 struct IndexMask {
   SEAT_HD static int64_t work_items(const MaskRef& m) { return m.nnz; }
   SEAT_HD static int64_t position(const MaskRef& m, int64_t j) { return m.index[j]; }
@@ -68,6 +93,13 @@ struct IndexMask {
     const int64_t pos = m.index[j];
     if (pos >= 0 && pos < m.numel) f(pos, j);
   }
+  SEAT_HD static void tile_slots(const MaskRef& m, int64_t begin, int64_t end, int64_t* lo, int64_t* hi) {
+    const int32_t* index = m.index;
+    auto key = [index](int64_t j) { return static_cast<int64_t>(index[j]); };
+    *lo = lower_bound(0, m.nnz, begin, key);
+    *hi = lower_bound(*lo, m.nnz, end, key);
+  }
+  SEAT_HD static int64_t tile_position(const MaskRef& m, int64_t, int64_t j) { return m.index[j]; }
 };
 
 struct Block16Mask {
@@ -101,6 +133,24 @@ struct Block16Mask {
       if (pos < m.numel) f(pos, j);
     }
   }
+  // [begin, end) inside block begin / 65536.
+  SEAT_HD static void tile_slots(const MaskRef& m, int64_t begin, int64_t end, int64_t* lo, int64_t* hi) {
+    const int64_t b = begin / kBlock16;
+    *lo = *hi = 0;
+    if (b >= m.n_blocks) return;
+    int64_t first = m.index[b], last = m.index[b + 1];
+    first = first < 0 ? 0 : first;
+    last = last > m.nnz ? m.nnz : last;
+    if (first >= last) return;
+    const uint16_t* offsets = m.offsets;
+    auto key = [offsets](int64_t j) { return static_cast<int64_t>(offsets[j]); };
+    const int64_t base = b * kBlock16;
+    *lo = lower_bound(first, last, begin - base, key);
+    *hi = lower_bound(*lo, last, end - base, key);
+  }
+  SEAT_HD static int64_t tile_position(const MaskRef& m, int64_t begin, int64_t j) {
+    return begin / kBlock16 * kBlock16 + m.offsets[j];
+  }
 };
 
 struct HashMask {
@@ -120,6 +170,21 @@ struct HashMask {
       if (hash_member(m.key, e, m.threshold)) f(e, slot++);
     }
   }
+};
+
+struct FullMask {
+  SEAT_HD static int64_t work_items(const MaskRef& m) { return m.nnz; }
+  SEAT_HD static int64_t position(const MaskRef&, int64_t j) { return j; }
+  template <typename F>
+  SEAT_HD static void visit(const MaskRef& m, int64_t j, F&& f) {
+    if (j >= 0 && j < m.numel) f(j, j);
+  }
+  SEAT_HD static void tile_slots(const MaskRef& m, int64_t begin, int64_t end, int64_t* lo, int64_t* hi) {
+    const int64_t n = m.nnz < m.numel ? m.nnz : m.numel;
+    *lo = begin < n ? begin : n;
+    *hi = end < n ? end : n;
+  }
+  SEAT_HD static int64_t tile_position(const MaskRef&, int64_t, int64_t j) { return j; }
 };
 
 }  // namespace seat

@@ -13,7 +13,11 @@ A delta directory holds
                       and bytes); at the top "weights_sha256" (the whole weights file) and
                       "config_sha256" (the config itself, that key left out).
 
-Formats: 3 (this seat) adds the checksums; 2 added "mask" specs; 1 stores indices only.
+A 4-bit weight (QSEAT, seat.quant) stores its delta: "values/NAME" in the compute dtype,
+its settings under "quant", its base as the dequantized values at the mask
+(seat.quant._delta); a delta holding one is format 4, which seats before it refuse.
+
+Formats: 4 adds "quant" entries; 3 (float weights only, this seat) adds the checksums; 2 added "mask" specs; 1 stores indices only.
 Deltas of formats 1 and 2 still load, checked for structure only (they carry no
 checksums). Saving is atomic with no window in which no delta is at the path, and an
 interrupted save recovers on the next one: see seat.delta._store.
@@ -29,8 +33,8 @@ from torch import Tensor
 
 from .._version import __version__
 from . import _store
-from ._format import (CONFIG_FILE, FORMAT, FORMAT_VERSION, READ_VERSIONS, WEIGHTS_FILE, DeltaMismatchError,
-                      bytes_sha256, check_config, check_tensors, dtype_name, tensor_sha256)
+from ._format import (CONFIG_FILE, FORMAT, FORMAT_VERSION, QUANT_FORMAT_VERSION, READ_VERSIONS, WEIGHTS_FILE,
+                      DeltaMismatchError, bytes_sha256, check_config, check_tensors, dtype_name, tensor_sha256)
 
 __all__ = ["DeltaMismatchError", "save_delta", "read_delta", "load_delta", "FORMAT", "FORMAT_VERSION",
            "READ_VERSIONS", "WEIGHTS_FILE", "CONFIG_FILE"]
@@ -41,16 +45,24 @@ def save_delta(handle, directory) -> None:
     path, an empty directory, or an existing delta (replaced atomically). A file or a
     directory holding anything else is refused (FileExistsError) and left untouched."""
     from ..masks import as_mask
+    from ..quant import QuantTarget
+    from ..quant._delta import weight_entry
 
     directory = _store.as_path(directory, "save_delta")
     tensors, weights = {}, {}
     for name, t in handle.targets.items():
-        mask = as_mask(t.idx, t.param.numel(), name)
-        idx = mask.indices()
-        values = t.param.detach().view(-1)[idx.long()].cpu().contiguous()
+        if isinstance(t, QuantTarget):  # a 4-bit weight: its delta, settings and dequantized base
+            mask = as_mask(t.mask, t.weight_numel, name)
+            idx = mask.indices()
+            values, weights[name] = weight_entry(t)
+        else:
+            mask = as_mask(t.idx, t.param.numel(), name)
+            idx = mask.indices()
+            values = t.param.detach().view(-1)[idx.long()].cpu().contiguous()
+            weights[name] = {"shape": list(t.param.shape), "dtype": dtype_name(t.param.dtype), "nnz": mask.nnz,
+                             "base_sha256": bytes_sha256(t.original)}
         tensors[f"values/{name}"] = values
-        weights[name] = {"shape": list(t.param.shape), "dtype": dtype_name(t.param.dtype), "nnz": mask.nnz,
-                         "base_sha256": bytes_sha256(t.original), "values_sha256": tensor_sha256(values)}
+        weights[name]["values_sha256"] = tensor_sha256(values)
         spec = mask.spec()  # a mask defined by a few numbers is stored as them, not as indices
         if spec is not None:
             weights[name]["mask"] = spec
@@ -58,7 +70,8 @@ def save_delta(handle, directory) -> None:
             idx = idx.detach().cpu().contiguous()
             tensors[f"idx/{name}"] = idx
             weights[name]["idx_sha256"] = tensor_sha256(idx)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "seat_version": __version__,
+    version = QUANT_FORMAT_VERSION if any("quant" in w for w in weights.values()) else FORMAT_VERSION
+    meta = {"format": FORMAT, "format_version": version, "seat_version": __version__,
             "model_class": type(handle.model).__name__, "config": handle.config.to_dict(), "weights": weights}
     _store.save_files(directory, meta, tensors)
 
@@ -87,7 +100,9 @@ def read_delta(directory) -> tuple[dict, dict[str, Tensor]]:
 
 def load_delta(model: torch.nn.Module, directory, *, strict_class: bool = True) -> dict:
     """Write a delta's trained values into `model` (a fresh copy of the delta's base
-    model), bit-exactly. Everything is checked before any weight is written: the files
+    model), bit-exactly. The deltas of 4-bit weights apply to the same 4-bit base (a
+    model seat has not patched is patched with the delta's SeatConfig and masks) or merge
+    into a float base (see seat.quant._delta). Everything is checked before any weight is written: the files
     (read_delta: checksums of format 3 deltas; deltas of formats 1 and 2 have none and
     load checked for structure only), the model class (unless strict_class=False), every
     weight present with the same shape and dtype, and the base values at each mask equal
@@ -105,11 +120,85 @@ def load_delta(model: torch.nn.Module, directory, *, strict_class: bool = True) 
         raise DeltaMismatchError(f"{directory}: the delta was trained on a {meta['model_class']}, this model is a "
                                  f"{type(model).__name__} (strict_class=False to load anyway)")
     params = dict(model.named_parameters())
-    plan = [_plan_weight(directory, name, info, params, tensors) for name, info in meta["weights"].items()]
+    plan, after_patch, masks = [], [], {}
+    for name, info in meta["weights"].items():
+        if "quant" in info:  # a 4-bit weight's delta (seat.quant._delta)
+            kind, write = _plan_quant(directory, name, info, model, handle, tensors)
+            if kind == "patch":
+                after_patch.append(write)
+                masks[name] = _stored_mask(directory, name, info, tensors)
+            else:
+                plan.append(write)
+        else:
+            flat, index, values = _plan_weight(directory, name, info, params, tensors)
+            plan.append(lambda flat=flat, index=index, values=values: flat.__setitem__(index, values))
+            masks[name] = _stored_mask(directory, name, info, tensors)
+    if after_patch:
+        _load_patching(model, directory, meta, masks, plan, after_patch)
+        return meta
     with torch.no_grad():
-        for flat, index, values in plan:
-            flat[index] = values
+        for write in plan:
+            write()
     return meta
+
+
+def _stored_mask(directory, name: str, info: dict, tensors: dict):
+    """A weight's mask as the delta stores it: int32 indices, or the mask of its spec."""
+    if "mask" not in info:
+        return tensors[f"idx/{name}"]
+    from ..masks import from_spec
+
+    try:
+        return from_spec(info["mask"])
+    except (ValueError, TypeError, KeyError, OverflowError) as e:
+        raise DeltaMismatchError(f"{Path(directory) / CONFIG_FILE}: weight {name!r}: its mask spec is invalid: {e}") \
+            from None
+
+
+def _plan_quant(directory, name: str, info: dict, model, handle, tensors: dict):
+    from ..quant._delta import plan_quant_weight
+
+    where = f"{Path(directory) / CONFIG_FILE}: weight {name!r}"
+    if "mask" in info:
+        mask = _stored_mask(directory, name, info, tensors)
+        if mask.nnz != info["nnz"] or mask.numel != math.prod(info["shape"]):
+            raise DeltaMismatchError(f"{where}: its mask spec gives {mask.nnz} entries of {mask.numel}; the config "
+                                     f"says nnz {info['nnz']} of {math.prod(info['shape'])}")
+        indices = mask.indices().cpu()
+    else:
+        indices = tensors[f"idx/{name}"]
+    return plan_quant_weight(where, name, info, model, handle, indices, tensors[f"values/{name}"], DeltaMismatchError)
+
+
+def _load_patching(model, directory, meta: dict, masks: dict, plan: list, after_patch: list) -> None:
+    """A delta of 4-bit weights onto a model seat has not patched: patch it with the
+    delta's SeatConfig and masks (every weight of the delta must then be a target, and
+    only those), then write the values; any failure reverts the patch."""
+    from ..config import SeatConfig
+    from ..patching import patch
+
+    try:
+        config = SeatConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise DeltaMismatchError(f"{Path(directory) / CONFIG_FILE}: its SeatConfig is not valid here: {e}") from None
+    try:
+        handle = patch(model, config, masks=masks)
+    except ValueError as e:
+        raise DeltaMismatchError(f"{directory}: patching the model with the delta's SeatConfig and masks failed: "
+                                 f"{e}") from e
+    try:
+        missing = sorted(set(handle.targets) - set(masks))
+        if missing:
+            raise DeltaMismatchError(f"{directory}: the delta's SeatConfig targets {len(missing)} weights it holds no "
+                                     f"values for (e.g. {missing[0]!r}): it was not saved from this model")
+        with torch.no_grad():
+            for write in plan:
+                write()
+            for write in after_patch:
+                write(handle)
+    except BaseException:
+        handle.revert()
+        raise
 
 
 def _plan_weight(directory, name: str, info: dict, params: dict, tensors: dict) -> tuple[Tensor, Tensor, Tensor]:

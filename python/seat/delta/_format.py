@@ -15,10 +15,13 @@ import torch
 from torch import Tensor
 
 FORMAT = "seat-delta"
-# 3: checksums (every tensor, the weights file, the config itself); 2: per-weight "mask"
-# specs of implicit masks; 1: int32 indices only. Versions 1 and 2 carry no checksums.
+# 4: format 3 with "quant" entries, for the deltas of 4-bit weights (seat.quant; a delta
+# holding none is written as 3); 3: checksums (every tensor, the weights file, the config
+# itself); 2: per-weight "mask" specs of implicit masks; 1: int32 indices only. Versions 1
+# and 2 carry no checksums.
 FORMAT_VERSION = 3
-READ_VERSIONS = (1, 2, 3)
+QUANT_FORMAT_VERSION = 4
+READ_VERSIONS = (1, 2, 3, 4)
 WEIGHTS_FILE = "delta.safetensors"
 CONFIG_FILE = "seat_config.json"
 MAX_CONFIG_BYTES = 64 << 20  # a config lists a few hundred weights: far below this
@@ -28,6 +31,7 @@ _TOP_KEYS = {"format", "format_version", "seat_version", "model_class", "config"
 _TOP_KEYS_V3 = {"weights_sha256", "config_sha256"}
 _WEIGHT_KEYS = {"shape", "dtype", "nnz", "base_sha256", "mask"}
 _WEIGHT_KEYS_V3 = {"values_sha256", "idx_sha256"}
+_WEIGHT_KEYS_V4 = {"quant"}
 
 
 class DeltaMismatchError(ValueError):
@@ -129,13 +133,16 @@ def check_config(meta, where) -> int:
         raise DeltaMismatchError(f"{where} lists no weights")
     for name, info in meta["weights"].items():
         _check_weight(f"{where}: weight {name!r}", info, version)
+    if version >= QUANT_FORMAT_VERSION and not any("quant" in info for info in meta["weights"].values()):
+        raise DeltaMismatchError(f"{where} says format_version {version}, which marks a delta of 4-bit weights, but "
+                                 "no weight has a 'quant' entry: its format_version was edited")
     return version
 
 
 def _check_weight(where: str, info, version: int) -> None:
     if not isinstance(info, dict):
         raise DeltaMismatchError(f"{where} must be a JSON object; got {type(info).__name__}")
-    allowed = _WEIGHT_KEYS | (_WEIGHT_KEYS_V3 if version >= 3 else set())
+    allowed = _WEIGHT_KEYS | (_WEIGHT_KEYS_V3 if version >= 3 else set()) | (_WEIGHT_KEYS_V4 if version >= 4 else set())
     required = {"shape", "dtype", "nnz", "base_sha256"} | ({"values_sha256"} if version >= 3 else set())
     missing = sorted(required - set(info))
     if missing:
@@ -165,6 +172,8 @@ def _check_weight(where: str, info, version: int) -> None:
         if spec.get("numel") != numel:
             raise DeltaMismatchError(f"{where}: its mask covers {spec.get('numel')!r:.40} elements, its shape "
                                      f"{shape} has {numel}")
+    if "quant" in info:
+        _check_quant(where, info)
     if version >= 3:
         _check_hex(where, "values_sha256", info["values_sha256"])
         if ("mask" in info) == ("idx_sha256" in info):
@@ -172,6 +181,22 @@ def _check_weight(where: str, info, version: int) -> None:
                                      "indices)")
         if "idx_sha256" in info:
             _check_hex(where, "idx_sha256", info["idx_sha256"])
+
+
+def _check_quant(where: str, info: dict) -> None:
+    """A 4-bit weight's "quant" entry: its QuantSettings, their shape the weight's, the
+    delta in the compute dtype."""
+    from ..quant import QuantSettings
+
+    try:
+        settings = QuantSettings.from_dict(info["quant"])
+    except (TypeError, ValueError) as e:
+        raise DeltaMismatchError(f"{where}: 'quant' is not valid: {e}") from None
+    if list(settings.shape) != info["shape"]:
+        raise DeltaMismatchError(f"{where}: its 'quant' shape {list(settings.shape)} is not its shape {info['shape']}")
+    if settings.compute_dtype != info["dtype"]:
+        raise DeltaMismatchError(f"{where}: a 4-bit weight's delta is in its compute dtype {settings.compute_dtype!r}; "
+                                 f"its 'dtype' says {info['dtype']!r}")
 
 
 def check_tensors(meta: dict, tensors: dict[str, Tensor], where) -> None:

@@ -8,7 +8,9 @@ Two independent choices, each in its own module:
   encoding (encodings.py,    how they are stored: IndexMask "int32" (4 bytes per entry; a
     implicit.py)            bare int32 tensor is this encoding), Block16Mask "block16" (2
                             bytes per entry), ImplicitMask "implicit" (a seeded random mask
-                            that stores no indices); one registry, ENCODINGS (registry.py)
+                            that stores no indices); one registry, ENCODINGS (registry.py);
+                            internally also FullMask "full" (every entry of a compact
+                            parameter, no index; ALL_ENCODINGS)
 
 ``build_mask`` draws one weight's mask in an encoding (what ``build_masks`` and
 ``seat.patch`` call); every op, SparseAdamW, deltas and the memory model take masks in any
@@ -22,15 +24,16 @@ from __future__ import annotations
 import torch
 
 from .encodings import Block16Mask, IndexMask, Mask
+from .full import FullMask
 from .implicit import ImplicitMask, implicit_random_mask, param_id_for
-from .registry import ENCODINGS, STATE_KEYS, as_mask, encode, encode_chosen, from_spec, from_state_dict
+from .registry import ALL_ENCODINGS, ENCODINGS, STATE_KEYS, as_mask, encode, encode_chosen, from_spec, from_state_dict
 from .select import (IMPORTANCE_KINDS, MASK_KINDS, ImportanceScores, NamedParams, _check_density, _check_seed,
                      _named_list, dense_to_indices, indices_to_dense, magnitude_mask, nnz_for, param_seed,
                      random_mask)
 
 __all__ = [
     "nnz_for", "random_mask", "magnitude_mask", "ImportanceScores", "param_seed", "build_mask", "build_masks",
-    "dense_to_indices", "indices_to_dense", "MASK_KINDS", "IMPORTANCE_KINDS", "ENCODINGS", "Mask", "IndexMask",
+    "dense_to_indices", "indices_to_dense", "MASK_KINDS", "IMPORTANCE_KINDS", "ENCODINGS", "ALL_ENCODINGS", "Mask", "IndexMask", "FullMask",
     "ImplicitMask", "Block16Mask", "implicit_random_mask", "param_id_for", "as_mask", "encode", "encode_chosen", "encode_mask",
     "from_spec", "from_state_dict", "STATE_KEYS", "mask_nnz", "mask_indices", "mask_gather_", "mask_swap_",
 ]

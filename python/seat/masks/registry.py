@@ -10,19 +10,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._constants import CHOSEN_ENCODINGS, MASK_ENCODINGS
+from .._constants import CHOSEN_ENCODINGS, INTERNAL_ENCODINGS, MASK_ENCODINGS
 from ..ops import _checks
 from .encodings import Block16Mask, IndexMask, Mask
+from .full import FullMask
 from .implicit import ImplicitMask
 from .select import _numel_of, dense_to_indices
 
-__all__ = ["ENCODINGS", "STATE_KEYS", "as_mask", "encode", "encode_chosen", "from_state_dict", "from_spec"]
+__all__ = ["ENCODINGS", "ALL_ENCODINGS", "STATE_KEYS", "as_mask", "encode", "encode_chosen", "from_state_dict",
+           "from_spec"]
 
 ENCODINGS: dict[str, type] = {cls.encoding: cls for cls in (IndexMask, ImplicitMask, Block16Mask)}
 assert tuple(ENCODINGS) == MASK_ENCODINGS  # the names config and the memory model validate against
+# every encoding a Mask may have: the user-selectable ones and seat's internal ones
+# (FullMask, for compact parameters trained whole); what masks are accepted and restored as
+ALL_ENCODINGS: dict[str, type] = {**ENCODINGS, FullMask.encoding: FullMask}
+assert tuple(ALL_ENCODINGS) == MASK_ENCODINGS + INTERNAL_ENCODINGS
 
 
-STATE_KEYS = tuple(k for cls in ENCODINGS.values() for k in cls.state_keys)
+STATE_KEYS = tuple(k for cls in ALL_ENCODINGS.values() for k in cls.state_keys)
 # the encodings that store chosen entries (magnitude, importance, given indices)
 CHOSEN = tuple(name for name, cls in ENCODINGS.items() if cls.holds_chosen_entries)
 assert CHOSEN == CHOSEN_ENCODINGS  # what SeatConfig validates against without importing torch
@@ -69,18 +75,18 @@ def as_mask(mask, numel_or_tensor, name: str = "mask") -> Mask:
         _checks.index_tensor(name, mask, numel)
         _checks.index_values(name, mask, numel)
         return IndexMask(mask, numel, _checked=True)
-    if isinstance(mask, tuple(ENCODINGS.values())):
+    if isinstance(mask, tuple(ALL_ENCODINGS.values())):
         if mask.numel != numel:
             raise ValueError(f"{name} ({type(mask).__name__}) covers {mask.numel} elements; its tensor has {numel}")
         return mask
     raise TypeError(f"{name} must be int32 flat indices, a bool mask or a seat.masks mask (IndexMask, Block16Mask, "
-                    f"ImplicitMask); got {type(mask).__name__}")
+                    f"ImplicitMask, FullMask); got {type(mask).__name__}")
 
 
 def from_state_dict(state: dict, numel: int) -> Mask | None:
     """The mask an optimizer state entry holds (the keys of some encoding's
     state_dict()), or None when it holds none."""
-    for cls in sorted(ENCODINGS.values(), key=lambda c: -len(c.state_keys)):  # the most specific key set first
+    for cls in sorted(ALL_ENCODINGS.values(), key=lambda c: -len(c.state_keys)):  # the most specific key set first
         if all(k in state for k in cls.state_keys):
             return cls.from_state_dict(state, numel)
     return None
@@ -88,8 +94,8 @@ def from_state_dict(state: dict, numel: int) -> Mask | None:
 
 def from_spec(spec: dict, device=None) -> Mask:
     """A mask from its spec() (the masks that have one)."""
-    cls = ENCODINGS.get(spec.get("encoding")) if isinstance(spec, dict) else None
+    cls = ALL_ENCODINGS.get(spec.get("encoding")) if isinstance(spec, dict) else None
     if not hasattr(cls, "from_spec"):
         raise ValueError(f"a mask spec must be a dict from Mask.spec() (an encoding defined by a spec: "
-                         f"{', '.join(n for n, c in ENCODINGS.items() if hasattr(c, 'from_spec'))}); got {spec!r}")
+                         f"{', '.join(n for n, c in ALL_ENCODINGS.items() if hasattr(c, 'from_spec'))}); got {spec!r}")
     return cls.from_spec(spec, device=device)

@@ -23,7 +23,8 @@ from ._units import format_bytes, parse_bytes
 FLAGS = {"method": "--method", "density": "--density", "seq": "--seq", "batch": "--batch", "dtype": "--dtype",
          "device": "--device", "index_encoding": "--index-encoding", "grad_dtype": "--grad-dtype",
          "optimizer_bits": "--optimizer-bits", "lora_rank": "--lora-rank", "chunk_size": "--chunk-size",
-         "ce_rows": "--ce-rows", "kl_rows": "--kl-rows", "implicit_block": "--implicit-block"}
+         "ce_rows": "--ce-rows", "kl_rows": "--kl-rows", "implicit_block": "--implicit-block",
+         "base_bits": "--base-bits", "quant_blocksize": "--quant-blocksize", "double_quant": "--double-quant"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer-bits", type=int, default=32, choices=OPTIMIZER_BITS,
                    help="seat: 32-bit or 8-bit blockwise (bitsandbytes) exp_avg / exp_avg_sq")
     p.add_argument("--master-weights", action="store_true", help="seat: fp32 master copy of the trained entries")
+    p.add_argument("--base-bits", type=int, default=None, choices=(4,),
+                   help="seat: 4 for QSEAT, the target weights as bitsandbytes 4-bit (nf4/fp4) with a trained delta "
+                        "each (default: the model's dtype)")
+    p.add_argument("--quant-blocksize", type=int, default=64, help="--base-bits 4: elements per absmax")
+    p.add_argument("--double-quant", action="store_true",
+                   help="--base-bits 4: the absmax 8-bit quantized (bnb_4bit_use_double_quant)")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--chunk-size", type=int, default=0, help="seat: rows per fused-loss chunk (0: kernel's choice)")
     p.add_argument("--no-padding", action="store_true",
@@ -72,7 +79,8 @@ def _options(args, method: str, density: float) -> dict:
                 optimizer_in_backward=args.optimizer_in_backward, optimizer_bits=args.optimizer_bits,
                 master_weights=args.master_weights, lora_rank=args.lora_rank, chunk_size=args.chunk_size,
                 padded=not args.no_padding, ce_rows=args.ce_rows, kl_rows=args.kl_rows,
-                implicit_block=args.implicit_block)
+                implicit_block=args.implicit_block, base_bits=args.base_bits, quant_blocksize=args.quant_blocksize,
+                double_quant=args.double_quant)
 
 
 def _flag_of(message: str) -> str:
@@ -95,7 +103,9 @@ def report(est: MemoryEstimate, gpus: list[tuple[str, int]], reserve: int, unit:
     if o.method == "seat":
         lines.append(f"modes: indices {o.index_encoding}, compact gradient "
                      + ("none (optimizer in backward)" if o.optimizer_in_backward else o.grad_dtype)
-                     + f", optimizer state {o.optimizer_bits}-bit" + (", fp32 masters" if o.master_weights else ""))
+                     + f", optimizer state {o.optimizer_bits}-bit" + (", fp32 masters" if o.master_weights else "")
+                     + (f", 4-bit base (blocksize {o.quant_blocksize}"
+                        + (", double quantization)" if o.double_quant else ")") if o.base_bits == 4 else ""))
     width = max(len(k) for k in est.breakdown) + 2
     lines.append("")
     lines.append(f"{'alive between steps':<{width}}{unit:>10}")

@@ -29,6 +29,7 @@ KNOWN = {
     "Qwen2.5-7B": "qwen2.5-7b.json",
     "Mistral-7B": "mistral-7b.json",
     "Llama-3.2-1B": "llama-3.2-1b.json",
+    "Llama-3-70B": "llama-3-70b.json",
 }
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe")
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

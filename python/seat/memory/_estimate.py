@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from . import _quant
 from ._arch import Architecture
 from ._options import GRAD_DTYPES, Options
 from ._units import parse_bytes
@@ -308,7 +309,12 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
         nnzs = [count(n, opts.density) for n in shapes]
         nnz = sum(nnzs)
         state["mask indices"] = sum(_mask_index_bytes(opts, n, k) for n, k in zip(shapes, nnzs))
-        state["original values at the mask"] = es * nnz
+        if opts.base_bits == 4:  # QSEAT: a packed base that is never written, and a delta per target
+            del state["weights"]
+            state = {**_quant.weights_bytes(arch, opts, shapes), **state}
+            state["trained deltas (compute dtype)"] = es * nnz
+        else:
+            state["original values at the mask"] = es * nnz
         state["optimizer state (exp_avg, exp_avg_sq)"] = _adam_state_bytes(opts, nnzs)
         if opts.optimizer_bits == 8 and nnz:
             state["8-bit code books"] = QUANT_CODE_BOOK_BYTES
@@ -324,6 +330,13 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
                           **_fused_loss_bytes(arch, opts)}
         phases["backward"] = {"activations": act, "backward through one block": back,
                               **_gradient_hook_bytes(opts, list(zip(shapes, nnzs)))}
+        if opts.base_bits == 4:
+            weff = {"4-bit: one layer's effective weight": _quant.forward_transient(opts, shapes)}
+            phases["ref_forward"].update(weff)
+            phases["backward"] = {"activations": act, "backward through one block": back,
+                                  **_quant.backward_transients(opts, list(zip(shapes, nnzs)), _chunk_update_bytes)}
+            # (the recomputed forward of a checkpointed block makes one effective weight at a
+            # time too: less than the dense weight gradient beside the delta's gradient)
         if opts.optimizer_bits == 8 and not opts.optimizer_in_backward:
             # the step updates one weight at a time, a chunk at a time; the compact
             # gradients are state. (32-bit: sparse_adamw_ works in place, no transients.)

@@ -12,6 +12,7 @@ DEVICES = ("cuda", "cpu")
 INDEX_ENCODINGS = MASK_ENCODINGS
 GRAD_DTYPES = {"float32": 4, "bfloat16": 2}
 OPTIMIZER_BITS = (32, 8)
+BASE_BITS = (4,)  # besides None: the model's dtype
 
 
 def _int(name: str, value, minimum: int) -> int:
@@ -72,6 +73,11 @@ class Options:
     padded: the batch carries padding (x and x~ padded to one length: the usual case),
         so transformers passes an explicit attention mask to SDPA (grouped-query keys and
         values are then repeated to every head, and a float mask exists per layer).
+    base_bits (seat): None (the target weights in the model's dtype) or 4: QSEAT, the
+        targets as bitsandbytes 4-bit weights (nf4 / fp4: the same storage) with a
+        trained delta each, in the model's dtype as the compute dtype (see _quant.py).
+        quant_blocksize: elements per absmax (bnb's default 64); double_quant: the
+        absmax 8-bit quantized (bnb_4bit_use_double_quant).
     ce_rows, kl_rows: rows that enter the CE (answer tokens of x) and the KL (positions
         of x~); None: every position but the last of each sequence (batch * (seq - 1)).
     """
@@ -93,6 +99,9 @@ class Options:
     padded: bool = True
     ce_rows: int | None = None
     kl_rows: int | None = None
+    base_bits: int | None = None
+    quant_blocksize: int = 64
+    double_quant: bool = False
     block16_size: int = 65536
     implicit_block: int = 4096
     quant_block: int = 256  # seat.optim.QUANT_BLOCK
@@ -112,6 +121,14 @@ class Options:
         _choice("grad_dtype", self.grad_dtype, tuple(GRAD_DTYPES))
         _choice("optimizer_bits", self.optimizer_bits, OPTIMIZER_BITS)
         _int("lora_rank", self.lora_rank, 1)
+        if self.base_bits is not None:
+            _choice("base_bits", self.base_bits, BASE_BITS)
+            if self.method != "seat":
+                raise ValueError(f"base_bits {self.base_bits} (QSEAT) is modelled for method 'seat' only; got "
+                                 f"method {self.method!r}")
+        _int("quant_blocksize", self.quant_blocksize, 1)
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant must be a bool; got {self.double_quant!r}")
         _int("chunk_size", self.chunk_size, 0)
         for name in ("block16_size", "implicit_block", "quant_block", "state_chunk"):
             _int(name, getattr(self, name), 1)

@@ -16,6 +16,10 @@ trajectories do not depend on it:
            Binomial(numel, density)); index (ceil(numel / block) + 1,) int32
            block_offsets: members before each block of `block` elements (a power of
            two); offsets empty; ints (key, threshold, block). 4 bytes per block.
+  FULL     every element, in order: position = slot = j for j < numel (compact arrays
+           of numel entries: a compact parameter trained whole, e.g. QSEAT's delta);
+           index an empty int32 tensor (it only says the device); offsets empty;
+           ints (0, 0, 0). No bytes per entry.
 
 The same definitions are csrc/include/seat/masks.h (C++/CUDA policies) and the ENC
 constexpr of seat_kernels/sparse_update.py. ``decode`` turns any encoding into INDEX:
@@ -44,8 +48,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .._constants import BLOCK16_SIZE, DEFAULT_HASH_BLOCK, INT32_MAX, MAX_HASH_BLOCK, MIN_HASH_BLOCK
 from . import _adamw, _checks
 
-INDEX, BLOCK16, HASH = 0, 1, 2
-NAMES = {INDEX: "int32", BLOCK16: "block16", HASH: "implicit"}  # the user-facing encoding names
+INDEX, BLOCK16, HASH, FULL = 0, 1, 2, 3
+NAMES = {INDEX: "int32", BLOCK16: "block16", HASH: "implicit", FULL: "full"}  # the encodings' names
 MASK_INTS = 3  # ints per mask in the op schemas: (key, threshold, block) of HASH, zeros otherwise
 NO_INTS = (0, 0, 0)
 
@@ -77,6 +81,19 @@ def no_offsets(device: torch.device) -> Tensor:
     return t
 
 
+_NO_INDEX: dict[torch.device, Tensor] = {}  # one empty int32 tensor per device, never written
+
+
+def no_index(device: torch.device) -> Tensor:
+    """The empty `index` of a FULL mask on `device` (shared: kernels never write it)."""
+    t = _NO_INDEX.get(device)
+    if t is None:
+        t = torch.empty(0, dtype=torch.int32, device=device)
+        if not _checks.is_fake(t):
+            _NO_INDEX[device] = t
+    return t
+
+
 def as_mask_args(name: str, mask, numel: int | None = None) -> MaskArgs:
     """MaskArgs of `mask`: an int32 index tensor, a MaskArgs, or an object with
     ``op_args()`` (the seat.masks encodings; with `numel`, its own numel must equal it)."""
@@ -92,7 +109,7 @@ def as_mask_args(name: str, mask, numel: int | None = None) -> MaskArgs:
                              f"has {numel}")
         return op_args()
     raise TypeError(f"{name} must be a mask: int32 flat indices (a torch.Tensor) or a seat.masks mask "
-                    f"(IndexMask, Block16Mask, ImplicitMask); got {type(mask).__name__}")
+                    f"(IndexMask, Block16Mask, ImplicitMask, FullMask); got {type(mask).__name__}")
 
 
 def from_op_args(index, offsets, encoding, ints) -> MaskArgs:
@@ -317,6 +334,8 @@ def decode(mask: MaskArgs, numel: int) -> Tensor:
         return mask.index
     if mask.encoding == BLOCK16:
         return decode_block16(mask.index, mask.offsets)
+    if mask.encoding == FULL:
+        return torch.arange(numel, dtype=torch.int32, device=mask.index.device)
     key, threshold, _ = mask.ints
     return hash_indices(numel, key, threshold, mask.index.device)
 
@@ -358,6 +377,15 @@ def check(name: str, mask: MaskArgs, numel: int, compact_name: str, compact: Ten
     elif encoding == BLOCK16:
         check_block16(f"{name}.", index, offsets, numel, values=values)
         _checks.same_numel(compact_name, compact, f"{name}.offsets", offsets)
+    elif encoding == FULL:
+        _checks.tensor(name, index, dtypes=(torch.int32,), ndim=1)
+        if index.numel():
+            raise ValueError(f"{name}: a full mask holds no indices (an empty int32 tensor); got {index.numel()}")
+        if numel > INT32_MAX:
+            raise ValueError(f"{name} covers a tensor of {numel} elements; masks reach at most 2**31-1")
+        if compact.numel() != numel:
+            raise ValueError(f"{compact_name} must have one entry per element ({numel}) for a full mask; got "
+                             f"shape {tuple(compact.shape)}")
     else:
         key, threshold, block = ints
         check_hash_params(f"{name}.", key=key, threshold=threshold, block=block)

@@ -16,7 +16,8 @@ REBUILD_HINT = (
 )
 
 # Native kernels seat._C must provide (namespace seat_C); a build without one is stale.
-NATIVE_OPS = ("masked_gather_", "masked_swap_", "sparse_adamw_", "paired_rows", "implicit_block_counts_")
+NATIVE_OPS = ("masked_gather_", "masked_swap_", "sparse_adamw_", "paired_rows", "implicit_block_counts_",
+              "dequant4_delta_")
 
 
 class NativeBuildError(RuntimeError):
