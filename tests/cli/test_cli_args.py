@@ -69,7 +69,7 @@ def _refused(argv, flag: str, *fragments: str) -> str:
     (["--lean", "--grad-accum", "2"], "--grad-accum", "set by --lean"),
     (["--targets", "all-linear", "*.q_proj"], "--targets", "cannot be mixed"),
     (["--prompt-format", "no field here"], "--prompt-format", "{question}"),
-    (["--chat-template"], "--chat-template", "no chat_template"),
+    (["--chat-template"], "--chat-template", "--no-chat-template"),
     (["--max-length", "4"], "--max-length", "record 1 (entity 'Ann Lee')"),
     (["--resume", "/nonexistent/checkpoint-3"], "--resume", "not a complete SeatTrainer checkpoint"),
 ])
@@ -129,6 +129,7 @@ def _bad_facts(tmp_path, name: str, text: str) -> Path:
     ("facts.json", '{"data": []}', ["holds one JSON object (keys 'data')", "JSON array"]),
     ("facts.txt", "x", ["unknown file type '.txt'"]),
     ("facts.jsonl", "\n\n", ["holds no records"]),
+    ("facts.csv", "question,answer,entity\r\n", ["holds no records"]),
 ])
 def test_bad_facts_name_the_record(files, tmp_path, no_model_load, name, text, fragments):
     path = _bad_facts(tmp_path, name, text)
@@ -151,6 +152,13 @@ def test_bad_model_folders(files, tmp_path, no_model_load):
     _refused(["train", "--model", weightless, "--data", files["facts"], "--output-dir", tmp_path / "o"],
              "--model", "holds no weights")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_dir_that_cannot_be_created_is_refused(files, tmp_path, no_model_load):
+    # /proc takes no new folders, even from root (whom os.access lets write anywhere)
+    _refused(_argv(files, "/proc/seat-cli-test/run"), "--output-dir", "cannot be created")
+    _refused(_argv(files, files["facts"] / "run"), "--output-dir", "not a writable folder")
 
 
 def test_output_dir_with_other_files_is_refused_and_kept(files, tmp_path, no_model_load):
@@ -224,6 +232,14 @@ def test_every_format_reads_the_same_facts(tmp_path, kind, suffix):
     records = _facts.load_facts(str(path), question_key="prompt", entity_key="person")
     assert records == RECORDS
     assert _facts.fingerprint(records) == _facts.fingerprint(_facts.load_facts(str(write_jsonl(tmp_path / "f.jsonl"))))
+
+
+def test_csv_with_byte_order_mark_and_crlf_reads_the_same_facts(tmp_path):
+    # what Excel's "CSV UTF-8" writes: a byte-order mark before the header, CRLF line ends
+    path = write_dataset(tmp_path / "plain.csv", "csv")
+    bom = tmp_path / "facts.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    assert _facts.load_facts(str(bom)) == RECORDS
 
 
 def test_csv_cells_stay_text(tmp_path):

@@ -101,6 +101,14 @@ def test_merge_refusals_before_loading(trained, tmp_path, no_model_load):
     _merge_refused(["--model", base, "--delta", delta, "--output-dir", out, "--max-shard-size", "lots"],
                    "--max-shard-size", "'lots'")
     _merge_refused(["--model", base, "--delta", tmp_path, "--output-dir", out], "--delta", "is not a seat delta")
+    run = delta.parent  # the folder of a `seat train` run, and one of its checkpoints: the delta they hold is named
+    _merge_refused(["--model", base, "--delta", run, "--output-dir", out], "--delta", f"--delta {run / 'delta'}")
+    checkpoint = run / "checkpoint-2"
+    _merge_refused(["--model", base, "--delta", checkpoint, "--output-dir", out], "--delta",
+                   f"--delta {checkpoint / 'seat_delta'}")
+    if os.path.isdir("/proc/self"):  # takes no new folders, even from root
+        _merge_refused(["--model", base, "--delta", delta, "--output-dir", "/proc/seat-cli-test/merged"],
+                       "--output-dir", "cannot be created")
     tampered = tmp_path / "tampered"
     tampered.mkdir()
     for name in os.listdir(delta):

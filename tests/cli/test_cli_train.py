@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ pytest.importorskip("yaml")
 
 import seat  # noqa: E402
 from _cli_helpers import TRAIN_FLAGS, load_model, run_cli, save_tiny_model, write_dataset, write_jsonl  # noqa: E402
-from _trainer_helpers import RECORDS  # noqa: E402
+from _trainer_helpers import RECORDS, tiny_llama, tokenizer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from seat.trainer import SeatTrainer  # noqa: E402
 
@@ -133,6 +134,23 @@ def test_interrupted_run_resumes_to_the_same_delta(base, full, tmp_path):
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
     assert (out / "checkpoint-4" / "seat_train_args.json").exists()
+
+
+def test_resume_from_a_checkpoint_of_another_model_leaves_nothing(base, full, tmp_path):
+    other = tmp_path / "other"
+    tok = tokenizer()
+    tiny_llama(tok, seed=1).save_pretrained(other)
+    tok.save_pretrained(other)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--model", other, "--data", base["facts"], "--output-dir", out, *TRAIN_FLAGS,
+                            "--resume", full["out"] / "checkpoint-2"])
+    assert code == 2 and "argument --resume" in err and "Traceback" not in err, err
+    assert not out.exists()  # the new folder it had begun is gone again
+    # an --output-dir that existed (empty) stays, empty
+    out.mkdir()
+    code, _, err = run_cli(["train", "--model", other, "--data", base["facts"], "--output-dir", out, *TRAIN_FLAGS,
+                            "--resume", full["out"] / "checkpoint-2"])
+    assert code == 2 and os.listdir(out) == []
 
 
 def test_config_file_with_parquet_facts_and_lean_modes(base, full, tmp_path):

@@ -76,14 +76,18 @@ def _read_with_datasets(path: str, kind: str) -> list[tuple[str, object]]:
     with tempfile.TemporaryDirectory(prefix="seat-facts-") as cache:
         try:
             if kind == "CSV":
-                with open(path, newline="", encoding="utf-8") as f:
-                    header = next(csv.reader(f), None)
+                # utf-8-sig: the byte-order mark Excel writes before the header is not part of its first name
+                with open(path, newline="", encoding="utf-8-sig") as f:
+                    reader = csv.reader(f)
+                    header, first_row = next(reader, None), next(reader, None)
                 if not header:
                     _fail(f"{path} is empty; the first row must name the columns")
+                if first_row is None:
+                    return []  # a header alone: no records (datasets would fail on it with a cryptic message)
                 # every cell as text (no number / NaN guessing: an answer "1984" stays "1984")
                 features = datasets.Features({name: datasets.Value("string") for name in header})
                 ds = datasets.Dataset.from_csv(path, cache_dir=cache, keep_in_memory=True, features=features,
-                                               keep_default_na=False)
+                                               keep_default_na=False, encoding="utf-8-sig")
                 first = 2  # the data rows start on line 2
             elif kind == "Parquet":
                 ds = datasets.Dataset.from_parquet(path, cache_dir=cache, keep_in_memory=True)
