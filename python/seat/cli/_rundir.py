@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from ..evaluate import write_json_atomically
@@ -126,11 +127,18 @@ def plan(output_dir: str, resume: str) -> Path | None:
     return None  # an earlier run stopped before its first checkpoint: start it again
 
 
-def ensure_writable(output_dir: str) -> None:
-    """The folder (or its nearest existing parent) can be written."""
+def ensure_writable(output_dir: str, flag: str = "--output-dir") -> None:
+    """`output_dir` (or its nearest existing parent) takes new folders: a folder is made
+    there and removed at once. os.access alone misses read-only mounts and places like
+    /proc, and lets root pass everywhere; the failure would otherwise come after the model
+    was loaded."""
     path = os.path.abspath(output_dir)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"argument --output-dir: {path!r} is not a writable folder; choose a folder you can "
-                         "write to")
+        raise UsageError(f"argument {flag}: {path!r} is not a writable folder; choose a folder you can write to")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".seat-probe-", dir=path))
+    except OSError as e:
+        raise UsageError(f"argument {flag}: {output_dir!r} cannot be created in {path!r} ({e.strerror}); choose "
+                         "a folder you can write to") from None

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 
 from ._options import UsageError
+from ._rundir import ensure_writable
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -58,13 +59,7 @@ def _check_output(path: str) -> None:
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise UsageError(f"argument --output-dir: {path!r} exists and is not an empty folder; choose a new folder "
                          "(nothing there is overwritten)")
-    parent = os.path.dirname(os.path.abspath(path))
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"argument --output-dir: {probe!r} is not a writable folder; choose a folder you can "
-                         "write to")
+    ensure_writable(os.path.dirname(os.path.abspath(path)))  # the merged model is renamed into place from there
 
 
 def _has_tokenizer(model: str) -> bool:
@@ -82,6 +77,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if not os.path.isdir(args.delta):
         raise UsageError(f"argument --delta: {args.delta!r} is not a folder; give a delta folder "
                          "(OUTPUT_DIR/delta of `seat train`)")
+    for inner in ("delta", "seat_delta"):  # a `seat train` folder or one of its checkpoints, given for its delta
+        if not os.path.exists(os.path.join(args.delta, "seat_config.json")) and \
+                os.path.exists(os.path.join(args.delta, inner, "seat_config.json")):
+            raise UsageError(f"argument --delta: {args.delta!r} is not a delta folder but holds one; give "
+                             f"--delta {os.path.join(args.delta, inner)}")
     try:
         meta, _ = read_delta(args.delta)  # every checksum, before the model is loaded
     except (FileNotFoundError, DeltaMismatchError) as e:
