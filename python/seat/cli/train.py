@@ -101,8 +101,11 @@ def _collator(values: dict, tok, records: list[dict]):
         collator = PairedCollator(tok, perturber, max_length=values["max_length"], kl_tokens=values["kl_tokens"],
                                   prompt_format=values["prompt_format"], use_chat_template=values["chat_template"])
     except (TypeError, ValueError) as e:
-        flag = "--chat-template" if "chat_template" in str(e) else "--model"
-        raise UsageError(f"argument {flag}: {e}") from None
+        if "chat_template" in str(e) and values["chat_template"]:  # the collator's message names its keywords
+            raise UsageError(f"argument --chat-template: the tokenizer of --model {values['model']!r} has no chat "
+                             "template; pass --no-chat-template to use --prompt-format, or save the tokenizer "
+                             "with a chat_template") from None
+        raise UsageError(f"argument --model: {e}") from None
     if values["max_length"] is not None:
         for i, r in enumerate(records):
             n = len(collator.encode(r["question"], r["answer"])[0])
