@@ -127,6 +127,22 @@ def plan(output_dir: str, resume: str) -> Path | None:
     return None  # an earlier run stopped before its first checkpoint: start it again
 
 
+class FolderState:
+    """Whether the output folder and its args file existed before this run began, so a run
+    refused before its first checkpoint can leave the folder as it found it."""
+
+    def __init__(self, out: Path):
+        self.out, self.had_folder, self.had_args = out, out.exists(), (out / ARGS_FILE).exists()
+
+    def restore(self) -> None:
+        if self.out.is_dir() and checkpoints(self.out):
+            return  # checkpoints were written: the run is the user's to resume or remove
+        if not self.had_args:
+            (self.out / ARGS_FILE).unlink(missing_ok=True)
+        if not self.had_folder and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
 def ensure_writable(output_dir: str, flag: str = "--output-dir") -> None:
     """`output_dir` (or its nearest existing parent) takes new folders: a folder is made
     there and removed at once. os.access alone misses read-only mounts and places like

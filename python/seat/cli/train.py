@@ -253,6 +253,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     optimizer_kwargs = {"grad_dtype": torch.bfloat16 if values["grad_dtype"] == "bfloat16" else None,
                         "update_in_backward": values["update_in_backward"], "state_bits": values["state_bits"]}
     out = Path(values["output_dir"])
+    started_in = _rundir.FolderState(out)  # Trainer() makes the folder: note what was there before
     try:
         trainer = SeatTrainer(model, training_args, seat_config=seat_config, optimizer_kwargs=optimizer_kwargs,
                               nonfinite=values["nonfinite"], train_dataset=records, data_collator=collator,
@@ -266,7 +267,8 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
           f"{len(trainer.seat.targets)} weights" + (f"; resuming from {resume_from}" if resume_from else ""))
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except ResumeMismatchError as e:
+    except ResumeMismatchError as e:  # found when the checkpoint loads (e.g. the delta of another base model)
+        started_in.restore()
         raise UsageError(f"argument --resume: {e}") from None
     trainer.seat.save_delta(out / _rundir.DELTA)
     report = _report(values, record, trainer, model, resume_from, started)
