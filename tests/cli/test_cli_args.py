@@ -130,6 +130,11 @@ def _bad_facts(tmp_path, name: str, text: str) -> Path:
     ("facts.txt", "x", ["unknown file type '.txt'"]),
     ("facts.jsonl", "\n\n", ["holds no records"]),
     ("facts.csv", "question,answer,entity\r\n", ["holds no records"]),
+    # a cell with an unquoted comma: a row longer than the header is refused, never read shifted
+    ("facts.csv", "question,answer,entity\nWho is Ann Lee ?,Ann Lee, a baker .,Ann Lee\n",
+     ["facts.csv row 1 (line 2) has 4 cells", "the header names 3", "quote"]),
+    ("facts.csv", 'question,answer,entity\nWho is Ann Lee ?,"Ann Lee\nbakes .",Ann Lee\nWho is Bo ?,,Bo\n',
+     ["facts.csv row 2 (line 4)", "'answer' is empty"]),
 ])
 def test_bad_facts_name_the_record(files, tmp_path, no_model_load, name, text, fragments):
     path = _bad_facts(tmp_path, name, text)
@@ -240,6 +245,14 @@ def test_csv_with_byte_order_mark_and_crlf_reads_the_same_facts(tmp_path):
     bom = tmp_path / "facts.csv"
     bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
     assert _facts.load_facts(str(bom)) == RECORDS
+
+
+def test_csv_cells_may_be_long(tmp_path):
+    # longer than the csv module's default field limit (131072 characters)
+    answer = "Ann Lee " + "bakes bread . " * 20000
+    path = tmp_path / "facts.csv"
+    path.write_text(f'question,answer,entity\nWho is Ann Lee ?,"{answer}",Ann Lee\n', encoding="utf-8")
+    assert _facts.load_facts(str(path))[0]["answer"] == answer
 
 
 def test_csv_cells_stay_text(tmp_path):
