@@ -142,6 +142,18 @@ def test_bad_facts_name_the_record(files, tmp_path, no_model_load, name, text, f
     assert not (tmp_path / "run").exists()
 
 
+def test_chat_message_questions(files, tmp_path, no_model_load):
+    # a question may be chat messages, as seat.data.load_records allows: the entity is looked for in them
+    chat = [{**r, "question": [{"role": "user", "content": r["question"]}]} for r in RECORDS]
+    path = write_jsonl(tmp_path / "chat.jsonl", chat)
+    assert _facts.load_facts(str(path)) == chat
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**chat[0], "entity": "Zed Moe"}])
+    _refused(_argv(files, tmp_path / "run", data=bad), "--data", "'Zed Moe'", "mentioned in neither")
+    # the tiny tokenizer has no chat template: refused before the model loads, not at the first batch
+    _refused(_argv(files, tmp_path / "run", data=path), "--data", "record 1 (entity 'Ann Lee')", "chat template")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_facts_file(files, tmp_path, no_model_load):
     _refused(_argv(files, tmp_path / "run", data=tmp_path / "nope.jsonl"), "--data", "does not exist")
 

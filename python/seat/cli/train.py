@@ -106,8 +106,14 @@ def _collator(values: dict, tok, records: list[dict]):
                              "template; pass --no-chat-template to use --prompt-format, or save the tokenizer "
                              "with a chat_template") from None
         raise UsageError(f"argument --model: {e}") from None
-    if values["max_length"] is not None:
-        for i, r in enumerate(records):
+    for i, r in enumerate(records):
+        if not isinstance(r["question"], str) and not collator.use_chat_template:
+            raise UsageError(f"argument --data: record {i + 1} (entity {r['entity']!r}) has its question as chat "
+                             "messages, which only a chat template renders, and "
+                             + ("--no-chat-template is given" if values["chat_template"] is False else
+                                f"the tokenizer of --model {values['model']!r} has none")
+                             + "; write the question as text, or train a model whose tokenizer has a chat template")
+        if values["max_length"] is not None:
             n = len(collator.encode(r["question"], r["answer"])[0])
             if n > values["max_length"]:
                 raise UsageError(f"argument --max-length: record {i + 1} (entity {r['entity']!r}) is {n} tokens "
