@@ -97,6 +97,18 @@ def test_damaged_weights_are_an_argument_error(files, tmp_path):
     assert not out.exists()
 
 
+def test_max_length_counts_the_perturbed_copy(files, tmp_path, no_model_load):
+    # a one-word entity is replaced by a two-word fictitious name: x~ is longer than x
+    records = [{"question": "Where was Ann born ?", "answer": "Ann was born in Paris .", "entity": "Ann"}] * 4
+    data = write_jsonl(tmp_path / "short.jsonl", records)
+    err = _refused(_argv(files, tmp_path / "run", "--max-length", "1", data=data), "--max-length")
+    length = int(err.split(" tokens long")[0].rsplit(" ", 1)[1])  # of x itself
+    # x fits: refused before the model loads (not at the first batch that draws a long name, mid-run)
+    _refused(_argv(files, tmp_path / "run", "--max-length", str(length), data=data), "--max-length",
+             "perturbed copy x~", "raise --max-length")
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_required(files, tmp_path, no_model_load):
     code, _, err = run_cli(["train", "--data", str(files["facts"]), "--output-dir", str(tmp_path / "o")])
     assert code == 2 and "--model" in err and "required" in err

@@ -160,8 +160,9 @@ OPTIONS = (
         trajectory=True),
     Opt("batch_size", "training", "records per micro-batch", 8, positive_int, trajectory=True),
     Opt("grad_accum", "training", "micro-batches per optimizer step", 1, positive_int, trajectory=True),
-    Opt("max_length", "training", "longest allowed sequence in tokens (prompt + answer); a longer record is an "
-        "error, never truncated (default: no limit)", None, positive_int, trajectory=True),
+    Opt("max_length", "training", "longest allowed sequence in tokens (prompt + answer, and its perturbed copy "
+        "with the longest fictitious name); a longer record is an error, never truncated (default: no limit)", None,
+        positive_int, trajectory=True),
     Opt("max_grad_norm", "training", "clip the global gradient norm (0: no clipping; default 1.0, or 0 with "
         "--update-in-backward)", None, nonneg_float, trajectory=True),
     Opt("weight_decay", "training", "AdamW weight decay", 0.0, nonneg_float, trajectory=True),

@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -119,7 +120,36 @@ def _collator(values: dict, tok, records: list[dict]):
                 raise UsageError(f"argument --max-length: record {i + 1} (entity {r['entity']!r}) is {n} tokens "
                                  f"long, more than --max-length {values['max_length']}; raise --max-length or "
                                  "shorten the record (nothing is truncated)")
+    if values["max_length"] is not None:
+        _check_perturbed_lengths(values, tok, perturber, records)
     return collator
+
+
+def _check_perturbed_lengths(values: dict, tok, perturber, records: list[dict]) -> None:
+    """The perturbed copy x~ of each record fits --max-length too, with the fictitious
+    names that take the most tokens (x~ of a short entity can be longer than x; the
+    collator would otherwise refuse it at the first batch that draws a long name, mid-run)."""
+    from ..data import PairedCollator
+    from ..perturb import EntityPerturber, NameGenerator
+
+    def longest(names):  # a few, so a name that clashes with a record's other names can be redrawn
+        return sorted(names, key=lambda n: len(tok(" " + n, add_special_tokens=False)["input_ids"]))[-3:]
+
+    generator = perturber.generator  # the default generator: the built-in names, less the entities' own
+    worst = EntityPerturber(exclude=sorted({r["entity"] for r in records}), seed=values["seed"],
+                            names=NameGenerator(values["seed"], longest(generator.first_names),
+                                                longest(generator.last_names)))
+    probe = PairedCollator(tok, worst, max_length=values["max_length"], kl_tokens=values["kl_tokens"],
+                           prompt_format=values["prompt_format"], use_chat_template=values["chat_template"])
+    for i, r in enumerate(records):
+        try:
+            probe([r])
+        except ValueError as e:
+            found = re.search(r"is (\d+) tokens", str(e))
+            length = f"up to {found.group(1)} tokens long" if found else f"too long ({e})"
+            raise UsageError(f"argument --max-length: record {i + 1} (entity {r['entity']!r}): its perturbed copy "
+                             f"x~ is {length} with a long fictitious name, more than --max-length "
+                             f"{values['max_length']}; raise --max-length (nothing is truncated)") from None
 
 
 def _training_args(values: dict, use_cpu: bool):
@@ -276,6 +306,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except ResumeMismatchError as e:  # found when the checkpoint loads (e.g. the delta of another base model)
         started_in.restore()
         raise UsageError(f"argument --resume: {e}") from None
+    except ValueError as e:
+        if "longer than max_length" not in str(e):
+            raise
+        raise UsageError(f"argument --max-length: {e}; raise --max-length and start again in a new --output-dir "
+                         "(a resume keeps --max-length)") from None
     trainer.seat.save_delta(out / _rundir.DELTA)
     report = _report(values, record, trainer, model, resume_from, started)
     from ..evaluate import write_json_atomically
