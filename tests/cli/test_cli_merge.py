@@ -67,6 +67,20 @@ def test_merged_model_is_base_plus_delta(trained, tmp_path):
     assert meta["seat_config"]["density"] == 0.2 and meta["base"] == str(trained["model"])
 
 
+def test_merge_through_a_symlinked_output_dir(trained, tmp_path):
+    # a link to an empty folder and a link to a folder not made yet: the model goes where they point
+    for name in ("empty", "later"):
+        target, link = tmp_path / f"{name}-target", tmp_path / f"{name}-link"
+        if name == "empty":
+            target.mkdir()
+        link.symlink_to(target)
+        code, _, err = run_cli(["merge", "--model", trained["model"], "--delta", trained["delta"], "--output-dir",
+                                link])
+        assert code == 0, err
+        assert link.is_symlink() and (target / "config.json").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
 def test_merge_casts_with_dtype(trained, tmp_path):
     code, _, err = run_cli(["merge", "--model", trained["model"], "--delta", trained["delta"],
                             "--output-dir", tmp_path / "bf16", "--dtype", "bfloat16"])

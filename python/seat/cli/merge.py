@@ -73,7 +73,9 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .train import _check_model_folder
 
     max_shard = _shard_size(args.max_shard_size)
-    _check_output(args.output_dir)
+    # a symlink (even one to a folder not made yet): the model goes where it points, renamed into place there
+    out = os.path.realpath(args.output_dir)
+    _check_output(out)
     if not os.path.isdir(args.delta):
         raise UsageError(f"argument --delta: {args.delta!r} is not a folder; give a delta folder "
                          "(OUTPUT_DIR/delta of `seat train`)")
@@ -119,7 +121,6 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise UsageError(f"argument --delta: it does not fit --model {args.model!r}: {e}") from None
     if args.dtype is not None:
         model = model.to(getattr(torch, args.dtype))
-    out = os.path.abspath(args.output_dir)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:
