@@ -233,6 +233,11 @@ def test_config_file_merges_under_the_flags(tmp_path):
     json_config = tmp_path / "run.json"
     json_config.write_text(json.dumps({"model": "m", "data": "d", "output_dir": "o", "max_steps": 7}))
     assert _parse(["--config", json_config])[0]["max_steps"] == 7
+    # Notepad's "UTF-8 with BOM": the mark is not part of the first key
+    for path in (json_config, config):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert _parse(["--config", json_config])[0]["max_steps"] == 7
+    assert _parse(["--config", config])[0]["model"] == "m"
 
 
 @pytest.mark.parametrize("content, fragments", [

@@ -218,7 +218,7 @@ def read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"argument --config: {path!r} is not a file; give a YAML or JSON file of options")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Notepad's UTF-8) is skipped
             content = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"argument --config: {path!r} cannot be read ({e}); save it as UTF-8 text") from None
