@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -151,6 +152,14 @@ def test_resume_from_a_checkpoint_of_another_model_leaves_nothing(base, full, tm
     code, _, err = run_cli(["train", "--model", other, "--data", base["facts"], "--output-dir", out, *TRAIN_FLAGS,
                             "--resume", full["out"] / "checkpoint-2"])
     assert code == 2 and os.listdir(out) == []
+    # resuming an earlier run's folder with another model: its record of the arguments is kept as it was
+    earlier = tmp_path / "earlier"
+    shutil.copytree(full["out"], earlier)
+    shutil.rmtree(earlier / "checkpoint-4")
+    before = (earlier / "seat_train_args.json").read_bytes()
+    code, _, err = run_cli(_argv(base, earlier) + ["--model", other])
+    assert code == 2 and "argument --resume" in err, err
+    assert (earlier / "seat_train_args.json").read_bytes() == before
 
 
 def test_config_file_with_parquet_facts_and_lean_modes(base, full, tmp_path):

@@ -128,17 +128,22 @@ def plan(output_dir: str, resume: str) -> Path | None:
 
 
 class FolderState:
-    """Whether the output folder and its args file existed before this run began, so a run
-    refused before its first checkpoint can leave the folder as it found it."""
+    """The output folder and its args file as they were before this run began, so a run
+    refused when its checkpoint loads leaves the folder as it found it."""
 
     def __init__(self, out: Path):
-        self.out, self.had_folder, self.had_args = out, out.exists(), (out / ARGS_FILE).exists()
+        self.out, self.had_folder = out, out.exists()
+        args = out / ARGS_FILE
+        self.args = args.read_bytes() if args.is_file() else None
 
     def restore(self) -> None:
-        if self.out.is_dir() and checkpoints(self.out):
-            return  # checkpoints were written: the run is the user's to resume or remove
-        if not self.had_args:
-            (self.out / ARGS_FILE).unlink(missing_ok=True)
+        args = self.out / ARGS_FILE
+        if self.args is None:
+            args.unlink(missing_ok=True)
+        elif args.read_bytes() != self.args:
+            tmp = args.with_name(f".{ARGS_FILE}.restore")
+            tmp.write_bytes(self.args)
+            os.replace(tmp, args)
         if not self.had_folder and self.out.is_dir() and not any(self.out.iterdir()):
             self.out.rmdir()
 
