@@ -15,8 +15,8 @@ import os
 from typing import Any, Callable
 
 from .._constants import MASK_ENCODINGS, MASK_KINDS
+from ..config import KL_TOKENS  # plain Python too: no torch
 
-KL_TOKENS = ("all", "answer")  # seat.config.KL_TOKENS (that module is light too, but this keeps the table plain)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GRAD_DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
