@@ -162,6 +162,30 @@ def test_resume_from_a_checkpoint_of_another_model_leaves_nothing(base, full, tm
     assert (earlier / "seat_train_args.json").read_bytes() == before
 
 
+def test_save_total_limit_keeps_a_complete_checkpoint_through_an_interrupt(base, tmp_path):
+    from seat.cli import _rundir
+
+    out = tmp_path / "run"
+    argv = _argv(base, out, "--save-total-limit", "1", "--save-steps", "1", "--max-steps", "3")
+    original = _rundir.write_args
+
+    def killed_marking_checkpoint_2(directory, record):
+        if directory.name == "checkpoint-2":
+            raise KeyboardInterrupt
+        return original(directory, record)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_rundir, "write_args", killed_marking_checkpoint_2)
+        code, _, err = run_cli(argv)
+    assert code == 130, err
+    # checkpoint-1 (complete) is still there to resume from; checkpoint-2 lacks its marker
+    assert _rundir.is_complete(out / "checkpoint-1", ours=True)
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    assert json.loads((out / "seat_report.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+
+
 def test_config_file_with_parquet_facts_and_lean_modes(base, full, tmp_path):
     pytest.importorskip("bitsandbytes")
     facts = write_dataset(tmp_path / "facts.parquet", "parquet", rename={"question": "prompt"})

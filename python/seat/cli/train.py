@@ -167,7 +167,7 @@ def _training_args(values: dict, use_cpu: bool):
             num_train_epochs=values["epochs"], max_steps=values["max_steps"] or -1,
             max_grad_norm=values["max_grad_norm"], weight_decay=values["weight_decay"],
             warmup_steps=values["warmup_steps"], lr_scheduler_type=values["lr_scheduler"],
-            save_strategy="steps", save_steps=values["save_steps"], save_total_limit=values["save_total_limit"],
+            save_strategy="steps", save_steps=values["save_steps"], save_total_limit=None,  # the callback removes old ones
             logging_strategy="steps", logging_steps=values["logging_steps"], seed=values["seed"],
             data_seed=values["seed"], dataloader_num_workers=0,  # workers would draw names on copies: no exact resume
             remove_unused_columns=False, report_to=[], use_cpu=use_cpu, disable_tqdm=not values["progress"],
@@ -176,12 +176,17 @@ def _training_args(values: dict, use_cpu: bool):
         raise UsageError(f"the training options are refused by transformers.TrainingArguments: {e}") from None
 
 
-def _callback(output_dir: Path, args_record: dict):
+def _callback(output_dir: Path, args_record: dict, keep: int | None):
+    import shutil
+
     import transformers
 
     class SeatCliCallback(transformers.TrainerCallback):
-        """Logs the last (partial) window too, so the report's means cover every step, and
-        marks each checkpoint complete with the run's arguments (written last)."""
+        """Logs the last (partial) window too, so the report's means cover every step;
+        marks each checkpoint complete with the run's arguments (written last); then
+        removes all but the newest `keep` checkpoints. (Trainer's own save_total_limit
+        removes them before this marker is written: an interrupt in between would leave
+        no complete checkpoint with --save-total-limit 1.)"""
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
@@ -192,6 +197,8 @@ def _callback(output_dir: Path, args_record: dict):
             checkpoint = output_dir / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
                 _rundir.write_args(checkpoint, args_record)
+                for old in _rundir.checkpoints(output_dir)[keep:] if keep else []:
+                    shutil.rmtree(old)
             return control
 
     return SeatCliCallback()
@@ -293,7 +300,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         trainer = SeatTrainer(model, training_args, seat_config=seat_config, optimizer_kwargs=optimizer_kwargs,
                               nonfinite=values["nonfinite"], train_dataset=records, data_collator=collator,
-                              processing_class=tok, callbacks=[_callback(out, record)])
+                              processing_class=tok, callbacks=[_callback(out, record, values["save_total_limit"])])
     except ValueError as e:  # --targets patterns that match no weight of this model, a model seat cannot patch
         flag = "--targets" if "targets" in str(e) else "--model"
         raise UsageError(f"argument {flag}: {e}") from None
