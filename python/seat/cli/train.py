@@ -167,7 +167,8 @@ def _training_args(values: dict, use_cpu: bool):
             num_train_epochs=values["epochs"], max_steps=values["max_steps"] or -1,
             max_grad_norm=values["max_grad_norm"], weight_decay=values["weight_decay"],
             warmup_steps=values["warmup_steps"], lr_scheduler_type=values["lr_scheduler"],
-            save_strategy="steps", save_steps=values["save_steps"], save_total_limit=None,  # the callback removes old ones
+            save_strategy="steps", save_steps=values["save_steps"],
+            save_total_limit=None,  # old checkpoints: removed by the callback, after the new one is complete
             logging_strategy="steps", logging_steps=values["logging_steps"], seed=values["seed"],
             data_seed=values["seed"], dataloader_num_workers=0,  # workers would draw names on copies: no exact resume
             remove_unused_columns=False, report_to=[], use_cpu=use_cpu, disable_tqdm=not values["progress"],
