@@ -120,6 +120,12 @@ def test_merge_refusals_before_loading(trained, tmp_path, no_model_load):
     checkpoint = run / "checkpoint-2"
     _merge_refused(["--model", base, "--delta", checkpoint, "--output-dir", out], "--delta",
                    f"--delta {checkpoint / 'seat_delta'}")
+    here = tmp_path / "here"  # an empty current folder: not removed and replaced under the shell in it
+    here.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(here)
+        _merge_refused(["--model", base, "--delta", delta, "--output-dir", "."], "--output-dir", "current folder")
+    assert here.is_dir() and os.listdir(here) == []
     if os.path.isdir("/proc/self"):  # takes no new folders, even from root
         _merge_refused(["--model", base, "--delta", delta, "--output-dir", "/proc/seat-cli-test/merged"],
                        "--output-dir", "cannot be created")

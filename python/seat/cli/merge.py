@@ -56,6 +56,9 @@ def _shard_size(text: str) -> int:
 
 
 def _check_output(path: str) -> None:
+    if path == os.path.realpath(os.getcwd()):  # it would be removed and replaced under the shell that is in it
+        raise UsageError("argument --output-dir: it is the current folder, which the merged model (renamed into "
+                         "place) cannot replace; give a new folder, e.g. --output-dir merged")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise UsageError(f"argument --output-dir: {path!r} exists and is not an empty folder; choose a new folder "
                          "(nothing there is overwritten)")
