@@ -118,6 +118,11 @@ def test_interrupted_run_resumes_to_the_same_delta(base, full, tmp_path):
     assert code == 2 and "--data: the facts differ" in err and "(4 records then, 3 now)" in err
     code, _, err = run_cli([*argv, "--resume", "never"])
     assert code == 2 and "argument --resume" in err
+    # the checkpoint folder itself as --output-dir: refused, not written into
+    listing = sorted(p.name for p in (out / "checkpoint-2").iterdir())
+    code, _, err = run_cli(_argv(base, out / "checkpoint-2"))
+    assert code == 2 and "is a checkpoint folder" in err and str(out) in err, err
+    assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == listing
     assert not (out / "delta").exists()
 
     trainers = []
