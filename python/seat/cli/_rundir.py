@@ -101,8 +101,8 @@ def plan(output_dir: str, resume: str) -> Path | None:
             return None
         return Path(resume)
     if any((out / name).exists() for name in ("seat_run.json", "trainer_state.json")):
-        raise UsageError(f"argument --output-dir: {output_dir!r} is a checkpoint folder, not a run folder; give the run folder that holds it ({out.resolve().parent}) to "
-                         "resume, or a new folder")
+        raise UsageError(f"argument --output-dir: {output_dir!r} is a checkpoint folder, not a run folder; give "
+                         f"the run folder that holds it ({out.resolve().parent}) to resume, or a new folder")
     ours = (out / ARGS_FILE).exists()
     found = checkpoints(out)
     seat_checkpoints = [c for c in found if (c / "seat_run.json").exists()]
