@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,6 +80,31 @@ def test_merge_through_a_symlinked_output_dir(trained, tmp_path):
         assert code == 0, err
         assert link.is_symlink() and (target / "config.json").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_merge_killed_while_saving_leaves_nothing(trained, tmp_path):
+    import signal
+
+    out = tmp_path / "merged"
+
+    def terminated(self, *args, **kwargs):  # a job scheduler's SIGTERM while the shards are written
+        (Path(args[0]) / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):  # what the test sees if the command does not handle SIGTERM itself
+        raise AssertionError("seat merge left SIGTERM to its caller")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transformers.PreTrainedModel, "save_pretrained", terminated)
+            code, _, err = run_cli(["merge", "--model", trained["model"], "--delta", trained["delta"],
+                                    "--output-dir", out])
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the caller's handler is put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130 and "interrupted" in err, err
+    assert os.listdir(tmp_path) == []  # neither the output folder nor the temporary one
 
 
 def test_merge_casts_with_dtype(trained, tmp_path):
