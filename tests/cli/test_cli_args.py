@@ -69,7 +69,7 @@ def _refused(argv, flag: str, *fragments: str) -> str:
     (["--lean", "--grad-accum", "2"], "--grad-accum", "set by --lean"),
     (["--targets", "all-linear", "*.q_proj"], "--targets", "cannot be mixed"),
     (["--prompt-format", "no field here"], "--prompt-format", "{question}"),
-    (["--chat-template"], "--chat-template", "no chat_template"),
+    (["--chat-template"], "--chat-template", "--no-chat-template"),
     (["--max-length", "4"], "--max-length", "record 1 (entity 'Ann Lee')"),
     (["--resume", "/nonexistent/checkpoint-3"], "--resume", "not a complete SeatTrainer checkpoint"),
 ])
@@ -95,6 +95,18 @@ def test_damaged_weights_are_an_argument_error(files, tmp_path):
     out = tmp_path / "run"
     _refused(_argv(files, out)[:2] + [damaged] + _argv(files, out)[3:], "--model", "do not load")
     assert not out.exists()
+
+
+def test_max_length_counts_the_perturbed_copy(files, tmp_path, no_model_load):
+    # a one-word entity is replaced by a two-word fictitious name: x~ is longer than x
+    records = [{"question": "Where was Ann born ?", "answer": "Ann was born in Paris .", "entity": "Ann"}] * 4
+    data = write_jsonl(tmp_path / "short.jsonl", records)
+    err = _refused(_argv(files, tmp_path / "run", "--max-length", "1", data=data), "--max-length")
+    length = int(err.split(" tokens long")[0].rsplit(" ", 1)[1])  # of x itself
+    # x fits: refused before the model loads (not at the first batch that draws a long name, mid-run)
+    _refused(_argv(files, tmp_path / "run", "--max-length", str(length), data=data), "--max-length",
+             "perturbed copy x~", "raise --max-length")
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_required(files, tmp_path, no_model_load):
@@ -129,10 +141,28 @@ def _bad_facts(tmp_path, name: str, text: str) -> Path:
     ("facts.json", '{"data": []}', ["holds one JSON object (keys 'data')", "JSON array"]),
     ("facts.txt", "x", ["unknown file type '.txt'"]),
     ("facts.jsonl", "\n\n", ["holds no records"]),
+    ("facts.csv", "question,answer,entity\r\n", ["holds no records"]),
+    # a cell with an unquoted comma: a row longer than the header is refused, never read shifted
+    ("facts.csv", "question,answer,entity\nWho is Ann Lee ?,Ann Lee, a baker .,Ann Lee\n",
+     ["facts.csv row 1 (line 2) has 4 cells", "the header names 3", "quote"]),
+    ("facts.csv", 'question,answer,entity\nWho is Ann Lee ?,"Ann Lee\nbakes .",Ann Lee\nWho is Bo ?,,Bo\n',
+     ["facts.csv row 2 (line 4)", "'answer' is empty"]),
 ])
 def test_bad_facts_name_the_record(files, tmp_path, no_model_load, name, text, fragments):
     path = _bad_facts(tmp_path, name, text)
     _refused(_argv(files, tmp_path / "run", data=path), "--data", *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+def test_chat_message_questions(files, tmp_path, no_model_load):
+    # a question may be chat messages, as seat.data.load_records allows: the entity is looked for in them
+    chat = [{**r, "question": [{"role": "user", "content": r["question"]}]} for r in RECORDS]
+    path = write_jsonl(tmp_path / "chat.jsonl", chat)
+    assert _facts.load_facts(str(path)) == chat
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{**chat[0], "entity": "Zed Moe"}])
+    _refused(_argv(files, tmp_path / "run", data=bad), "--data", "'Zed Moe'", "mentioned in neither")
+    # the tiny tokenizer has no chat template: refused before the model loads, not at the first batch
+    _refused(_argv(files, tmp_path / "run", data=path), "--data", "record 1 (entity 'Ann Lee')", "chat template")
     assert not (tmp_path / "run").exists()
 
 
@@ -151,6 +181,13 @@ def test_bad_model_folders(files, tmp_path, no_model_load):
     _refused(["train", "--model", weightless, "--data", files["facts"], "--output-dir", tmp_path / "o"],
              "--model", "holds no weights")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux /proc")
+def test_output_dir_that_cannot_be_created_is_refused(files, tmp_path, no_model_load):
+    # /proc takes no new folders, even from root (whom os.access lets write anywhere)
+    _refused(_argv(files, "/proc/seat-cli-test/run"), "--output-dir", "cannot be created")
+    _refused(_argv(files, files["facts"] / "run"), "--output-dir", "not a writable folder")
 
 
 def test_output_dir_with_other_files_is_refused_and_kept(files, tmp_path, no_model_load):
@@ -196,6 +233,11 @@ def test_config_file_merges_under_the_flags(tmp_path):
     json_config = tmp_path / "run.json"
     json_config.write_text(json.dumps({"model": "m", "data": "d", "output_dir": "o", "max_steps": 7}))
     assert _parse(["--config", json_config])[0]["max_steps"] == 7
+    # Notepad's "UTF-8 with BOM": the mark is not part of the first key
+    for path in (json_config, config):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert _parse(["--config", json_config])[0]["max_steps"] == 7
+    assert _parse(["--config", config])[0]["model"] == "m"
 
 
 @pytest.mark.parametrize("content, fragments", [
@@ -224,6 +266,22 @@ def test_every_format_reads_the_same_facts(tmp_path, kind, suffix):
     records = _facts.load_facts(str(path), question_key="prompt", entity_key="person")
     assert records == RECORDS
     assert _facts.fingerprint(records) == _facts.fingerprint(_facts.load_facts(str(write_jsonl(tmp_path / "f.jsonl"))))
+
+
+def test_csv_with_byte_order_mark_and_crlf_reads_the_same_facts(tmp_path):
+    # what Excel's "CSV UTF-8" writes: a byte-order mark before the header, CRLF line ends
+    path = write_dataset(tmp_path / "plain.csv", "csv")
+    bom = tmp_path / "facts.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
+    assert _facts.load_facts(str(bom)) == RECORDS
+
+
+def test_csv_cells_may_be_long(tmp_path):
+    # longer than the csv module's default field limit (131072 characters)
+    answer = "Ann Lee " + "bakes bread . " * 20000
+    path = tmp_path / "facts.csv"
+    path.write_text(f'question,answer,entity\nWho is Ann Lee ?,"{answer}",Ann Lee\n', encoding="utf-8")
+    assert _facts.load_facts(str(path))[0]["answer"] == answer
 
 
 def test_csv_cells_stay_text(tmp_path):

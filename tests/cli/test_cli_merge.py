@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,6 +68,45 @@ def test_merged_model_is_base_plus_delta(trained, tmp_path):
     assert meta["seat_config"]["density"] == 0.2 and meta["base"] == str(trained["model"])
 
 
+def test_merge_through_a_symlinked_output_dir(trained, tmp_path):
+    # a link to an empty folder and a link to a folder not made yet: the model goes where they point
+    for name in ("empty", "later"):
+        target, link = tmp_path / f"{name}-target", tmp_path / f"{name}-link"
+        if name == "empty":
+            target.mkdir()
+        link.symlink_to(target)
+        code, _, err = run_cli(["merge", "--model", trained["model"], "--delta", trained["delta"], "--output-dir",
+                                link])
+        assert code == 0, err
+        assert link.is_symlink() and (target / "config.json").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]
+
+
+def test_merge_killed_while_saving_leaves_nothing(trained, tmp_path):
+    import signal
+
+    out = tmp_path / "merged"
+
+    def terminated(self, *args, **kwargs):  # a job scheduler's SIGTERM while the shards are written
+        (Path(args[0]) / "model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(signum, frame):  # what the test sees if the command does not handle SIGTERM itself
+        raise AssertionError("seat merge left SIGTERM to its caller")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(transformers.PreTrainedModel, "save_pretrained", terminated)
+            code, _, err = run_cli(["merge", "--model", trained["model"], "--delta", trained["delta"],
+                                    "--output-dir", out])
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # the caller's handler is put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130 and "interrupted" in err, err
+    assert os.listdir(tmp_path) == []  # neither the output folder nor the temporary one
+
+
 def test_merge_casts_with_dtype(trained, tmp_path):
     code, _, err = run_cli(["merge", "--model", trained["model"], "--delta", trained["delta"],
                             "--output-dir", tmp_path / "bf16", "--dtype", "bfloat16"])
@@ -101,6 +141,20 @@ def test_merge_refusals_before_loading(trained, tmp_path, no_model_load):
     _merge_refused(["--model", base, "--delta", delta, "--output-dir", out, "--max-shard-size", "lots"],
                    "--max-shard-size", "'lots'")
     _merge_refused(["--model", base, "--delta", tmp_path, "--output-dir", out], "--delta", "is not a seat delta")
+    run = delta.parent  # the folder of a `seat train` run, and one of its checkpoints: the delta they hold is named
+    _merge_refused(["--model", base, "--delta", run, "--output-dir", out], "--delta", f"--delta {run / 'delta'}")
+    checkpoint = run / "checkpoint-2"
+    _merge_refused(["--model", base, "--delta", checkpoint, "--output-dir", out], "--delta",
+                   f"--delta {checkpoint / 'seat_delta'}")
+    here = tmp_path / "here"  # an empty current folder: not removed and replaced under the shell in it
+    here.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(here)
+        _merge_refused(["--model", base, "--delta", delta, "--output-dir", "."], "--output-dir", "current folder")
+    assert here.is_dir() and os.listdir(here) == []
+    if os.path.isdir("/proc/self"):  # takes no new folders, even from root
+        _merge_refused(["--model", base, "--delta", delta, "--output-dir", "/proc/seat-cli-test/merged"],
+                       "--output-dir", "cannot be created")
     tampered = tmp_path / "tampered"
     tampered.mkdir()
     for name in os.listdir(delta):

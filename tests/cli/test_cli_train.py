@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ pytest.importorskip("yaml")
 
 import seat  # noqa: E402
 from _cli_helpers import TRAIN_FLAGS, load_model, run_cli, save_tiny_model, write_dataset, write_jsonl  # noqa: E402
-from _trainer_helpers import RECORDS  # noqa: E402
+from _trainer_helpers import RECORDS, tiny_llama, tokenizer  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from seat.trainer import SeatTrainer  # noqa: E402
 
@@ -116,6 +118,11 @@ def test_interrupted_run_resumes_to_the_same_delta(base, full, tmp_path):
     assert code == 2 and "--data: the facts differ" in err and "(4 records then, 3 now)" in err
     code, _, err = run_cli([*argv, "--resume", "never"])
     assert code == 2 and "argument --resume" in err
+    # the checkpoint folder itself as --output-dir: refused, not written into
+    listing = sorted(p.name for p in (out / "checkpoint-2").iterdir())
+    code, _, err = run_cli(_argv(base, out / "checkpoint-2"))
+    assert code == 2 and "is a checkpoint folder" in err and str(out) in err, err
+    assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == listing
     assert not (out / "delta").exists()
 
     trainers = []
@@ -133,6 +140,55 @@ def test_interrupted_run_resumes_to_the_same_delta(base, full, tmp_path):
         for name in expected:
             assert torch.equal(got[name], expected[name]), name
     assert (out / "checkpoint-4" / "seat_train_args.json").exists()
+
+
+def test_resume_from_a_checkpoint_of_another_model_leaves_nothing(base, full, tmp_path):
+    other = tmp_path / "other"
+    tok = tokenizer()
+    tiny_llama(tok, seed=1).save_pretrained(other)
+    tok.save_pretrained(other)
+    out = tmp_path / "run"
+    code, _, err = run_cli(["train", "--model", other, "--data", base["facts"], "--output-dir", out, *TRAIN_FLAGS,
+                            "--resume", full["out"] / "checkpoint-2"])
+    assert code == 2 and "argument --resume" in err and "Traceback" not in err, err
+    assert not out.exists()  # the new folder it had begun is gone again
+    # an --output-dir that existed (empty) stays, empty
+    out.mkdir()
+    code, _, err = run_cli(["train", "--model", other, "--data", base["facts"], "--output-dir", out, *TRAIN_FLAGS,
+                            "--resume", full["out"] / "checkpoint-2"])
+    assert code == 2 and os.listdir(out) == []
+    # resuming an earlier run's folder with another model: its record of the arguments is kept as it was
+    earlier = tmp_path / "earlier"
+    shutil.copytree(full["out"], earlier)
+    shutil.rmtree(earlier / "checkpoint-4")
+    before = (earlier / "seat_train_args.json").read_bytes()
+    code, _, err = run_cli(_argv(base, earlier) + ["--model", other])
+    assert code == 2 and "argument --resume" in err, err
+    assert (earlier / "seat_train_args.json").read_bytes() == before
+
+
+def test_save_total_limit_keeps_a_complete_checkpoint_through_an_interrupt(base, tmp_path):
+    from seat.cli import _rundir
+
+    out = tmp_path / "run"
+    argv = _argv(base, out, "--save-total-limit", "1", "--save-steps", "1", "--max-steps", "3")
+    original = _rundir.write_args
+
+    def killed_marking_checkpoint_2(directory, record):
+        if directory.name == "checkpoint-2":
+            raise KeyboardInterrupt
+        return original(directory, record)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_rundir, "write_args", killed_marking_checkpoint_2)
+        code, _, err = run_cli(argv)
+    assert code == 130, err
+    # checkpoint-1 (complete) is still there to resume from; checkpoint-2 lacks its marker
+    assert _rundir.is_complete(out / "checkpoint-1", ours=True)
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    assert json.loads((out / "seat_report.json").read_text())["resumed_from"] == str(out / "checkpoint-1")
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
 
 
 def test_config_file_with_parquet_facts_and_lean_modes(base, full, tmp_path):

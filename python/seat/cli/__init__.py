@@ -7,7 +7,7 @@
   seat info     versions, devices, backends (python -m seat.info)
 
 `main(argv)` returns the exit code: 0 done, 2 a bad argument (a message naming it and the
-fix, no traceback), 130 interrupted. eval, memory and info hand their arguments to those
+fix, no traceback), 130 interrupted (Ctrl-C or SIGTERM). eval, memory and info hand their arguments to those
 modules' own main unchanged. Importing this module loads neither torch nor transformers.
 """
 from __future__ import annotations
@@ -61,12 +61,24 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, own
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # a job scheduler's SIGTERM: clean up (merge's temporary folder) as after Ctrl-C
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal() only works there
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None
     try:
         return _main(list(sys.argv[1:] if argv is None else argv))
     except BrokenPipeError:  # `seat ... | head`: the reader left; no traceback about it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: list[str]) -> int:

@@ -6,7 +6,7 @@ Formats (by extension, or a folder):
   .csv              a header row and one record per row, every cell read as text
   .parquet / .pq    string columns
   folder            written by datasets.Dataset.save_to_disk (a DatasetDict: its "train" split)
-CSV, Parquet and folders are read by the `datasets` library. Every record is checked as
+CSV is read by the csv module, Parquet and folders by the `datasets` library. Every record is checked as
 seat.data.load_records checks one (the three keys as non-empty strings where needed, the
 entity mentioned in the question or the answer, as seat.perturb finds it); the first bad
 record is named. Extra columns are ignored.
@@ -20,6 +20,7 @@ import os
 import tempfile
 
 from ..data import _check_record
+from ..messages import message_texts
 from ..perturb import count_mentions
 from ._options import UsageError
 
@@ -65,6 +66,37 @@ def _read_json(path: str, jsonl: bool) -> list[tuple[str, object]]:
     return _json_lines(path, content.splitlines())
 
 
+def _read_csv(path: str) -> list[tuple[str, object]]:
+    """Every cell as text, as the csv module reads it (the `datasets` / pandas reader would
+    guess numbers, fail on a header-only file, and read a row with more cells than the
+    header shifted by one column: an unquoted comma would silently move the answer)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)  # a long answer is no error (the default limit is 131072 characters)
+    try:
+        # utf-8-sig: the byte-order mark Excel writes before the header is not part of its first name
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header:
+                _fail(f"{path} is empty; the first row must name the columns")
+            rows = []
+            for cells in reader:
+                if not cells:
+                    continue  # a blank line
+                where = f"{path} row {len(rows) + 1} (line {reader.line_num})"
+                if len(cells) != len(header):
+                    _fail(f"{where} has {len(cells)} cells but the header names {len(header)}; quote a cell "
+                          'that holds a comma ("Ann Lee, a baker .")')
+                rows.append((where, dict(zip(header, cells))))
+    except UnicodeDecodeError as e:
+        _fail(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
+    except csv.Error as e:
+        _fail(f"{path} cannot be read as CSV: {e}")
+    finally:
+        csv.field_size_limit(limit)
+    return rows
+
+
 def _read_with_datasets(path: str, kind: str) -> list[tuple[str, object]]:
     try:
         import datasets
@@ -75,19 +107,8 @@ def _read_with_datasets(path: str, kind: str) -> list[tuple[str, object]]:
     # the builders cache what they read: into a folder of ours, removed at once
     with tempfile.TemporaryDirectory(prefix="seat-facts-") as cache:
         try:
-            if kind == "CSV":
-                with open(path, newline="", encoding="utf-8") as f:
-                    header = next(csv.reader(f), None)
-                if not header:
-                    _fail(f"{path} is empty; the first row must name the columns")
-                # every cell as text (no number / NaN guessing: an answer "1984" stays "1984")
-                features = datasets.Features({name: datasets.Value("string") for name in header})
-                ds = datasets.Dataset.from_csv(path, cache_dir=cache, keep_in_memory=True, features=features,
-                                               keep_default_na=False)
-                first = 2  # the data rows start on line 2
-            elif kind == "Parquet":
+            if kind == "Parquet":
                 ds = datasets.Dataset.from_parquet(path, cache_dir=cache, keep_in_memory=True)
-                first = None
             else:
                 ds = datasets.load_from_disk(path, keep_in_memory=True)
                 if isinstance(ds, datasets.DatasetDict):
@@ -95,7 +116,6 @@ def _read_with_datasets(path: str, kind: str) -> list[tuple[str, object]]:
                         _fail(f"{path} holds a DatasetDict without a 'train' split (splits: {', '.join(ds)}); "
                               "save the split to train on with Dataset.save_to_disk")
                     ds = ds["train"]
-                first = None
             rows = ds.to_list()
         except UsageError:
             raise
@@ -103,8 +123,6 @@ def _read_with_datasets(path: str, kind: str) -> list[tuple[str, object]]:
             _fail(f"{path} cannot be read as {kind}: {e}")
         except Exception as e:  # pyarrow's and datasets' own error classes: a damaged or foreign file
             _fail(f"{path} cannot be read as {kind}: {type(e).__name__}: {e}")
-    if first is not None:
-        return [(f"{path} row {i + 1} (line {i + first})", row) for i, row in enumerate(rows)]
     return [(f"{path} row {i + 1}", row) for i, row in enumerate(rows)]
 
 
@@ -124,7 +142,9 @@ def read_rows(path: str) -> list[tuple[str, object]]:
     try:
         if suffix in (".jsonl", ".json"):
             return _read_json(path, suffix == ".jsonl")
-        return _read_with_datasets(path, "CSV" if suffix == ".csv" else "Parquet")
+        if suffix == ".csv":
+            return _read_csv(path)
+        return _read_with_datasets(path, "Parquet")
     except PermissionError as e:
         _fail(f"{path!r} cannot be read: {e.strerror}")
 
@@ -153,7 +173,8 @@ def load_facts(path: str, question_key: str = "question", answer_key: str = "ans
             _fail(str(e).replace("'question'", repr(names["question"])).replace("'answer'", repr(names["answer"]))
                   .replace("'entity'", repr(names["entity"])))
         entity = record["entity"]
-        if count_mentions(record["question"], entity) + count_mentions(record["answer"], entity) == 0:
+        # a question may be chat messages (JSON facts), as seat.data.load_records allows
+        if sum(count_mentions(text, entity) for text in [*message_texts(record["question"]), record["answer"]]) == 0:
             _fail(f"{where}: entity {entity!r} is mentioned in neither the question nor the answer; spell it "
                   "exactly as in the text (whole word, same capitalization): the perturbed copy replaces it")
         records.append(record)

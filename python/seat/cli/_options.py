@@ -15,8 +15,8 @@ import os
 from typing import Any, Callable
 
 from .._constants import MASK_ENCODINGS, MASK_KINDS
+from ..config import KL_TOKENS  # plain Python too: no torch
 
-KL_TOKENS = ("all", "answer")  # seat.config.KL_TOKENS (that module is light too, but this keeps the table plain)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 GRAD_DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -160,8 +160,9 @@ OPTIONS = (
         trajectory=True),
     Opt("batch_size", "training", "records per micro-batch", 8, positive_int, trajectory=True),
     Opt("grad_accum", "training", "micro-batches per optimizer step", 1, positive_int, trajectory=True),
-    Opt("max_length", "training", "longest allowed sequence in tokens (prompt + answer); a longer record is an "
-        "error, never truncated (default: no limit)", None, positive_int, trajectory=True),
+    Opt("max_length", "training", "longest allowed sequence in tokens (prompt + answer, and its perturbed copy "
+        "with the longest fictitious name); a longer record is an error, never truncated (default: no limit)", None,
+        positive_int, trajectory=True),
     Opt("max_grad_norm", "training", "clip the global gradient norm (0: no clipping; default 1.0, or 0 with "
         "--update-in-backward)", None, nonneg_float, trajectory=True),
     Opt("weight_decay", "training", "AdamW weight decay", 0.0, nonneg_float, trajectory=True),
@@ -217,7 +218,7 @@ def read_config_file(path: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"argument --config: {path!r} is not a file; give a YAML or JSON file of options")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark (Notepad's UTF-8) is skipped
             content = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"argument --config: {path!r} cannot be read ({e}); save it as UTF-8 text") from None

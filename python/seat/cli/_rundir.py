@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 from ..evaluate import write_json_atomically
@@ -99,6 +100,9 @@ def plan(output_dir: str, resume: str) -> Path | None:
         if resume == "auto" or resume == "never":
             return None
         return Path(resume)
+    if any((out / name).exists() for name in ("seat_run.json", "trainer_state.json")):
+        raise UsageError(f"argument --output-dir: {output_dir!r} is a checkpoint folder, not a run folder; give "
+                         f"the run folder that holds it ({out.resolve().parent}) to resume, or a new folder")
     ours = (out / ARGS_FILE).exists()
     found = checkpoints(out)
     seat_checkpoints = [c for c in found if (c / "seat_run.json").exists()]
@@ -126,11 +130,39 @@ def plan(output_dir: str, resume: str) -> Path | None:
     return None  # an earlier run stopped before its first checkpoint: start it again
 
 
-def ensure_writable(output_dir: str) -> None:
-    """The folder (or its nearest existing parent) can be written."""
+class FolderState:
+    """The output folder and its args file as they were before this run began, so a run
+    refused when its checkpoint loads leaves the folder as it found it."""
+
+    def __init__(self, out: Path):
+        self.out, self.had_folder = out, out.exists()
+        args = out / ARGS_FILE
+        self.args = args.read_bytes() if args.is_file() else None
+
+    def restore(self) -> None:
+        args = self.out / ARGS_FILE
+        if self.args is None:
+            args.unlink(missing_ok=True)
+        elif args.read_bytes() != self.args:
+            tmp = args.with_name(f".{ARGS_FILE}.restore")
+            tmp.write_bytes(self.args)
+            os.replace(tmp, args)
+        if not self.had_folder and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+
+
+def ensure_writable(output_dir: str, flag: str = "--output-dir") -> None:
+    """`output_dir` (or its nearest existing parent) takes new folders: a folder is made
+    there and removed at once. os.access alone misses read-only mounts and places like
+    /proc, and lets root pass everywhere; the failure would otherwise come after the model
+    was loaded."""
     path = os.path.abspath(output_dir)
     while not os.path.exists(path):
         path = os.path.dirname(path)
     if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
-        raise UsageError(f"argument --output-dir: {path!r} is not a writable folder; choose a folder you can "
-                         "write to")
+        raise UsageError(f"argument {flag}: {path!r} is not a writable folder; choose a folder you can write to")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".seat-probe-", dir=path))
+    except OSError as e:
+        raise UsageError(f"argument {flag}: {output_dir!r} cannot be created in {path!r} ({e.strerror}); choose "
+                         "a folder you can write to") from None

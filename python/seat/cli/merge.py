@@ -16,6 +16,7 @@ import shutil
 import tempfile
 
 from ._options import UsageError
+from ._rundir import ensure_writable
 
 DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -55,16 +56,13 @@ def _shard_size(text: str) -> int:
 
 
 def _check_output(path: str) -> None:
+    if path == os.path.realpath(os.getcwd()):  # it would be removed and replaced under the shell that is in it
+        raise UsageError("argument --output-dir: it is the current folder, which the merged model (renamed into "
+                         "place) cannot replace; give a new folder, e.g. --output-dir merged")
     if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
         raise UsageError(f"argument --output-dir: {path!r} exists and is not an empty folder; choose a new folder "
                          "(nothing there is overwritten)")
-    parent = os.path.dirname(os.path.abspath(path))
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"argument --output-dir: {probe!r} is not a writable folder; choose a folder you can "
-                         "write to")
+    ensure_writable(os.path.dirname(os.path.abspath(path)))  # the merged model is renamed into place from there
 
 
 def _has_tokenizer(model: str) -> bool:
@@ -78,10 +76,17 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .train import _check_model_folder
 
     max_shard = _shard_size(args.max_shard_size)
-    _check_output(args.output_dir)
+    # a symlink (even one to a folder not made yet): the model goes where it points, renamed into place there
+    out = os.path.realpath(args.output_dir)
+    _check_output(out)
     if not os.path.isdir(args.delta):
         raise UsageError(f"argument --delta: {args.delta!r} is not a folder; give a delta folder "
                          "(OUTPUT_DIR/delta of `seat train`)")
+    for inner in ("delta", "seat_delta"):  # a `seat train` folder or one of its checkpoints, given for its delta
+        if not os.path.exists(os.path.join(args.delta, "seat_config.json")) and \
+                os.path.exists(os.path.join(args.delta, inner, "seat_config.json")):
+            raise UsageError(f"argument --delta: {args.delta!r} is not a delta folder but holds one; give "
+                             f"--delta {os.path.join(args.delta, inner)}")
     try:
         meta, _ = read_delta(args.delta)  # every checksum, before the model is loaded
     except (FileNotFoundError, DeltaMismatchError) as e:
@@ -119,7 +124,6 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         raise UsageError(f"argument --delta: it does not fit --model {args.model!r}: {e}") from None
     if args.dtype is not None:
         model = model.to(getattr(torch, args.dtype))
-    out = os.path.abspath(args.output_dir)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
     try:

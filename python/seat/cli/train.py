@@ -10,6 +10,7 @@ import argparse
 import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -101,16 +102,54 @@ def _collator(values: dict, tok, records: list[dict]):
         collator = PairedCollator(tok, perturber, max_length=values["max_length"], kl_tokens=values["kl_tokens"],
                                   prompt_format=values["prompt_format"], use_chat_template=values["chat_template"])
     except (TypeError, ValueError) as e:
-        flag = "--chat-template" if "chat_template" in str(e) else "--model"
-        raise UsageError(f"argument {flag}: {e}") from None
-    if values["max_length"] is not None:
-        for i, r in enumerate(records):
+        if "chat_template" in str(e) and values["chat_template"]:  # the collator's message names its keywords
+            raise UsageError(f"argument --chat-template: the tokenizer of --model {values['model']!r} has no chat "
+                             "template; pass --no-chat-template to use --prompt-format, or save the tokenizer "
+                             "with a chat_template") from None
+        raise UsageError(f"argument --model: {e}") from None
+    for i, r in enumerate(records):
+        if not isinstance(r["question"], str) and not collator.use_chat_template:
+            raise UsageError(f"argument --data: record {i + 1} (entity {r['entity']!r}) has its question as chat "
+                             "messages, which only a chat template renders, and "
+                             + ("--no-chat-template is given" if values["chat_template"] is False else
+                                f"the tokenizer of --model {values['model']!r} has none")
+                             + "; write the question as text, or train a model whose tokenizer has a chat template")
+        if values["max_length"] is not None:
             n = len(collator.encode(r["question"], r["answer"])[0])
             if n > values["max_length"]:
                 raise UsageError(f"argument --max-length: record {i + 1} (entity {r['entity']!r}) is {n} tokens "
                                  f"long, more than --max-length {values['max_length']}; raise --max-length or "
                                  "shorten the record (nothing is truncated)")
+    if values["max_length"] is not None:
+        _check_perturbed_lengths(values, tok, perturber, records)
     return collator
+
+
+def _check_perturbed_lengths(values: dict, tok, perturber, records: list[dict]) -> None:
+    """The perturbed copy x~ of each record fits --max-length too, with the fictitious
+    names that take the most tokens (x~ of a short entity can be longer than x; the
+    collator would otherwise refuse it at the first batch that draws a long name, mid-run)."""
+    from ..data import PairedCollator
+    from ..perturb import EntityPerturber, NameGenerator
+
+    def longest(names):  # a few, so a name that clashes with a record's other names can be redrawn
+        return sorted(names, key=lambda n: len(tok(" " + n, add_special_tokens=False)["input_ids"]))[-3:]
+
+    generator = perturber.generator  # the default generator: the built-in names, less the entities' own
+    worst = EntityPerturber(exclude=sorted({r["entity"] for r in records}), seed=values["seed"],
+                            names=NameGenerator(values["seed"], longest(generator.first_names),
+                                                longest(generator.last_names)))
+    probe = PairedCollator(tok, worst, max_length=values["max_length"], kl_tokens=values["kl_tokens"],
+                           prompt_format=values["prompt_format"], use_chat_template=values["chat_template"])
+    for i, r in enumerate(records):
+        try:
+            probe([r])
+        except ValueError as e:
+            found = re.search(r"is (\d+) tokens", str(e))
+            length = f"up to {found.group(1)} tokens long" if found else f"too long ({e})"
+            raise UsageError(f"argument --max-length: record {i + 1} (entity {r['entity']!r}): its perturbed copy "
+                             f"x~ is {length} with a long fictitious name, more than --max-length "
+                             f"{values['max_length']}; raise --max-length (nothing is truncated)") from None
 
 
 def _training_args(values: dict, use_cpu: bool):
@@ -128,7 +167,8 @@ def _training_args(values: dict, use_cpu: bool):
             num_train_epochs=values["epochs"], max_steps=values["max_steps"] or -1,
             max_grad_norm=values["max_grad_norm"], weight_decay=values["weight_decay"],
             warmup_steps=values["warmup_steps"], lr_scheduler_type=values["lr_scheduler"],
-            save_strategy="steps", save_steps=values["save_steps"], save_total_limit=values["save_total_limit"],
+            save_strategy="steps", save_steps=values["save_steps"],
+            save_total_limit=None,  # old checkpoints: removed by the callback, after the new one is complete
             logging_strategy="steps", logging_steps=values["logging_steps"], seed=values["seed"],
             data_seed=values["seed"], dataloader_num_workers=0,  # workers would draw names on copies: no exact resume
             remove_unused_columns=False, report_to=[], use_cpu=use_cpu, disable_tqdm=not values["progress"],
@@ -137,12 +177,17 @@ def _training_args(values: dict, use_cpu: bool):
         raise UsageError(f"the training options are refused by transformers.TrainingArguments: {e}") from None
 
 
-def _callback(output_dir: Path, args_record: dict):
+def _callback(output_dir: Path, args_record: dict, keep: int | None):
+    import shutil
+
     import transformers
 
     class SeatCliCallback(transformers.TrainerCallback):
-        """Logs the last (partial) window too, so the report's means cover every step, and
-        marks each checkpoint complete with the run's arguments (written last)."""
+        """Logs the last (partial) window too, so the report's means cover every step;
+        marks each checkpoint complete with the run's arguments (written last); then
+        removes all but the newest `keep` checkpoints. (Trainer's own save_total_limit
+        removes them before this marker is written: an interrupt in between would leave
+        no complete checkpoint with --save-total-limit 1.)"""
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step >= state.max_steps:
@@ -153,6 +198,8 @@ def _callback(output_dir: Path, args_record: dict):
             checkpoint = output_dir / f"checkpoint-{state.global_step}"
             if checkpoint.is_dir():
                 _rundir.write_args(checkpoint, args_record)
+                for old in _rundir.checkpoints(output_dir)[keep:] if keep else []:
+                    shutil.rmtree(old)
             return control
 
     return SeatCliCallback()
@@ -250,10 +297,11 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     optimizer_kwargs = {"grad_dtype": torch.bfloat16 if values["grad_dtype"] == "bfloat16" else None,
                         "update_in_backward": values["update_in_backward"], "state_bits": values["state_bits"]}
     out = Path(values["output_dir"])
+    started_in = _rundir.FolderState(out)  # Trainer() makes the folder: note what was there before
     try:
         trainer = SeatTrainer(model, training_args, seat_config=seat_config, optimizer_kwargs=optimizer_kwargs,
                               nonfinite=values["nonfinite"], train_dataset=records, data_collator=collator,
-                              processing_class=tok, callbacks=[_callback(out, record)])
+                              processing_class=tok, callbacks=[_callback(out, record, values["save_total_limit"])])
     except ValueError as e:  # --targets patterns that match no weight of this model, a model seat cannot patch
         flag = "--targets" if "targets" in str(e) else "--model"
         raise UsageError(f"argument {flag}: {e}") from None
@@ -263,8 +311,14 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
           f"{len(trainer.seat.targets)} weights" + (f"; resuming from {resume_from}" if resume_from else ""))
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except ResumeMismatchError as e:
+    except ResumeMismatchError as e:  # found when the checkpoint loads (e.g. the delta of another base model)
+        started_in.restore()
         raise UsageError(f"argument --resume: {e}") from None
+    except ValueError as e:
+        if "longer than max_length" not in str(e):
+            raise
+        raise UsageError(f"argument --max-length: {e}; raise --max-length and start again in a new --output-dir "
+                         "(a resume keeps --max-length)") from None
     trainer.seat.save_delta(out / _rundir.DELTA)
     report = _report(values, record, trainer, model, resume_from, started)
     from ..evaluate import write_json_atomically
