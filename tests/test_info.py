@@ -34,7 +34,7 @@ def test_json_report_is_accurate():
     assert "TRITON_INTERPRET" in info["backends"]["triton@cpu"]["why"]
     assert info["ops"]["masked_gather_"]["default@cpu"] == "cpu"
     assert set(info["ops"]) == {"masked_gather_", "masked_swap_", "sparse_adamw_", "kl_div", "paired_loss",
-                                "fused_linear_paired_loss", "implicit_block_offsets_"}
+                                "fused_linear_paired_loss", "implicit_block_offsets_", "dequant4_delta"}
     for op in ("implicit_block_offsets_", "sparse_adamw_"):  # the mask family has native kernels
         assert info["ops"][op]["default@cpu"] == "cpu", info["ops"][op]
     cuda_devices = [d for d in info["devices"] if d["device"].startswith("cuda")]

@@ -33,7 +33,8 @@ from .select import (IMPORTANCE_KINDS, MASK_KINDS, ImportanceScores, NamedParams
 
 __all__ = [
     "nnz_for", "random_mask", "magnitude_mask", "ImportanceScores", "param_seed", "build_mask", "build_masks",
-    "dense_to_indices", "indices_to_dense", "MASK_KINDS", "IMPORTANCE_KINDS", "ENCODINGS", "ALL_ENCODINGS", "Mask", "IndexMask", "FullMask",
+    "dense_to_indices", "indices_to_dense", "MASK_KINDS", "IMPORTANCE_KINDS", "ENCODINGS", "ALL_ENCODINGS", "Mask",
+    "IndexMask", "FullMask",
     "ImplicitMask", "Block16Mask", "implicit_random_mask", "param_id_for", "as_mask", "encode", "encode_chosen", "encode_mask",
     "from_spec", "from_state_dict", "STATE_KEYS", "mask_nnz", "mask_indices", "mask_gather_", "mask_swap_",
 ]
