@@ -79,7 +79,7 @@ SIZES = {  # LlamaConfig fields
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DENSITY = 0.05
 LR = 1e-4
-METHODS = ("naive-seat", "seat", "seat-chunk64", "full-ft", "lora-r8")
+METHODS = ("naive-seat", "seat", "seat-chunk64", "qseat-nf4", "full-ft", "lora-r8")
 MiB = 2**20
 
 
@@ -218,6 +218,20 @@ def build_naive_seat(config, batch, device, dtype, gradient_checkpointing: bool 
     return step, alive, tokens, info
 
 
+def _seat_step(handle, opt, batch):
+    def step(phase):
+        with phase("forward"):  # reference forward on x~, forward on x and x~, fused-linear loss
+            loss = handle.loss(batch).loss
+        with phase("backward"):  # SparseAdamW's hooks compact each dense grad and free it
+            loss.backward()  # (update_in_backward=True: and apply its update)
+        with phase("optimizer"):
+            opt.step()
+            opt.zero_grad()
+        return float(loss.detach())
+
+    return step
+
+
 def mask_tensors(mask) -> list[torch.Tensor]:
     """The tensors a mask holds (bare int32 indices, or what its state_dict() saves)."""
     if isinstance(mask, torch.Tensor):
@@ -233,17 +247,7 @@ def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_check
     model = make_model(config, device, dtype, gradient_checkpointing=gradient_checkpointing)
     handle = seat.patch(model, density=DENSITY, chunk_size=chunk_size, **(seat_kwargs or {}))
     opt = handle.optimizer(lr=LR, **{"weight_decay": 0.0, **(optimizer_kwargs or {})})  # as the AdamW baselines
-
-    def step(phase):
-        with phase("forward"):  # reference forward on x~, forward on x and x~, fused-linear loss
-            loss = handle.loss(batch).loss
-        with phase("backward"):  # SparseAdamW's hooks compact each dense grad and free it
-            loss.backward()  # (update_in_backward=True: and apply its update)
-        with phase("optimizer"):
-            opt.step()
-            opt.zero_grad()
-        return float(loss.detach())
-
+    step = _seat_step(handle, opt, batch)
     targets = lambda: [[mask_tensors(t.idx), t.original] for t in handle.targets.values()]  # noqa: E731
     alive = lambda: [module_tensors(model), optimizer_tensors(opt), targets(), batch]  # noqa: E731
     tokens = int(batch["attention_mask"].sum() + batch["pert_attention_mask"].sum())
@@ -252,6 +256,36 @@ def build_seat(config, batch, device, dtype, chunk_size: int = 0, gradient_check
     # state dicts the target weights, alive after everything else is dropped
     info = {"trainable_params": handle.num_trainable, "optimizer": "seat.optim.SparseAdamW",
             "keep": (model, handle, opt), "cleanup": handle.unpatch}
+    return step, alive, tokens, info
+
+
+def build_qseat(config, batch, device, dtype, gradient_checkpointing: bool = False):
+    """QSEAT: the same seeded model, saved and loaded back the way a user loads a 4-bit
+    base (from_pretrained with BitsAndBytesConfig: nf4, double quantization, compute
+    dtype = dtype), then seat.patch as for "seat": the block linears are bitsandbytes
+    Linear4bit layers whose packed weights stay frozen, a sparse delta trains beside each."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        make_model(config, "cpu", dtype).save_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, dtype=dtype,
+                                                     device_map=str(torch.device(device)))
+    model.config.use_cache = False
+    model.train()
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    handle = seat.patch(model, density=DENSITY)
+    opt = handle.optimizer(lr=LR, weight_decay=0.0)
+    step = _seat_step(handle, opt, batch)
+    targets = lambda: [[mask_tensors(t.mask)] for t in handle.targets.values()]  # noqa: E731
+    alive = lambda: [module_tensors(model), optimizer_tensors(opt), targets(), batch]  # noqa: E731
+    tokens = int(batch["attention_mask"].sum() + batch["pert_attention_mask"].sum())
+    info = {"trainable_params": handle.num_trainable, "optimizer": "seat.optim.SparseAdamW (deltas)",
+            "keep": (model, handle, opt), "cleanup": handle.revert}
     return step, alive, tokens, info
 
 
@@ -297,7 +331,7 @@ def build_lora(config, batch, device, dtype, gradient_checkpointing: bool = Fals
 
 
 BUILDERS = {"naive-seat": build_naive_seat, "seat": build_seat,
-            "seat-chunk64": lambda *a, **k: build_seat(*a, chunk_size=64, **k),
+            "seat-chunk64": lambda *a, **k: build_seat(*a, chunk_size=64, **k), "qseat-nf4": build_qseat,
             "full-ft": build_full_ft, "lora-r8": build_lora}
 
 
