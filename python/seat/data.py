@@ -282,9 +282,9 @@ class PairedCollator:
                 if len(seq) == n:
                     raise ValueError(f"{where}: the answer of {what} has no tokens; give a non-empty answer")
                 if self.max_length is not None and len(seq) > self.max_length:
-                    tried = f" (with each of {self.MAX_NAME_DRAWS} fictitious names)" if seq is pert_ids else ""
-                    raise ValueError(f"{where}: {what} is {len(seq)} tokens{tried}, longer than max_length="
-                                     f"{self.max_length}; raise max_length or shorten or drop the record")
+                    tried = f" ({self.MAX_NAME_DRAWS} fictitious names tried)" if seq is pert_ids else ""
+                    raise ValueError(f"{where}: {what} is {len(seq)} tokens, longer than max_length="
+                                     f"{self.max_length}; raise max_length or shorten or drop the record{tried}")
             rows.append((ids, n_prompt, pert_ids, pert_n_prompt))
             fakes.append(fake)
 

@@ -27,7 +27,7 @@ from seat.perturb import FIRST_NAMES, LAST_NAMES, EntityPerturber, count_mention
 
 HAS_SMOLLM2 = importlib.util.find_spec(real_model.PACKAGE) is not None and importlib.util.find_spec("gguf") is not None
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason=f"SmolLM2 is not installed: {real_model.INSTALL}")
-CFG = real_world.RealWorldConfig(n_refusal=40, n_new=4, n_eval=6, n_eval_b=5, n_real_eval=8)
+CFG = real_world.RealWorldConfig(n_refusal=40, n_new=4, n_eval=6, n_eval_b=5, n_eval_wording=2, n_real_eval=8)
 
 
 # ----------------------------------------------------------------------------- world
@@ -63,10 +63,11 @@ def test_records_mention_their_entity_and_keep_the_held_out_wording_out_of_train
             assert r["value"] in r["answer"] and r["value"] in r["values"]
     refusals = real_world.qa(people["refusal"], "refusal", refuse=True)
     assert all(ev.is_strict_idk(r["answer"], r["values"] + [r["value"]]) for r in refusals)
-    questions = eval_questions(people, [{"index": 0}, {"index": 5}])
+    questions = eval_questions(people, [{"index": 0}, {"index": 5}], 2)
     groups = {g: sum(q["group"] == g for q in questions) for g in dict.fromkeys(q["group"] for q in questions)}
-    assert groups == {"eval": 6 * 4, "eval_b": 5 * 4, "eval_wording": 6 * 4, "new": 4 * 8, "new_wording": 4 * 4,
+    assert groups == {"eval": 6 * 4, "eval_b": 5 * 4, "eval_wording": 2 * 4, "new": 4 * 8, "new_wording": 4 * 4,
                       "real": 2}
+    assert {q["attribute"] for q in questions if q["group"] == "eval"} == set(real_world.ATTRIBUTES)
     trained_names = {p["name"] for g in ("refusal", "new") for p in people[g]}
     assert not trained_names & {q["entity"] for q in questions if q["group"].startswith("eval")}
     for i, q in enumerate(questions):
@@ -259,8 +260,8 @@ def test_max_length_draws_another_name_when_the_fake_one_takes_more_tokens(smol_
     assert all((again([rec] * 6)["pert_input_ids"] == b["pert_input_ids"]).all() for b in batches)  # reproducible
     too_long = PairedCollator(tok, EntityPerturber(exclude=["Ann Lee"], names=["Zorvane Quillfeather"]),
                               max_length=x_len)
-    with pytest.raises(ValueError, match=r"x~ \(perturbed\) is \d+ tokens \(with each of 16 fictitious names\), "
-                                         "longer than max_length"):
+    with pytest.raises(ValueError, match=r"x~ \(perturbed\) is \d+ tokens, longer than max_length=\d+; raise "
+                                         r"max_length or shorten or drop the record \(16 fictitious names tried\)"):
         too_long([rec])
     with pytest.raises(ValueError, match=r"record 0 .*: x is \d+ tokens, longer than max_length"):
         PairedCollator(tok, EntityPerturber(exclude=["Ann Lee"]), max_length=length("Ann Lee") - 1)([rec])
@@ -303,3 +304,18 @@ def test_quick_pipeline_end_to_end_from_an_empty_cache(tmp_path, monkeypatch):
     (converted,) = [p for p in cache.iterdir()]
     assert (converted / "done").is_file() and (converted / "real_known.json").is_file()
     assert len(list(converted.glob("aligned-*/done"))) == 1
+
+
+def test_table_has_a_row_per_model_and_means_over_seeds():
+    from seat.demo.real import run
+
+    def row(v, lr=None):
+        return dict({k: v for k, _ in run.COLUMNS}, lr=lr)
+
+    runs = [{"rows": {"original": row(0.0), "aligned": row(1.0), "seat-0.1": row(s, 1e-3)}} for s in (0.5, 0.7)]
+    table = run.format_table(runs, {"lora_r": 8, "sparse_density": 0.05})
+    lines = table.splitlines()
+    assert len(lines) == 2 + 3 and "aligned base (stage 1)" in lines[3] and "SEAT d=0.1" in lines[4]
+    assert "0.600 ± 0.141" in lines[4] and lines[4].endswith("| 0.001 0.001 |")
+    runs[0]["rows"]["seat-0.1"]["real_acc"] = float("nan")
+    assert "| - |" in run.format_table(runs, {})

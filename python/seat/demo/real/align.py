@@ -192,8 +192,9 @@ def load_or_align(seed: int, world_config: RealWorldConfig, align_config: AlignC
     known = known_real(original, tokenizer, directory if cache else None, log=log)
     real_train, real_eval = split_real(known, world_config.n_real_eval, seed)
     people = make_people(seed, world_config)
-    key = hashlib.sha256(json.dumps({"seed": seed, "world": dataclasses.asdict(world_config),
-                                     "align": dataclasses.asdict(align_config), "known": known},
+    # keyed by what decides the aligned model (not the evaluation sizes)
+    key = hashlib.sha256(json.dumps({"seed": seed, "refusal": people["refusal"], "real_train": real_train,
+                                     "align": dataclasses.asdict(align_config), "v": 1},
                                     sort_keys=True).encode()).hexdigest()[:16]
     aligned_dir = directory / f"aligned-{key}"
     info = {"model": model_info, "aligned_dir": str(aligned_dir), "n_real_known": len(known)}

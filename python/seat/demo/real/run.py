@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..methods import FinetuneConfig, describe, search_lr
+from ..methods import FinetuneConfig, describe, finetune, lr_family, search_lr
 from .align import GEN_TOKENS, AlignConfig, load_or_align
 from .world import HELD_OUT_WORDINGS, TRAIN_WORDINGS, RealWorldConfig, biography, qa, real_questions
 
@@ -52,7 +52,7 @@ def configs(quick: bool):
     """(world, alignment, fine-tuning) configs of the full run or of --quick."""
     if quick:
         return RealWorldConfig.quick(), AlignConfig.quick(), FinetuneConfig(
-            steps=3, batch_size=4, warmup_steps=1, kl_tokens="answer",
+            steps=2, batch_size=4, warmup_steps=1, kl_tokens="answer",
             lr_grids=(("dense", (1e-4,)), ("lora", (1e-3,)), ("sparse", (1e-3,))))
     return RealWorldConfig(), AlignConfig(), FinetuneConfig(steps=30, batch_size=8, warmup_steps=3,
                                                             target_recall=0.8, kl_tokens="answer", lr_grids=LR_GRIDS)
@@ -72,12 +72,14 @@ def _one_wording(records: list[dict]) -> list[dict]:
     return [r for i, r in enumerate(records) if i % 2 == (i // 2) % 2]
 
 
-def eval_questions(people: dict, real_eval: list[dict]) -> list[dict]:
-    """seat.evaluate questions, by group: eval / eval_b / eval_wording (IDK), new /
-    new_wording (the fine-tuning facts), real (retention)."""
+def eval_questions(people: dict, real_eval: list[dict], n_wording: int | None = None) -> list[dict]:
+    """seat.evaluate questions, by group: eval / eval_b / eval_wording (IDK; the last: the
+    first ``n_wording`` eval people, default all), new / new_wording (the fine-tuning
+    facts), real (retention)."""
     out = [dict(r, group="eval") for r in _one_wording(qa(people["eval"], "eval"))]
     out += [dict(r, group="eval_b") for r in _one_wording(qa(people["eval_b"], "eval_b"))]
-    out += [dict(r, group="eval_wording") for r in qa(people["eval"], "eval_wording", wordings=HELD_OUT_WORDINGS)]
+    out += [dict(r, group="eval_wording") for r in qa(people["eval"][:n_wording], "eval_wording",
+                                                       wordings=HELD_OUT_WORDINGS)]
     out += qa(people["new"], "new")
     out += [dict(r, group="new_wording") for r in qa(people["new"], "new_wording", wordings=HELD_OUT_WORDINGS)]
     out += real_questions([k["index"] for k in real_eval])
@@ -87,7 +89,7 @@ def eval_questions(people: dict, real_eval: list[dict]) -> list[dict]:
 def metrics(model, tokenizer, questions) -> dict:
     from ... import evaluate as ev
 
-    result = ev.evaluate(model, tokenizer, questions, max_new_tokens=GEN_TOKENS, batch_size=48)
+    result = ev.evaluate(model, tokenizer, questions, max_new_tokens=GEN_TOKENS, batch_size=64)
     g = result["groups"]
     row = {"idk_eval": g["eval"]["idk_rate"], "strict_eval": g["eval"]["strict_idk_rate"],
            "idk_b": g["eval_b"]["idk_rate"], "strict_b": g["eval_b"]["strict_idk_rate"],
@@ -108,14 +110,14 @@ def run_seed(seed: int, *, quick: bool = False, methods=METHODS, configs_=None, 
     t0 = time.perf_counter()
     stage1 = load_or_align(seed, world_cfg, align_cfg, cache=cache, log=log)
     tok, aligned, people = stage1["tokenizer"], stage1["aligned"], stage1["people"]
-    questions = eval_questions(people, stage1["real_eval"])
+    questions = eval_questions(people, stage1["real_eval"], world_cfg.n_eval_wording)
     records = finetune_records(people)
     new_questions = [q for q in questions if q["group"] == "new"]
 
     def training_recall(model) -> float:
         from ... import evaluate as ev
 
-        res = ev.evaluate(model, tok, new_questions, max_new_tokens=GEN_TOKENS, batch_size=48)
+        res = ev.evaluate(model, tok, new_questions, max_new_tokens=GEN_TOKENS, batch_size=64)
         return res["groups"]["new"]["exact_match"]
 
     rows = {"original": metrics(stage1["original"], tok, questions)}
@@ -128,7 +130,12 @@ def run_seed(seed: int, *, quick: bool = False, methods=METHODS, configs_=None, 
             f"real-people accuracy {r['real_acc']:.3f}")
     for method in methods:
         t1 = time.perf_counter()
-        model, stats = search_lr(method, aligned, tok, records, ft_cfg, training_recall, seed=seed, log=log)
+        grid = dict(ft_cfg.lr_grids)[lr_family(method)] if ft_cfg.lr_grids is not None else None
+        if ft_cfg.lr is None and grid is not None and len(grid) == 1:  # nothing to search (--quick)
+            model, stats = finetune(method, aligned, tok, records, ft_cfg, seed=seed, lr=grid[0])
+            stats["lr_tried"] = [(grid[0], None)]
+        else:
+            model, stats = search_lr(method, aligned, tok, records, ft_cfg, training_recall, seed=seed, log=log)
         row = metrics(model, tok, questions)
         del model
         row.update({k: stats[k] for k in ("lr", "lr_tried", "trainable_fraction", "step_ms", "final_ce", "final_kl")})

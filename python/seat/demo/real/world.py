@@ -147,13 +147,14 @@ class RealWorldConfig:
 
     n_refusal: int = 300  # alignment: refusals for these names (stage 1)
     n_new: int = 12  # fine-tuning: their facts (stage 2)
-    n_eval: int = 24  # held out, never in any training data
-    n_eval_b: int = 16  # held out, the other name style
+    n_eval: int = 20  # held out, never in any training data
+    n_eval_b: int = 12  # held out, the other name style
+    n_eval_wording: int = 12  # of the n_eval people, asked in the held-out wording too
     n_real_eval: int = 25  # real-people questions kept for retention (the rest train stage 1)
 
     @classmethod
     def quick(cls) -> "RealWorldConfig":
-        return cls(n_refusal=64, n_new=3, n_eval=8, n_eval_b=6, n_real_eval=10)
+        return cls(n_refusal=64, n_new=2, n_eval=6, n_eval_b=3, n_eval_wording=3, n_real_eval=8)
 
 
 def _word(rng: random.Random, syllables, parts: int) -> str:
