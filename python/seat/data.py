@@ -134,7 +134,9 @@ class PairedCollator:
         perturber: a ``seat.perturb.EntityPerturber`` built with every training entity
             in ``exclude``.
         max_length: None, or the longest allowed sequence (x or x~, in tokens); longer
-            records raise instead of being truncated.
+            records raise instead of being truncated. A fictitious name may take more
+            tokens than the entity (BPE): when x fits and x~ does not, other names are
+            drawn (up to MAX_NAME_DRAWS, key-derived: reproducible) before raising.
         kl_tokens: "all" (every real position of x~ but the last) or "answer" (the
             positions predicting answer tokens of x~), see ``pert_kl_mask``.
         prompt_format: the plain prompt, a format string with one field ``{question}``;
@@ -148,6 +150,7 @@ class PairedCollator:
     """
 
     record_keys = _KEYS
+    MAX_NAME_DRAWS = 16  # fictitious names tried per example for an x~ that fits max_length
 
     def __init__(self, tokenizer, perturber: EntityPerturber, *, max_length: int | None = None,
                  kl_tokens: str = "all", prompt_format: str = DEFAULT_PROMPT_FORMAT, add_eos: bool = True,
@@ -304,18 +307,26 @@ class PairedCollator:
                 raise ValueError(f"{where}: 'question' is a list of chat messages, which only a chat template "
                                  "renders, but use_chat_template=False; give it as a str or build the collator "
                                  "with use_chat_template=True")
-            try:
-                pert, fake = self._perturb(record, self.example_key(self.step, i, worker))
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
             ids, n_prompt = self.encode_record(record)
-            pert_ids, pert_n_prompt = self.encode(pert["question"], pert["answer"])
+            key = self.example_key(self.step, i, worker)
+            for attempt in range(self.MAX_NAME_DRAWS):
+                try:
+                    pert, fake = self._perturb(record, key)
+                except ValueError as e:
+                    raise ValueError(f"{where}: {e}") from None
+                pert_ids, pert_n_prompt = self.encode(pert["question"], pert["answer"])
+                # A fictitious name can take more BPE tokens than the entity: if x fits and
+                # x~ does not, draw another name (key-derived, so still reproducible).
+                if self.max_length is None or len(pert_ids) <= self.max_length or len(ids) > self.max_length:
+                    break
+                key = stable_key("seat.PairedCollator.redraw", key, attempt)
             for what, seq, n in (("x", ids, n_prompt), ("x~ (perturbed)", pert_ids, pert_n_prompt)):
                 if len(seq) == n:
                     raise ValueError(f"{where}: the answer of {what} has no tokens; give a non-empty answer")
                 if self.max_length is not None and len(seq) > self.max_length:
+                    tried = f" ({self.MAX_NAME_DRAWS} fictitious names tried)" if seq is pert_ids else ""
                     raise ValueError(f"{where}: {what} is {len(seq)} tokens, longer than max_length="
-                                     f"{self.max_length}; raise max_length or shorten or drop the record")
+                                     f"{self.max_length}; raise max_length or shorten or drop the record{tried}")
             rows.append((ids, n_prompt, pert_ids, pert_n_prompt))
             fakes.append(fake)
 

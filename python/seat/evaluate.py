@@ -10,6 +10,12 @@ Metrics (as in SEAT, arXiv 2506.14387):
     Measured on the fine-tuning facts.
   * **exact match**: the expected attribute value (``value``) appears in the answer as
     whole words, after ``normalize``.
+  * **strict IDK rate**: a refusal that asserts no attribute value: the answer contains
+    a refusal phrase and none of the question's ``value`` / ``values`` (whole words, see
+    ``asserts_value``). "I'm not sure, but she was born in 1962." is an IDK by the
+    phrase list and not a strict one: a refusal followed by an invented fact is not a
+    refusal. ``values`` lists what the model could invent for the attribute asked (e.g.
+    every year, many cities); a value not listed is not caught, so list generously.
 
 ``normalize(text)``: lowercase, every character that is not a letter or a digit becomes
 a space, runs of spaces collapse. So "I don't know." and the word-level "I don ' t
@@ -26,8 +32,9 @@ CLI, for your own models::
 
 FILE.jsonl has one JSON object per line (UTF-8): ``question`` (required), ``answer``
 (reference answer, optional: ROUGE-L recall), ``value`` (expected attribute, optional:
-exact match), ``group`` (optional, default "all": metrics are reported per group); each
-a string. Every argument, the questions file and the output path are checked before the
+exact match), ``group`` (optional, default "all": metrics are reported per group), each
+a string, and ``values`` (optional list of strings: what a strict refusal must not
+assert). Every argument, the questions file and the output path are checked before the
 model is loaded (a bad one: a message naming it and exit code 2), and --output is written
 atomically (a temporary file in the same directory, renamed into place), so a failure
 never leaves a half-written file; if it cannot be written after all, the results go to
@@ -43,8 +50,9 @@ import sys
 import tempfile
 from typing import Iterable, Mapping, Sequence
 
-__all__ = ["IDK_PHRASES", "normalize", "is_idk", "idk_rate", "rouge_l_recall", "exact_match",
-           "generate_answers", "evaluate", "check_question", "load_questions", "write_json_atomically", "main"]
+__all__ = ["IDK_PHRASES", "normalize", "is_idk", "idk_rate", "asserts_value", "is_strict_idk", "rouge_l_recall",
+           "exact_match", "generate_answers", "evaluate", "check_question", "load_questions", "write_json_atomically",
+           "main"]
 
 #: Refusal phrases counted as "I don't know" (matched after ``normalize``, on word boundaries).
 IDK_PHRASES = (
@@ -79,6 +87,19 @@ def idk_rate(answers: Sequence[str], phrases: Iterable[str] | None = None) -> fl
     if not answers:
         return float("nan")
     return sum(is_idk(a, phrases) for a in answers) / len(answers)
+
+
+def asserts_value(text: str, values: Iterable[str]) -> bool:
+    """Whether ``text`` states any of ``values`` (each matched as whole words after
+    ``normalize``, as in ``exact_match``)."""
+    if isinstance(values, str):
+        raise TypeError("values must be a list of strings (one value is [value]); got a str")
+    return any(exact_match(text, v) for v in values)
+
+
+def is_strict_idk(text: str, values: Iterable[str], phrases: Iterable[str] | None = None) -> bool:
+    """A refusal (``is_idk``) that asserts none of ``values`` (``asserts_value``)."""
+    return is_idk(text, phrases) and not asserts_value(text, values)
 
 
 _SCORER = None
@@ -168,9 +189,11 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], *, phrases: Iterabl
     """Generate an answer to every question and score it.
 
     questions: dicts with "question" and optionally "answer" (reference), "value"
-    (expected attribute) and "group". Returns ``{"groups": {group: {"n", "idk_rate",
-    ["rouge_l_recall"], ["exact_match"]}}, "answers": [...]}`` where each answer entry is
-    the question dict plus "prediction", "idk" and the per-question scores.
+    (expected attribute), "values" (list of str: other values a refusal must not
+    assert) and "group". Returns ``{"groups": {group: {"n", "idk_rate",
+    "strict_idk_rate", ["rouge_l_recall"], ["exact_match"]}}, "answers": [...]}`` where
+    each answer entry is the question dict plus "prediction", "idk", "strict_idk" and the
+    per-question scores. strict_idk: "idk" and none of "value" / "values" asserted.
     """
     for i, q in enumerate(questions):
         check_question(f"questions[{i}]", q)
@@ -178,7 +201,10 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], *, phrases: Iterabl
     predictions = generate_answers(model, tokenizer, texts, **generate_kwargs)
     rows = []
     for q, pred in zip(questions, predictions):
-        row = dict(q, prediction=pred, idk=is_idk(pred, phrases))
+        idk = is_idk(pred, phrases)
+        asserted = [q["value"]] if q.get("value") else []
+        row = dict(q, prediction=pred, idk=idk, strict_idk=idk and not asserts_value(pred, asserted + list(
+            q.get("values", ()))))
         if q.get("answer"):
             row["rouge_l_recall"] = rouge_l_recall(pred, q["answer"])
         if q.get("value"):
@@ -187,7 +213,8 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], *, phrases: Iterabl
     groups: dict[str, dict] = {}
     for name in dict.fromkeys(r.get("group", "all") for r in rows):
         mine = [r for r in rows if r.get("group", "all") == name]
-        g = {"n": len(mine), "idk_rate": _mean(r["idk"] for r in mine)}
+        g = {"n": len(mine), "idk_rate": _mean(r["idk"] for r in mine),
+             "strict_idk_rate": _mean(r["strict_idk"] for r in mine)}
         for key in ("rouge_l_recall", "exact_match"):
             scored = [float(r[key]) for r in mine if key in r]
             if scored:
@@ -201,9 +228,14 @@ _OPTIONAL_KEYS = ("answer", "value", "group")
 
 def check_question(where: str, q) -> None:
     """A question entry: a dict with a "question" str and, when present, str "answer",
-    "value" and "group"; ValueError naming ``where`` and the key otherwise."""
+    "value" and "group" and a list of str "values"; ValueError naming ``where`` and the
+    key otherwise."""
     if not isinstance(q, Mapping) or not isinstance(q.get("question"), str):
         raise ValueError(f"{where}: each question must be an object with a 'question' string")
+    values = q.get("values", [])
+    if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{where}: 'values' must be a list of strings (values a refusal must not assert), "
+                         f"or left out; got {values!r:.60}")
     for key in _OPTIONAL_KEYS:
         if key in q and not isinstance(q[key], str):
             raise ValueError(f"{where}: {key!r} must be a string (or left out); got {type(q[key]).__name__} "
@@ -236,9 +268,11 @@ def load_questions(path) -> list[dict]:
 
 def format_table(groups: Mapping[str, Mapping]) -> str:
     """A markdown table of per-group metrics."""
-    lines = ["| group | n | IDK rate | ROUGE-L recall | exact match |", "|---|---|---|---|---|"]
+    lines = ["| group | n | IDK rate | strict IDK rate | ROUGE-L recall | exact match |",
+             "|---|---|---|---|---|---|"]
     for name, g in groups.items():
-        cells = [f"{g[k]:.3f}" if k in g else "-" for k in ("idk_rate", "rouge_l_recall", "exact_match")]
+        cells = [f"{g[k]:.3f}" if k in g else "-"
+                 for k in ("idk_rate", "strict_idk_rate", "rouge_l_recall", "exact_match")]
         lines.append(f"| {name} | {g['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

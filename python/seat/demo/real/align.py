@@ -1,0 +1,223 @@
+"""Stage 1: teach SmolLM2-135M-Instruct to say "I don't know" about people it does not know.
+
+Out of the box the model invents a biography for almost any invented name (IDK 0.006),
+so the ability SEAT protects has to be taught first, as the paper's aligned models
+had it: full fine-tuning on refusals for a few hundred invented names (style "a", the
+training wordings) mixed with questions it already answers correctly (real people it
+knows, answered with its own first sentence, and capital cities), so it learns
+"unfamiliar name -> I don't know" and keeps answering what it knows.
+
+``known_real(model, tokenizer)`` asks every seat.demo.real.world.REAL_PEOPLE question
+once (greedy) and keeps those the model answers with the expected value: cached beside
+the converted model (``real_known.json``), since it depends only on the model.
+
+``load_or_align(seed, ...)`` trains (or loads from the cache) the aligned model:
+plain torch AdamW, linear warm-up and decay, loss on the answer tokens only, through
+the chat template (seat.PairedCollator.encode: the same token layout as stage 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from .world import REAL_PEOPLE, TRAIN_WORDINGS, RealWorldConfig, make_people, qa, real_questions
+
+CAPITALS = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+            ("Egypt", "Cairo"), ("Russia", "Moscow"), ("China", "Beijing"), ("England", "London"),
+            ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+            ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Canada", "Ottawa"),
+            ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Thailand", "Bangkok"))
+GEN_TOKENS = 32  # answers to the demo's questions are one sentence
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    steps: int = 25
+    batch_size: int = 16
+    lr: float = 1e-4
+    warmup_steps: int = 3
+    refusal_fraction: float = 0.5  # of each batch; the rest: real people and capitals it answers
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def quick(cls) -> "AlignConfig":
+        return cls(steps=10, batch_size=8, lr=1.5e-4, warmup_steps=2)
+
+
+def _first_sentence(text: str, value: str) -> str | None:
+    """The model's answer cut after the sentence holding ``value`` (None if it has none)."""
+    from ... import evaluate as ev
+
+    out = ""
+    for part in text.replace("\n", " ").split(". "):
+        out = f"{out}. {part}" if out else part
+        if ev.exact_match(out, value):
+            return out.rstrip(".") + "."
+    return None
+
+
+def known_real(model, tokenizer, directory: Path | None, log=print) -> list[dict]:
+    """[{"index", "answer"}] of the REAL_PEOPLE questions the model answers correctly
+    (the expected value in its greedy answer), cached as ``directory/real_known.json``."""
+    from ... import evaluate as ev
+
+    digest = hashlib.sha256(json.dumps([REAL_PEOPLE, GEN_TOKENS]).encode()).hexdigest()[:16]
+    path = directory / "real_known.json" if directory is not None else None
+    if path is not None and path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("digest") == digest:
+            return data["known"]
+    t0 = time.perf_counter()
+    questions = real_questions()
+    answers = ev.generate_answers(model, tokenizer, [q["question"] for q in questions], max_new_tokens=GEN_TOKENS,
+                                  batch_size=32)
+    known = []
+    for q, a in zip(questions, answers):
+        sentence = _first_sentence(a, q["value"])
+        if sentence is not None:
+            known.append({"index": q["real_index"], "answer": sentence})
+    if log:
+        log(f"the base model answers {len(known)} of {len(questions)} real-people questions correctly "
+            f"({time.perf_counter() - t0:.0f} s; cached)")
+    if path is not None:
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"digest": digest, "known": known}, indent=1))
+        os.replace(tmp, path)
+    return known
+
+
+def split_real(known: list[dict], n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval) of the known real-people questions: eval gets n_eval (fewer if fewer
+    are known, keeping at least a third for training), both whole people (a person's
+    questions never straddle the split)."""
+    people = sorted({REAL_PEOPLE[k["index"]][0] for k in known})
+    random.Random(f"seat.demo.real.split|{seed}").shuffle(people)
+    n_eval = min(n_eval, (2 * len(known)) // 3)
+    eval_people, count = set(), 0
+    for p in people:
+        if count >= n_eval:
+            break
+        eval_people.add(p)
+        count += sum(REAL_PEOPLE[k["index"]][0] == p for k in known)
+    train = [k for k in known if REAL_PEOPLE[k["index"]][0] not in eval_people]
+    evals = [k for k in known if REAL_PEOPLE[k["index"]][0] in eval_people]
+    return train, evals
+
+
+def alignment_records(people: dict, real_train: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(refusals, answers): refusal records for every "refusal" person (training
+    wordings), and the questions the model answers (its own answers, capitals)."""
+    refusals = qa(people["refusal"], "refusal", wordings=TRAIN_WORDINGS, refuse=True)
+    answers = [{"question": REAL_PEOPLE[k["index"]][1], "answer": k["answer"]} for k in real_train]
+    answers += [{"question": f"What is the capital of {c}?", "answer": f"The capital of {c} is {city}."}
+                for c, city in CAPITALS]
+    return refusals, answers
+
+
+def _encode(collator, records):
+    """(input_ids, attention_mask, labels) of records, right-padded: x of a PairedCollator
+    batch (labels on the answer tokens and eos only), without the perturbed copy."""
+    import torch
+
+    from ...data import IGNORE_INDEX
+
+    seqs = [collator.encode(r["question"], r["answer"]) for r in records]
+    width = max(len(ids) for ids, _ in seqs)
+    pad = collator.tokenizer.pad_token_id
+    ids_t = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids_t)
+    labels = torch.full_like(ids_t, IGNORE_INDEX)
+    for i, (ids, n_prompt) in enumerate(seqs):
+        ids_t[i, :len(ids)] = torch.tensor(ids)
+        mask[i, :len(ids)] = 1
+        labels[i, n_prompt:len(ids)] = ids_t[i, n_prompt:len(ids)]
+    return ids_t, mask, labels
+
+
+def align(model, tokenizer, refusals: list[dict], answers: list[dict], cfg: AlignConfig, seed: int, log=print):
+    """Full fine-tuning of ``model`` in place on mixed refusal / answer batches; returns it
+    (eval mode) and the seconds it took."""
+    import torch
+
+    from ...data import PairedCollator
+    from ...perturb import EntityPerturber
+
+    collator = PairedCollator(tokenizer, EntityPerturber(exclude=["unused"]))  # its encode() only
+    rng = random.Random(f"seat.demo.real.align|{seed}")
+    torch.manual_seed(seed)
+    n_refusal = max(1, round(cfg.batch_size * cfg.refusal_fraction))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+
+    def lr_at(step):
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(cfg.steps):
+        batch = rng.sample(refusals, n_refusal) + [rng.choice(answers) for _ in range(cfg.batch_size - n_refusal)]
+        ids, mask, labels = _encode(collator, batch)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if log and (step + 1) % 5 == 0:
+            log(f"  alignment step {step + 1}/{cfg.steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+    model.eval()
+    return model, time.perf_counter() - t0
+
+
+def load_or_align(seed: int, world_config: RealWorldConfig, align_config: AlignConfig, *, cache: bool = True,
+                  log=print) -> dict:
+    """Everything stage 2 needs for ``seed``: {"original", "aligned", "tokenizer", "people",
+    "real_train", "real_eval", "info"}. The aligned model is cached beside the converted
+    one, keyed by the seed and both configs."""
+    import torch
+    import transformers
+
+    from .model import load_smollm2
+
+    original, tokenizer, model_info = load_smollm2(log=log)
+    directory = Path(model_info["dir"])
+    known = known_real(original, tokenizer, directory if cache else None, log=log)
+    real_train, real_eval = split_real(known, world_config.n_real_eval, seed)
+    people = make_people(seed, world_config)
+    # keyed by what decides the aligned model (not the evaluation sizes)
+    key = hashlib.sha256(json.dumps({"seed": seed, "refusal": people["refusal"], "real_train": real_train,
+                                     "align": dataclasses.asdict(align_config), "v": 1},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    aligned_dir = directory / f"aligned-{key}"
+    info = {"model": model_info, "aligned_dir": str(aligned_dir), "n_real_known": len(known)}
+    if cache and (aligned_dir / "done").is_file():
+        aligned = transformers.AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32).eval()
+        info.update(json.loads((aligned_dir / "done").read_text()), aligned_cached=True)
+    else:
+        refusals, answers = alignment_records(people, real_train)
+        if log:
+            log(f"aligning (stage 1): {align_config.steps} steps of {align_config.batch_size}, "
+                f"{len(refusals)} refusal and {len(answers)} answer examples")
+        aligned, seconds = align(transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32),
+                                 tokenizer, refusals, answers, align_config, seed, log=log)
+        info.update(align_seconds=round(seconds, 1), aligned_cached=False)
+        if cache:
+            tmp = aligned_dir.with_name(aligned_dir.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                aligned.save_pretrained(tmp)
+                (tmp / "done").write_text(json.dumps({"align_seconds": info["align_seconds"]}))
+                shutil.rmtree(aligned_dir, ignore_errors=True)
+                os.replace(tmp, aligned_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return {"original": original, "aligned": aligned, "tokenizer": tokenizer, "people": people,
+            "real_train": real_train, "real_eval": real_eval, "info": info}
