@@ -20,7 +20,7 @@ from .select import _check_density, _check_seed, _numel_of
 
 __all__ = ["ImplicitMask", "implicit_random_mask", "param_id_for"]
 
-HASH_PIECE = 1 << 19  # elements positions_in hashes at a time (its scratch: ~33 bytes each)
+HASH_PIECE = 1 << 18  # elements positions_in hashes at a time (its scratch: ~33 bytes each; seat.memory models it)
 
 
 def param_id_for(name: str) -> int:
@@ -151,7 +151,7 @@ class ImplicitMask(_MaskBase):
     def positions_in(self, lo: int, hi: int) -> Tensor:
         """The members in [lo, hi) minus lo, sorted int32 (see Mask.positions_in): every
         element of the range is hashed, HASH_PIECE elements at a time (the hash's int64
-        scratch, ~33 bytes per element hashed, stays near 17 MB), written into the output
+        scratch, ~33 bytes per element hashed, stays near 9 MB), written into the output
         directly. Hashing in torch ops costs time (a pass over the range's elements)."""
         s0, s1 = self.slots_in(lo, hi)
         out = torch.empty(s1 - s0, dtype=torch.int32, device=self.device)
