@@ -74,7 +74,8 @@ def test_chunked_forward_and_backward_equal_the_whole_weight(encoding, quant_typ
         whole = _run(target, x, bias)
         item = torch.empty(0, dtype=dtype).element_size()
         group = _chunks.rows_per_chunk(shape[0], shape[1], _chunks.alignment(_quant4_of(state)), item, 1)
-        # one aligned row group per chunk, then two (a partial last chunk: no row count here is a whole number of pairs of groups)
+        # one aligned row group per chunk, then two (a partial last chunk: no row count
+        # here is a whole number of pairs of groups)
         for budget in (1, 2 * group * shape[1] * item):
             monkeypatch.setattr(_constants, "QSEAT_CHUNK_BYTES", budget)
             assert _chunks.n_chunks(state, dtype) >= 2

@@ -85,8 +85,11 @@ def row_chunks(weight: Tensor, quant_state, mask, dtype: torch.dtype, *, with_de
 
 
 def n_chunks(quant_state, dtype: torch.dtype) -> int:
-    """How many row chunks row_chunks gives for this weight."""
+    """How many row chunks row_chunks gives for this weight (1 for a weight that is not
+    2-D: worked on whole)."""
     q = quant4_of(quant_state) if not isinstance(quant_state, Quant4) else quant_state
+    if len(q.shape) != 2:
+        return 1
     out_features, in_features = q.shape
     step = rows_per_chunk(out_features, in_features, alignment(q), torch.empty(0, dtype=dtype).element_size())
     return -(-out_features // step) if out_features else 1
