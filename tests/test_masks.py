@@ -472,3 +472,35 @@ def test_conversions_on_cuda():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# ---------------------------------------------------------------------- position ranges
+
+
+@pytest.mark.parametrize("encoding", ["int32", "block16", "implicit", "full"])
+def test_slots_in_and_positions_in_give_the_entries_of_a_position_range(encoding):
+    """For ranges on and off every encoding's block boundaries (block16's 65536, an
+    implicit mask's 256, none): the slots and the positions relative to lo of the entries
+    in [lo, hi), against the mask's indices."""
+    from seat.masks import Block16Mask, FullMask, ImplicitMask, IndexMask
+
+    numel = 3 * 65536 + 1000
+    hashed = ImplicitMask(numel, 0.05, seed=2, param_id=3, block=256)
+    idx = hashed.indices()
+    mask = {"int32": IndexMask(idx, numel), "block16": Block16Mask(idx, numel), "implicit": hashed,
+            "full": FullMask(numel)}[encoding]
+    if encoding == "full":
+        idx = torch.arange(numel, dtype=torch.int32)
+    for lo, hi in [(0, numel), (0, 0), (numel, numel), (256, 512), (1, 65537), (65536, 2 * 65536 + 5),
+                   (100, 101), (70000, numel), (5, 190000)]:
+        s0, s1 = mask.slots_in(lo, hi)
+        inside = ((idx >= lo) & (idx < hi)).nonzero().squeeze(1)
+        expect = (int(inside[0]), int(inside[-1]) + 1) if inside.numel() else (s0, s0)
+        assert (s0, s1) == expect, (lo, hi)
+        assert s0 == int((idx < lo).sum())
+        positions = mask.positions_in(lo, hi)
+        assert positions.dtype == torch.int32
+        assert torch.equal(positions.long(), idx[s0:s1].long() - lo), (lo, hi)
+    for bad in [(-1, 5), (5, 4), (0, numel + 1), (0.0, 5)]:
+        with pytest.raises(ValueError, match="slots_in.lo, hi. needs ints"):
+            mask.slots_in(*bad)

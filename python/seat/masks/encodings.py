@@ -18,6 +18,8 @@ The ``Mask`` protocol is what the rest of seat uses (optim, patching, delta, mem
 ``numel``, ``nnz``, ``nbytes``, ``device``, ``indices()``, ``to(device)``,
 ``op_args()`` (the arguments of the seat.ops sparse-update ops), ``chunk(start, stop)``
 (entries [start, stop) as a mask of the same tensor, for stepping state in pieces),
+``slots_in(lo, hi)`` / ``positions_in(lo, hi)`` (the slots, and the positions relative to
+lo, of the entries in a position range: for working on a weight in pieces),
 ``state_dict()`` / ``from_state_dict()`` (what an optimizer checkpoint holds, under the
 class's ``state_keys``), ``spec()`` (a JSON-able definition, for masks defined by a few
 numbers) and ``==``. This module holds the protocol and the explicit encodings;
@@ -32,6 +34,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from .._constants import BLOCK16_SIZE
 from ..ops import _checks, _encodings
 from ..ops._encodings import MaskArgs
 from .select import _check_numel, _numel_of
@@ -58,6 +61,8 @@ class Mask(Protocol):
     def to(self, device) -> "Mask": ...
     def op_args(self) -> MaskArgs: ...
     def chunk(self, start: int, stop: int) -> "Mask": ...
+    def slots_in(self, lo: int, hi: int) -> tuple[int, int]: ...
+    def positions_in(self, lo: int, hi: int) -> Tensor: ...
     def state_dict(self) -> dict: ...
     def spec(self) -> dict | None: ...
 
@@ -94,6 +99,21 @@ class _MaskBase:
             raise ValueError(f"chunk(start, stop) needs ints with 0 <= start <= stop <= nnz = {self.nnz}; "
                              f"got ({start!r}, {stop!r})")
         return self._chunk(start, stop)
+
+    def slots_in(self, lo: int, hi: int) -> tuple[int, int]:
+        """(s0, s1): the entries at positions [lo, hi) (0 <= lo <= hi <= numel) are slots
+        s0 .. s1 - 1 (entries are numbered in position order)."""
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= self.numel):
+            raise ValueError(f"slots_in(lo, hi) needs ints with 0 <= lo <= hi <= numel = {self.numel}; "
+                             f"got ({lo!r}, {hi!r})")
+        return self._slot_at(lo), self._slot_at(hi)
+
+    def positions_in(self, lo: int, hi: int) -> Tensor:
+        """int32 (s1 - s0,): the positions of the entries in [lo, hi), minus lo, sorted (the
+        entries of a piece [lo, hi) of the tensor as an int32 mask of that piece; their
+        slots are slots_in(lo, hi)). A new tensor, 4 bytes per entry of the piece."""
+        s0, s1 = self.slots_in(lo, hi)
+        return self._chunk(s0, s1).indices() - lo
 
     def unwrap(self):
         """The form build_masks returns for this encoding (the mask itself)."""
@@ -154,6 +174,11 @@ class IndexMask(_MaskBase):
 
     def _chunk(self, start: int, stop: int) -> "IndexMask":
         return IndexMask(self.idx[start:stop], self.numel, _checked=True)
+
+    def _slot_at(self, position: int) -> int:
+        """Entries before `position` (a binary search of the sorted indices)."""
+        p = torch.tensor([position], dtype=self.idx.dtype, device=self.device)
+        return int(torch.searchsorted(self.idx, p))
 
     def state_dict(self) -> dict:
         return {"idx": self.idx}
@@ -237,6 +262,17 @@ class Block16Mask(_MaskBase):
 
     def op_args(self) -> MaskArgs:
         return MaskArgs(_encodings.BLOCK16, self.block_starts, self.offsets, _encodings.NO_INTS)
+
+    def _slot_at(self, position: int) -> int:
+        """Entries before `position`: those of the blocks before its block, plus a binary
+        search of its block's offsets (int32 copy of one block's entries)."""
+        block = position // BLOCK16_SIZE
+        if block >= self.block_starts.numel() - 1:
+            return self.nnz
+        a, b = (int(v) for v in self.block_starts[block:block + 2])
+        within = self.offsets[a:b].to(torch.int32)
+        p = torch.tensor([position - block * BLOCK16_SIZE], dtype=torch.int32, device=self.device)
+        return a + int(torch.searchsorted(within, p))
 
     def _chunk(self, start: int, stop: int) -> "Block16Mask":
         """Entries [start, stop): the same offsets, block starts shifted by `start` and

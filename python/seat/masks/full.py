@@ -69,6 +69,13 @@ class FullMask(_MaskBase):
         return IndexMask(torch.arange(start, stop, dtype=torch.int32, device=self._device), self.numel,
                          _checked=True)
 
+    def _slot_at(self, position: int) -> int:
+        return position  # slot = position
+
+    def positions_in(self, lo: int, hi: int) -> Tensor:
+        s0, s1 = self.slots_in(lo, hi)
+        return torch.arange(s1 - s0, dtype=torch.int32, device=self._device)
+
     def state_dict(self) -> dict:
         """{"full_mask": an empty int32 tensor on the mask's device}: a full mask is
         defined by its tensor's numel; the tensor only carries the device (as the

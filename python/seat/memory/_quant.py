@@ -16,15 +16,24 @@ The trained delta holds one value per mask entry in the compute dtype (the model
 here), and there are no original values: the base is never written. The delta's
 optimizer mask covers all of it (seat.masks' full mask: no index memory).
 
-Transients: each target's forward (the reference's and the trained one's, and the
-recomputation of gradient checkpointing) dequantizes its weight into an effective weight
-(n entries in the compute dtype), freed when the matmul is done; its backward makes the
-effective weight again for the input gradient, frees it, then forms the layer's dense
-weight gradient (n entries) and gathers it into the delta's gradient (nnz entries), which
-SparseAdamW's hook takes as a float target's hook takes a weight's gradient.
+Transients: the reference forward (the frozen base: bitsandbytes' dequantize-then-linear)
+dequantizes a whole weight (n entries in the compute dtype), freed when its matmul is
+done. The trained forward, its recomputation under gradient checkpointing, and the
+backward work in row chunks of at most QSEAT_CHUNK_BYTES of the compute dtype (seat.quant
+._chunks; rows aligned to the quantization blocks, at least one aligned row group): per
+chunk the forward makes the chunk's effective weight and its output rows (tokens x rows);
+the backward makes the chunk's effective weight for the input gradient, frees it, then the
+chunk's dense weight gradient, gathered into the delta's gradient (nnz entries, alive over
+the whole loop), which SparseAdamW's hook takes as a float target's hook takes a weight's
+gradient. A chunk's delta entries are found as int32 positions (4 bytes per entry of the
+chunk); an implicit mask hashes the chunk's elements for them, HASH_PIECE at a time (~33
+bytes of int64 scratch each). A weight of one chunk takes the unchunked path.
 """
 from __future__ import annotations
 
+import math
+
+from .. import _constants
 from ._options import GRAD_DTYPES, Options
 
 CODE4_BYTES = 16 * 4  # the 4-bit code book of a weight (QuantState.code)
@@ -50,24 +59,65 @@ def weights_bytes(arch, opts: Options, shapes: list[int]) -> dict[str, int]:
             "weights: the rest (embeddings, lm_head, norms) in the model's dtype": rest}
 
 
+HASH_PIECE = 1 << 18  # seat.masks.implicit.HASH_PIECE: elements an implicit mask's positions_in hashes at a time
+HASH_SCRATCH_PER_ELEMENT = 33  # the int64 scratch of torch's hash ops per element hashed
+
+
+def target_shapes(arch) -> list[tuple[int, int]]:
+    """(out_features, in_features) of every target weight, parallel to
+    arch.target_numels() (a fused expert tensor counts as one row: never chunked)."""
+    dense = list(arch.block_linear_shapes().values())
+    sparse = [(1, n) for n in arch.sparse_block_target_numels().values()]
+    return dense * arch.dense_layers + sparse * arch.sparse_layers
+
+
+def chunk_rows(opts: Options, out_features: int, in_features: int) -> int:
+    """Rows of one chunk (seat.quant._chunks.rows_per_chunk, with seat's block sizes:
+    opts.quant_blocksize, times bitsandbytes' nested blocksize 256 when double-quantized)."""
+    align = opts.quant_blocksize * (256 if opts.double_quant else 1)
+    group = align // math.gcd(align, in_features)
+    rows = max(group, _constants.QSEAT_CHUNK_BYTES // max(1, in_features * opts.es) // group * group)
+    return min(rows, out_features)
+
+
 def forward_transient(opts: Options, shapes: list[int]) -> int:
-    """One layer's effective weight, alive during its matmul."""
+    """The reference forward: one layer's whole effective weight, alive during its matmul."""
     return max(shapes) * opts.es
 
 
-def backward_transients(opts: Options, weights: list[tuple[int, int]], chunk_update) -> dict[str, int]:
-    """What a target's backward holds at the worst moment of the worst weight: the
-    Function's dense weight gradient next to the delta's gradient it is gathered into (the
-    effective weight was freed before), or SparseAdamW's hook on the delta's gradient.
+def chunk_moments(opts: Options, shape: tuple[int, int], nnz: int, tokens: int) -> list[dict[str, int]]:
+    """The worst moments of one weight's trained forward and backward (module docstring)."""
+    o, i = shape
+    es, rows = opts.es, chunk_rows(opts, o, i)
+    delta_grad = {"its delta's gradient (gathered from it)": nnz * es}
+    if rows >= o:  # one chunk: the unchunked path
+        return [{"4-bit backward: one layer's dense weight gradient": o * i * es, **delta_grad}]
+    chunk = rows * i
+    entries = 4 * -(-nnz * chunk // (o * i))  # the chunk's delta positions (int32, the mean share)
+    moments = [{"4-bit trained forward: one row chunk's effective weight": chunk * es,
+                "its output rows": tokens * rows * es, "the chunk's delta positions": entries},
+               {"4-bit backward: one row chunk's dense weight gradient": chunk * es,
+                "the chunk's delta positions": entries, **delta_grad}]
+    if opts.index_encoding == "implicit":
+        moments.append({"implicit mask: hashing a chunk's elements for its positions":
+                        min(chunk, HASH_PIECE) * HASH_SCRATCH_PER_ELEMENT + entries, **delta_grad})
+    return moments
+
+
+def backward_transients(opts: Options, weights: list[tuple[tuple[int, int], int]], chunk_update,
+                        tokens: int) -> dict[str, int]:
+    """What a target's forward or backward holds at the worst moment of the worst weight
+    ((out, in), nnz each): a row chunk's effective weight, or its dense weight gradient
+    next to the delta's gradient it is gathered into (chunk_moments), or SparseAdamW's hook
+    on the delta's gradient.
     The hook adds nothing by default (it gathers into the persistent compact gradient);
     with the update in backward it gathers into a transient compact gradient beside the
     delta's gradient, frees that, and (8-bit state) updates one chunk at a time
     (chunk_update(opts, nnz): its fp32 moments and new codes)."""
     es, gs = opts.es, GRAD_DTYPES[opts.grad_dtype]
     worst: dict[str, int] = {}
-    for numel, nnz in sorted(set(weights)):
-        moments = [{"4-bit backward: one layer's dense weight gradient": numel * es,
-                    "its delta's gradient (gathered from it)": nnz * es}]
+    for shape, nnz in sorted(set(weights)):
+        moments = chunk_moments(opts, shape, nnz, tokens)
         if opts.optimizer_in_backward:
             compact = {"its transient compact gradient (update in backward)": gs * nnz}
             moments.append({"the delta's gradient in its hook": nnz * es, **compact})

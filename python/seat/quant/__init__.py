@@ -14,7 +14,8 @@ QuantTarget:
     ``x @ (dequant(W) + scatter(delta))^T + bias`` through Dequant4DeltaLinear, which
     keeps no effective weight between forward and backward: backward recomputes it for
     the input gradient and gives ``delta.grad`` as the masked gather of the layer's
-    dense weight gradient (one layer's, transient);
+    dense weight gradient, both in block-aligned row chunks of at most
+    seat._constants.QSEAT_CHUNK_BYTES (seat.quant._chunks): never a whole layer's;
   * the optimizer trains the delta Parameters (SparseAdamW over every entry of each, in
     every lean mode), and ``handle.reference()`` runs the same forward without the
     deltas: the frozen base, exactly, with no swap and no stored original values.

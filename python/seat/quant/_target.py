@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _chunks
 from ._settings import QuantSettings
 
 DELTA_NAME = "seat_delta"  # the delta Parameter's name on its Linear4bit
@@ -54,20 +55,31 @@ class Switch:
 
 class Dequant4DeltaLinear(torch.autograd.Function):
     """y = x @ (dequant(W) + scatter(delta))^T + bias, with no effective weight kept
-    between forward and backward.
+    between forward and backward, and none of a whole layer made when the weight is
+    larger than one row chunk (seat.quant._chunks; seat._constants.QSEAT_CHUNK_BYTES).
 
-    forward(x (..., in) compute dtype, delta (nnz,), bias (out,) or None, target)
-    backward: grad_x = grad_y @ W_eff (W_eff recomputed); grad_delta = the mask's entries of
-    grad_y^T @ x (the layer's dense weight gradient, transient, formed after W_eff is
-    freed); grad_bias = grad_y summed over the tokens.
+    forward(x (..., in) compute dtype, delta (nnz,), bias (out,) or None, target): per row
+    chunk [r0, r1), y[..., r0:r1] = x @ W_eff[r0:r1]^T (+ bias[r0:r1]).
+    backward, per row chunk: grad_x += grad_y[..., r0:r1] @ W_eff[r0:r1] (the chunk's
+    effective weight made again, then freed); grad_delta[s0:s1] = the chunk mask's entries
+    of grad_y[..., r0:r1]^T @ x (the chunk's dense weight gradient, made after the chunk's
+    effective weight is freed); grad_bias = grad_y summed over the tokens. A weight of one
+    chunk takes the unchunked path (one F.linear, one dense gradient).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, delta: Tensor, bias: Tensor | None, target: "QuantTarget") -> Tensor:
-        w = effective_weight(target.module, target.settings, delta, target.mask)
         ctx.target = target
         ctx.save_for_backward(x, delta, bias)
-        return F.linear(x, w, bias)
+        if not _chunked(target):
+            return F.linear(x, effective_weight(target.module, target.settings, delta, target.mask), bias)
+        weight = target.module.weight
+        y = x.new_empty(*x.shape[:-1], weight.quant_state.shape[0])
+        for c in _chunks.row_chunks(weight, weight.quant_state, target.mask, x.dtype, with_delta=True):
+            w = _chunk_weight(c, delta, x.dtype)
+            y[..., c.r0:c.r1] = F.linear(x, w, None if bias is None else bias[c.r0:c.r1])
+            del w  # before the next chunk's
+        return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
@@ -75,20 +87,49 @@ class Dequant4DeltaLinear(torch.autograd.Function):
 
         x, delta, bias = ctx.saved_tensors
         target = ctx.target
+        need_x, need_delta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_delta = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            w = effective_weight(target.module, target.settings, delta, target.mask)
-            grad_x = torch.matmul(grad_y, w)
-            del w  # before the dense weight gradient exists: one layer-sized transient at a time
-        if ctx.needs_input_grad[1]:
-            rows = grad_y.reshape(-1, grad_y.shape[-1])
-            dense = rows.t().matmul(x.reshape(-1, x.shape[-1]))  # (out, in): this layer's weight gradient
-            grad_delta = torch.zeros_like(delta)
-            ops.masked_gather_(grad_delta, dense, target.mask)
-            del dense
+        rows = grad_y.reshape(-1, grad_y.shape[-1])
+        xs = x.reshape(-1, x.shape[-1])
+        if not _chunked(target):
+            if need_x:
+                w = effective_weight(target.module, target.settings, delta, target.mask)
+                grad_x = torch.matmul(grad_y, w)
+                del w  # before the dense weight gradient exists: one layer-sized transient at a time
+            if need_delta:
+                dense = rows.t().matmul(xs)  # (out, in): this layer's weight gradient
+                grad_delta = torch.zeros_like(delta)
+                ops.masked_gather_(grad_delta, dense, target.mask)
+                del dense
+        elif need_x or need_delta:
+            weight = target.module.weight
+            gx = xs.new_zeros(xs.shape) if need_x else None
+            grad_delta = torch.zeros_like(delta) if need_delta else None
+            for c in _chunks.row_chunks(weight, weight.quant_state, target.mask, x.dtype, with_delta=True):
+                if need_x:
+                    w = _chunk_weight(c, delta, x.dtype)
+                    gx.addmm_(rows[:, c.r0:c.r1], w)  # sums over the chunks' rows in turn
+                    del w  # before the chunk's dense weight gradient exists
+                if need_delta and c.s1 > c.s0:
+                    dense = rows[:, c.r0:c.r1].t().matmul(xs)  # (r1 - r0, in): the chunk's weight gradient
+                    ops.masked_gather_(grad_delta[c.s0:c.s1], dense, c.positions)
+                    del dense
+            grad_x = None if gx is None else gx.reshape(x.shape)
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(bias.dtype)
+            grad_bias = rows.sum(0).to(bias.dtype)
         return grad_x, grad_delta, grad_bias, None
+
+
+def _chunked(target: "QuantTarget") -> bool:
+    """Whether the target's weight is more than one row chunk."""
+    return _chunks.n_chunks(target.module.weight.quant_state, _dtype(target.settings.compute_dtype)) > 1
+
+
+def _chunk_weight(c: "_chunks.RowChunk", delta: Tensor, dtype: torch.dtype) -> Tensor:
+    """The chunk's rows of the effective weight, (r1 - r0, in) in dtype."""
+    from .. import ops
+
+    return ops.dequant4_delta(c.packed, c.q, c.positions, delta[c.s0:c.s1], dtype=dtype)
 
 
 def _forward(target: "QuantTarget", x: Tensor) -> Tensor:
