@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ._spec import AotSpec
 from .adamw_math import round_to_param
-from .sparse_update import BLOCK16, BLOCK16_SIZE, ENCODINGS, FULL, HASH, INDEX, hash_members, item_slots
+from .sparse_update import BLOCK16, BLOCK16_SIZE, ENCODINGS, FULL, HASH, INDEX, hash_members, item_slots, mask_nnz
 
 TILE = 1024
 # binary-search steps: per lane over at most TILE slots (log2(TILE) + 1); of a tile's
@@ -142,17 +142,7 @@ def dequant4_delta_(out, packed, q, delta, encoding: int, mask_index, mask_offse
     if numel == 0:
         return
     key, threshold, block = (int(v) for v in mask_ints)
-    compact = delta.numel()
-    if encoding == INDEX.value:
-        nnz = min(compact, mask_index.numel())
-    elif encoding == BLOCK16.value:
-        nnz = min(compact, mask_offsets.numel())
-    elif encoding == FULL.value:
-        nnz = min(compact, numel)
-    elif encoding == HASH.value:
-        nnz = compact
-    else:
-        raise ValueError(f"unknown mask encoding {encoding}; expected one of {sorted(ENCODINGS.values())}")
+    nnz = mask_nnz(encoding, delta.numel(), numel, mask_index, mask_offsets)
     if encoding == HASH.value:
         tile, mask_block, grid = min(TILE, block), block, triton.cdiv(numel, block)
     else:

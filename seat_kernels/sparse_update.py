@@ -245,24 +245,28 @@ def implicit_block_counts_kernel(counts_ptr, numel, key, threshold, MASK_BLOCK: 
 # ----------------------------------------------------------------------------- launch
 
 
-def _mask_launch(encoding: int, compact: int, numel: int, mask_index, mask_offsets, mask_ints, tile: int):
-    """(grid, nnz, (key, threshold), MASK_BLOCK, TILE) of one mask: nnz = the compact
-    entries, clamped to the entries the mask tensors hold, so no lane reads past them,
-    and 0 for an empty parameter (no entry can be live)."""
-    key, threshold, block = (int(v) for v in mask_ints)
+def mask_nnz(encoding: int, compact: int, numel: int, mask_index, mask_offsets) -> int:
+    """The entries a kernel may visit: the compact entries, clamped to the entries the mask
+    tensors hold (so no lane reads past them), and 0 for an empty parameter."""
     if numel == 0:
-        compact = 0
+        return 0
     if encoding == INDEX.value:
-        nnz = min(compact, mask_index.numel())
-    elif encoding == BLOCK16.value:
-        nnz = min(compact, mask_offsets.numel())
-    elif encoding == FULL.value:
-        nnz = min(compact, numel)
-    elif encoding == HASH.value:
-        nnz, tile = compact, min(tile, block)
-        return triton.cdiv(numel, block), nnz, (key, threshold), block, tile
-    else:
-        raise ValueError(f"unknown mask encoding {encoding}; expected one of {sorted(ENCODINGS.values())}")
+        return min(compact, mask_index.numel())
+    if encoding == BLOCK16.value:
+        return min(compact, mask_offsets.numel())
+    if encoding == FULL.value:
+        return min(compact, numel)
+    if encoding == HASH.value:
+        return compact
+    raise ValueError(f"unknown mask encoding {encoding}; expected one of {sorted(ENCODINGS.values())}")
+
+
+def _mask_launch(encoding: int, compact: int, numel: int, mask_index, mask_offsets, mask_ints, tile: int):
+    """(grid, nnz, (key, threshold), MASK_BLOCK, TILE) of one mask (nnz: mask_nnz)."""
+    key, threshold, block = (int(v) for v in mask_ints)
+    nnz = mask_nnz(encoding, compact, numel, mask_index, mask_offsets)
+    if encoding == HASH.value:
+        return triton.cdiv(numel, block), nnz, (key, threshold), block, min(tile, block)
     return triton.cdiv(nnz, tile), nnz, (0, 0), 0, tile
 
 
