@@ -376,8 +376,10 @@ def limit_cases():
         torch.zeros(2, dtype=torch.int32), numel=10, seed=2**63, threshold=1, block=256), "seed must be in"
     yield "implicit numel -1", lambda: ops.implicit_block_offsets_(
         torch.zeros(2, dtype=torch.int32), numel=-1, seed=0, threshold=1, block=256), "numel must be an int >= 0"
-    yield "encoding 3", lambda: ops.masked_gather_(
-        torch.zeros(1), torch.zeros(10), _encodings.MaskArgs(3, idx4[:1], _encodings.no_offsets(torch.device("cpu")),
+    unknown = max(_encodings.NAMES) + 1  # the first id that is no encoding
+    yield f"encoding {unknown}", lambda: ops.masked_gather_(
+        torch.zeros(1), torch.zeros(10), _encodings.MaskArgs(unknown, idx4[:1],
+                                                             _encodings.no_offsets(torch.device("cpu")),
                                                              _encodings.NO_INTS)), "encoding must be one of"
     adamw = dict(lr=1e-3, step=1)
     one = ([torch.zeros(10)], [idx4], [torch.zeros(4)], [torch.zeros(4)], [torch.zeros(4)])
