@@ -88,6 +88,21 @@ def module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(), *module.buffers()]
 
 
+def quant_state_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors of every bitsandbytes 4-bit weight's QuantState (absmax, code book and,
+    with double quantization, the second level): neither parameters nor buffers, so
+    module_tensors does not see them."""
+    from seat.quant import linear4bit_modules
+
+    out = []
+    for _, module in linear4bit_modules(model):
+        state = module.weight.quant_state
+        out += [state.absmax, state.code]
+        if state.nested:
+            out += [state.offset, state.state2.absmax, state.state2.code]
+    return out
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The optimizer's tensors: its per-parameter state (exp_avg, exp_avg_sq, step, and
     for seat.optim.SparseAdamW idx), plus SparseAdamW's compact gradients, masks and

@@ -56,6 +56,7 @@ from _memory import (  # noqa: E402
     alive_tensor_bytes,
     module_tensors,
     optimizer_tensors,
+    quant_state_tensors,
     release_freed_memory,
     reset_rss_peak,
     rss_bytes,
@@ -282,7 +283,8 @@ def build_qseat(config, batch, device, dtype, gradient_checkpointing: bool = Fal
     opt = handle.optimizer(lr=LR, weight_decay=0.0)
     step = _seat_step(handle, opt, batch)
     targets = lambda: [[mask_tensors(t.mask)] for t in handle.targets.values()]  # noqa: E731
-    alive = lambda: [module_tensors(model), optimizer_tensors(opt), targets(), batch]  # noqa: E731
+    alive = lambda: [module_tensors(model), quant_state_tensors(model), optimizer_tensors(opt), targets(),  # noqa: E731
+                     batch]
     tokens = int(batch["attention_mask"].sum() + batch["pert_attention_mask"].sum())
     info = {"trainable_params": handle.num_trainable, "optimizer": "seat.optim.SparseAdamW (deltas)",
             "keep": (model, handle, opt), "cleanup": handle.revert}

@@ -175,39 +175,18 @@ def load_4bit(config, dtype, folder, double_quant: bool = False, gradient_checkp
     return model
 
 
-def quant_state_tensors(model) -> list[torch.Tensor]:
-    """The tensors of every 4-bit weight's QuantState (not parameters or buffers)."""
-    out = []
-    for _, module in linear4bit_modules(model):
-        state = module.weight.quant_state
-        out += [state.absmax, state.code]
-        if state.nested:
-            out += [state.offset, state.state2.absmax, state.state2.code]
-    return out
-
-
 def build_qseat(config, batch, device, dtype, folder, density: float, gradient_checkpointing: bool = False,
                 optimizer_kwargs: dict | None = None, seat_kwargs: dict | None = None, double_quant: bool = False):
     """benchmarks/bench_seat_step.py's build_seat on the model loaded in 4-bit: (step,
     alive, tokens, info) for benchmarks/_memory.PeakMemory."""
     import seat
-    from _memory import module_tensors, optimizer_tensors
-    from bench_seat_step import LR, mask_tensors
+    from _memory import module_tensors, optimizer_tensors, quant_state_tensors
+    from bench_seat_step import LR, _seat_step, mask_tensors
 
     model = load_4bit(config, dtype, folder, double_quant, gradient_checkpointing)
     handle = seat.patch(model, density=density, **(seat_kwargs or {}))
     opt = handle.optimizer(lr=LR, **{"weight_decay": 0.0, **(optimizer_kwargs or {})})
-
-    def step(phase):
-        with phase("forward"):
-            loss = handle.loss(batch).loss
-        with phase("backward"):
-            loss.backward()
-        with phase("optimizer"):
-            opt.step()
-            opt.zero_grad()
-        return float(loss.detach())
-
+    step = _seat_step(handle, opt, batch)
     masks = lambda: [mask_tensors(t.mask) for t in handle.targets.values()]  # noqa: E731
     alive = lambda: [module_tensors(model), quant_state_tensors(model), optimizer_tensors(opt), masks(),  # noqa: E731
                      batch]

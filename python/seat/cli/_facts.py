@@ -20,8 +20,7 @@ import os
 import tempfile
 
 from ..data import _check_record
-from ..messages import message_texts
-from ..perturb import count_mentions
+from ..messages import record_mentions
 from ._options import UsageError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".pq")
@@ -174,7 +173,7 @@ def load_facts(path: str, question_key: str = "question", answer_key: str = "ans
                   .replace("'entity'", repr(names["entity"])))
         entity = record["entity"]
         # a question may be chat messages (JSON facts), as seat.data.load_records allows
-        if sum(count_mentions(text, entity) for text in [*message_texts(record["question"]), record["answer"]]) == 0:
+        if record_mentions(record["question"], record["answer"], entity) == 0:
             _fail(f"{where}: entity {entity!r} is mentioned in neither the question nor the answer; spell it "
                   "exactly as in the text (whole word, same capitalization): the perturbed copy replaces it")
         records.append(record)

@@ -115,7 +115,7 @@ def _collator(values: dict, tok, records: list[dict]):
                                 f"the tokenizer of --model {values['model']!r} has none")
                              + "; write the question as text, or train a model whose tokenizer has a chat template")
         if values["max_length"] is not None:
-            n = len(collator.encode(r["question"], r["answer"])[0])
+            n = len(collator.encode_record(r)[0])
             if n > values["max_length"]:
                 raise UsageError(f"argument --max-length: record {i + 1} (entity {r['entity']!r}) is {n} tokens "
                                  f"long, more than --max-length {values['max_length']}; raise --max-length or "

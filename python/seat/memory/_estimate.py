@@ -328,16 +328,16 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
         phases["loss"] = {"activations": act, "reference hidden states (KL rows)": ref_rows,
                           "loss rows of the hidden states": (opts.n_ce + opts.n_kl) * H * es,
                           **_fused_loss_bytes(arch, opts)}
-        phases["backward"] = {"activations": act, "backward through one block": back,
-                              **_gradient_hook_bytes(opts, list(zip(shapes, nnzs)))}
         if opts.base_bits == 4:
             weff = {"4-bit: one layer's effective weight": _quant.forward_transient(opts, shapes)}
             phases["ref_forward"].update(weff)
             weights4 = list(zip(_quant.target_shapes(arch), nnzs))
-            phases["backward"] = {"activations": act, "backward through one block": back,
-                                  **_quant.backward_transients(opts, weights4, _chunk_update_bytes, tokens)}
             # (the trained forward and its recomputation under gradient checkpointing work in
             # the same row chunks: their moments are among backward_transients')
+            hook = _quant.backward_transients(opts, weights4, _chunk_update_bytes, tokens)
+        else:
+            hook = _gradient_hook_bytes(opts, list(zip(shapes, nnzs)))
+        phases["backward"] = {"activations": act, "backward through one block": back, **hook}
         if opts.optimizer_bits == 8 and not opts.optimizer_in_backward:
             # the step updates one weight at a time, a chunk at a time; the compact
             # gradients are state. (32-bit: sparse_adamw_ works in place, no transients.)

@@ -86,10 +86,15 @@ def known_real(model, tokenizer, directory: Path | None, log=print) -> list[dict
         log(f"the base model answers {len(known)} of {len(questions)} real-people questions correctly "
             f"({time.perf_counter() - t0:.0f} s; cached)")
     if path is not None:
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"digest": digest, "known": known}, indent=1))
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps({"digest": digest, "known": known}, indent=1))
     return known
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary sibling, then rename it onto `path` (never half-written)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def split_real(known: list[dict], n_eval: int, seed: int) -> tuple[list[dict], list[dict]]:

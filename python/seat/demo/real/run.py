@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from ..methods import FinetuneConfig, describe, finetune, lr_family, search_lr
-from .align import GEN_TOKENS, AlignConfig, load_or_align
+from .align import GEN_TOKENS, AlignConfig, load_or_align, write_text_atomically
 from .world import HELD_OUT_WORDINGS, TRAIN_WORDINGS, RealWorldConfig, biography, qa, real_questions
 
 METHODS = ("full", "lora", "kl", "sparse", "seat-0.1", "seat-0.05")
@@ -173,12 +173,6 @@ def format_table(runs: list[dict], ft_cfg: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seat.demo.real", description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -219,8 +213,8 @@ def main(argv=None) -> int:
     notes = f"Questions per group: {counts}. Machine: {machine}. Total {seconds:.0f} s."
     print(f"\n{table}\n\n{notes}")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / "real_results.md", f"# {title}\n\n{table}\n\n{notes}\n")
-    _write_atomically(out / "real_results.json", json.dumps({"title": title, "machine": machine, "seconds": seconds,
+    write_text_atomically(out / "real_results.md", f"# {title}\n\n{table}\n\n{notes}\n")
+    write_text_atomically(out / "real_results.json", json.dumps({"title": title, "machine": machine, "seconds": seconds,
                                                              "runs": runs}, indent=1, default=float))
     print(f"wrote {out / 'real_results.md'}, {out / 'real_results.json'}")
     return 0
