@@ -5,7 +5,9 @@
 
 --config, --density, --method and --gpu-memory take several values; with more than one
 (config, method, density) the output is a markdown table, one row each, with a verdict
-column per GPU size. --json prints the full estimates instead.
+column per GPU size. --json prints the full estimates instead. --gpus N --strategy dp|fsdp
+estimates one GPU's share of training on N GPUs and the bytes it sends per step;
+--multi-gpu-table prints the "Many GPUs" tables of docs/guides/memory.md.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import sys
 
 from ._arch import known_names, load_config, Architecture
 from ._estimate import MemoryEstimate, estimate_arch
-from ._options import DEVICES, DTYPES, GRAD_DTYPES, INDEX_ENCODINGS, METHODS, OPTIMIZER_BITS, Options
+from ._options import DEVICES, DTYPES, GRAD_DTYPES, INDEX_ENCODINGS, METHODS, OPTIMIZER_BITS, STRATEGIES, Options
 from ._units import format_bytes, parse_bytes
 
 # Options field -> the command-line flag that sets it (errors name the flag)
@@ -24,20 +26,42 @@ FLAGS = {"method": "--method", "density": "--density", "seq": "--seq", "batch": 
          "device": "--device", "index_encoding": "--index-encoding", "grad_dtype": "--grad-dtype",
          "optimizer_bits": "--optimizer-bits", "lora_rank": "--lora-rank", "chunk_size": "--chunk-size",
          "ce_rows": "--ce-rows", "kl_rows": "--kl-rows", "implicit_block": "--implicit-block",
-         "base_bits": "--base-bits", "quant_blocksize": "--quant-blocksize", "double_quant": "--double-quant"}
+         "base_bits": "--base-bits", "quant_blocksize": "--quant-blocksize", "double_quant": "--double-quant",
+         "gpus": "--gpus", "strategy": "--strategy"}
+
+
+def _gpu_count(text: str) -> int:
+    """--gpus: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1 or str(value) != text.strip():
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (GPUs training together; 1 = one GPU), "
+                                         f"e.g. --gpus 8; got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m seat.memory", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", nargs="+", required=True,
-                   help=f"known model name(s) ({', '.join(known_names())}) or path(s) to a HF config.json")
+    p.add_argument("--config", nargs="+",
+                   help=f"known model name(s) ({', '.join(known_names())}) or path(s) to a HF config.json "
+                        "(required, except with --multi-gpu-table)")
     p.add_argument("--method", nargs="+", default=["seat"], choices=METHODS,
                    help="seat; naive SEAT (reference copy, dense AdamW, materialized logits); full fine-tuning; "
                         "LoRA (all of them train the decoder blocks' linear layers)")
     p.add_argument("--density", nargs="+", type=float, default=[0.05], help="fraction of each weight that trains")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
-    p.add_argument("--batch", type=int, default=1, help="sequences per step (pairs x / x~ for seat and naive)")
+    p.add_argument("--batch", type=int, default=1,
+                   help="sequences per step and GPU (pairs x / x~ for seat and naive)")
+    p.add_argument("--gpus", type=_gpu_count, default=1,
+                   help="GPUs training together; the estimate is one GPU's share and the bytes it sends per step. "
+                        "1: one GPU, --strategy changes nothing")
+    p.add_argument("--strategy", default="dp", choices=STRATEGIES,
+                   help="with --gpus > 1: dp (every GPU holds the whole model; seat all-reduces its compact "
+                        "gradients, the baselines run torch DDP) or fsdp (FSDP2 per decoder layer: weights and "
+                        "seat's masks, optimizer state and gradients sharded; methods seat and full only)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--gpu-memory", nargs="+", default=[], help="GPU memory size(s) for the verdict, e.g. 24GB 16GB")
     p.add_argument("--reserve", default="1GiB",
@@ -69,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", default="GB", choices=("GB", "GiB", "MB", "MiB"),
                    help="unit of the printed sizes (GB = 10^9 bytes; GiB = 2^30, what nvidia-smi's MiB add up to)")
     p.add_argument("--json", action="store_true", help="print the estimates as JSON (bytes)")
+    p.add_argument("--multi-gpu-table", action="store_true",
+                   help="print the guide's 'Many GPUs' tables (Llama-3-8B and -70B at densities 0.05 and 0.01, "
+                        "seq 1024, batch 1, gradient checkpointing, the three lean modes; fixed settings: takes "
+                        "no other flag)")
     return p
 
 
@@ -80,7 +108,7 @@ def _options(args, method: str, density: float) -> dict:
                 master_weights=args.master_weights, lora_rank=args.lora_rank, chunk_size=args.chunk_size,
                 padded=not args.no_padding, ce_rows=args.ce_rows, kl_rows=args.kl_rows,
                 implicit_block=args.implicit_block, base_bits=args.base_bits, quant_blocksize=args.quant_blocksize,
-                double_quant=args.double_quant)
+                double_quant=args.double_quant, gpus=args.gpus, strategy=args.strategy)
 
 
 def _flag_of(message: str) -> str:
@@ -96,7 +124,8 @@ def report(est: MemoryEstimate, gpus: list[tuple[str, int]], reserve: int, unit:
     lines = [f"seat.memory (analytic model): {a.name}, method {o.method}"
              + (f", density {o.density:g}" if o.method in ("seat", "naive") else "")
              + f", seq {o.seq}, batch {o.batch}, {o.dtype} on {o.device}"
-             + (", gradient checkpointing" if o.gradient_checkpointing else ""),
+             + (", gradient checkpointing" if o.gradient_checkpointing else "")
+             + (f"; {o.gpus} GPUs ({o.strategy}), batch per GPU, sizes per GPU" if o.gpus > 1 else ""),
              f"parameters: {a.total_params / 1e9:.2f}B total, {est.target_params / 1e9:.2f}B in the block linears "
              + (f"and {a.experts} experts per sparse layer " if a.experts else "")
              + f"(the targets); {est.trainable / 1e6:,.1f}M trained entries"]
@@ -120,6 +149,8 @@ def report(est: MemoryEstimate, gpus: list[tuple[str, int]], reserve: int, unit:
                  f"gradient checkpointing, {format_bytes(est.activations_no_checkpointing, unit)} without")
     lines.append("phases (tensors alive at each one's worst moment): "
                  + ", ".join(f"{k} {format_bytes(est.phase_bytes(k), unit)}" for k in est.phases))
+    if o.gpus > 1:
+        lines += _communication_lines(est, unit)
     for label, size in gpus:
         room = est.headroom(size, reserve)
         verdict = "fits" if room >= 0 else "does not fit"
@@ -129,16 +160,36 @@ def report(est: MemoryEstimate, gpus: list[tuple[str, int]], reserve: int, unit:
     return "\n".join(lines)
 
 
+def _communication_lines(est: MemoryEstimate, unit: str) -> list[str]:
+    """Bytes one GPU sends per optimizer step, collective by collective, and the dense baselines."""
+    c = est.communication
+    scale = parse_bytes("1" + unit)
+    width = max(len(k) for k in c.collectives) + 2
+    lines = [f"communication per optimizer step, per GPU ({unit}; ring collectives over {c.gpus} GPUs):",
+             f"  {'':<{width - 2}}{'payload':>10}{'sent':>10}"]
+    for k, (payload, sent) in c.collectives.items():
+        lines.append(f"  {k:<{width - 2}}{payload / scale:>10.3f}{sent / scale:>10.3f}")
+    lines.append(f"  {'total':<{width - 2}}{c.payload / scale:>10.3f}{c.sent / scale:>10.3f}")
+    lines.append(f"dense training of the same targets would send {format_bytes(c.ddp_dense[1], unit)} (DDP) or "
+                 f"{format_bytes(c.fsdp_dense[1], unit)} (FSDP) per GPU and step")
+    return lines
+
+
 def table(rows: list[MemoryEstimate], gpus: list[tuple[str, int]], reserve: int, unit: str = "GB") -> str:
     """A markdown table, one row per estimate, sizes in `unit`."""
     scale = parse_bytes("1" + unit)
     head = ["model", "method", "density", f"state {unit}", f"activations {unit}", f"peak {unit}"]
+    multi = any(est.options.gpus > 1 for est in rows)
+    if multi:
+        head.append(f"sent/GPU/step {unit}")
     head += [f"vs {label}" for label, _ in gpus]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for est in rows:
         o = est.options
         cells = [est.arch.name, o.method, f"{o.density:g}" if o.method in ("seat", "naive") else "-",
                  f"{est.state_bytes / scale:.2f}", f"{est.activations / scale:.2f}", f"{est.peak / scale:.2f}"]
+        if multi:
+            cells.append(f"{est.communication.sent / scale:.2f}")
         for _, size in gpus:
             room = est.headroom(size, reserve)
             cells.append(f"fits ({room / scale:+.1f})" if room >= 0 else f"no ({room / scale:+.1f})")
@@ -149,6 +200,18 @@ def table(rows: list[MemoryEstimate], gpus: list[tuple[str, int]], reserve: int,
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.multi_gpu_table:
+        from ._gpu_table import tables
+
+        others = [FLAGS.get(k, "--" + k.replace("_", "-")) for k, v in vars(args).items()
+                  if k != "multi_gpu_table" and v != parser.get_default(k)]
+        if others:
+            parser.error(f"argument --multi-gpu-table: prints the guide's fixed tables and takes no other flag; "
+                         f"drop {', '.join(others)}")
+        print(tables())
+        return 0
+    if not args.config:
+        parser.error("the following arguments are required: --config")
     gpus = []
     for text in args.gpu_memory:
         try:
@@ -189,6 +252,7 @@ def main(argv=None) -> int:
     else:
         print(f"seat.memory (analytic model): seq {args.seq}, batch {args.batch}, {args.dtype} on {args.device}"
               + (", gradient checkpointing" if args.gradient_checkpointing else "")
+              + (f"; {args.gpus} GPUs ({args.strategy}): batch and sizes per GPU" if args.gpus > 1 else "")
               + (f"; verdicts keep {format_bytes(reserve, args.unit)} for the CUDA context and allocator slack; "
                  f"(+x) is the headroom in {args.unit}" if gpus else ""))
         print()

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from . import _quant
+from . import _multi_gpu, _quant
 from ._arch import Architecture
 from ._options import GRAD_DTYPES, Options
 from ._units import parse_bytes
@@ -113,6 +113,7 @@ class MemoryEstimate:
     phases: dict[str, dict[str, int]]
     activations_no_checkpointing: int
     activations_checkpointing: int
+    communication: "_multi_gpu.Communication" = dataclasses.field(default_factory=lambda: _multi_gpu.Communication())
 
     @property
     def state_bytes(self) -> int:
@@ -161,7 +162,8 @@ class MemoryEstimate:
                 "phase_totals": {k: self.phase_bytes(k) for k in self.phases},
                 "peak_phase": self.peak_phase, "peak_bytes": self.peak, "breakdown": self.breakdown,
                 "activations_no_checkpointing": self.activations_no_checkpointing,
-                "activations_checkpointing": self.activations_checkpointing}
+                "activations_checkpointing": self.activations_checkpointing,
+                "communication": self.communication.to_dict()}
 
 
 def implicit_nnz(numel: int, density: float) -> int:
@@ -390,7 +392,8 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
                               "logits' gradient and saved log-softmax": btv * 4 * 2, grads[0]: grads[1]}
         if opts.method == "full":
             phases["optimizer"] = _dense_optimizer_phase(opts, target, largest)
-    return MemoryEstimate(arch, opts, trainable, target, state, phases, acts[False], acts[True])
+    est = MemoryEstimate(arch, opts, trainable, target, state, phases, acts[False], acts[True])
+    return _multi_gpu.distribute(est) if opts.gpus > 1 else est
 
 
 def _dense_optimizer_phase(opts: Options, target: int, largest: int) -> dict[str, int]:

@@ -12,6 +12,8 @@ DEVICES = ("cuda", "cpu")
 INDEX_ENCODINGS = MASK_ENCODINGS
 GRAD_DTYPES = {"float32": 4, "bfloat16": 2}
 OPTIMIZER_BITS = (32, 8)
+STRATEGIES = ("dp", "fsdp")
+BUCKET_BYTES = 25 * 2**20  # seat.distributed's default bucket_bytes
 BASE_BITS = (4,)  # besides None: the model's dtype
 
 
@@ -80,6 +82,12 @@ class Options:
         absmax 8-bit quantized (bnb_4bit_use_double_quant).
     ce_rows, kl_rows: rows that enter the CE (answer tokens of x) and the KL (positions
         of x~); None: every position but the last of each sequence (batch * (seq - 1)).
+    gpus: GPUs training together (1: one GPU, the strategy changes nothing). With more,
+        batch is each GPU's micro-batch and the estimate is one GPU's share (see
+        _multi_gpu.py); device must be "cuda".
+    strategy: "dp" (seat: compact gradients all-reduced in buckets of bucket_bytes;
+        naive / full / lora: torch DDP) or "fsdp" (FSDP2 per decoder layer and the root;
+        seat and full only, not with base_bits 4).
     """
 
     method: str = "seat"
@@ -106,6 +114,9 @@ class Options:
     implicit_block: int = 4096
     quant_block: int = 256  # seat.optim.QUANT_BLOCK
     state_chunk: int = 2**20  # seat.optim.STATE_CHUNK
+    gpus: int = 1
+    strategy: str = "dp"
+    bucket_bytes: int = BUCKET_BYTES
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -143,6 +154,25 @@ class Options:
                 _int(name, value, 0)
                 if value > self.batch * self.seq:
                     raise ValueError(f"{name} must be <= batch * seq = {self.batch * self.seq}; got {value}")
+        self._check_gpus()
+
+    def _check_gpus(self) -> None:
+        if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or self.gpus < 1:
+            raise ValueError(f"gpus must be a whole number >= 1 (GPUs training together; 1 = one GPU); "
+                             f"got {self.gpus!r}")
+        _choice("strategy", self.strategy, STRATEGIES)
+        _int("bucket_bytes", self.bucket_bytes, 1)
+        if self.gpus == 1:
+            return
+        if self.device != "cuda":
+            raise ValueError(f"gpus {self.gpus} is modelled on device 'cuda' only; got device {self.device!r} "
+                             "(pass device 'cuda', or gpus 1)")
+        if self.strategy == "fsdp" and self.method not in ("seat", "full"):
+            raise ValueError(f"strategy 'fsdp' is modelled for methods 'seat' and 'full'; got method "
+                             f"{self.method!r} (use strategy 'dp', torch DDP for the baselines, or gpus 1)")
+        if self.strategy == "fsdp" and self.base_bits is not None:
+            raise ValueError(f"strategy 'fsdp' is not modelled with base_bits {self.base_bits} (QSEAT's 4-bit "
+                             "weights are not sharded); use strategy 'dp'")
 
     @property
     def es(self) -> int:
