@@ -32,11 +32,8 @@ FLAGS = {"method": "--method", "density": "--density", "seq": "--seq", "batch": 
 
 def _gpu_count(text: str) -> int:
     """--gpus: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1 or str(value) != text.strip():
+    value = int(text) if text.strip().isdigit() else 0
+    if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1 (GPUs training together; 1 = one GPU), "
                                          f"e.g. --gpus 8; got {text!r}")
     return value

@@ -30,7 +30,8 @@ I intermediate, q = heads * head_dim, kv = kv_heads * head_dim, T tokens per seq
                                         hidden layers a token is routed through)
 
 The same counts were checked against torch.profiler on CPU (float32 and bfloat16,
-grouped and plain attention): see tests/test_memory.py.
+grouped and plain attention): see tests/test_memory.py. Several GPUs (Options.gpus):
+the single-GPU estimate is turned into one GPU's share by _multi_gpu.distribute.
 """
 from __future__ import annotations
 
@@ -97,12 +98,14 @@ def block_backward_bytes(arch: Architecture, opts: Options, tokens: int, checkpo
 # ---------------------------------------------------------------------- the estimate
 @dataclasses.dataclass
 class MemoryEstimate:
-    """Bytes of one training step's tensors (see the module docstring).
+    """Bytes of one training step's tensors (see the module docstring), on one GPU: with
+    options.gpus > 1 one GPU's share (see _multi_gpu.py).
 
     state: {item: bytes} alive between steps. phases: {phase: {item: bytes}} the step's
     additional tensors at each phase's worst moment. peak / total: the largest
-    state + phase. activations: the saved activations of the trained forward with the
-    options' checkpointing; activations_no_checkpointing / activations_checkpointing: both.
+    state + phase (per GPU). activations: the saved activations of the trained forward with
+    the options' checkpointing; activations_no_checkpointing / activations_checkpointing:
+    both. communication: the bytes each GPU sends per optimizer step (all zero on one GPU).
     """
 
     arch: Architecture
@@ -113,7 +116,7 @@ class MemoryEstimate:
     phases: dict[str, dict[str, int]]
     activations_no_checkpointing: int
     activations_checkpointing: int
-    communication: "_multi_gpu.Communication" = dataclasses.field(default_factory=lambda: _multi_gpu.Communication())
+    communication: _multi_gpu.Communication = dataclasses.field(default_factory=_multi_gpu.Communication)
 
     @property
     def state_bytes(self) -> int:
@@ -392,7 +395,8 @@ def estimate_arch(arch: Architecture, opts: Options) -> MemoryEstimate:
                               "logits' gradient and saved log-softmax": btv * 4 * 2, grads[0]: grads[1]}
         if opts.method == "full":
             phases["optimizer"] = _dense_optimizer_phase(opts, target, largest)
-    est = MemoryEstimate(arch, opts, trainable, target, state, phases, acts[False], acts[True])
+    est = MemoryEstimate(arch, opts, trainable, target, state, phases, acts[False], acts[True],
+                         _multi_gpu.Communication(strategy=opts.strategy))
     return _multi_gpu.distribute(est) if opts.gpus > 1 else est
 
 
