@@ -72,6 +72,8 @@ class CompactGrads:
 
     def on_grad(self, opt, p: Tensor) -> None:
         self.compact_(opt, p)
+        if opt._sync is not None:
+            opt._sync.ready(opt, p)  # data parallel: start p's bucket's all-reduce once it is complete
 
     def compact_(self, opt, p: Tensor) -> None:
         """Add p.grad's masked entries to p's buffer and free p.grad."""
@@ -149,6 +151,8 @@ class UpdateInBackward:
         grad = torch.zeros(mask.nnz, dtype=self.dtype(p), device=p.device)
         ops.masked_gather_(grad, p.grad, mask)
         p.grad = None
+        if opt._sync is not None:
+            opt._sync.reduce_now(grad)  # data parallel: every rank applies the summed gradient
         _guards.check_transient(opt, p, grad)
         self.has_grad[p] = True
         opt._update_param(p, grad, *opt._where(p))

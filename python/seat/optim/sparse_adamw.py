@@ -106,6 +106,12 @@ class SparseAdamW(torch.optim.Optimizer):
         naming the step and the parameter, nothing updated), "skip" (nothing updated, a
         warning, `skipped_steps` counts it) or "apply" (no check, as torch.optim.AdamW).
         See _guards.py, also for update_in_backward (checked per parameter; "skip" refused).
+      data_parallel: None (one process), or a seat.distributed.DataParallel: the compact
+        gradients are all-reduced across the processes of its group (bucketed,
+        overlapping backward; see seat.distributed), so every rank steps the same
+        parameters with the same gradient. Every rank must build the same optimizer over
+        the same masks (checked at construction: a collective). Accumulate micro-batches
+        inside no_sync().
     """
 
     def __init__(self, params, masks: Mapping[Tensor, object] | Sequence[object], lr: float | Tensor = 1e-3,
@@ -114,7 +120,8 @@ class SparseAdamW(torch.optim.Optimizer):
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None,
                  master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
                  compact_grads: bool = True, dense_state: bool = False, grad_dtype: torch.dtype | None = None,
-                 update_in_backward: bool = False, state_bits: int = 32, nonfinite: str = "raise"):
+                 update_in_backward: bool = False, state_bits: int = 32, nonfinite: str = "raise",
+                 data_parallel=None):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, (tuple, list)) else betas, eps=eps,
                         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                         capturable=capturable, differentiable=differentiable, fused=fused,
@@ -170,6 +177,17 @@ class SparseAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_param(p, group)
+        self._sync = None  # the data-parallel synchronization (seat.distributed), if any
+        if data_parallel is not None:
+            from ..distributed import DataParallel, GradSync
+
+            if not isinstance(data_parallel, DataParallel):
+                raise ValueError(f"data_parallel must be None or a seat.distributed.DataParallel; got "
+                                 f"{type(data_parallel).__name__}")
+            if not compact_grads:
+                raise ValueError("data_parallel all-reduces the compact gradients the hooks gather: it needs "
+                                 "compact_grads=True")
+            self._sync = GradSync(self, data_parallel)
 
     # ------------------------------------------------------------------ copy / pickle
     # torch.optim.Optimizer pickles defaults, state and param_groups only; these are the
@@ -196,6 +214,7 @@ class SparseAdamW(torch.optim.Optimizer):
                          for p, m in own["_masks"].items()}
         self.__dict__.update(own)
         self._forbidden = []
+        self._sync = None  # a process group does not travel: a copy trains on its own
         self._grads, self._has_grad = self._gradients.buffers, self._gradients.has_grad
         self._hooks = []
         if self.compact_grads:
@@ -266,6 +285,8 @@ class SparseAdamW(torch.optim.Optimizer):
             self._masks[p] = new_mask
             self._format.from_fp32(state)
             self._gradients.add(p, new_mask.nnz)  # a compact gradient buffer of the new size, if any
+        if self._sync is not None:
+            self._sync.plan(self)  # new sizes: new buckets (and every rank must have drawn the same masks)
 
     def remove_hooks(self) -> None:
         """Stop compacting gradients (e.g. before handing the model to another optimizer)."""
@@ -293,7 +314,28 @@ class SparseAdamW(torch.optim.Optimizer):
         """Zero the compact gradients (and drop any dense .grad). With
         update_in_backward=True there is none to zero: the updates were applied, and only
         step() allows the next backward."""
+        if self._sync is not None:
+            self._sync.discard()
         self._gradients.zero(list(self._masks))
+
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside the block accumulate compact gradients without
+        communicating (data_parallel); the first backward after it sends the sums, so a
+        step of k micro-batches communicates once. Without data_parallel it does nothing."""
+        if self._sync is None:
+            yield
+            return
+        self._sync.paused += 1
+        try:
+            yield
+        finally:
+            self._sync.paused -= 1
+
+    @property
+    def data_parallel(self):
+        """The seat.distributed.GradSync of this optimizer (its byte counters), or None."""
+        return self._sync
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> Tensor:
@@ -301,6 +343,8 @@ class SparseAdamW(torch.optim.Optimizer):
         are the only ones trained, so this is the norm of the effective gradient)."""
         if not self._gradients.in_backward:  # (in backward mode clip_list refuses: nothing is applied)
             self._gradients.collect_dense(self)
+            if self._sync is not None:
+                self._sync.finish(self)  # the norm of the global gradient
         grads = self._gradients.clip_list()
         if not grads:
             return torch.tensor(0.0)
@@ -347,6 +391,8 @@ class SparseAdamW(torch.optim.Optimizer):
         # a .grad no hook has taken (assigned by hand, or compact_grads=False) is used, as
         # torch.optim does: gathered into the compact gradient, or applied now in backward mode
         self._gradients.collect_dense(self)
+        if self._sync is not None:
+            self._sync.finish(self)
         if self._gradients.in_backward:  # the updates were applied during backward
             self._gradients.close_step()
             return loss

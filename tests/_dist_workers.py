@@ -1,0 +1,151 @@
+"""Workers for tests/_distributed.run_ranks: SEAT training of a tiny Llama on a share of a
+global batch, with compact-gradient data parallelism, and what it communicated."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from _models import paired_batch, tiny_model
+
+GLOBAL_ROWS = 4  # rows per micro-batch of the global batch (divisible by 1, 2 and 4 ranks)
+
+
+def global_micro_batches(step: int, accumulation: int) -> list[dict]:
+    """The global batch of optimizer step `step`: `accumulation` micro-batches of GLOBAL_ROWS."""
+    return [paired_batch(GLOBAL_ROWS, length=12, seed=1000 * step + i) for i in range(accumulation)]
+
+
+def share(batch: dict, rank: int, world_size: int) -> dict:
+    rows = GLOBAL_ROWS // world_size
+    return {k: v[rank * rows:(rank + 1) * rows] for k, v in batch.items()}
+
+
+class AllReduceLog:
+    """Records the size of every all_reduce (monkeypatched over torch.distributed's)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist, self.original, self.calls = dist, dist.all_reduce, []
+
+    def __enter__(self):
+        def recording(tensor, *args, **kwargs):
+            self.calls.append((tensor.numel(), str(tensor.dtype), tensor.numel() * tensor.element_size()))
+            return self.original(tensor, *args, **kwargs)
+
+        self.dist.all_reduce = recording
+        return self
+
+    def __exit__(self, *exc):
+        self.dist.all_reduce = self.original
+
+
+def train_seat(rank: int, world_size: int, case: dict) -> dict:
+    """`case["steps"]` optimizer steps of SEAT on a tiny Llama: this rank's rows of each
+    global micro-batch, CE/KL normalized by the global batch's counts, compact gradients
+    all-reduced (summed) when world_size > 1. Returns the trained targets' values, the
+    losses, and what was communicated."""
+    import seat
+    from seat.distributed import DataParallel, global_counts
+
+    accumulation, clip = case.get("accumulation", 1), case.get("clip", 0.0)
+    model = tiny_model("llama", seed=0)
+    model.train()
+    config = seat.SeatConfig(density=case.get("density", 0.25), mask_encoding=case.get("encoding", "int32"),
+                             seed=3)
+    handle = seat.patch(model, config)
+    options = dict(case.get("optimizer", {}))
+    if world_size > 1:
+        options["data_parallel"] = DataParallel(reduce="sum", bucket_bytes=case.get("bucket_bytes", 2048))
+    with AllReduceLog() as log:
+        opt = handle.optimizer(lr=case.get("lr", 1e-3), **options)
+        setup_calls = len(log.calls)
+        losses, per_step = [], []
+        for step in range(case.get("steps", 3)):
+            micro = [share(b, rank, world_size) for b in global_micro_batches(step, accumulation)]
+            n_ce, n_kl = global_counts(micro)
+            before = len(log.calls)
+            for i, batch in enumerate(micro):
+                last = i == len(micro) - 1
+                with contextlib.nullcontext() if last else opt.no_sync():
+                    out = handle.loss(batch, num_items_in_batch=n_ce, kl_num_items=n_kl)
+                    out.loss.backward()
+                losses.append(float(out.loss.detach()))
+            if clip:
+                opt.clip_grad_norm_(clip)
+            opt.step()
+            opt.zero_grad()
+            per_step.append(log.calls[before:])
+    sync = opt.data_parallel
+    return {"weights": {name: t.param.detach().clone() for name, t in handle.targets.items()},
+            "losses": losses, "setup_calls": setup_calls, "per_step": per_step,
+            "nnz": {name: t.idx.nnz if hasattr(t.idx, "nnz") else int(t.idx.numel()) for name, t in handle.targets.items()},
+            "grad_bytes": None if sync is None else sync.grad_bytes,
+            "control_bytes": None if sync is None else sync.control_bytes}
+
+
+def train_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    """train_seat for each case in turn (one process start for all of them)."""
+    return [train_seat(rank, world_size, case) for case in cases]
+
+
+def raise_at_step(rank: int, world_size: int, bad_rank: int, bad_step: int) -> None:
+    """Data-parallel training where rank `bad_rank` raises before step `bad_step`'s
+    backward: the others block in their next collective."""
+    import seat
+    from seat.distributed import DataParallel
+
+    model = tiny_model("llama", seed=0)
+    handle = seat.patch(model, seat.SeatConfig(density=0.25, seed=3))
+    opt = handle.optimizer(lr=1e-3, data_parallel=DataParallel())
+    for step in range(4):
+        if rank == bad_rank and step == bad_step:
+            raise ValueError(f"rank {rank} failed on purpose at step {step}")
+        handle.loss(share(paired_batch(GLOBAL_ROWS, seed=step), rank, world_size)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def build_with_seed(rank: int, world_size: int, seeds: list[int]) -> str:
+    """SparseAdamW with data parallelism over masks drawn with seeds[rank]: the error text."""
+    import seat
+    from seat.distributed import DataParallel
+
+    handle = seat.patch(tiny_model("llama", seed=0), seat.SeatConfig(density=0.25, seed=seeds[rank]))
+    try:
+        handle.optimizer(data_parallel=DataParallel())
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def misuse(rank: int, world_size: int) -> dict:
+    """The refusals of a data-parallel optimizer misused in a training loop: error texts."""
+    import seat
+    from seat.distributed import DataParallel
+
+    handle = seat.patch(tiny_model("llama", seed=0), seat.SeatConfig(density=0.25, seed=3))
+    opt = handle.optimizer(data_parallel=DataParallel())
+    batch = share(paired_batch(GLOBAL_ROWS, seed=0), rank, world_size)
+    out = {}
+    handle.loss(batch).loss.backward()
+    try:
+        handle.loss(batch).loss.backward()  # a second synchronized backward
+    except RuntimeError as e:
+        out["second_backward"] = str(e)
+    opt.zero_grad()
+    handle.loss(batch).loss.backward()
+    opt.step()
+    try:
+        handle.loss(batch).loss.backward()  # no zero_grad after the step
+    except RuntimeError as e:
+        out["no_zero_grad"] = str(e)
+    opt.zero_grad()
+    with opt.no_sync():
+        handle.loss(batch).loss.backward()
+    handle.loss(batch).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    out["steps"] = max(int(opt.state[p]["step"]) for p in opt._masks)
+    return out

@@ -1,0 +1,82 @@
+"""Run a function on N CPU processes joined by torch.distributed (gloo), for the tests.
+
+run_ranks(worker, world_size, *args) starts world_size spawned processes, each calling
+worker(rank, world_size, *args) after init_process_group("gloo") on a free local port,
+and returns their return values by rank. Any rank that raises makes run_ranks raise
+RankFailed with that rank's traceback (the others are killed); a run not done within
+`timeout` seconds is killed and raises TimeoutError, so a hang fails a test instead of
+blocking the suite. `worker` must be a module-level function of an importable module.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import os
+import socket
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+
+class RankFailed(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out: str, module: str, name: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # N processes share the machine's cores
+    path = Path(out)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            result = getattr(importlib.import_module(module), name)(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        torch.save(result, path / f"rank{rank}.pt")
+    except BaseException:
+        (path / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def run_ranks(worker, world_size: int, *args, timeout: float = 240.0) -> list:
+    ctx = torch.multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out:
+        port = free_port()
+        procs = [ctx.Process(target=_entry, args=(rank, world_size, port, out, worker.__module__, worker.__name__,
+                                                  args), daemon=True) for rank in range(world_size)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                errors = sorted(Path(out).glob("rank*.err"))
+                if errors:
+                    time.sleep(0.5)  # let the others write theirs
+                    errors = sorted(Path(out).glob("rank*.err"))
+                    raise RankFailed("\n".join(f"{e.stem}:\n{e.read_text()}" for e in errors))
+                if all(not p.is_alive() for p in procs):
+                    break
+                time.sleep(0.05)
+            else:
+                raise TimeoutError(f"{world_size} ranks of {worker.__name__} still running after {timeout:.0f} s")
+            bad = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode != 0]
+            if bad:
+                raise RankFailed(f"ranks exited with codes {bad} without a traceback")
+            return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+            for p in procs:
+                p.join(timeout=10)
