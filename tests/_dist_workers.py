@@ -149,3 +149,23 @@ def misuse(rank: int, world_size: int) -> dict:
     opt.zero_grad()
     out["steps"] = max(int(opt.state[p]["step"]) for p in opt._masks)
     return out
+
+
+def train_trainer(rank: int, world_size: int, output_dir: str, global_rows: int, max_steps: int,
+                  resume: str | None = None) -> dict:
+    """SeatTrainer (tests/_trainer_helpers' tiny run, 8 records, 2 micro-batches per step of
+    `global_rows` rows over all ranks) to `max_steps`, from `resume` if given: the trained
+    targets and the logged losses."""
+    from _trainer_helpers import RECORDS, make_trainer
+    from seat.patching import handle_of
+
+    trainer, model, _ = make_trainer(output_dir, records=RECORDS * 2, per_device_train_batch_size=global_rows // world_size,
+                                     gradient_accumulation_steps=2, max_steps=max_steps, save_steps=2)
+    handle = handle_of(model)
+    steps_here = []  # optimizer steps taken in this process (a resume takes only the rest)
+    handle._optimizer.register_step_post_hook(lambda *_: steps_here.append(1))
+    trainer.train(resume_from_checkpoint=resume)
+    return {"weights": {name: t.param.detach().clone() for name, t in handle.targets.items()},
+            "losses": [(h["step"], h["loss"], h.get("kl")) for h in trainer.state.log_history if "loss" in h],
+            "wrapped": type(trainer.model_wrapped).__name__, "steps_here": len(steps_here),
+            "sent": trainer.seat._optimizer.data_parallel.grad_bytes if world_size > 1 else 0}

@@ -35,6 +35,9 @@ def _entry(rank: int, world_size: int, port: int, out: str, module: str, name: s
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # N processes share the machine's cores
+    # what torchrun sets: transformers/accelerate read it (TrainingArguments.world_size)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     path = Path(out)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,

@@ -147,6 +147,10 @@ class PairedCollator:
 
     ``collator(records) -> dict[str, torch.Tensor]``; each call increments ``step``.
     ``record_keys``: the keys it reads from a record (a trainer keeps these columns).
+    ``data_rank``: under data parallelism, this process's rank (SeatTrainer sets it): a
+    call's rows are then rows data_rank * len(records) + i of the global batch, and their
+    fictitious names are drawn for those global positions, as one process collating the
+    whole global batch draws them (0 for one process).
     """
 
     record_keys = _KEYS
@@ -189,6 +193,7 @@ class PairedCollator:
         self.add_eos = bool(add_eos)
         self.use_chat_template = bool(use_chat_template)
         self.step = 0
+        self.data_rank = 0
         self.last_fake_names: list[str] = []  # the fictitious names of the last batch (for inspection)
 
     # -- tokenization ----------------------------------------------------------------
@@ -308,7 +313,7 @@ class PairedCollator:
                                  "renders, but use_chat_template=False; give it as a str or build the collator "
                                  "with use_chat_template=True")
             ids, n_prompt = self.encode_record(record)
-            key = self.example_key(self.step, i, worker)
+            key = self.example_key(self.step, getattr(self, "data_rank", 0) * len(records) + i, worker)
             for attempt in range(self.MAX_NAME_DRAWS):
                 try:
                     pert, fake = self._perturb(record, key)

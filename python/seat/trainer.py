@@ -25,13 +25,16 @@ from .delta import DeltaMismatchError, load_delta
 from .loss import kl_row_mask
 from .masks import mask_indices
 from .patching import handle_of, patch
+from .distributed import global_counts
 from .trainer_collator import DRAW_KEY, DrawTaggingCollator, evaluation_collator, is_stateful
+from .trainer_dp import check_data_parallel, global_floats, keep_model_unwrapped
 from .trainer_resume import RUN_FILE, ResumeMismatchError, check_delta, check_resume, run_record
 
 DELTA_DIR = "seat_delta"
 COLLATOR_STATE = "seat_collator.json"
 # What a resume reads beside seat_run.json (the Trainer's own file names).
-TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "rng_state.pth")
+# (The RNG state: rng_state.pth from one process, rng_state_<rank>.pth from several.)
+TRAINER_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", ("rng_state.pth", "rng_state_0.pth"))
 # The keys of a batch that SeatHandle.loss reads (seat.data's batch layout).
 BATCH_KEYS = ("input_ids", "attention_mask", "labels", "pert_input_ids", "pert_attention_mask", "pert_kl_mask")
 NONFINITE_MODES = ("skip", "raise")
@@ -96,7 +99,9 @@ class SeatTrainerMixin:
       * evaluation (evaluate, predict, eval_strategy) perturbs its rows with a copy of
         the collator at draw 0 (seat.trainer_collator.evaluation_collator): it never
         moves the names training draws, and its losses compare across evaluations.
-      * one process only for now (world_size > 1 is refused).
+      * on several processes (torchrun, accelerate launch): compact-gradient data
+        parallelism, no DDP wrapper; CE/KL normalized by the global batch's counts, so the
+        trajectory does not depend on the number of ranks (see seat.trainer_dp).
       * a refused set-up leaves the model as it was given (a patch made here is reverted).
 
     Non-finite losses (nonfinite=): the loss of every micro-batch is checked before its
@@ -157,18 +162,19 @@ class SeatTrainerMixin:
                     kwargs) -> None:
         if seat_config is not None and seat_config != handle.config:
             raise ValueError("the model is already patched with another SeatConfig")
-        if args.world_size > 1:
-            raise ValueError(f"{type(self).__name__} runs on one process for now: the compaction hooks free each "
-                             "gradient before a distributed all-reduce could see it, and the KL token count is "
-                             "per rank")
+        self._seat_dp = args.world_size > 1  # data parallel over several processes (see seat.trainer_dp)
+        optimizer_kwargs = dict(optimizer_kwargs or {})
+        if self._seat_dp:
+            optimizer_kwargs = check_data_parallel(args, handle, optimizer_kwargs, type(self).__name__)
         collator = kwargs.get("data_collator")
+        if collator is not None and hasattr(collator, "data_rank"):
+            collator.data_rank = args.process_index if self._seat_dp else 0
         if collator is not None and is_stateful(collator):
             kwargs["data_collator"] = DrawTaggingCollator(collator)
         collator_kl_tokens = getattr(collator, "kl_tokens", None)
         if collator_kl_tokens is not None and collator_kl_tokens != handle.config.kl_tokens:
             raise ValueError(f"data_collator builds KL masks for kl_tokens={collator_kl_tokens!r} but the SeatConfig "
                              f"says kl_tokens={handle.config.kl_tokens!r}; build both with the same value")
-        optimizer_kwargs = dict(optimizer_kwargs or {})
         if handle._optimizer is not None and optimizer_kwargs:
             raise ValueError("the handle already made its optimizer: optimizer_kwargs cannot change it; pass them "
                              f"to {type(self).__name__} before calling handle.optimizer(), or drop them")
@@ -206,6 +212,11 @@ class SeatTrainerMixin:
         self._seat_totals = _sums()  # trained steps of this train() call
         self.nonfinite_skipped = 0  # optimizer steps skipped for a non-finite loss (kept in checkpoints)
 
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        if self._seat_dp:
+            keep_model_unwrapped(self.accelerator)
+
     def train(self, *args, **kwargs):
         self._seat_totals = _sums()
         return super().train(*args, **kwargs)
@@ -239,7 +250,12 @@ class SeatTrainerMixin:
     # ------------------------------------------------------------------ loss
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._seat_kl_items = sum(int(kl_row_mask(b).sum()) for b in batch_samples) or None
+        if self._seat_dp:  # the global batch's counts (transformers' own may be per rank)
+            ce_items, kl_items = global_counts(batch_samples)
+            num_items = torch.tensor(ce_items, device=device) if num_items is not None else None
+            self._seat_kl_items = kl_items or None
+        else:
+            self._seat_kl_items = sum(int(kl_row_mask(b).sum()) for b in batch_samples) or None
         self._seat_step = {"size": len(batch_samples), "seen": 0, "bad": None, "skipped": False, **_sums()}
         return batch_samples, num_items
 
@@ -256,13 +272,15 @@ class SeatTrainerMixin:
         kl_items = self._seat_kl_items if num_items_in_batch is not None else None
         out = self.seat.loss(inputs, num_items_in_batch=num_items_in_batch, kl_num_items=kl_items)
         if model.training and self._seat_step is not None:
-            loss = out.loss.item()
-            if not math.isfinite(loss):
-                raise _NonFiniteLoss(loss)  # before the Trainer's backward can see it
+            values = [out.loss.item(), out.ce.item(), out.kl.item()]
+            if self._seat_dp:  # each rank holds its share of the global loss: every rank decides alike
+                values = global_floats(values, out.loss.device)
+            if not math.isfinite(values[0]):
+                raise _NonFiniteLoss(values[0])  # before the Trainer's backward can see it
             step = self._seat_step
-            step["loss"] += loss
-            step["ce"] += out.ce.item()
-            step["kl"] += out.kl.item()
+            step["loss"] += values[0]
+            step["ce"] += values[1]
+            step["kl"] += values[2]
         return (out.loss, {"ce": out.ce, "kl": out.kl}) if return_outputs else out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -274,8 +292,10 @@ class SeatTrainerMixin:
         step["seen"] += 1
         loss = None
         if step["bad"] is None:
+            last = step["seen"] >= step["size"]  # a step's last micro-batch sends the gradients
             try:
-                loss = super().training_step(model, inputs, num_items_in_batch)
+                with contextlib.nullcontext() if last or not self._seat_dp else self.seat._optimizer.no_sync():
+                    loss = super().training_step(model, inputs, num_items_in_batch)
             except _NonFiniteLoss as e:
                 step["bad"] = (index, e.value)
                 self.seat._optimizer.zero_grad()  # the step's earlier micro-batches: never applied

@@ -34,10 +34,13 @@ RUN_FILE = "seat_run.json"
 # optimizer step does with them.
 TRAJECTORY_ARGS = (
     "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "lr_scheduler_kwargs",
+    "gradient_accumulation_steps", "lr_scheduler_type", "lr_scheduler_kwargs",
     "warmup_steps", "warmup_ratio", "max_steps", "num_train_epochs", "seed", "data_seed", "dataloader_drop_last",
     "group_by_length", "ignore_data_skip",
 )
+# The rows of one micro-batch over all ranks (per_device_train_batch_size * world_size) stands
+# for the per-rank size: a checkpoint resumes on another number of ranks with the same global batch.
+GLOBAL_BATCH = "global_train_batch_size"
 # SparseAdamW attributes (beside its param group hyperparameters) that change its updates.
 OPTIMIZER_OPTIONS = ("seed", "compact_grads", "dense_state", "grad_dtype", "update_in_backward", "state_bits")
 GROUP_OPTIONS = ("amsgrad", "maximize", "master_weights", "stochastic_rounding")
@@ -89,7 +92,8 @@ def run_record(handle, optimizer, args, collator, nonfinite: str, skipped: int) 
         "masks": mask_fingerprints(handle),
         "optimizer": _jsonable({**{k: getattr(optimizer, k) for k in OPTIMIZER_OPTIONS},
                                 **{k: group.get(k) for k in GROUP_OPTIONS}}),
-        "training_args": _jsonable({k: getattr(args, k, None) for k in TRAJECTORY_ARGS}),
+        "training_args": _jsonable({**{k: getattr(args, k, None) for k in TRAJECTORY_ARGS},
+                                    GLOBAL_BATCH: args.per_device_train_batch_size * max(1, args.world_size)}),
         "collator": collator_description(collator),
         "nonfinite": {"mode": nonfinite, "skipped": int(skipped)},
     }
@@ -122,7 +126,9 @@ def check_resume(checkpoint: Path, current: dict, required: list[str]) -> dict:
     if not checkpoint.is_dir():
         raise ResumeMismatchError(f"resume_from_checkpoint={str(checkpoint)!r} is not a directory; pass a "
                                   "checkpoint-N directory written by SeatTrainer")
-    missing = [name for name in [RUN_FILE] + required if not (checkpoint / name).exists()]
+    # an entry of `required` may be a tuple of alternatives (the RNG state: one file per rank)
+    missing = [name if isinstance(name, str) else name[0] for name in [RUN_FILE] + list(required)
+               if not any((checkpoint / n).exists() for n in ((name,) if isinstance(name, str) else name))]
     if missing:
         raise ResumeMismatchError(
             f"{checkpoint} cannot resume this run bit-exactly: {', '.join(missing)} "
@@ -136,6 +142,10 @@ def check_resume(checkpoint: Path, current: dict, required: list[str]) -> dict:
                                   "checkpoint") from None
     if not isinstance(saved, dict) or saved.get("format") != FORMAT or saved.get("format_version") != FORMAT_VERSION:
         raise ResumeMismatchError(f"{checkpoint / RUN_FILE} is not a {FORMAT} v{FORMAT_VERSION} record")
+    args = saved.get("training_args")
+    if isinstance(args, dict) and "per_device_train_batch_size" in args and GLOBAL_BATCH not in args:
+        # a record from before multi-process training: one process, so the global batch is the per-device one
+        args[GLOBAL_BATCH] = args.pop("per_device_train_batch_size")
     problems = []
     for section, fix in _FIXES.items():
         diffs = _differences(saved.get(section, "<absent>"), current[section], section)

@@ -97,7 +97,7 @@ ANOTHER_RUN = {
                      per_device_train_batch_size=1, max_grad_norm=0.5, data_seed=1,
                      collator=_collator(add_eos=False, max_length=60)),
                 r"seat_config\.kl_weight.*optimizer\.grad_dtype.*training_args\.max_grad_norm.*"
-                r"training_args\.per_device_train_batch_size.*training_args\.data_seed.*collator\.max_length.*"
+                r"training_args\.data_seed.*training_args\.global_train_batch_size.*collator\.max_length.*"
                 r"collator\.add_eos"),
 }
 

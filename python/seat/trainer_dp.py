@@ -1,0 +1,68 @@
+"""SeatTrainer on several processes (torchrun / accelerate launch): compact-gradient data
+parallelism (seat.distributed) in place of DDP.
+
+Each rank trains on its shard of every global batch (the Trainer's data loader shards
+it, per_device_train_batch_size rows per rank); SeatTrainer then
+  * builds SparseAdamW with DataParallel(reduce="sum"), and keeps accelerate from wrapping
+    the model in DDP (which would all-reduce every dense gradient the compaction hooks
+    free): accelerate prepares the model as for evaluation (placement, no wrapper);
+  * normalizes CE and KL by the token counts of the global batch (one all-reduce per
+    optimizer step), so each rank's loss is its share of the global batch's loss and the
+    summed gradients are the global batch's: the trajectory does not depend on the number
+    of ranks;
+  * draws the fictitious names of a rank's rows for their positions in the global batch
+    (PairedCollator.data_rank), as one process collating the global batch would;
+  * checks each micro-batch's loss for non-finite values over all ranks (the global
+    loss), so every rank skips or raises together; logs the global loss;
+  * runs every micro-batch but the last of a step inside optimizer.no_sync().
+Checkpoints are written by rank 0 and record the global batch size, not the per-rank
+one, so a checkpoint resumes with another number of ranks when the global batch is the same.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def check_data_parallel(args, handle, optimizer_kwargs: dict, trainer: str) -> dict:
+    """The optimizer kwargs of a data-parallel run (data_parallel added), after refusing
+    what it cannot do."""
+    from .distributed import DataParallel
+
+    if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None) and args.fsdp_config.get("fsdp_version"):
+        raise ValueError(f"{trainer} trains on several processes with compact-gradient data parallelism; FSDP "
+                         "sharding through TrainingArguments(fsdp=...) is not supported: drop fsdp")
+    if getattr(args, "deepspeed", None):
+        raise ValueError(f"{trainer} does not run under DeepSpeed (its optimizer and gradient partitioning replace "
+                         "SparseAdamW's compact state): drop deepspeed, launch with torchrun or accelerate launch")
+    if handle._optimizer is not None:
+        if handle._optimizer.data_parallel is None:
+            raise ValueError(f"the handle's optimizer was built without data_parallel but {trainer} runs on "
+                             f"{args.world_size} processes: let {trainer} build it (do not call handle.optimizer() "
+                             "first) or pass data_parallel=seat.distributed.DataParallel(reduce='sum')")
+        return optimizer_kwargs
+    given = optimizer_kwargs.get("data_parallel")
+    if given is not None and (not isinstance(given, DataParallel) or given.reduce != "sum"):
+        raise ValueError(f"{trainer} normalizes the loss by the global batch's token counts, so the ranks' "
+                         "gradients are summed: give optimizer_kwargs['data_parallel'] as "
+                         "DataParallel(reduce='sum', ...) or leave it out")
+    return {**optimizer_kwargs, "data_parallel": given or DataParallel(reduce="sum")}
+
+
+def keep_model_unwrapped(accelerator) -> None:
+    """Make accelerator.prepare leave the model unwrapped (no DDP: SparseAdamW all-reduces
+    the compact gradients itself); device placement and mixed precision still apply."""
+    prepare_model = accelerator.prepare_model
+
+    def prepare_without_ddp(model, device_placement=None, evaluation_mode=False):
+        return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+
+    accelerator.prepare_model = prepare_without_ddp
+
+
+def global_floats(values, device) -> list[float]:
+    """The sums of float values over all ranks (float64, one all-reduce)."""
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
