@@ -52,3 +52,18 @@ def test_bench_dequant4_delta_writes_results(tmp_path):
                                                    "seat implicit"}
     assert {r["shape"] for r in data["rows"]} == {"512x512", "512x1792"}
     assert all(r["ms"] > 0 and r["vs_reference"] > 0 for r in data["rows"])
+
+
+def test_bench_data_parallel_writes_results(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_data_parallel.py"), "--quick",
+                           "--steps", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "data_parallel_quick.json").read_text())
+    rows = {(r["method"], r["ranks"]): r for r in data["rows"]}
+    assert set(rows) == {("seat dp", 1), ("ddp dense", 1), ("seat dp", 2), ("ddp dense", 2)}
+    assert rows[("seat dp", 1)]["mb_per_step"] == 0 and rows[("ddp dense", 1)]["mb_per_step"] == 0
+    seat, ddp = rows[("seat dp", 2)], rows[("ddp dense", 2)]
+    # the compact fp32 gradients: 4 bytes per trained entry; DDP: 4 bytes per trained weight entry
+    assert seat["mb_per_step"] * 1e6 == 4 * seat["trained"] and ddp["mb_per_step"] * 1e6 == 4 * ddp["trained"]
+    assert 0.04 < seat["bytes_vs_ddp"] < 0.06  # density 0.05
+    assert seat["wait_ms"] >= 0 and all(r["ms"] > 0 for r in rows.values())
