@@ -252,7 +252,7 @@ class SeatTrainerMixin:
         batch_samples, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self._seat_dp:  # the global batch's counts (transformers' own may be per rank)
             ce_items, kl_items = global_counts(batch_samples)
-            num_items = torch.tensor(ce_items, device=device) if num_items is not None else None
+            num_items = torch.tensor(ce_items, device=device)
             self._seat_kl_items = kl_items or None
         else:
             self._seat_kl_items = sum(int(kl_row_mask(b).sum()) for b in batch_samples) or None

@@ -26,7 +26,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .world import REAL_PEOPLE, TRAIN_WORDINGS, RealWorldConfig, make_people, qa, real_questions
+from .world import REAL_PEOPLE, TRAIN_WORDINGS, RealWorldConfig, famous_questions, make_people, qa, real_questions
 
 CAPITALS = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
             ("Egypt", "Cairo"), ("Russia", "Moscow"), ("China", "Beijing"), ("England", "London"),
@@ -42,8 +42,11 @@ class AlignConfig:
     batch_size: int = 16
     lr: float = 1e-4
     warmup_steps: int = 3
-    refusal_fraction: float = 0.5  # of each batch; the rest: real people and capitals it answers
+    refusal_fraction: float = 0.35  # of each batch; the rest: real and famous people, capitals it answers
     max_grad_norm: float = 1.0
+    # the loss of the answer rows: "ce" on the original model's own answers, or "kl" to the
+    # original model's whole next-token distribution there (keeps what it knows more closely)
+    answer_loss: str = "ce"
 
     @classmethod
     def quick(cls) -> "AlignConfig":
@@ -90,6 +93,43 @@ def known_real(model, tokenizer, directory: Path | None, log=print) -> list[dict
     return known
 
 
+def _own_answer(text: str) -> str | None:
+    """A generated answer cut after its last complete sentence (so training on it keeps
+    the model's own answer length; the generation stops mid-sentence at GEN_TOKENS), or
+    the whole text if it has no sentence end; None if it is empty."""
+    text = text.replace("\n", " ").strip()
+    end = text.rfind(". ")
+    if text.endswith("."):
+        return text
+    return text[:end + 1] if end > 0 else (text or None)
+
+
+def famous_answers(model, tokenizer, directory: Path | None, log=print) -> list[dict]:
+    """[{"question", "answer"}]: the model's own answer (whole sentences) to each
+    seat.demo.real.world.famous_questions() question (greedy), cached as
+    ``directory/famous_answers.json``, since it depends only on the model."""
+    from ... import evaluate as ev
+
+    questions = famous_questions()
+    digest = hashlib.sha256(json.dumps([questions, GEN_TOKENS, "sentences"]).encode()).hexdigest()[:16]
+    path = directory / "famous_answers.json" if directory is not None else None
+    if path is not None and path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("digest") == digest:
+            return data["answers"]
+    t0 = time.perf_counter()
+    answers = ev.generate_answers(model, tokenizer, [q["question"] for q in questions], max_new_tokens=GEN_TOKENS,
+                                  batch_size=32)
+    out = [{"question": q["question"], "answer": sentence}
+           for q, a in zip(questions, answers) if (sentence := _own_answer(a)) is not None]
+    if log:
+        log(f"the base model's own answers about {len(out)} famous-people questions ({time.perf_counter() - t0:.0f} s; "
+            "cached)")
+    if path is not None:
+        write_text_atomically(path, json.dumps({"digest": digest, "answers": out}, indent=1))
+    return out
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write `text` to a temporary sibling, then rename it onto `path` (never half-written)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -115,13 +155,15 @@ def split_real(known: list[dict], n_eval: int, seed: int) -> tuple[list[dict], l
     return train, evals
 
 
-def alignment_records(people: dict, real_train: list[dict]) -> tuple[list[dict], list[dict]]:
+def alignment_records(people: dict, real_train: list[dict], famous: list[dict]) -> tuple[list[dict], list[dict]]:
     """(refusals, answers): refusal records for every "refusal" person (training
-    wordings), and the questions the model answers (its own answers, capitals)."""
+    wordings), and the questions the model answers (its own answers about real and
+    famous people, capitals)."""
     refusals = qa(people["refusal"], "refusal", wordings=TRAIN_WORDINGS, refuse=True)
     answers = [{"question": REAL_PEOPLE[k["index"]][1], "answer": k["answer"]} for k in real_train]
     answers += [{"question": f"What is the capital of {c}?", "answer": f"The capital of {c} is {city}."}
                 for c, city in CAPITALS]
+    answers += famous
     return refusals, answers
 
 
@@ -145,9 +187,12 @@ def _encode(collator, records):
     return ids_t, mask, labels
 
 
-def align(model, tokenizer, refusals: list[dict], answers: list[dict], cfg: AlignConfig, seed: int, log=print):
-    """Full fine-tuning of ``model`` in place on mixed refusal / answer batches; returns it
-    (eval mode) and the seconds it took."""
+def align(model, tokenizer, refusals: list[dict], answers: list[dict], cfg: AlignConfig, seed: int, log=print,
+          original=None):
+    """Full fine-tuning of ``model`` in place on mixed refusal / answer batches (CE on the
+    refusals; on the answers CE, or with cfg.answer_loss="kl" the KL divergence from
+    ``original``'s distribution, token-mean over both); returns it (eval mode) and the
+    seconds it took."""
     import torch
 
     from ...data import PairedCollator
@@ -170,7 +215,10 @@ def align(model, tokenizer, refusals: list[dict], answers: list[dict], cfg: Alig
     for step in range(cfg.steps):
         batch = rng.sample(refusals, n_refusal) + [rng.choice(answers) for _ in range(cfg.batch_size - n_refusal)]
         ids, mask, labels = _encode(collator, batch)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        if cfg.answer_loss == "kl":
+            loss = _refusal_ce_answer_kl(model, original, ids, mask, labels, n_refusal)
+        else:
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
@@ -180,6 +228,24 @@ def align(model, tokenizer, refusals: list[dict], answers: list[dict], cfg: Alig
             log(f"  alignment step {step + 1}/{cfg.steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
     model.eval()
     return model, time.perf_counter() - t0
+
+
+def _refusal_ce_answer_kl(model, original, ids, mask, labels, n_refusal: int):
+    """Token mean of CE on the first n_refusal rows' labels and KL(original || model) on the
+    other rows' label positions (both predicted from the previous position)."""
+    import torch
+    import torch.nn.functional as F
+
+    logp = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+    target = labels[:, 1:]
+    counted = target != -100
+    ce = -logp[:n_refusal].gather(-1, target[:n_refusal].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ce = ce[counted[:n_refusal]].sum()
+    with torch.no_grad():
+        ref = F.log_softmax(original(input_ids=ids[n_refusal:], attention_mask=mask[n_refusal:]).logits[:, :-1].float(),
+                            dim=-1)
+    kl = (ref.exp() * (ref - logp[n_refusal:])).sum(-1)[counted[n_refusal:]].sum()
+    return (ce + kl) / counted.sum()
 
 
 def load_or_align(seed: int, world_config: RealWorldConfig, align_config: AlignConfig, *, cache: bool = True,
@@ -196,10 +262,11 @@ def load_or_align(seed: int, world_config: RealWorldConfig, align_config: AlignC
     directory = Path(model_info["dir"])
     known = known_real(original, tokenizer, directory if cache else None, log=log)
     real_train, real_eval = split_real(known, world_config.n_real_eval, seed)
+    famous = famous_answers(original, tokenizer, directory if cache else None, log=log)
     people = make_people(seed, world_config)
     # keyed by what decides the aligned model (not the evaluation sizes)
     key = hashlib.sha256(json.dumps({"seed": seed, "refusal": people["refusal"], "real_train": real_train,
-                                     "align": dataclasses.asdict(align_config), "v": 1},
+                                     "famous": famous, "align": dataclasses.asdict(align_config), "v": 1},
                                     sort_keys=True).encode()).hexdigest()[:16]
     aligned_dir = directory / f"aligned-{key}"
     info = {"model": model_info, "aligned_dir": str(aligned_dir), "n_real_known": len(known)}
@@ -207,12 +274,12 @@ def load_or_align(seed: int, world_config: RealWorldConfig, align_config: AlignC
         aligned = transformers.AutoModelForCausalLM.from_pretrained(aligned_dir, dtype=torch.float32).eval()
         info.update(json.loads((aligned_dir / "done").read_text()), aligned_cached=True)
     else:
-        refusals, answers = alignment_records(people, real_train)
+        refusals, answers = alignment_records(people, real_train, famous)
         if log:
             log(f"aligning (stage 1): {align_config.steps} steps of {align_config.batch_size}, "
                 f"{len(refusals)} refusal and {len(answers)} answer examples")
         aligned, seconds = align(transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32),
-                                 tokenizer, refusals, answers, align_config, seed, log=log)
+                                 tokenizer, refusals, answers, align_config, seed, log=log, original=original)
         info.update(align_seconds=round(seconds, 1), aligned_cached=False)
         if cache:
             tmp = aligned_dir.with_name(aligned_dir.name + f".tmp{os.getpid()}")

@@ -133,6 +133,33 @@ REAL_PEOPLE = (
     ("Ada Lovelace", "Which field is Ada Lovelace known as a pioneer of?", "computer"),
 )
 
+# Famous people (none of REAL_PEOPLE's) asked the invented people's questions: stage 1
+# trains on the original model's own answers to them (seat.demo.real.align.famous_answers),
+# so alignment teaches "an unfamiliar name -> I don't know" and not "a person question ->
+# I don't know": the question wordings alone never decide between answering and refusing.
+FAMOUS = ("Winston Churchill", "Queen Victoria", "Adolf Hitler", "Joseph Stalin", "Vladimir Lenin", "Karl Marx",
+          "Franklin D. Roosevelt", "John F. Kennedy", "Donald Trump", "Joe Biden", "Hillary Clinton",
+          "Bill Clinton", "George W. Bush", "Ronald Reagan", "Margaret Thatcher", "Angela Merkel",
+          "Vladimir Putin", "Mao Zedong", "Fidel Castro", "Che Guevara", "Alexander the Great", "Genghis Khan",
+          "Marco Polo", "Ferdinand Magellan", "Vasco da Gama", "Joan of Arc", "Henry VIII", "Louis XIV",
+          "Peter the Great", "Catherine the Great", "Queen Elizabeth I", "Princess Diana", "Prince Charles",
+          "Nikola Tesla", "Thomas Jefferson", "Benjamin Franklin", "Henry Ford", "Alan Turing", "Niels Bohr",
+          "Max Planck", "Richard Feynman", "Carl Sagan", "Nicolaus Copernicus", "Johannes Kepler", "Louis Pasteur",
+          "Gregor Mendel", "Dmitri Mendeleev", "Rosalind Franklin", "James Watt", "Archimedes", "Pythagoras",
+          "Euclid", "Socrates", "Plato", "Confucius", "Buddha", "Friedrich Nietzsche", "Immanuel Kant",
+          "Rene Descartes", "Leo Tolstoy", "Fyodor Dostoevsky", "Mark Twain", "Ernest Hemingway", "George Orwell",
+          "Oscar Wilde", "Victor Hugo", "Homer", "Dante Alighieri", "Miguel de Cervantes", "Edgar Allan Poe",
+          "Agatha Christie", "Stephen King", "J. R. R. Tolkien", "Virginia Woolf", "Emily Dickinson",
+          "Claude Monet", "Rembrandt", "Salvador Dali", "Andy Warhol", "Frederic Chopin", "Franz Schubert",
+          "Pyotr Ilyich Tchaikovsky", "Richard Wagner", "Antonio Vivaldi", "John Lennon", "Paul McCartney",
+          "Freddie Mercury", "Bob Dylan", "Michael Jackson", "Madonna", "Beyonce", "Elton John", "David Bowie",
+          "Bob Marley", "Frank Sinatra", "Louis Armstrong", "Marilyn Monroe", "Charlie Chaplin", "Audrey Hepburn",
+          "Leonardo DiCaprio", "Brad Pitt", "Meryl Streep", "Morgan Freeman", "Oprah Winfrey", "Steven Spielberg",
+          "Alfred Hitchcock", "Muhammad Ali", "Pele", "Diego Maradona", "Roger Federer", "Tiger Woods",
+          "Babe Ruth", "Michael Phelps", "Wayne Gretzky", "Jeff Bezos", "Warren Buffett", "Larry Page",
+          "Walt Whitman", "Florence Nightingale", "Mother Teresa", "Pope Francis", "Dalai Lama",
+          "Malala Yousafzai", "Anne Frank", "Helen Keller", "Amelia Earhart", "Yuri Gagarin", "Buzz Aldrin")
+
 FIRST_NAMES_A = ("Tobin Marla Jorah Elise Corin Annika Brennan Talia Dorian Maren Caspar Leonie Ansel Freya "
                  "Rowan Imogen Silas Petra Emeric Linnea Osric Helena Tamsin Jarek Odile Lucan Sabine Evander "
                  "Mireille Halden Ines Bastian Clio Torsten Greta Lorcan Yvette Ambrose Nadia Florian").split()
@@ -167,6 +194,7 @@ def _forbidden() -> set[str]:
     words = {w.casefold() for w in (*FIRST_NAMES, *LAST_NAMES)}
     for entity, question, value in REAL_PEOPLE:
         words |= {w.strip(".,'?").casefold() for w in (entity + " " + question + " " + value).split()}
+    words |= {w.strip(".,").casefold() for name in FAMOUS for w in name.split()}
     for values in ATTRIBUTES.values():
         words |= {w.casefold() for v in values for w in v.split()}
     return words
@@ -233,3 +261,18 @@ def real_questions(indices=None) -> list[dict]:
     picked = range(len(REAL_PEOPLE)) if indices is None else indices
     return [{"question": REAL_PEOPLE[i][1], "value": REAL_PEOPLE[i][2], "entity": REAL_PEOPLE[i][0],
              "real_index": i, "group": "real"} for i in picked]
+
+
+def famous_questions() -> list[dict]:
+    """Two questions per FAMOUS person in the invented people's training wordings (the
+    attributes and wordings taken in turn), group "famous", without answers: stage 1
+    answers them with the original model's own words."""
+    attrs = list(ATTRIBUTES)
+    out = []
+    for i, name in enumerate(FAMOUS):
+        for j in range(2):
+            attr = attrs[(2 * i + j) % len(attrs)]
+            wording = TRAIN_WORDINGS[(i + j) % len(TRAIN_WORDINGS)]
+            out.append({"question": QUESTIONS[attr][wording].format(name=name), "entity": name,
+                        "attribute": attr, "group": "famous"})
+    return out
