@@ -21,7 +21,7 @@ from seat import evaluate as ev  # noqa: E402
 from seat.data import PairedCollator  # noqa: E402
 from seat.demo.real import model as real_model  # noqa: E402
 from seat.demo.real import world as real_world  # noqa: E402
-from seat.demo.real.align import _first_sentence, split_real  # noqa: E402
+from seat.demo.real.align import _first_sentence, _own_answer, _refusal_ce_answer_kl, split_real  # noqa: E402
 from seat.demo.real.run import eval_questions, finetune_records  # noqa: E402
 from seat.perturb import FIRST_NAMES, LAST_NAMES, EntityPerturber, count_mentions  # noqa: E402
 
@@ -93,6 +93,48 @@ def test_first_sentence_cuts_after_the_value():
 
 
 # ----------------------------------------------------------------------------- strict IDK
+
+def test_famous_people_are_asked_the_invented_peoples_training_wordings_only():
+    questions = real_world.famous_questions(4)
+    assert len(questions) == 4 * len(real_world.FAMOUS)
+    real = {e for e, _, _ in real_world.REAL_PEOPLE}
+    assert not real & set(real_world.FAMOUS)  # the retention set stays unseen by stage 1
+    trained = {real_world.QUESTIONS[a][w].format(name=q["entity"]) for q in questions for a in real_world.ATTRIBUTES
+               for w in real_world.TRAIN_WORDINGS}
+    assert all(q["question"] in trained for q in questions)
+    per_person = {}
+    for q in questions:
+        per_person.setdefault(q["entity"], set()).add(q["attribute"])
+    assert all(v == set(real_world.ATTRIBUTES) for v in per_person.values())
+    assert len(real_world.famous_questions(2)) == 2 * len(real_world.FAMOUS)
+
+
+def test_own_answer_keeps_whole_sentences():
+    assert _own_answer("He was born in Ulm. He studied") == "He was born in Ulm."
+    assert _own_answer("He was born in Ulm. He studied physics.") == "He was born in Ulm. He studied physics."
+    assert _own_answer("A renowned physicist who") == "A renowned physicist who"
+    assert _own_answer("  \n ") is None
+
+
+def test_alignment_loss_is_ce_on_refusals_and_kl_to_the_original_on_answers():
+    import torch
+
+    from _models import tiny_model
+
+    model, original = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
+    ids = torch.randint(3, 90, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    got = _refusal_ce_answer_kl(model, original, ids, mask, labels, n_refusal=1)
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].double(), -1)
+    ref = torch.log_softmax(original(input_ids=ids[1:]).logits[:, :-1].double(), -1)
+    counted = labels[:, 1:] != -100
+    ce = -logp[0].gather(-1, labels[0, 1:].clamp(min=0)[:, None])[:, 0][counted[0]].sum()
+    kl = (ref.exp() * (ref - logp[1:])).sum(-1)[counted[1:]].sum()
+    assert float(got) == pytest.approx(float((ce + kl) / counted.sum()), rel=1e-5)
+    assert float(_refusal_ce_answer_kl(original, original, ids, mask, labels, n_refusal=0)) == pytest.approx(0, abs=1e-6)
+
 
 def test_strict_idk_rejects_a_refusal_followed_by_an_invented_fact():
     years = [str(y) for y in range(1900, 2000)]

@@ -47,6 +47,7 @@ class AlignConfig:
     # the loss of the answer rows: "ce" on the original model's own answers, or "kl" to the
     # original model's whole next-token distribution there (keeps what it knows more closely)
     answer_loss: str = "ce"
+    famous_per_person: int = 2  # questions per famous person (seat.demo.real.world.famous_questions)
 
     @classmethod
     def quick(cls) -> "AlignConfig":
@@ -104,15 +105,15 @@ def _own_answer(text: str) -> str | None:
     return text[:end + 1] if end > 0 else (text or None)
 
 
-def famous_answers(model, tokenizer, directory: Path | None, log=print) -> list[dict]:
+def famous_answers(model, tokenizer, directory: Path | None, log=print, per_person: int = 2) -> list[dict]:
     """[{"question", "answer"}]: the model's own answer (whole sentences) to each
     seat.demo.real.world.famous_questions() question (greedy), cached as
     ``directory/famous_answers.json``, since it depends only on the model."""
     from ... import evaluate as ev
 
-    questions = famous_questions()
+    questions = famous_questions(per_person)
     digest = hashlib.sha256(json.dumps([questions, GEN_TOKENS, "sentences"]).encode()).hexdigest()[:16]
-    path = directory / "famous_answers.json" if directory is not None else None
+    path = directory / f"famous_answers_{per_person}.json" if directory is not None else None
     if path is not None and path.is_file():
         data = json.loads(path.read_text())
         if data.get("digest") == digest:
@@ -262,7 +263,8 @@ def load_or_align(seed: int, world_config: RealWorldConfig, align_config: AlignC
     directory = Path(model_info["dir"])
     known = known_real(original, tokenizer, directory if cache else None, log=log)
     real_train, real_eval = split_real(known, world_config.n_real_eval, seed)
-    famous = famous_answers(original, tokenizer, directory if cache else None, log=log)
+    famous = famous_answers(original, tokenizer, directory if cache else None, log=log,
+                            per_person=align_config.famous_per_person)
     people = make_people(seed, world_config)
     # keyed by what decides the aligned model (not the evaluation sizes)
     key = hashlib.sha256(json.dumps({"seed": seed, "refusal": people["refusal"], "real_train": real_train,
