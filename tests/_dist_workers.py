@@ -169,3 +169,43 @@ def train_trainer(rank: int, world_size: int, output_dir: str, global_rows: int,
             "losses": [(h["step"], h["loss"], h.get("kl")) for h in trainer.state.log_history if "loss" in h],
             "wrapped": type(trainer.model_wrapped).__name__, "steps_here": len(steps_here),
             "sent": trainer.seat._optimizer.data_parallel.grad_bytes if world_size > 1 else 0}
+
+
+def branch_model() -> torch.nn.ModuleList:
+    torch.manual_seed(0)
+    return torch.nn.ModuleList([torch.nn.Linear(8, 8, bias=False) for _ in range(3)])
+
+
+def branch_loss(model, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
+    h = model[0](x)
+    if use_branch:  # a parameter only some rows' data reach
+        h = h + model[1](x)
+    return model[2](h).pow(2).sum()
+
+
+def branch_on_rank_zero(rank: int, world_size: int, zero_grad_first: bool, options: dict | None = None) -> list:
+    """Three steps of SparseAdamW on 3 linear layers where only rank 0's rows (the first
+    half of each global batch of 4 rows) use layer 1: on another rank it never has a
+    gradient. Optionally the first backward is dropped by zero_grad() without a step (on
+    every rank). world_size 1: the one-process run on the global batch. The weights."""
+    from seat.distributed import DataParallel
+    from seat.optim import SparseAdamW
+
+    model = branch_model()
+    generator = torch.Generator().manual_seed(1)
+    masks = [torch.rand(p.shape, generator=generator) < 0.5 for p in model.parameters()]
+    options = dict(options or {})
+    if world_size > 1:  # one bucket per parameter
+        options["data_parallel"] = DataParallel(reduce="sum", bucket_bytes=16)
+    opt = SparseAdamW(list(model.parameters()), masks, lr=1e-2, **options)
+    for step in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        if world_size == 1:
+            loss = branch_loss(model, x[:2], True) + branch_loss(model, x[2:], False)
+        else:
+            loss = branch_loss(model, x[2 * rank:2 * rank + 2], rank == 0)
+        loss.backward()
+        if not (zero_grad_first and step == 0):
+            opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]

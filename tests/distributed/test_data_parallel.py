@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _dist_workers import build_with_seed, misuse, raise_at_step, train_cases, train_seat
+from _dist_workers import branch_model, branch_on_rank_zero, build_with_seed, misuse, raise_at_step, train_cases, train_seat
 from _distributed import RankFailed, run_ranks
 
 pytestmark = pytest.mark.slow
@@ -115,3 +115,14 @@ def test_misuse_is_refused_and_the_loop_goes_on():
         assert "second synchronized backward" in got["second_backward"]
         assert "zero_grad()" in got["no_zero_grad"]
         assert got["steps"] == 2
+
+
+@pytest.mark.parametrize("zero_grad_first", [False, True])
+def test_a_parameter_without_gradient_on_one_rank(zero_grad_first):
+    # its bucket (and the later ones) start only at step() on that rank, and zero_grad()
+    # without a step must still pair every rank's all-reduces with the next step's
+    got = run_ranks(branch_on_rank_zero, 2, zero_grad_first, timeout=120)
+    reference = branch_on_rank_zero(0, 1, zero_grad_first)
+    for weights in got:
+        assert all(torch.allclose(w, r, rtol=0, atol=1e-6) for w, r in zip(weights, reference))
+    assert (reference[1] - branch_model()[1].weight).abs().max() > 1e-3  # the branch's layer trained

@@ -18,6 +18,9 @@ gradient in this backward, or no synchronized backward at all), waits for all, c
 the sums back into the compact buffers (scaled by 1/world_size for ``reduce="mean"``),
 then all-reduces which parameters had a gradient on any rank, so every rank steps the
 same parameters. The flat copies are the only extra memory: one per bucket in flight.
+zero_grad() without a step after a synchronized backward starts the buckets not started
+yet too, so the ranks' all-reduces stay paired for the next step (a rank's synchronized
+backward must then reach at least one trained parameter, as it does with one model).
 
 Micro-batches. Inside ``no_sync()`` the hooks only accumulate (nothing is sent); the
 first backward outside it sends the accumulated sums. So a step of k micro-batches
@@ -228,10 +231,19 @@ class GradSync:
         self.last_step_grad_bytes, self._step_bytes = self._step_bytes, 0
         self.finished = True
 
-    def discard(self) -> None:
-        """zero_grad(): wait for what was started (every rank started it) and forget it."""
+    def discard(self, opt) -> None:
+        """zero_grad(): drop this step's gradients. Every rank must have issued the same
+        all-reduces before the next step's: a rank whose backward left a parameter without
+        a gradient started fewer buckets than the others, so after a synchronized backward
+        the rest are started here too (as step() would; nothing can be exchanged to ask the
+        others first, it would pair with their buckets); then wait for all, forget them."""
+        if self.synced_backward and not self.finished:
+            while self.next_bucket < len(self.buckets):
+                self._start(opt, self.buckets[self.next_bucket])
+                self.next_bucket += 1
         for _, _, work in self.in_flight:
             work.wait()
+        self.grad_bytes += self._step_bytes  # sent, though not applied
         self._step_bytes = 0
         self._reset()
 

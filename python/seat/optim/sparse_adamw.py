@@ -315,7 +315,7 @@ class SparseAdamW(torch.optim.Optimizer):
         update_in_backward=True there is none to zero: the updates were applied, and only
         step() allows the next backward."""
         if self._sync is not None:
-            self._sync.discard()
+            self._sync.discard(self)
         self._gradients.zero(list(self._masks))
 
     @contextmanager
