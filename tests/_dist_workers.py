@@ -209,3 +209,30 @@ def branch_on_rank_zero(rank: int, world_size: int, zero_grad_first: bool, optio
             opt.step()
         opt.zero_grad()
     return [p.detach().clone() for p in model.parameters()]
+
+
+def subgroup_refusals(rank: int, world_size: int) -> dict:
+    """DataParallel over a group of rank 0 only: the error texts of a SparseAdamW built on
+    a rank outside it, and of SeatTrainer's set-up check (its data spans every rank)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from seat.distributed import DataParallel
+    from seat.optim import SparseAdamW
+    from seat.trainer_dp import check_data_parallel
+
+    config = DataParallel(group=dist.new_group([0]), reduce="sum")
+    out = {}
+    model = branch_model()
+    try:
+        SparseAdamW(list(model.parameters()), [torch.ones(p.shape, dtype=torch.bool) for p in model.parameters()],
+                    data_parallel=config)
+    except ValueError as e:
+        out["optimizer"] = str(e)
+    out["hooks"] = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+    args = SimpleNamespace(world_size=world_size, fsdp=None, fsdp_config=None, deepspeed=None)
+    try:
+        check_data_parallel(args, SimpleNamespace(_optimizer=None), {"data_parallel": config}, "SeatTrainer")
+    except ValueError as e:
+        out["trainer"] = str(e)
+    return out

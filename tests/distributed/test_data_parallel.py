@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _dist_workers import branch_model, branch_on_rank_zero, build_with_seed, misuse, raise_at_step, train_cases, train_seat
+from _dist_workers import (branch_model, branch_on_rank_zero, build_with_seed, misuse, raise_at_step, subgroup_refusals,
+                           train_cases, train_seat)
 from _distributed import RankFailed, run_ranks
 
 pytestmark = pytest.mark.slow
@@ -126,3 +127,11 @@ def test_a_parameter_without_gradient_on_one_rank(zero_grad_first):
     for weights in got:
         assert all(torch.allclose(w, r, rtol=0, atol=1e-6) for w, r in zip(weights, reference))
     assert (reference[1] - branch_model()[1].weight).abs().max() > 1e-3  # the branch's layer trained
+
+
+def test_a_group_of_some_ranks():
+    inside, outside = run_ranks(subgroup_refusals, 2, timeout=120)
+    assert "optimizer" not in inside and inside["hooks"] == 3  # rank 0 trains within its group
+    assert "rank 1 is not in DataParallel's group" in outside["optimizer"] and outside["hooks"] == 0
+    for got in (inside, outside):  # SeatTrainer shards its batches over every rank
+        assert "whose group is a subset: leave group=None" in got["trainer"]

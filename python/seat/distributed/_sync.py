@@ -83,6 +83,22 @@ def _dist():
     return dist
 
 
+def check_config(data_parallel, compact_grads: bool) -> None:
+    """SparseAdamW's data_parallel argument, checked before the optimizer registers its
+    hooks on the params (a refused optimizer must leave none behind)."""
+    if not isinstance(data_parallel, DataParallel):
+        raise ValueError(f"data_parallel must be None or a seat.distributed.DataParallel; got "
+                         f"{type(data_parallel).__name__}")
+    if not compact_grads:
+        raise ValueError("data_parallel all-reduces the compact gradients the hooks gather: it needs "
+                         "compact_grads=True")
+    dist = _dist()
+    if data_parallel.group is not None and dist.get_rank(data_parallel.group) < 0:
+        raise ValueError(f"rank {dist.get_rank()} is not in DataParallel's group: build the data-parallel "
+                         "optimizer on the group's ranks only (torch.distributed.new_group gives the other ranks "
+                         "a placeholder group)")
+
+
 @dataclasses.dataclass
 class _Bucket:
     params: list[Tensor]
