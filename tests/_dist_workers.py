@@ -236,3 +236,14 @@ def subgroup_refusals(rank: int, world_size: int) -> dict:
     except ValueError as e:
         out["trainer"] = str(e)
     return out
+
+
+def evaluate_untrained(rank: int, world_size: int, output_dir: str) -> float:
+    """SeatTrainer.evaluate() of tests/_trainer_helpers' tiny run (CE only: KL weight 0,
+    so the eval rows' drawn names do not matter) over its 4 records, one per eval batch."""
+    import seat
+    from _trainer_helpers import RECORDS, make_trainer
+
+    trainer, _, _ = make_trainer(output_dir, seat_config=seat.SeatConfig(density=0.2, kl_weight=0.0),
+                                 per_device_eval_batch_size=1, trainer_kwargs=dict(eval_dataset=RECORDS))
+    return trainer.evaluate()["eval_loss"]
