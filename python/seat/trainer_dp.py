@@ -17,6 +17,10 @@ it, per_device_train_batch_size rows per rank); SeatTrainer then
   * runs every micro-batch but the last of a step inside optimizer.no_sync().
 Checkpoints are written by rank 0 and record the global batch size, not the per-rank
 one, so a checkpoint resumes with another number of ranks when the global batch is the same.
+One exception to "as one process": when the training set's size is not a multiple of the
+global batch (and dataloader_drop_last=False), accelerate completes the epoch's last, short
+global batch with rows from the epoch's start (as under DDP) so that every rank has one;
+one process trains on the short batch. Use dataloader_drop_last=True or a multiple.
 """
 from __future__ import annotations
 
