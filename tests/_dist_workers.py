@@ -107,14 +107,15 @@ def raise_at_step(rank: int, world_size: int, bad_rank: int, bad_step: int) -> N
         opt.zero_grad()
 
 
-def build_with_seed(rank: int, world_size: int, seeds: list[int]) -> str:
-    """SparseAdamW with data parallelism over masks drawn with seeds[rank]: the error text."""
+def build_with_seed(rank: int, world_size: int, seeds: list[int], options: list[dict] | None = None) -> str:
+    """SparseAdamW with data parallelism over masks drawn with seeds[rank] (and the
+    optimizer options options[rank]): the error text."""
     import seat
     from seat.distributed import DataParallel
 
     handle = seat.patch(tiny_model("llama", seed=0), seat.SeatConfig(density=0.25, seed=seeds[rank]))
     try:
-        handle.optimizer(data_parallel=DataParallel())
+        handle.optimizer(data_parallel=DataParallel(), **(options[rank] if options else {}))
     except ValueError as e:
         return str(e)
     return ""

@@ -111,6 +111,14 @@ def test_ranks_with_different_masks_are_refused_on_every_rank():
     assert run_ranks(build_with_seed, 2, [3, 3]) == ["", ""]
 
 
+@pytest.mark.parametrize("options", [[{"nonfinite": "skip"}, {"nonfinite": "raise"}], [{"lr": 1e-3}, {"lr": 2e-3}],
+                                     [{"weight_decay": 0.0}, {}]], ids=["nonfinite", "lr", "weight_decay"])
+def test_ranks_with_different_optimizer_options_are_refused(options):
+    # the same masks, but one rank would skip a step the other raises on, or step otherwise
+    errors = run_ranks(build_with_seed, 2, [3, 3], options)
+    assert all("the SparseAdamW of the ranks differ" in e for e in errors)
+
+
 def test_misuse_is_refused_and_the_loop_goes_on():
     for got in run_ranks(misuse, 2):
         assert "second synchronized backward" in got["second_backward"]

@@ -274,12 +274,17 @@ def _comm_device(dist, group, params) -> torch.device:
 
 def _fingerprint(opt, sync: GradSync) -> int:
     """A 62-bit digest of what every rank must share: each param's shape, dtype, mask
-    (its stored arrays' contents) and gradient dtype, the bucket plan and the options."""
+    (its stored arrays' contents) and gradient dtype, the bucket plan, the options and
+    the param groups' hyperparameters."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=8)
     h.update(repr((sync.config.reduce, sync.config.bucket_bytes, opt.update_in_backward, opt.grad_dtype,
                    opt.state_bits, opt.dense_state, [len(b.params) for b in sync.buckets])).encode())
+    # what decides the updates: a rank with another lr, or that skips a non-finite step
+    # where another raises, would silently diverge or hang
+    h.update(repr((opt.nonfinite, opt.seed, [{k: _plain(v) for k, v in sorted(g.items()) if k != "params"}
+                                             for g in opt.param_groups])).encode())
     for p in sync.params:
         mask = opt._masks[p]
         h.update(repr((tuple(p.shape), str(p.dtype), mask.encoding, mask.nnz)).encode())
@@ -290,6 +295,15 @@ def _fingerprint(opt, sync: GradSync) -> int:
             else:
                 h.update(repr((key, value)).encode())
     return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _plain(value):
+    """A param group value without tensors (whose repr names their device, cuda:<rank>)."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def _tensor_digest(t: Tensor, chunk: int = 1 << 22) -> int:
