@@ -248,3 +248,22 @@ def evaluate_untrained(rank: int, world_size: int, output_dir: str) -> float:
     trainer, _, _ = make_trainer(output_dir, seat_config=seat.SeatConfig(density=0.2, kl_weight=0.0),
                                  per_device_eval_batch_size=1, trainer_kwargs=dict(eval_dataset=RECORDS))
     return trainer.evaluate()["eval_loss"]
+
+
+def in_backward_on_other_layers(rank: int, world_size: int) -> str:
+    """update_in_backward over 3 linear layers of equal size (full masks): rank 0's loss
+    uses layers 0 and 2, the others' layers 1 and 2, so their hooks' all-reduces pair
+    layer 0 with layer 1. The error text of step()."""
+    from seat.distributed import DataParallel
+    from seat.optim import SparseAdamW
+
+    model = branch_model()
+    opt = SparseAdamW(list(model.parameters()), [torch.ones(p.shape, dtype=torch.bool) for p in model.parameters()],
+                      update_in_backward=True, data_parallel=DataParallel(reduce="sum"))
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(rank))
+    model[2](model[0 if rank == 0 else 1](x)).pow(2).sum().backward()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        return str(e)
+    return ""

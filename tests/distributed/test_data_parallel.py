@@ -15,8 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _dist_workers import (branch_model, branch_on_rank_zero, build_with_seed, misuse, raise_at_step, subgroup_refusals,
-                           train_cases, train_seat)
+from _dist_workers import (branch_model, branch_on_rank_zero, build_with_seed, in_backward_on_other_layers, misuse,
+                           raise_at_step, subgroup_refusals, train_cases, train_seat)
 from _distributed import RankFailed, run_ranks
 
 pytestmark = pytest.mark.slow
@@ -96,8 +96,19 @@ def test_only_the_compact_gradients_are_communicated(grad_dtype):
 
 def test_update_in_backward_sends_each_transient_gradient_once():
     got = run_ranks(train_cases, 2, [dict(optimizer=dict(update_in_backward=True))])[0][0]
+    params = len(got["nnz"])
     for calls in got["per_step"]:
-        assert sorted(n for n, _, _ in calls) == sorted(got["nnz"].values())
+        assert sorted(n for n, dtype, _ in calls if dtype != "torch.uint8") == sorted(got["nnz"].values())
+        # and at step(), which parameters each rank updated
+        assert [c for c in calls if c[1] == "torch.uint8"] == [(2 * params, "torch.uint8", 2 * params)]
+
+
+def test_update_in_backward_ranks_that_update_other_parameters_are_stopped():
+    # equal sizes: the hooks' all-reduces pair one layer's gradient with another's
+    # without an error; step() finds that the ranks updated different parameters
+    for error in run_ranks(in_backward_on_other_layers, 2, timeout=120):
+        assert "the ranks updated different parameters in this step (positions [0, 1]" in error
+        assert "update_in_backward=False" in error
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error():

@@ -30,7 +30,9 @@ would send the first one's sum again and is refused.
 update_in_backward: each parameter's transient compact gradient is all-reduced inside its
 hook (synchronously: its update needs the sum) before the non-finite check and the
 update, so every rank applies the same update. Every rank must then produce gradients
-for the same parameters in the same order (as DDP without find_unused_parameters).
+for the same parameters in the same order (as DDP without find_unused_parameters);
+step() checks that the ranks updated the same parameters (a one-byte-per-parameter
+all-reduce) and raises if not.
 """
 from __future__ import annotations
 
@@ -222,7 +224,10 @@ class GradSync:
     def finish(self, opt) -> None:
         """Start the remaining buckets, wait for every one, copy the sums back, agree on
         which params have a gradient. Idempotent until the next zero_grad()."""
-        if self.finished or opt._gradients.in_backward:
+        if opt._gradients.in_backward:
+            self._check_same_updates(opt)
+            return
+        if self.finished:
             return
         while self.next_bucket < len(self.buckets):
             self._start(opt, self.buckets[self.next_bucket])
@@ -246,6 +251,25 @@ class GradSync:
         self.grad_bytes += self._step_bytes
         self.last_step_grad_bytes, self._step_bytes = self._step_bytes, 0
         self.finished = True
+
+    def _check_same_updates(self, opt) -> None:
+        """update_in_backward, at step(): every rank must have updated the same params. A
+        rank whose backward reached other params paired its all-reduces with other params'
+        on the other ranks (silently when their sizes match): raise rather than go on."""
+        device = _comm_device(self.dist, self.group, self.params)
+        flags = torch.tensor([opt._has_grad[p] for p in self.params], dtype=torch.uint8, device=device)
+        both = torch.cat([flags, 1 - flags])  # MAX of both: 1 and 1 where the ranks differ
+        self.dist.all_reduce(both, op=self.dist.ReduceOp.MAX, group=self.group)
+        self.control_bytes += both.numel()
+        n = len(self.params)
+        differ = [i for i, (a, b) in enumerate(zip(both[:n].tolist(), both[n:].tolist())) if a and b]
+        if differ:
+            raise RuntimeError(f"rank {self.rank}: the ranks updated different parameters in this step (positions "
+                               f"{differ} on some ranks only). With update_in_backward=True each gradient is "
+                               "all-reduced inside its hook, so every rank's backward must reach the same parameters "
+                               "in the same order, or the all-reduces pair different parameters' gradients (the "
+                               "ranks' weights now differ). For parameters that only some ranks' data reach, build "
+                               "the optimizer with update_in_backward=False")
 
     def discard(self, opt) -> None:
         """zero_grad(): drop this step's gradients. Every rank must have issued the same
