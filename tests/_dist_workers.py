@@ -107,14 +107,15 @@ def raise_at_step(rank: int, world_size: int, bad_rank: int, bad_step: int) -> N
         opt.zero_grad()
 
 
-def build_with_seed(rank: int, world_size: int, seeds: list[int]) -> str:
-    """SparseAdamW with data parallelism over masks drawn with seeds[rank]: the error text."""
+def build_with_seed(rank: int, world_size: int, seeds: list[int], options: list[dict] | None = None) -> str:
+    """SparseAdamW with data parallelism over masks drawn with seeds[rank] (and the
+    optimizer options options[rank]): the error text."""
     import seat
     from seat.distributed import DataParallel
 
     handle = seat.patch(tiny_model("llama", seed=0), seat.SeatConfig(density=0.25, seed=seeds[rank]))
     try:
-        handle.optimizer(data_parallel=DataParallel())
+        handle.optimizer(data_parallel=DataParallel(), **(options[rank] if options else {}))
     except ValueError as e:
         return str(e)
     return ""
@@ -169,3 +170,100 @@ def train_trainer(rank: int, world_size: int, output_dir: str, global_rows: int,
             "losses": [(h["step"], h["loss"], h.get("kl")) for h in trainer.state.log_history if "loss" in h],
             "wrapped": type(trainer.model_wrapped).__name__, "steps_here": len(steps_here),
             "sent": trainer.seat._optimizer.data_parallel.grad_bytes if world_size > 1 else 0}
+
+
+def branch_model() -> torch.nn.ModuleList:
+    torch.manual_seed(0)
+    return torch.nn.ModuleList([torch.nn.Linear(8, 8, bias=False) for _ in range(3)])
+
+
+def branch_loss(model, x: torch.Tensor, use_branch: bool) -> torch.Tensor:
+    h = model[0](x)
+    if use_branch:  # a parameter only some rows' data reach
+        h = h + model[1](x)
+    return model[2](h).pow(2).sum()
+
+
+def branch_on_rank_zero(rank: int, world_size: int, zero_grad_first: bool, options: dict | None = None) -> list:
+    """Three steps of SparseAdamW on 3 linear layers where only rank 0's rows (the first
+    half of each global batch of 4 rows) use layer 1: on another rank it never has a
+    gradient. Optionally the first backward is dropped by zero_grad() without a step (on
+    every rank). world_size 1: the one-process run on the global batch. The weights."""
+    from seat.distributed import DataParallel
+    from seat.optim import SparseAdamW
+
+    model = branch_model()
+    generator = torch.Generator().manual_seed(1)
+    masks = [torch.rand(p.shape, generator=generator) < 0.5 for p in model.parameters()]
+    options = dict(options or {})
+    if world_size > 1:  # one bucket per parameter
+        options["data_parallel"] = DataParallel(reduce="sum", bucket_bytes=16)
+    opt = SparseAdamW(list(model.parameters()), masks, lr=1e-2, **options)
+    for step in range(3):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        if world_size == 1:
+            loss = branch_loss(model, x[:2], True) + branch_loss(model, x[2:], False)
+        else:
+            loss = branch_loss(model, x[2 * rank:2 * rank + 2], rank == 0)
+        loss.backward()
+        if not (zero_grad_first and step == 0):
+            opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def subgroup_refusals(rank: int, world_size: int) -> dict:
+    """DataParallel over a group of rank 0 only: the error texts of a SparseAdamW built on
+    a rank outside it, and of SeatTrainer's set-up check (its data spans every rank)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from seat.distributed import DataParallel
+    from seat.optim import SparseAdamW
+    from seat.trainer_dp import check_data_parallel
+
+    config = DataParallel(group=dist.new_group([0]), reduce="sum")
+    out = {}
+    model = branch_model()
+    try:
+        SparseAdamW(list(model.parameters()), [torch.ones(p.shape, dtype=torch.bool) for p in model.parameters()],
+                    data_parallel=config)
+    except ValueError as e:
+        out["optimizer"] = str(e)
+    out["hooks"] = sum(len(p._post_accumulate_grad_hooks or {}) for p in model.parameters())
+    args = SimpleNamespace(world_size=world_size, fsdp=None, fsdp_config=None, deepspeed=None)
+    try:
+        check_data_parallel(args, SimpleNamespace(_optimizer=None), {"data_parallel": config}, "SeatTrainer")
+    except ValueError as e:
+        out["trainer"] = str(e)
+    return out
+
+
+def evaluate_untrained(rank: int, world_size: int, output_dir: str) -> float:
+    """SeatTrainer.evaluate() of tests/_trainer_helpers' tiny run (CE only: KL weight 0,
+    so the eval rows' drawn names do not matter) over its 4 records, one per eval batch."""
+    import seat
+    from _trainer_helpers import RECORDS, make_trainer
+
+    trainer, _, _ = make_trainer(output_dir, seat_config=seat.SeatConfig(density=0.2, kl_weight=0.0),
+                                 per_device_eval_batch_size=1, trainer_kwargs=dict(eval_dataset=RECORDS))
+    return trainer.evaluate()["eval_loss"]
+
+
+def in_backward_on_other_layers(rank: int, world_size: int) -> str:
+    """update_in_backward over 3 linear layers of equal size (full masks): rank 0's loss
+    uses layers 0 and 2, the others' layers 1 and 2, so their hooks' all-reduces pair
+    layer 0 with layer 1. The error text of step()."""
+    from seat.distributed import DataParallel
+    from seat.optim import SparseAdamW
+
+    model = branch_model()
+    opt = SparseAdamW(list(model.parameters()), [torch.ones(p.shape, dtype=torch.bool) for p in model.parameters()],
+                      update_in_backward=True, data_parallel=DataParallel(reduce="sum"))
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(rank))
+    model[2](model[0 if rank == 0 else 1](x)).pow(2).sum().backward()
+    try:
+        opt.step()
+    except RuntimeError as e:
+        return str(e)
+    return ""

@@ -269,6 +269,10 @@ class SeatTrainerMixin:
             self._note_draw(inputs)
         else:
             inputs.pop(DRAW_KEY, None)
+            # evaluation: the batch's own means. The Trainer's count for an eval batch is
+            # summed over the ranks (a rank's loss would shrink with their number), and
+            # _seat_kl_items is the last training step's KL count, not this batch's.
+            num_items_in_batch = None
         kl_items = self._seat_kl_items if num_items_in_batch is not None else None
         out = self.seat.loss(inputs, num_items_in_batch=num_items_in_batch, kl_num_items=kl_items)
         if model.training and self._seat_step is not None:

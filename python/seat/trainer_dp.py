@@ -17,6 +17,10 @@ it, per_device_train_batch_size rows per rank); SeatTrainer then
   * runs every micro-batch but the last of a step inside optimizer.no_sync().
 Checkpoints are written by rank 0 and record the global batch size, not the per-rank
 one, so a checkpoint resumes with another number of ranks when the global batch is the same.
+One exception to "as one process": when the training set's size is not a multiple of the
+global batch (and dataloader_drop_last=False), accelerate completes the epoch's last, short
+global batch with rows from the epoch's start (as under DDP) so that every rank has one;
+one process trains on the short batch. Use dataloader_drop_last=True or a multiple.
 """
 from __future__ import annotations
 
@@ -39,12 +43,23 @@ def check_data_parallel(args, handle, optimizer_kwargs: dict, trainer: str) -> d
             raise ValueError(f"the handle's optimizer was built without data_parallel but {trainer} runs on "
                              f"{args.world_size} processes: let {trainer} build it (do not call handle.optimizer() "
                              "first) or pass data_parallel=seat.distributed.DataParallel(reduce='sum')")
-        return optimizer_kwargs
-    given = optimizer_kwargs.get("data_parallel")
+        given, what = handle._optimizer.data_parallel.config, "the handle's optimizer was built with"
+    else:
+        given, what = optimizer_kwargs.get("data_parallel"), "optimizer_kwargs['data_parallel'] is"
+    # the loss is normalized by the global batch's token counts: the ranks' gradients are summed
     if given is not None and (not isinstance(given, DataParallel) or given.reduce != "sum"):
         raise ValueError(f"{trainer} normalizes the loss by the global batch's token counts, so the ranks' "
-                         "gradients are summed: give optimizer_kwargs['data_parallel'] as "
-                         "DataParallel(reduce='sum', ...) or leave it out")
+                         f"gradients are summed, but {what} {given!r}: use DataParallel(reduce='sum', ...), or "
+                         "leave data_parallel out and let the trainer build the optimizer")
+    if given is not None and given.group is not None:
+        import torch.distributed as dist
+
+        if dist.get_rank(given.group) < 0 or dist.get_world_size(given.group) != args.world_size:
+            raise ValueError(f"{trainer} shards each batch over all {args.world_size} processes and counts its "
+                             f"tokens over all of them, but {what} a DataParallel whose group is a subset: leave "
+                             "group=None (the default group)")
+    if handle._optimizer is not None:
+        return optimizer_kwargs
     return {**optimizer_kwargs, "data_parallel": given or DataParallel(reduce="sum")}
 
 

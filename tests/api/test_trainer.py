@@ -17,6 +17,8 @@ import seat  # noqa: E402
 from _tokenizers import word_tokenizer  # noqa: E402
 from _trainer_helpers import ARGS, RECORDS, assert_params_equal, make_trainer, trained_params  # noqa: E402
 from seat.perturb import EntityPerturber  # noqa: E402
+from seat.trainer import BATCH_KEYS  # noqa: E402
+from seat.trainer_collator import evaluation_collator  # noqa: E402
 
 
 def _ce(handle, collator):
@@ -231,3 +233,18 @@ def test_evaluation_draws_from_its_own_collator_so_a_resume_stays_bit_exact(tmp_
     assert_params_equal(resumed, uninterrupted)
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first["eval_loss"] == second["eval_loss"] and math.isfinite(first["eval_loss"])
+
+
+def test_evaluation_normalizes_each_batch_by_its_own_counts(tmp_path):
+    """The eval loss is the mean over eval batches of handle.loss of each batch alone (its
+    own CE and KL counts), also after training: never the last training step's KL count."""
+    trainer, model, _ = make_trainer(tmp_path, max_steps=2, save_steps=100, per_device_eval_batch_size=1,
+                                     trainer_kwargs=dict(eval_dataset=RECORDS))
+    trainer.train()
+    got = trainer.evaluate()["eval_loss"]
+    collator = evaluation_collator(trainer.data_collator)
+    model.eval()
+    with torch.no_grad():
+        losses = [trainer.seat.loss({k: v for k, v in collator([r]).items() if k in BATCH_KEYS}) for r in RECORDS]
+    assert all(out.kl > 0 for out in losses)  # the KL term counts
+    assert got == pytest.approx(sum(float(out.loss) for out in losses) / len(losses), rel=1e-5)

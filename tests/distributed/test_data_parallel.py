@@ -15,7 +15,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _dist_workers import build_with_seed, misuse, raise_at_step, train_cases, train_seat
+from _dist_workers import (branch_model, branch_on_rank_zero, build_with_seed, in_backward_on_other_layers, misuse,
+                           raise_at_step, subgroup_refusals, train_cases, train_seat)
 from _distributed import RankFailed, run_ranks
 
 pytestmark = pytest.mark.slow
@@ -95,8 +96,19 @@ def test_only_the_compact_gradients_are_communicated(grad_dtype):
 
 def test_update_in_backward_sends_each_transient_gradient_once():
     got = run_ranks(train_cases, 2, [dict(optimizer=dict(update_in_backward=True))])[0][0]
+    params = len(got["nnz"])
     for calls in got["per_step"]:
-        assert sorted(n for n, _, _ in calls) == sorted(got["nnz"].values())
+        assert sorted(n for n, dtype, _ in calls if dtype != "torch.uint8") == sorted(got["nnz"].values())
+        # and at step(), which parameters each rank updated
+        assert [c for c in calls if c[1] == "torch.uint8"] == [(2 * params, "torch.uint8", 2 * params)]
+
+
+def test_update_in_backward_ranks_that_update_other_parameters_are_stopped():
+    # equal sizes: the hooks' all-reduces pair one layer's gradient with another's
+    # without an error; step() finds that the ranks updated different parameters
+    for error in run_ranks(in_backward_on_other_layers, 2, timeout=120):
+        assert "the ranks updated different parameters in this step (positions [0, 1]" in error
+        assert "update_in_backward=False" in error
 
 
 def test_a_failing_rank_ends_every_rank_with_its_error():
@@ -110,8 +122,35 @@ def test_ranks_with_different_masks_are_refused_on_every_rank():
     assert run_ranks(build_with_seed, 2, [3, 3]) == ["", ""]
 
 
+@pytest.mark.parametrize("options", [[{"nonfinite": "skip"}, {"nonfinite": "raise"}], [{"lr": 1e-3}, {"lr": 2e-3}],
+                                     [{"weight_decay": 0.0}, {}]], ids=["nonfinite", "lr", "weight_decay"])
+def test_ranks_with_different_optimizer_options_are_refused(options):
+    # the same masks, but one rank would skip a step the other raises on, or step otherwise
+    errors = run_ranks(build_with_seed, 2, [3, 3], options)
+    assert all("the SparseAdamW of the ranks differ" in e for e in errors)
+
+
 def test_misuse_is_refused_and_the_loop_goes_on():
     for got in run_ranks(misuse, 2):
         assert "second synchronized backward" in got["second_backward"]
         assert "zero_grad()" in got["no_zero_grad"]
         assert got["steps"] == 2
+
+
+@pytest.mark.parametrize("zero_grad_first", [False, True])
+def test_a_parameter_without_gradient_on_one_rank(zero_grad_first):
+    # its bucket (and the later ones) start only at step() on that rank, and zero_grad()
+    # without a step must still pair every rank's all-reduces with the next step's
+    got = run_ranks(branch_on_rank_zero, 2, zero_grad_first, timeout=120)
+    reference = branch_on_rank_zero(0, 1, zero_grad_first)
+    for weights in got:
+        assert all(torch.allclose(w, r, rtol=0, atol=1e-6) for w, r in zip(weights, reference))
+    assert (reference[1] - branch_model()[1].weight).abs().max() > 1e-3  # the branch's layer trained
+
+
+def test_a_group_of_some_ranks():
+    inside, outside = run_ranks(subgroup_refusals, 2, timeout=120)
+    assert "optimizer" not in inside and inside["hooks"] == 3  # rank 0 trains within its group
+    assert "rank 1 is not in DataParallel's group" in outside["optimizer"] and outside["hooks"] == 0
+    for got in (inside, outside):  # SeatTrainer shards its batches over every rank
+        assert "whose group is a subset: leave group=None" in got["trainer"]

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from _dist_workers import train_trainer
+from _dist_workers import evaluate_untrained, train_trainer
 from _distributed import run_ranks
 
 pytestmark = pytest.mark.slow
@@ -49,3 +49,11 @@ def test_a_two_rank_checkpoint_resumes_on_another_number_of_ranks(runs, tmp_path
                                                                          timeout=300)[0]
     assert _max_diff(got["weights"], runs["one"]["weights"]) <= 1e-6
     assert got["steps_here"] == 2  # it continued from step 2
+
+
+def test_evaluation_on_two_ranks_is_the_one_process_evaluation(tmp_path):
+    # each eval batch is normalized by its own tokens (not the Trainer's count summed over
+    # the ranks): the gathered eval loss does not depend on the number of ranks
+    one = evaluate_untrained(0, 1, str(tmp_path / "one"))
+    two = run_ranks(evaluate_untrained, 2, str(tmp_path / "two"), timeout=200)
+    assert two[0] == two[1] == pytest.approx(one, rel=1e-5)

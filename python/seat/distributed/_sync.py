@@ -18,6 +18,9 @@ gradient in this backward, or no synchronized backward at all), waits for all, c
 the sums back into the compact buffers (scaled by 1/world_size for ``reduce="mean"``),
 then all-reduces which parameters had a gradient on any rank, so every rank steps the
 same parameters. The flat copies are the only extra memory: one per bucket in flight.
+zero_grad() without a step after a synchronized backward starts the buckets not started
+yet too, so the ranks' all-reduces stay paired for the next step (a rank's synchronized
+backward must then reach at least one trained parameter, as it does with one model).
 
 Micro-batches. Inside ``no_sync()`` the hooks only accumulate (nothing is sent); the
 first backward outside it sends the accumulated sums. So a step of k micro-batches
@@ -27,7 +30,9 @@ would send the first one's sum again and is refused.
 update_in_backward: each parameter's transient compact gradient is all-reduced inside its
 hook (synchronously: its update needs the sum) before the non-finite check and the
 update, so every rank applies the same update. Every rank must then produce gradients
-for the same parameters in the same order (as DDP without find_unused_parameters).
+for the same parameters in the same order (as DDP without find_unused_parameters);
+step() checks that the ranks updated the same parameters (a one-byte-per-parameter
+all-reduce) and raises if not.
 """
 from __future__ import annotations
 
@@ -78,6 +83,22 @@ def _dist():
                          "launch) and call torch.distributed.init_process_group() before building the optimizer, "
                          "or drop data_parallel for one process")
     return dist
+
+
+def check_config(data_parallel, compact_grads: bool) -> None:
+    """SparseAdamW's data_parallel argument, checked before the optimizer registers its
+    hooks on the params (a refused optimizer must leave none behind)."""
+    if not isinstance(data_parallel, DataParallel):
+        raise ValueError(f"data_parallel must be None or a seat.distributed.DataParallel; got "
+                         f"{type(data_parallel).__name__}")
+    if not compact_grads:
+        raise ValueError("data_parallel all-reduces the compact gradients the hooks gather: it needs "
+                         "compact_grads=True")
+    dist = _dist()
+    if data_parallel.group is not None and dist.get_rank(data_parallel.group) < 0:
+        raise ValueError(f"rank {dist.get_rank()} is not in DataParallel's group: build the data-parallel "
+                         "optimizer on the group's ranks only (torch.distributed.new_group gives the other ranks "
+                         "a placeholder group)")
 
 
 @dataclasses.dataclass
@@ -203,7 +224,10 @@ class GradSync:
     def finish(self, opt) -> None:
         """Start the remaining buckets, wait for every one, copy the sums back, agree on
         which params have a gradient. Idempotent until the next zero_grad()."""
-        if self.finished or opt._gradients.in_backward:
+        if opt._gradients.in_backward:
+            self._check_same_updates(opt)
+            return
+        if self.finished:
             return
         while self.next_bucket < len(self.buckets):
             self._start(opt, self.buckets[self.next_bucket])
@@ -228,10 +252,38 @@ class GradSync:
         self.last_step_grad_bytes, self._step_bytes = self._step_bytes, 0
         self.finished = True
 
-    def discard(self) -> None:
-        """zero_grad(): wait for what was started (every rank started it) and forget it."""
+    def _check_same_updates(self, opt) -> None:
+        """update_in_backward, at step(): every rank must have updated the same params. A
+        rank whose backward reached other params paired its all-reduces with other params'
+        on the other ranks (silently when their sizes match): raise rather than go on."""
+        device = _comm_device(self.dist, self.group, self.params)
+        flags = torch.tensor([opt._has_grad[p] for p in self.params], dtype=torch.uint8, device=device)
+        both = torch.cat([flags, 1 - flags])  # MAX of both: 1 and 1 where the ranks differ
+        self.dist.all_reduce(both, op=self.dist.ReduceOp.MAX, group=self.group)
+        self.control_bytes += both.numel()
+        n = len(self.params)
+        differ = [i for i, (a, b) in enumerate(zip(both[:n].tolist(), both[n:].tolist())) if a and b]
+        if differ:
+            raise RuntimeError(f"rank {self.rank}: the ranks updated different parameters in this step (positions "
+                               f"{differ} on some ranks only). With update_in_backward=True each gradient is "
+                               "all-reduced inside its hook, so every rank's backward must reach the same parameters "
+                               "in the same order, or the all-reduces pair different parameters' gradients (the "
+                               "ranks' weights now differ). For parameters that only some ranks' data reach, build "
+                               "the optimizer with update_in_backward=False")
+
+    def discard(self, opt) -> None:
+        """zero_grad(): drop this step's gradients. Every rank must have issued the same
+        all-reduces before the next step's: a rank whose backward left a parameter without
+        a gradient started fewer buckets than the others, so after a synchronized backward
+        the rest are started here too (as step() would; nothing can be exchanged to ask the
+        others first, it would pair with their buckets); then wait for all, forget them."""
+        if self.synced_backward and not self.finished:
+            while self.next_bucket < len(self.buckets):
+                self._start(opt, self.buckets[self.next_bucket])
+                self.next_bucket += 1
         for _, _, work in self.in_flight:
             work.wait()
+        self.grad_bytes += self._step_bytes  # sent, though not applied
         self._step_bytes = 0
         self._reset()
 
@@ -246,12 +298,17 @@ def _comm_device(dist, group, params) -> torch.device:
 
 def _fingerprint(opt, sync: GradSync) -> int:
     """A 62-bit digest of what every rank must share: each param's shape, dtype, mask
-    (its stored arrays' contents) and gradient dtype, the bucket plan and the options."""
+    (its stored arrays' contents) and gradient dtype, the bucket plan, the options and
+    the param groups' hyperparameters."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=8)
     h.update(repr((sync.config.reduce, sync.config.bucket_bytes, opt.update_in_backward, opt.grad_dtype,
                    opt.state_bits, opt.dense_state, [len(b.params) for b in sync.buckets])).encode())
+    # what decides the updates: a rank with another lr, or that skips a non-finite step
+    # where another raises, would silently diverge or hang
+    h.update(repr((opt.nonfinite, opt.seed, [{k: _plain(v) for k, v in sorted(g.items()) if k != "params"}
+                                             for g in opt.param_groups])).encode())
     for p in sync.params:
         mask = opt._masks[p]
         h.update(repr((tuple(p.shape), str(p.dtype), mask.encoding, mask.nnz)).encode())
@@ -262,6 +319,15 @@ def _fingerprint(opt, sync: GradSync) -> int:
             else:
                 h.update(repr((key, value)).encode())
     return int.from_bytes(h.digest(), "little") >> 2
+
+
+def _plain(value):
+    """A param group value without tensors (whose repr names their device, cuda:<rank>)."""
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def _tensor_digest(t: Tensor, chunk: int = 1 << 22) -> int:

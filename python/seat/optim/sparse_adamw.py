@@ -143,6 +143,10 @@ class SparseAdamW(torch.optim.Optimizer):
                                  "quantized array); use amsgrad=False or state_bits=32")
             if dense_state:
                 raise ValueError("state_bits=8 keeps compact state only: use dense_state=False or state_bits=32")
+        if data_parallel is not None:  # before any hook is registered on the params
+            from ..distributed._sync import check_config
+
+            check_config(data_parallel, compact_grads)
         super().__init__(params, defaults)
         for i, group in enumerate(self.param_groups):  # a group's own values bypass the defaults' check
             check_group(group, f"param group {i}")
@@ -179,15 +183,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 self._init_param(p, group)
         self._sync = None  # the data-parallel synchronization (seat.distributed), if any
         if data_parallel is not None:
-            from ..distributed import DataParallel, GradSync
+            from ..distributed import GradSync
 
-            if not isinstance(data_parallel, DataParallel):
-                raise ValueError(f"data_parallel must be None or a seat.distributed.DataParallel; got "
-                                 f"{type(data_parallel).__name__}")
-            if not compact_grads:
-                raise ValueError("data_parallel all-reduces the compact gradients the hooks gather: it needs "
-                                 "compact_grads=True")
-            self._sync = GradSync(self, data_parallel)
+            try:
+                self._sync = GradSync(self, data_parallel)
+            except BaseException:  # (ranks that differ) a refused optimizer leaves no hook on the params
+                self.remove_hooks()
+                raise
 
     # ------------------------------------------------------------------ copy / pickle
     # torch.optim.Optimizer pickles defaults, state and param_groups only; these are the
@@ -315,7 +317,7 @@ class SparseAdamW(torch.optim.Optimizer):
         update_in_backward=True there is none to zero: the updates were applied, and only
         step() allows the next backward."""
         if self._sync is not None:
-            self._sync.discard()
+            self._sync.discard(self)
         self._gradients.zero(list(self._masks))
 
     @contextmanager
