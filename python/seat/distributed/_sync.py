@@ -56,7 +56,7 @@ class DataParallel:
     group: the torch.distributed process group (None: the default group).
     reduce: "mean" (the average of the ranks' gradients, as DDP: each rank's loss is
       normalized by its own tokens) or "sum" (each rank's loss is already normalized by the
-      global batch's token counts, e.g. seat.distributed.global_count; SeatTrainer does
+      global batch's token counts, e.g. seat.distributed.global_counts; SeatTrainer does
       this, so the trajectory does not depend on the number of ranks).
     bucket_bytes: the most compact-gradient bytes per all-reduce (one parameter larger
       than this gets a bucket of its own).
@@ -139,7 +139,6 @@ class GradSync:
         entries, silently."""
         params = [p for group in opt.param_groups for p in group["params"]]
         self.params = params
-        self.index = {id(p): i for i, p in enumerate(params)}
         self.buckets: list[_Bucket] = []
         self.bucket_of: dict[int, int] = {}
         if not opt._gradients.in_backward:
