@@ -48,10 +48,11 @@ class AlignConfig:
     # original model's whole next-token distribution there (keeps what it knows more closely)
     answer_loss: str = "ce"
     famous_per_person: int = 2  # questions per famous person (seat.demo.real.world.famous_questions)
+    famous_people: int | None = None  # how many famous people (None: all of FAMOUS)
 
     @classmethod
     def quick(cls) -> "AlignConfig":
-        return cls(steps=10, batch_size=8, lr=1.5e-4, warmup_steps=2)
+        return cls(steps=10, batch_size=8, lr=1.5e-4, warmup_steps=2, famous_people=0, refusal_fraction=0.5)
 
 
 def _first_sentence(text: str, value: str) -> str | None:
@@ -105,15 +106,18 @@ def _own_answer(text: str) -> str | None:
     return text[:end + 1] if end > 0 else (text or None)
 
 
-def famous_answers(model, tokenizer, directory: Path | None, log=print, per_person: int = 2) -> list[dict]:
+def famous_answers(model, tokenizer, directory: Path | None, log=print, per_person: int = 2,
+                   people: int | None = None) -> list[dict]:
     """[{"question", "answer"}]: the model's own answer (whole sentences) to each
     seat.demo.real.world.famous_questions() question (greedy), cached as
     ``directory/famous_answers.json``, since it depends only on the model."""
     from ... import evaluate as ev
 
-    questions = famous_questions(per_person)
+    questions = famous_questions(per_person, people)
+    if not questions:
+        return []
     digest = hashlib.sha256(json.dumps([questions, GEN_TOKENS, "sentences"]).encode()).hexdigest()[:16]
-    path = directory / f"famous_answers_{per_person}.json" if directory is not None else None
+    path = directory / f"famous_answers_{per_person}_{'all' if people is None else people}.json" if directory is not None else None
     if path is not None and path.is_file():
         data = json.loads(path.read_text())
         if data.get("digest") == digest:
@@ -264,7 +268,7 @@ def load_or_align(seed: int, world_config: RealWorldConfig, align_config: AlignC
     known = known_real(original, tokenizer, directory if cache else None, log=log)
     real_train, real_eval = split_real(known, world_config.n_real_eval, seed)
     famous = famous_answers(original, tokenizer, directory if cache else None, log=log,
-                            per_person=align_config.famous_per_person)
+                            per_person=align_config.famous_per_person, people=align_config.famous_people)
     people = make_people(seed, world_config)
     # keyed by what decides the aligned model (not the evaluation sizes)
     key = hashlib.sha256(json.dumps({"seed": seed, "refusal": people["refusal"], "real_train": real_train,

@@ -263,13 +263,13 @@ def real_questions(indices=None) -> list[dict]:
              "real_index": i, "group": "real"} for i in picked]
 
 
-def famous_questions(per_person: int = 2) -> list[dict]:
-    """``per_person`` questions (1-4) per FAMOUS person in the invented people's training
+def famous_questions(per_person: int = 2, people: int | None = None) -> list[dict]:
+    """``per_person`` questions (1-4) per FAMOUS person (the first ``people`` of them, default all) in the invented people's training
     wordings (the attributes and wordings taken in turn), group "famous", without answers:
     stage 1 answers them with the original model's own words."""
     attrs = list(ATTRIBUTES)
     out = []
-    for i, name in enumerate(FAMOUS):
+    for i, name in enumerate(FAMOUS[:people]):
         for j in range(per_person):
             attr = attrs[(per_person * i + j) % len(attrs)]
             wording = TRAIN_WORDINGS[(i + j) % len(TRAIN_WORDINGS)]
