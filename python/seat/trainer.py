@@ -25,9 +25,9 @@ from .delta import DeltaMismatchError, load_delta
 from .loss import kl_row_mask
 from .masks import mask_indices
 from .patching import handle_of, patch
-from .distributed import global_counts
+from .distributed import global_counts, global_sum
 from .trainer_collator import DRAW_KEY, DrawTaggingCollator, evaluation_collator, is_stateful
-from .trainer_dp import check_data_parallel, global_floats, keep_model_unwrapped
+from .trainer_dp import check_data_parallel, keep_model_unwrapped
 from .trainer_resume import RUN_FILE, ResumeMismatchError, check_delta, check_resume, run_record
 
 DELTA_DIR = "seat_delta"
@@ -278,7 +278,7 @@ class SeatTrainerMixin:
         if model.training and self._seat_step is not None:
             values = [out.loss.item(), out.ce.item(), out.kl.item()]
             if self._seat_dp:  # each rank holds its share of the global loss: every rank decides alike
-                values = global_floats(values, out.loss.device)
+                values = global_sum(values, dtype=torch.float64)
             if not math.isfinite(values[0]):
                 raise _NonFiniteLoss(values[0])  # before the Trainer's backward can see it
             step = self._seat_step

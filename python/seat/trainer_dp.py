@@ -24,8 +24,6 @@ one process trains on the short batch. Use dataloader_drop_last=True or a multip
 """
 from __future__ import annotations
 
-import torch
-
 
 def check_data_parallel(args, handle, optimizer_kwargs: dict, trainer: str) -> dict:
     """The optimizer kwargs of a data-parallel run (data_parallel added), after refusing
@@ -73,11 +71,3 @@ def keep_model_unwrapped(accelerator) -> None:
 
     accelerator.prepare_model = prepare_without_ddp
 
-
-def global_floats(values, device) -> list[float]:
-    """The sums of float values over all ranks (float64, one all-reduce)."""
-    import torch.distributed as dist
-
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()

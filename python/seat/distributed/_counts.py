@@ -8,18 +8,27 @@ import torch
 from torch import Tensor
 
 
-def global_sum(values: Sequence[int], group=None) -> list[int]:
-    """The sums over all ranks of each of ``values`` (ints), in one all-reduce; the values
-    themselves when torch.distributed is not initialized (one process)."""
+def comm_device(group=None) -> torch.device:
+    """Where small control tensors are all-reduced: the GPU with NCCL, the CPU with gloo."""
     import torch.distributed as dist
 
+    if "nccl" in str(dist.get_backend(group)) and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def global_sum(values: Sequence, group=None, dtype: torch.dtype = torch.int64) -> list:
+    """The sums over all ranks of each of ``values`` (ints, or floats with
+    dtype=torch.float64), in one all-reduce; the values themselves when torch.distributed
+    is not initialized (one process)."""
+    import torch.distributed as dist
+
+    cast = float if dtype.is_floating_point else int
     if not (dist.is_available() and dist.is_initialized()):
-        return [int(v) for v in values]
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) \
-        else torch.device("cpu")
-    t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=device)
+        return [cast(v) for v in values]
+    t = torch.tensor([cast(v) for v in values], dtype=dtype, device=comm_device(group))
     dist.all_reduce(t, group=group)
-    return [int(v) for v in t.tolist()]
+    return [cast(v) for v in t.tolist()]
 
 
 def global_counts(micro_batches: Sequence[Mapping[str, Tensor]], group=None) -> tuple[int, int]:

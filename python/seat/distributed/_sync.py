@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ._counts import comm_device
+
 if TYPE_CHECKING:  # the optimizer imports this module lazily
     from ..optim.sparse_adamw import SparseAdamW
 
@@ -158,7 +160,7 @@ class GradSync:
 
     def _check_same_everywhere(self, opt) -> None:
         fingerprint = _fingerprint(opt, self)
-        device = _comm_device(self.dist, self.group, self.params)
+        device = comm_device(self.group)
         both = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64, device=device)
         self.dist.all_reduce(both, op=self.dist.ReduceOp.MAX, group=self.group)
         if int(both[0]) != fingerprint or int(both[1]) != -fingerprint:
@@ -241,7 +243,7 @@ class GradSync:
                 opt._grads[p].copy_(flat[offset:offset + n])
                 offset += n
         self.in_flight = []
-        device = _comm_device(self.dist, self.group, self.params)
+        device = comm_device(self.group)
         flags = torch.tensor([opt._has_grad[p] for p in self.params], dtype=torch.uint8, device=device)
         self.dist.all_reduce(flags, op=self.dist.ReduceOp.MAX, group=self.group)
         self.control_bytes += flags.numel()
@@ -255,7 +257,7 @@ class GradSync:
         """update_in_backward, at step(): every rank must have updated the same params. A
         rank whose backward reached other params paired its all-reduces with other params'
         on the other ranks (silently when their sizes match): raise rather than go on."""
-        device = _comm_device(self.dist, self.group, self.params)
+        device = comm_device(self.group)
         flags = torch.tensor([opt._has_grad[p] for p in self.params], dtype=torch.uint8, device=device)
         both = torch.cat([flags, 1 - flags])  # MAX of both: 1 and 1 where the ranks differ
         self.dist.all_reduce(both, op=self.dist.ReduceOp.MAX, group=self.group)
@@ -287,12 +289,6 @@ class GradSync:
         self._reset()
 
 
-def _comm_device(dist, group, params) -> torch.device:
-    """Where the small control tensors live: the GPU with NCCL, the CPU with gloo."""
-    backend = dist.get_backend(group)
-    if "nccl" in str(backend) and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def _fingerprint(opt, sync: GradSync) -> int:
