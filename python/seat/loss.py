@@ -115,9 +115,26 @@ def _decoder(model) -> torch.nn.Module:
 def _hidden(model, input_ids: Tensor, attention_mask: Tensor, decoder: torch.nn.Module | None = None) -> Tensor:
     """(B, T, H) last hidden states of `decoder` (default: the one seat.patch validated)."""
     decoder = _decoder(model) if decoder is None else decoder
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=_position_ids(attention_mask),
-                  use_cache=False)
+    position_ids = _position_ids(attention_mask)
+    if getattr(getattr(model, "_seat_handle", None), "_sharding", None) is not None:
+        return _hidden_through_root(model, decoder, input_ids, attention_mask, position_ids)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out[0]
+
+
+def _hidden_through_root(model, decoder, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+    """The decoder's hidden states from the root model's forward (FSDP2: the root's forward
+    all-gathers the root's weights, lm_head's among them, and schedules the end of
+    backward; a call of the decoder alone would skip both), with logits for the last
+    position only."""
+    seen = []
+    hook = decoder.register_forward_hook(lambda module, args, out: seen.append(out[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+              logits_to_keep=1)
+    finally:
+        hook.remove()
+    return seen[-1]
 
 
 def logit_transform(config):

@@ -52,6 +52,9 @@ class Target:
     param: torch.nn.Parameter
     idx: Tensor | Mask  # (nnz,) int32 sorted flat positions in param.view(-1), or a mask in another encoding
     original: Tensor  # (nnz,) param.dtype: the base values there
+    # under FSDP2 (seat.distributed.shard): param is the DTensor, idx and original cover
+    # the rank's rows only, and shard says where they sit in the whole weight
+    shard: object = None
 
 
 def _checkpointing(model: torch.nn.Module) -> bool:
@@ -118,6 +121,7 @@ class SeatHandle:
         self.decoder = decoder  # the module whose hidden states SEAT's loss reads (the probe checked it)
         self._requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
         self._optimizer = None
+        self._sharding = None  # FSDP2 (seat.distributed.shard)
         self._in_reference = False
         self._deltas_on = Switch()  # the 4-bit targets' deltas, off inside reference()
         self.targets: dict[str, Target | QuantTarget] = {}
@@ -197,8 +201,9 @@ class SeatHandle:
 
     @property
     def num_trainable(self) -> int:
-        """Entries that train (the sum of the masks' sizes)."""
-        return sum(mask_nnz(t.idx) for t in self.targets.values())
+        """Entries that train (the sum of the masks' sizes; of the whole weights on a
+        sharded model)."""
+        return sum(t.shard.nnz if getattr(t, "shard", None) else mask_nnz(t.idx) for t in self.targets.values())
 
     @property
     def trainable_fraction(self) -> float:
@@ -270,9 +275,23 @@ class SeatHandle:
     def _swap_all(self) -> None:
         """Exchange the trained and the base values of the float targets (a 4-bit target's
         base is its packed weight, never written: its delta is switched off instead)."""
+        from .distributed._local import local
+
+        if self._sharding is not None:
+            self._check_resharded()
         for t in self.targets.values():
             if isinstance(t, Target):
-                mask_swap_(t.param.data, t.idx, t.original)
+                mask_swap_(local(t.param).data, t.idx, t.original)
+
+    def _check_resharded(self) -> None:
+        """Under FSDP2 a swap reaches the next all-gather only: a layer whose weights are
+        all-gathered now (between a forward and its backward without resharding) would
+        keep the values it holds."""
+        for name, t in self.targets.items():
+            if getattr(t.module, name.rsplit(".", 1)[-1]) is not t.param:
+                raise RuntimeError(f"{name} is unsharded (all-gathered) now, so handle.reference() cannot swap the "
+                                   "base values into it: enter reference() before a forward, or after the backward "
+                                   "of the previous one")
 
     def loss(self, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None):
         """The SEAT loss of a batch from seat.PairedCollator: a SeatLoss(loss, ce, kl)."""
@@ -331,10 +350,12 @@ class SeatHandle:
         their deltas and get their own forward back (their packed weights never changed)."""
         self._check_patched()
         self._refuse_in_reference("revert")
+        from .distributed._local import local
+
         with torch.no_grad():
             for t in self.targets.values():
                 if isinstance(t, Target):
-                    t.param.data.view(-1)[mask_indices(t.idx).long()] = t.original
+                    local(t.param).data.view(-1)[mask_indices(t.idx).long()] = t.original
         self._teardown()
 
     def __repr__(self) -> str:

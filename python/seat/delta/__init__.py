@@ -43,12 +43,33 @@ __all__ = ["DeltaMismatchError", "save_delta", "read_delta", "load_delta", "FORM
 def save_delta(handle, directory) -> None:
     """Write `handle`'s trained values to `directory` (see the module docstring): a new
     path, an empty directory, or an existing delta (replaced atomically). A file or a
-    directory holding anything else is refused (FileExistsError) and left untouched."""
+    directory holding anything else is refused (FileExistsError) and left untouched.
+    On a model sharded with seat.distributed.shard every rank calls it: the shards are
+    gathered to rank 0, which writes the delta of the whole weights."""
+    directory = _store.as_path(directory, "save_delta")
+    sharding = getattr(handle, "_sharding", None)
+    if sharding is not None:  # FSDP2: rank 0 writes what every rank's shards hold
+        from ..distributed._fsdp import agree, delta_entries
+
+        whole = delta_entries(handle)
+        error = None
+        if whole is not None:
+            try:
+                _write(handle, directory, whole)
+            except Exception as e:  # every rank raises it (agree), none waits forever
+                error = e
+        agree(sharding, error)
+        return
+    _write(handle, directory, None)
+
+
+def _write(handle, directory: Path, whole: dict | None) -> None:
+    """save_delta's files; `whole`: {name: (mask, values, original)} of a sharded model's
+    whole weights (gathered), else None (the targets hold them)."""
     from ..masks import as_mask
     from ..quant import QuantTarget
     from ..quant._delta import weight_entry
 
-    directory = _store.as_path(directory, "save_delta")
     tensors, weights = {}, {}
     for name, t in handle.targets.items():
         if isinstance(t, QuantTarget):  # a 4-bit weight: its delta, settings and dequantized base
@@ -56,11 +77,15 @@ def save_delta(handle, directory) -> None:
             idx = mask.indices()
             values, weights[name] = weight_entry(t)
         else:
-            mask = as_mask(t.idx, t.param.numel(), name)
-            idx = mask.indices()
-            values = t.param.detach().view(-1)[idx.long()].cpu().contiguous()
+            if whole is None:
+                mask = as_mask(t.idx, t.param.numel(), name)
+                idx = mask.indices()
+                values, original = t.param.detach().view(-1)[idx.long()].cpu().contiguous(), t.original
+            else:
+                mask, values, original = whole[name]
+                idx = mask.indices()
             weights[name] = {"shape": list(t.param.shape), "dtype": dtype_name(t.param.dtype), "nnz": mask.nnz,
-                             "base_sha256": bytes_sha256(t.original)}
+                             "base_sha256": bytes_sha256(original)}
         tensors[f"values/{name}"] = values
         weights[name]["values_sha256"] = tensor_sha256(values)
         spec = mask.spec()  # a mask defined by a few numbers is stored as them, not as indices
@@ -72,8 +97,21 @@ def save_delta(handle, directory) -> None:
             weights[name]["idx_sha256"] = tensor_sha256(idx)
     version = QUANT_FORMAT_VERSION if any("quant" in w for w in weights.values()) else FORMAT_VERSION
     meta = {"format": FORMAT, "format_version": version, "seat_version": __version__,
-            "model_class": type(handle.model).__name__, "config": handle.config.to_dict(), "weights": weights}
+            "model_class": _class_name(handle.model), "config": handle.config.to_dict(), "weights": weights}
     _store.save_files(directory, meta, tensors)
+
+
+def _class_name(model) -> str:
+    """The model's class name; for a model FSDP2 sharded, the class it had (fully_shard
+    swaps in a subclass named "FSDP" + its name)."""
+    from ..distributed._local import is_dtensor
+
+    cls = type(model)
+    if any(is_dtensor(p) for p in model.parameters()):
+        from torch.distributed.fsdp import FSDPModule
+
+        cls = next((c for c in cls.__bases__ if c is not FSDPModule), cls)
+    return cls.__name__
 
 
 def read_delta(directory) -> tuple[dict, dict[str, Tensor]]:
@@ -115,6 +153,11 @@ def load_delta(model: torch.nn.Module, directory, *, strict_class: bool = True) 
         raise RuntimeError("cannot load a delta inside `with handle.reference():` (the model holds its base values "
                            "there, and the block's exit would swap the loaded values out again); load it after "
                            "the block")
+    from ..distributed._local import is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise ValueError("load_delta writes whole weights and this model is sharded (FSDP2): load the delta into the "
+                         "unsharded model, then seat.patch and seat.distributed.shard it")
     meta, tensors = read_delta(directory)
     if strict_class and meta["model_class"] != type(model).__name__:
         raise DeltaMismatchError(f"{directory}: the delta was trained on a {meta['model_class']}, this model is a "

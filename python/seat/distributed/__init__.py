@@ -19,5 +19,6 @@ from __future__ import annotations
 
 from ._sync import DEFAULT_BUCKET_BYTES, REDUCTIONS, DataParallel, GradSync
 from ._counts import global_counts, global_sum
+from ._fsdp import shard
 
-__all__ = ["DEFAULT_BUCKET_BYTES", "REDUCTIONS", "DataParallel", "GradSync", "global_counts", "global_sum"]
+__all__ = ["DEFAULT_BUCKET_BYTES", "REDUCTIONS", "DataParallel", "GradSync", "global_counts", "global_sum", "shard"]

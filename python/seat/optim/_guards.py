@@ -73,9 +73,14 @@ def describe(opt, p: Tensor) -> str:
 def gate(opt, params: list[Tensor]) -> bool:
     """Whether a step may update `params` (those with a gradient) given opt.nonfinite:
     raises for "raise", warns, counts and returns False for "skip"."""
-    if opt.nonfinite == "apply" or not params:
+    group = getattr(opt, "_shard_group", None)  # FSDP2: every rank decides on every rank's shards
+    if opt.nonfinite == "apply" or (not params and group is None):
         return True
-    bad = first_nonfinite([opt._grads[p] for p in params])
+    bad = first_nonfinite([opt._grads[p] for p in params]) if params else None
+    if group is not None:
+        from ..distributed._local import first_on_any_rank
+
+        bad = first_on_any_rank(bad, len(params), group)
     if bad is None:
         return True
     p = params[bad]

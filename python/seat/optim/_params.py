@@ -8,6 +8,7 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
+from ..distributed._local import local
 from ..masks import STATE_KEYS, Mask, as_mask, from_state_dict
 from ..ops import _checks
 
@@ -17,7 +18,7 @@ def _check_param(name: str, param: Tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(param).__name__}")
     if param.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {param.dtype}")
-    if not param.is_contiguous():
+    if not local(param).is_contiguous():
         raise ValueError(f"{name} must be contiguous: the mask indexes its flat storage; "
                          "make the parameter contiguous before building its mask")
     if not param.is_leaf or not param.requires_grad:
@@ -64,10 +65,11 @@ def resolve_masks(params: list[Tensor], masks) -> dict[Tensor, Mask]:
         if isinstance(given, Tensor) and given.dtype == torch.bool and given.shape != p.shape:
             raise ValueError(f"{name} is a bool mask of shape {tuple(given.shape)}; its parameter has "
                              f"shape {tuple(p.shape)}")
-        if isinstance(given, Mask) and given.numel != p.numel():
+        numel = local(p).numel()  # an FSDP2 shard's mask covers the rank's rows
+        if isinstance(given, Mask) and given.numel != numel:
             raise ValueError(f"{name} ({type(given).__name__}) covers {given.numel} elements; its "
-                             f"parameter has {p.numel()}")
-        mask = as_mask(given, p.numel(), name)
+                             f"parameter has {numel}")
+        mask = as_mask(given, numel, name)
         if mask.device != p.device:
             raise ValueError(f"{name} is on {mask.device} but its parameter is on {p.device}")
         out[p] = mask

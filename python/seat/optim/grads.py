@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..distributed._local import local
 from . import _guards
 from .state import state_dtype
 
@@ -77,7 +78,7 @@ class CompactGrads:
 
     def compact_(self, opt, p: Tensor) -> None:
         """Add p.grad's masked entries to p's buffer and free p.grad."""
-        self._accumulate(p, p.grad, opt._masks[p])
+        self._accumulate(p, local(p.grad), opt._masks[p])
         p.grad = None
 
     def _accumulate(self, p: Tensor, dense: Tensor, mask) -> None:
@@ -95,7 +96,7 @@ class CompactGrads:
             if p.grad is not None:
                 if p.grad.is_sparse:
                     raise ValueError("SparseAdamW does not take sparse-layout gradients")
-                self._accumulate(p, p.grad.contiguous(), mask)
+                self._accumulate(p, local(p.grad).contiguous(), mask)
                 p.grad = None
 
     def gradient(self, p: Tensor) -> Tensor:
@@ -149,7 +150,7 @@ class UpdateInBackward:
             opt._check_updates_allowed()
         mask = opt._masks[p]
         grad = torch.zeros(mask.nnz, dtype=self.dtype(p), device=p.device)
-        ops.masked_gather_(grad, p.grad, mask)
+        ops.masked_gather_(grad, local(p.grad), mask)
         p.grad = None
         if opt._sync is not None:
             opt._sync.reduce_now(grad)  # data parallel: every rank applies the summed gradient

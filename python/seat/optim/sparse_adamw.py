@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..distributed._local import global_norm, local, shard_group
 from ..masks import Mask, from_state_dict
 from . import _checkpoint, _guards
 from ._groups import check_group, scalar
@@ -167,6 +168,9 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError(f"the parameter(s) at position {repeated} appear more than once: give each "
                              "parameter once")
         self._masks: dict[Tensor, Mask] = resolve_masks(all_params, masks)
+        # FSDP2-sharded params: the process group whose ranks hold the other shards (the
+        # gradient norm and the non-finite check span them), else None
+        self._shard_group = shard_group(all_params, data_parallel)
         if grad_dtype == torch.bfloat16 or state_bits == 8:
             fp64 = [i for i, p in enumerate(all_params) if p.dtype == torch.float64]
             if fp64:
@@ -212,11 +216,12 @@ class SparseAdamW(torch.optim.Optimizer):
         optimizers do) and gets its own gradient hooks on them."""
         own = {k: state.pop(k) if k in state else self._OWN_DEFAULTS[k] for k in self._OWN}
         super().__setstate__(state)
-        own["_masks"] = {p: m if isinstance(m, Mask) else from_state_dict(m, p.numel())
+        own["_masks"] = {p: m if isinstance(m, Mask) else from_state_dict(m, local(p).numel())
                          for p, m in own["_masks"].items()}
         self.__dict__.update(own)
         self._forbidden = []
         self._sync = None  # a process group does not travel: a copy trains on its own
+        self._shard_group = None
         self._grads, self._has_grad = self._gradients.buffers, self._gradients.has_grad
         self._hooks = []
         if self.compact_grads:
@@ -240,7 +245,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def _init_param(self, p: Tensor, group: dict) -> None:
         mask = self._masks[p]
         dtype = state_dtype(p)
-        size = p.numel() if self.dense_state else mask.nnz
+        size = local(p).numel() if self.dense_state else mask.nnz
         state = self.state[p]
         state["step"] = 0
         store_mask(state, mask)
@@ -248,7 +253,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros(size, dtype=dtype, device=p.device)
         if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
-            flat = p.detach().view(-1)
+            flat = local(p).detach().view(-1)
             state["master"] = (flat if self.dense_state else flat[mask.indices().long()]).to(dtype)
         self._gradients.add(p, mask.nnz)
         if self.compact_grads:
@@ -279,7 +284,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 kept = old_idx[where] == new_idx if old_idx.numel() else torch.zeros_like(new_idx, dtype=torch.bool)
                 for key in (*MOMENTS, "max_exp_avg_sq", "master"):
                     if key in state:
-                        fresh = (p.detach().view(-1)[new_idx.long()].to(state[key].dtype) if key == "master"
+                        fresh = (local(p).detach().view(-1)[new_idx.long()].to(state[key].dtype) if key == "master"
                                  else torch.zeros(new_idx.numel(), dtype=state[key].dtype, device=p.device))
                         fresh[kept] = state[key][where[kept]]
                         state[key] = fresh
@@ -348,13 +353,20 @@ class SparseAdamW(torch.optim.Optimizer):
             if self._sync is not None:
                 self._sync.finish(self)  # the norm of the global gradient
         grads = self._gradients.clip_list()
-        if not grads:
+        sharded = self._shard_group is not None  # every rank joins the norm's all-reduce
+        if not grads and not sharded:
             return torch.tensor(0.0)
         # torch's helpers: the same norm and clip coefficient as clip_grad_norm_; bf16
         # buffers are normed in fp32 (per tensor, so no fp32 copy of them exists)
         norms = grads if all(g.dtype != torch.bfloat16 for g in grads) else [
             torch.linalg.vector_norm(g, norm_type, dtype=torch.float32) for g in grads]
-        total = torch.nn.utils.get_total_norm(norms, norm_type, error_if_nonfinite)
+        total = (torch.nn.utils.get_total_norm(norms, norm_type, error_if_nonfinite and not sharded) if grads
+                 else torch.zeros(()))
+        if sharded:  # the norm of the whole gradient, from every rank's shards
+            total = global_norm(total, norm_type, self._shard_group)
+            if error_if_nonfinite and not bool(torch.isfinite(total)):
+                raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite, so it cannot "
+                                   "be clipped; pass error_if_nonfinite=False to clip anyway")
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for g in grads:
             g.mul_(coef.to(g.device, g.dtype))
@@ -459,7 +471,7 @@ class SparseAdamW(torch.optim.Optimizer):
         states = [self.state[p] for p in ps]
         with ExitStack() as stack:
             moments = [stack.enter_context(self._format.moments(s, start, stop)) for s in states]
-            ops.sparse_adamw_(ps, masks, [g[start:stop] for g in grads], [m for m, _ in moments],
+            ops.sparse_adamw_([local(p) for p in ps], masks, [g[start:stop] for g in grads], [m for m, _ in moments],
                               [v for _, v in moments], [_part(s.get("master"), start, stop) for s in states],
                               [_part(s.get("max_exp_avg_sq"), start, stop) for s in states], **hyper)
 

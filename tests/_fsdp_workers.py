@@ -1,0 +1,124 @@
+"""Workers for tests/_distributed.run_ranks: SEAT on a tiny Llama sharded with FSDP2
+(seat.distributed.shard) against the one-process run on the same global batches."""
+from __future__ import annotations
+
+import torch
+
+from _dist_workers import global_micro_batches, share
+from _models import tiny_model
+
+
+def _whole(t) -> torch.Tensor:
+    """A trained weight as one tensor (all-gathered from the shards when sharded)."""
+    from seat.distributed._local import is_dtensor
+
+    return (t.param.full_tensor() if is_dtensor(t.param) else t.param).detach().clone()
+
+
+def train_sharded(rank: int, world_size: int, case: dict) -> dict:
+    """case["steps"] optimizer steps of SEAT; sharded with FSDP2 (gradients summed, CE/KL
+    normalized by the global batch's counts) when world_size > 1. Returns the whole
+    trained weights, the losses, what reference() showed and (rank 0) the delta's
+    tensors and metadata."""
+    import seat
+    from seat.delta import read_delta
+    from seat.distributed import global_counts, shard
+
+    accumulation, clip = case.get("accumulation", 1), case.get("clip", 0.0)
+    model = tiny_model(case.get("kind", "llama"), seed=0)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    config = seat.SeatConfig(density=case.get("density", 0.25), mask_encoding=case.get("encoding", "int32"), seed=3)
+    handle = seat.patch(model, config)
+    if world_size > 1:
+        shard(handle, reduce="sum")
+    opt = handle.optimizer(lr=case.get("lr", 1e-3), **case.get("optimizer", {}))
+    losses, norms = [], []
+    for step in range(case.get("steps", 3)):
+        micro = [share(b, rank, world_size) for b in global_micro_batches(step, accumulation)]
+        n_ce, n_kl = global_counts(micro)
+        for batch in micro:
+            out = handle.loss(batch, num_items_in_batch=n_ce, kl_num_items=n_kl)
+            out.loss.backward()
+            losses.append(float(out.loss.detach()))
+        if clip:
+            norms.append(float(opt.clip_grad_norm_(clip)))
+        opt.step()
+        opt.zero_grad()
+    reference_exact = _reference_exact(handle, base)
+    delta = None
+    if case.get("delta_dir"):
+        path = f"{case['delta_dir']}/ranks{world_size}"
+        handle.save_delta(path)
+        if rank == 0:
+            meta, tensors = read_delta(path)
+            delta = {"meta": meta, "tensors": tensors}
+    return {"weights": {name: _whole(t) for name, t in handle.targets.items()}, "losses": losses, "norms": norms,
+            "reference_exact": reference_exact, "delta": delta, "num_trainable": handle.num_trainable,
+            "state_entries": sum(int(opt.state[t.param]["exp_avg"].numel()) for t in handle.targets.values()
+                                 if "exp_avg" in opt.state[t.param])}
+
+
+def _reference_exact(handle, base: dict) -> bool:
+    """Whether, inside handle.reference(), every rank's rows of every weight equal the base
+    model's bit for bit (and the trained values come back after)."""
+    from seat.distributed._local import local
+
+    before = {name: local(t.param).detach().clone() for name, t in handle.targets.items()}
+    with handle.reference():
+        exact = all(torch.equal(local(t.param).detach().view(-1),
+                                base[name].view(-1)[t.shard.lo:t.shard.hi] if t.shard else base[name].view(-1))
+                    for name, t in handle.targets.items())
+    back = all(torch.equal(local(t.param).detach(), before[name]) for name, t in handle.targets.items())
+    return exact and back
+
+
+def train_sharded_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict]:
+    return [train_sharded(rank, world_size, case) for case in cases]
+
+
+def sharded_misuse(rank: int, world_size: int, tmp: str) -> dict:
+    """What each misuse of seat.distributed.shard raised on this rank; then that the
+    model still trains a step."""
+    import seat
+    from seat.distributed import DataParallel, shard
+    from torch.distributed.fsdp import fully_shard
+
+    def message(call) -> str:
+        try:
+            call()
+        except (ValueError, RuntimeError) as e:
+            return str(e)
+        return ""
+
+    out = {}
+    other = tiny_model("llama", seed=1)
+    other_handle = seat.patch(other, seat.SeatConfig(density=0.25, seed=3))
+    other_handle.save_delta(f"{tmp}/delta{rank}")
+    for layer in other.model.layers:
+        fully_shard(layer)
+    fully_shard(other)
+    out["sharded_by_hand"] = message(lambda: shard(other_handle))
+    out["load_delta"] = message(lambda: seat.load_delta(other, f"{tmp}/delta{rank}"))
+
+    made = tiny_model("llama", seed=0)
+    made_handle = seat.patch(made, seat.SeatConfig(density=0.25, seed=3))
+    made_handle.optimizer(lr=1e-3)
+    out["after_optimizer"] = message(lambda: shard(made_handle))
+
+    model = tiny_model("llama", seed=0)
+    model.train()
+    handle = seat.patch(model, seat.SeatConfig(density=0.25, seed=3))
+    out["reduce"] = message(lambda: shard(handle, reduce="avg"))
+    shard(handle)
+    out["twice"] = message(lambda: shard(handle))
+    params = [t.param for t in handle.targets.values()]
+    out["data_parallel"] = message(lambda: seat.optim.SparseAdamW(
+        params, [t.idx for t in handle.targets.values()], data_parallel=DataParallel()))
+    opt = handle.optimizer(lr=1e-2)
+    before = {n: _whole(t) for n, t in handle.targets.items()}
+    batch = share(global_micro_batches(0, 1)[0], rank, world_size)
+    handle.loss(batch).loss.backward()
+    opt.step()
+    out["trained_after"] = any(not torch.equal(before[n], _whole(t)) for n, t in handle.targets.items())
+    return out

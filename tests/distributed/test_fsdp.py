@@ -1,0 +1,132 @@
+"""SEAT on a model sharded with FSDP2 (seat.distributed.shard) on CPU processes (gloo).
+
+N ranks, each holding 1/N of every weight's rows with the mask entries, base values and
+optimizer state of those rows, training on its share of every global micro-batch (CE/KL
+normalized by the global batch's counts, gradients summed by FSDP2's reduce-scatter),
+must follow the one-process run of the unsharded model on the whole global batch. FSDP2
+sums dense fp32 gradients (the ranks' partials, in another order than one process), so
+the weights agree to float32 rounding: bound 1e-6 after 3 steps at lr 1e-3 (seen: about
+1e-8). With bf16 compact gradients the sum is rounded to bf16 once, as on one process, but
+a sum that differs in its last fp32 bit can round the other way: bound 2 * lr * steps on
+every entry and 99% within lr / 20, as for data parallelism. 8-bit state is quantized in
+blocks of a rank's own entries, so its block boundaries (and absmax scales) differ from
+the one process's where a shard starts inside a block: the same bound.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _distributed import RankFailed, run_ranks
+from _fsdp_workers import sharded_misuse, train_sharded, train_sharded_cases
+
+pytestmark = pytest.mark.slow
+
+LR = 1e-3
+STEPS = 3
+ROUNDED = 2 * LR * STEPS
+CASES = {  # name -> (case, bound on every entry)
+    "default": (dict(accumulation=2, clip=1.0), 1e-6),
+    "implicit": (dict(encoding="implicit", accumulation=2), 1e-6),
+    "block16": (dict(encoding="block16", clip=0.5), 1e-6),
+    "bf16-grads": (dict(optimizer=dict(grad_dtype=torch.bfloat16), accumulation=2, clip=1.0), ROUNDED),
+    "update-in-backward": (dict(optimizer=dict(update_in_backward=True)), 1e-6),
+    "8-bit-state": (dict(optimizer=dict(state_bits=8), accumulation=2), ROUNDED),
+    "all-lean": (dict(optimizer=dict(grad_dtype=torch.bfloat16, update_in_backward=True, state_bits=8),
+                      encoding="implicit"), ROUNDED),
+}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def _fraction_close(a: dict, b: dict, atol: float) -> float:
+    close = sum(int(((a[k] - b[k]).abs() <= atol).sum()) for k in a)
+    return close / sum(a[k].numel() for k in a)
+
+
+def _check(results: list[list[dict]], cases: list[dict], tolerances: list[float]) -> None:
+    for case, tol, per_rank in zip(cases, tolerances, zip(*results)):
+        reference = train_sharded(0, 1, case)
+        for rank, got in enumerate(per_rank):
+            assert _max_diff(got["weights"], per_rank[0]["weights"]) == 0, f"rank {rank} differs from rank 0"
+            diff = _max_diff(got["weights"], reference["weights"])
+            assert diff <= tol, f"{case}: rank {rank} is {diff:.3g} from the one-process run (bound {tol:.3g})"
+            if tol == ROUNDED:
+                assert _fraction_close(got["weights"], reference["weights"], LR / 20) >= 0.99
+            assert got["reference_exact"], f"{case}: rank {rank}'s reference() is not the base model bit for bit"
+            assert got["num_trainable"] == reference["num_trainable"]
+            assert got["norms"] == pytest.approx(reference["norms"], rel=1e-5)
+        moved = _max_diff(reference["weights"], train_sharded(0, 1, dict(case, steps=0))["weights"])
+        assert moved > (1e-4 if tol == ROUNDED else 100 * tol), "training must move the weights"
+        summed = [sum(values) for values in zip(*(r["losses"] for r in per_rank))]
+        assert summed == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)
+        # the optimizer state is sharded: the ranks' entries add up to the one process's
+        assert sum(r["state_entries"] for r in per_rank) == reference["state_entries"]
+        assert all(r["state_entries"] < reference["state_entries"] for r in per_rank)
+
+
+def test_two_sharded_ranks_follow_the_one_process_run_in_every_mode_and_encoding():
+    cases = [dict(case, lr=LR, steps=STEPS) for case, _ in CASES.values()]
+    results = run_ranks(train_sharded_cases, 2, cases, timeout=500)
+    _check(results, cases, [tol for _, tol in CASES.values()])
+
+
+def test_four_sharded_ranks_follow_the_one_process_run():
+    names = ("default", "implicit")
+    cases = [dict(CASES[n][0], lr=LR, steps=STEPS) for n in names]
+    results = run_ranks(train_sharded_cases, 4, cases, timeout=500)
+    _check(results, cases, [CASES[n][1] for n in names])
+
+
+@pytest.mark.parametrize("encoding", ["int32", "implicit"])
+def test_the_delta_of_two_sharded_ranks_is_the_one_process_delta(tmp_path, encoding):
+    case = dict(lr=LR, steps=2, encoding=encoding, delta_dir=str(tmp_path))
+    one = train_sharded(0, 1, case)["delta"]
+    two = run_ranks(train_sharded, 2, case, timeout=300)
+    assert two[1]["delta"] is None  # rank 0 writes
+    got = two[0]["delta"]
+    assert sorted(got["tensors"]) == sorted(one["tensors"])
+    for key, value in one["tensors"].items():
+        if key.startswith("idx/"):
+            assert torch.equal(got["tensors"][key], value), key
+        else:
+            assert (got["tensors"][key] - value).abs().max().item() <= 1e-6, key
+    for name, entry in one["meta"]["weights"].items():
+        theirs = got["meta"]["weights"][name]
+        for field in ("shape", "dtype", "nnz", "base_sha256", "mask", "idx_sha256"):
+            assert theirs.get(field) == entry.get(field), (name, field)
+    assert got["meta"]["model_class"] == one["meta"]["model_class"] == "LlamaForCausalLM"
+    # and the delta holds the ranks' trained weights exactly
+    weights = two[0]["weights"]
+    for name, entry in got["meta"]["weights"].items():
+        values = got["tensors"][f"values/{name}"]
+        if "mask" in entry:
+            from seat.masks import from_spec
+
+            idx = from_spec(entry["mask"]).indices()
+        else:
+            idx = got["tensors"][f"idx/{name}"]
+        assert torch.equal(weights[name].view(-1)[idx.long()], values), name
+
+
+def test_misuse_of_a_sharded_model_is_refused_on_every_rank(tmp_path):
+    results = run_ranks(sharded_misuse, 2, str(tmp_path), timeout=300)
+    for messages in results:
+        assert "already sharded" in messages["twice"]
+        assert "fully_shard was called" in messages["sharded_by_hand"]
+        assert "before making its optimizer" in messages["after_optimizer"]
+        assert "data_parallel" in messages["data_parallel"]
+        assert "unsharded model" in messages["load_delta"]
+        assert "reduce must be" in messages["reduce"]
+        assert messages["trained_after"]  # the refusals left a model that still trains
+
+
+def test_a_failed_delta_write_raises_on_every_rank(tmp_path):
+    (tmp_path / "ranks2").write_text("a file where the delta folder would go")
+    with pytest.raises(RankFailed) as info:
+        run_ranks(train_sharded, 2, dict(lr=LR, steps=1, delta_dir=str(tmp_path)), timeout=300)
+    text = str(info.value)
+    assert "rank0" in text and "rank1" in text  # both ranks raised, neither hung
+    assert (tmp_path / "ranks2").read_text() == "a file where the delta folder would go"
