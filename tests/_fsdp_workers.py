@@ -122,3 +122,23 @@ def sharded_misuse(rank: int, world_size: int, tmp: str) -> dict:
     opt.step()
     out["trained_after"] = any(not torch.equal(before[n], _whole(t)) for n, t in handle.targets.items())
     return out
+
+
+def train_trainer_sharded(rank: int, world_size: int, output_dir: str, global_rows: int, max_steps: int,
+                          resume: str | None = None, fsdp: bool = True) -> dict:
+    """tests/_dist_workers.train_trainer with TrainingArguments(fsdp=True) when
+    world_size > 1 and `fsdp`: the whole trained weights and the logged losses."""
+    from _trainer_helpers import RECORDS, make_trainer
+    from seat.patching import handle_of
+
+    extra = {"fsdp": True} if world_size > 1 and fsdp else {}
+    trainer, model, _ = make_trainer(output_dir, records=RECORDS * 2,
+                                     per_device_train_batch_size=global_rows // world_size,
+                                     gradient_accumulation_steps=2, max_steps=max_steps, save_steps=2, **extra)
+    handle = handle_of(model)
+    steps_here = []
+    handle._optimizer.register_step_post_hook(lambda *_: steps_here.append(1))
+    trainer.train(resume_from_checkpoint=resume)
+    return {"weights": {name: _whole(t) for name, t in handle.targets.items()},
+            "losses": [(h["step"], h["loss"], h.get("kl")) for h in trainer.state.log_history if "loss" in h],
+            "sharded": handle._sharding is not None, "steps_here": len(steps_here)}

@@ -229,6 +229,8 @@ class SeatHandle:
         kwargs.setdefault("seed", self.config.seed)
         params = [(name, t.param) for name, t in self.targets.items()]  # named: errors name the layer
         self._optimizer = SparseAdamW(params, {t.param: t.idx for t in self.targets.values()}, lr=lr, **kwargs)
+        if self._sharding is not None:  # where each param's shard sits (whole_state_dict)
+            self._optimizer._shards = {t.param: t.shard for t in self.targets.values()}
         return self._optimizer
 
     @contextlib.contextmanager

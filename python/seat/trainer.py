@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from .masks import mask_indices
 from .patching import handle_of, patch
 from .distributed import global_counts, global_sum
 from .trainer_collator import DRAW_KEY, DrawTaggingCollator, evaluation_collator, is_stateful
-from .trainer_dp import check_data_parallel, keep_model_unwrapped
+from .trainer_dp import check_data_parallel, check_fsdp, keep_model_unwrapped, wants_fsdp
 from .trainer_resume import RUN_FILE, ResumeMismatchError, check_delta, check_resume, run_record
 
 DELTA_DIR = "seat_delta"
@@ -162,9 +163,12 @@ class SeatTrainerMixin:
                     kwargs) -> None:
         if seat_config is not None and seat_config != handle.config:
             raise ValueError("the model is already patched with another SeatConfig")
-        self._seat_dp = args.world_size > 1  # data parallel over several processes (see seat.trainer_dp)
+        self._seat_dp = args.world_size > 1  # several processes (see seat.trainer_dp)
+        self._seat_fsdp = wants_fsdp(args)  # sharded with FSDP2 (seat.distributed.shard)
         optimizer_kwargs = dict(optimizer_kwargs or {})
-        if self._seat_dp:
+        if self._seat_fsdp:
+            check_fsdp(args, handle, optimizer_kwargs, save_full_model, type(self).__name__)
+        elif self._seat_dp:
             optimizer_kwargs = check_data_parallel(args, handle, optimizer_kwargs, type(self).__name__)
         collator = kwargs.get("data_collator")
         if collator is not None and hasattr(collator, "data_rank"):
@@ -195,6 +199,12 @@ class SeatTrainerMixin:
         self.seat = handle
         self.save_full_model = save_full_model
         self.nonfinite = nonfinite
+        if self._seat_fsdp:  # the last step of set-up that can be refused is done: shard
+            from .distributed import shard
+
+            shard(handle, reduce="sum")
+            # the Trainer and accelerate must not apply their own FSDP to the sharded model
+            args = dataclasses.replace(args, fsdp="", fsdp_config=None)
         optimizer = handle._optimizer or handle.optimizer(
             lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
             weight_decay=args.weight_decay, **optimizer_kwargs)
@@ -366,14 +376,38 @@ class SeatTrainerMixin:
     def _stateful_collator(self) -> bool:
         return callable(getattr(self.data_collator, "load_state_dict", None))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if self._seat_fsdp:  # every rank: the delta is gathered from the shards
+            self._save(output_dir)
+            return
+        super().save_model(output_dir, _internal_call)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._seat_fsdp:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # every rank gathers the optimizer state of the whole weights (a collective);
+        # rank 0 saves it where the Trainer saves an optimizer's state_dict()
+        optimizer = self.seat._optimizer
+        whole = optimizer.whole_state_dict()
+        optimizer.state_dict = lambda: whole
+        try:
+            super()._save_optimizer_and_scheduler(output_dir)
+        finally:
+            del optimizer.state_dict
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.save_full_model:
             super()._save(output_dir, state_dict=state_dict)
+        if self._seat_fsdp:  # every rank takes part, rank 0 writes
+            if self.args.should_save:
+                os.makedirs(output_dir, exist_ok=True)
+            self.seat.save_delta(Path(output_dir) / DELTA_DIR)
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        self.seat.save_delta(Path(output_dir) / DELTA_DIR)
+        if not self._seat_fsdp:
+            self.seat.save_delta(Path(output_dir) / DELTA_DIR)
         if self._stateful_collator():
             state = self.data_collator.state_dict()
             if self._seat_next_draw is not None:
@@ -406,6 +440,18 @@ class SeatTrainerMixin:
         except Exception as e:
             optimizer.load_state_dict(previous)
             raise ResumeMismatchError(f"{checkpoint / TRAINER_FILES[0]} does not fit this run's optimizer: {e}") from e
+        if self._seat_fsdp:  # each rank writes its rows of the whole delta; checked first on every rank
+            from .distributed._fsdp import load_delta_shards
+
+            try:
+                load_delta_shards(self.seat, checkpoint / DELTA_DIR)
+            except Exception as e:
+                optimizer.load_state_dict(previous)
+                if isinstance(e, DeltaMismatchError):
+                    raise ResumeMismatchError(f"{checkpoint / DELTA_DIR}: {e}") from e
+                raise
+            self._finish_load(collator_state, saved)
+            return
         targets = list(self.seat.targets.values())
         index = [mask_indices(t.idx).long() for t in targets]
         before = [t.param.detach().view(-1)[i].clone() for t, i in zip(targets, index)]
@@ -424,6 +470,9 @@ class SeatTrainerMixin:
             if isinstance(e, DeltaMismatchError):
                 raise ResumeMismatchError(f"{checkpoint / DELTA_DIR}: {e}") from e
             raise
+        self._finish_load(collator_state, saved)
+
+    def _finish_load(self, collator_state, saved: dict) -> None:
         if collator_state is not None:
             self.data_collator.load_state_dict(collator_state)
         self.nonfinite_skipped = saved["nonfinite"]["skipped"]

@@ -17,6 +17,13 @@ it, per_device_train_batch_size rows per rank); SeatTrainer then
   * runs every micro-batch but the last of a step inside optimizer.no_sync().
 Checkpoints are written by rank 0 and record the global batch size, not the per-rank
 one, so a checkpoint resumes with another number of ranks when the global batch is the same.
+
+TrainingArguments(fsdp=True) (or "full_shard") shards the model with FSDP2 instead
+(seat.distributed.shard(handle, reduce="sum"), before the optimizer is built): the same
+normalization and draws, FSDP2's reduce-scatter in place of the compact all-reduce, and
+accelerate's own FSDP kept out (the arguments the Trainer sees have fsdp cleared).
+Checkpoints hold the delta and the optimizer state of the whole weights, gathered to rank 0
+(the one-process format), so they resume on any number of ranks, sharded or not.
 One exception to "as one process": when the training set's size is not a multiple of the
 global batch (and dataloader_drop_last=False), accelerate completes the epoch's last, short
 global batch with rows from the epoch's start (as under DDP) so that every rank has one;
@@ -25,14 +32,48 @@ one process trains on the short batch. Use dataloader_drop_last=True or a multip
 from __future__ import annotations
 
 
+# fsdp_config keys SeatTrainer honours (FSDP2 per decoder layer, resharded after forward)
+# or that do nothing here, with the values that fit
+_FSDP_CONFIG = {"reshard_after_forward": (True,), "min_num_params": None, "xla": (False,), "xla_fsdp_v2": (False,),
+                "xla_fsdp_grad_ckpt": (False,), "fsdp_version": (2, "2"), "transformer_layer_cls_to_wrap": None}
+
+
+def wants_fsdp(args) -> bool:
+    return bool(getattr(args, "fsdp", None))
+
+
+def check_fsdp(args, handle, optimizer_kwargs: dict, save_full_model: bool, trainer: str) -> None:
+    """Refuse what SeatTrainer cannot do under TrainingArguments(fsdp=...), before anything
+    is sharded."""
+    if args.world_size < 2:
+        raise ValueError(f"TrainingArguments(fsdp=...) shards the model over several processes but this run has "
+                         f"{args.world_size}: launch with torchrun (or accelerate launch), or drop fsdp")
+    for key, value in (getattr(args, "fsdp_config", None) or {}).items():
+        if key not in _FSDP_CONFIG:
+            if value:
+                raise ValueError(f"{trainer} shards with seat.distributed.shard (FSDP2 per decoder layer); "
+                                 f"fsdp_config[{key!r}]={value!r} is not supported: drop it")
+        elif _FSDP_CONFIG[key] is not None and value not in _FSDP_CONFIG[key]:
+            raise ValueError(f"{trainer} needs fsdp_config[{key!r}] in {_FSDP_CONFIG[key]} (FSDP2, layers resharded "
+                             f"after forward so that the reference swap reaches them); got {value!r}")
+    if handle._optimizer is not None:
+        raise ValueError(f"the handle's optimizer exists but {trainer} must shard the model before building it: "
+                         "do not call handle.optimizer() before the trainer")
+    if "data_parallel" in optimizer_kwargs:
+        raise ValueError("optimizer_kwargs['data_parallel'] is for unsharded models; with fsdp FSDP2 reduces the "
+                         "gradients: drop data_parallel")
+    if save_full_model:
+        raise ValueError("save_full_model=True is not supported with fsdp (the checkpoints hold the delta of the "
+                         "whole weights): drop it and merge the delta into the base model (seat merge)")
+    if getattr(args, "deepspeed", None):
+        raise ValueError(f"{trainer} does not run under DeepSpeed: drop deepspeed")
+
+
 def check_data_parallel(args, handle, optimizer_kwargs: dict, trainer: str) -> dict:
     """The optimizer kwargs of a data-parallel run (data_parallel added), after refusing
     what it cannot do."""
     from .distributed import DataParallel
 
-    if getattr(args, "fsdp", None) or getattr(args, "fsdp_config", None) and args.fsdp_config.get("fsdp_version"):
-        raise ValueError(f"{trainer} trains on several processes with compact-gradient data parallelism; FSDP "
-                         "sharding through TrainingArguments(fsdp=...) is not supported: drop fsdp")
     if getattr(args, "deepspeed", None):
         raise ValueError(f"{trainer} does not run under DeepSpeed (its optimizer and gradient partitioning replace "
                          "SparseAdamW's compact state): drop deepspeed, launch with torchrun or accelerate launch")

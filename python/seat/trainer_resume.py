@@ -61,16 +61,24 @@ def mask_fingerprints(handle) -> dict[str, object]:
 
     out = {}
     for name, t in handle.targets.items():
+        if getattr(t, "shard", None) is not None:  # FSDP2: the whole mask's, taken when it was cut
+            out[name] = t.shard.fingerprint
+            continue
         if hasattr(t, "weight_mask"):  # a 4-bit target: its mask over the weight, not the delta's (seat.quant)
             mask = as_mask(t.weight_mask, t.weight_numel, name)
         else:
             mask = as_mask(t.idx, t.param.numel(), name)
-        spec = mask.spec()
-        if spec is None:
-            idx = mask.indices().to(torch.int32).cpu().contiguous()
-            spec = {"nnz": mask.nnz, "indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest()}
-        out[name] = spec
+        out[name] = mask_fingerprint(mask)
     return _jsonable(out)
+
+
+def mask_fingerprint(mask) -> dict:
+    """A mask's spec, or the number and sha256 of its indices."""
+    spec = mask.spec()
+    if spec is None:
+        idx = mask.indices().to(torch.int32).cpu().contiguous()
+        spec = {"nnz": mask.nnz, "indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest()}
+    return spec
 
 
 def collator_description(collator) -> dict:

@@ -54,6 +54,7 @@ class ShardInfo:
     shape: tuple
     nnz: int  # the whole mask's entries
     spec: dict | None  # the whole mask's spec (implicit masks), else None: the positions are gathered at save
+    fingerprint: dict  # the whole mask's spec or indices' sha256 (seat.trainer_resume.mask_fingerprint)
 
 
 @dataclasses.dataclass
@@ -182,7 +183,9 @@ def _cut(t, param) -> None:
     s0, s1 = whole.slots_in(lo, hi)
     positions = whole.positions_in(lo, hi)
     encoding = whole.encoding if ENCODINGS[whole.encoding].holds_chosen_entries else "int32"
-    info = ShardInfo(lo, hi, param.numel(), tuple(param.shape), whole.nnz, whole.spec())
+    from ..trainer_resume import mask_fingerprint
+
+    info = ShardInfo(lo, hi, param.numel(), tuple(param.shape), whole.nnz, whole.spec(), mask_fingerprint(whole))
     t.param = param
     t.idx = encode_chosen(positions.to(local(param).device), hi - lo, encoding)
     t.original = t.original[s0:s1].clone()
@@ -233,3 +236,57 @@ def agree(sharding, error: BaseException | None) -> None:
     if failed:
         rank, message = failed[0]
         raise RuntimeError(f"rank {rank} failed: {message}")
+
+
+def load_delta_shards(handle, directory) -> None:
+    """Write a delta of the whole weights (save_delta's, from any number of ranks) into
+    this rank's rows: every rank calls it. Checked first, on every rank alike: the files
+    (read_delta), the model class, each weight's shape, dtype and mask, and the base values
+    at each mask equal to the ones this model started from (gathered to rank 0). A failed
+    load writes nothing on any rank and raises on every rank."""
+    import torch.distributed as dist
+
+    from ..delta import DeltaMismatchError, read_delta
+    from ..delta._format import bytes_sha256, dtype_name
+    from ..masks import from_spec
+    from ..trainer_resume import mask_fingerprint
+
+    sharding = handle._sharding
+    error, meta, tensors = None, None, None
+    try:
+        meta, tensors = read_delta(directory)
+    except Exception as e:  # raised on every rank below, after the ranks agree
+        error = e
+    agree(sharding, error)
+    originals = {name: t.original.detach().cpu() for name, t in handle.targets.items()}
+    gathered = [None] * sharding.world_size if sharding.rank == 0 else None
+    dist.gather_object(originals, gathered, dst=dist.get_global_rank(sharding.group, 0), group=sharding.group)
+    writes = []
+    try:
+        from ..delta import _class_name
+
+        if meta["model_class"] != _class_name(handle.model):
+            raise DeltaMismatchError(f"{directory}: the delta was trained on a {meta['model_class']}, this model is "
+                                     f"a {_class_name(handle.model)}")
+        for name, t in handle.targets.items():
+            entry = meta["weights"].get(name)
+            if entry is None:
+                raise DeltaMismatchError(f"{directory} has no values for {name}")
+            if entry["shape"] != list(t.shard.shape) or entry["dtype"] != dtype_name(t.param.dtype):
+                raise DeltaMismatchError(f"{directory}: {name} is {entry['dtype']} {entry['shape']} in the delta, "
+                                         f"{dtype_name(t.param.dtype)} {list(t.shard.shape)} here")
+            whole = from_spec(entry["mask"]) if "mask" in entry else as_mask(tensors[f"idx/{name}"], t.shard.numel,
+                                                                                name)
+            if mask_fingerprint(whole) != t.shard.fingerprint:
+                raise DeltaMismatchError(f"{directory}: the mask of {name} differs from this model's")
+            if gathered is not None and bytes_sha256(torch.cat([g[name] for g in gathered])) != entry["base_sha256"]:
+                raise DeltaMismatchError(f"{directory}: the base values at the mask of {name} differ from this "
+                                         "model's: load a delta trained from this base model")
+            s0, s1 = whole.slots_in(t.shard.lo, t.shard.hi)
+            writes.append((t, tensors[f"values/{name}"][s0:s1]))
+    except Exception as e:
+        error = e
+    agree(sharding, error)
+    with torch.no_grad():
+        for t, values in writes:
+            local(t.param).view(-1)[mask_indices(t.idx).long()] = values.to(local(t.param).device)

@@ -61,6 +61,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..distributed._fsdp_state import SHARD
 from ..distributed._local import global_norm, local, shard_group
 from ..masks import Mask, from_state_dict
 from . import _checkpoint, _guards
@@ -171,6 +172,7 @@ class SparseAdamW(torch.optim.Optimizer):
         # FSDP2-sharded params: the process group whose ranks hold the other shards (the
         # gradient norm and the non-finite check span them), else None
         self._shard_group = shard_group(all_params, data_parallel)
+        self._shards: dict = {}  # param -> seat.distributed._fsdp.ShardInfo (set by handle.optimizer())
         if grad_dtype == torch.bfloat16 or state_bits == 8:
             fp64 = [i for i, p in enumerate(all_params) if p.dtype == torch.float64]
             if fp64:
@@ -221,7 +223,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self.__dict__.update(own)
         self._forbidden = []
         self._sync = None  # a process group does not travel: a copy trains on its own
-        self._shard_group = None
+        self._shard_group, self._shards = None, {}
         self._grads, self._has_grad = self._gradients.buffers, self._gradients.has_grad
         self._hooks = []
         if self.compact_grads:
@@ -481,7 +483,20 @@ class SparseAdamW(torch.optim.Optimizer):
         "skipped_steps" (nonfinite="skip")."""
         out = super().state_dict()
         out["skipped_steps"] = self.skipped_steps
+        if self._shard_group is not None:  # one rank's slots of a sharded model (see whole_state_dict)
+            out[SHARD] = True
         return out
+
+    def whole_state_dict(self) -> dict | None:
+        """The state dict of the whole weights: state_dict() for one process; on a model
+        sharded with seat.distributed.shard, every rank's slots gathered to rank 0 in the
+        one-process format (None on the other ranks; a collective every rank calls), which
+        load_state_dict takes on any number of ranks, sharded or not."""
+        if self._shard_group is None:
+            return self.state_dict()
+        from ..distributed._fsdp_state import whole_state_dict
+
+        return whole_state_dict(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore state saved by state_dict(). The whole dict is checked before anything
@@ -493,6 +508,11 @@ class SparseAdamW(torch.optim.Optimizer):
         torch.optim.AdamW's default (maximize=False, ...), as torch's AdamW does."""
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():  # as torch's load_state_dict
             state_dict = pre_hook(self, state_dict) or state_dict
+        if self._shard_group is not None and isinstance(state_dict, dict) and not state_dict.get(SHARD):
+            from ..distributed._fsdp_state import local_state_dict  # a whole dict: this rank's slots of it
+
+            state_dict = local_state_dict(self, state_dict)
+        state_dict = {k: v for k, v in state_dict.items() if k != SHARD} if isinstance(state_dict, dict) else state_dict
         state, groups, skipped = _checkpoint.read(self, state_dict)
         self.state = state
         for group, loaded in zip(self.param_groups, groups):

@@ -1,0 +1,76 @@
+"""SeatTrainer with TrainingArguments(fsdp=True) on gloo processes: the model sharded by
+seat.distributed.shard, the global batch's normalization and draws, so N ranks follow the
+one-process run (fp32: weights within 1e-6 after 4 steps); checkpoints hold the whole
+weights' delta and optimizer state, so they resume on any number of ranks, sharded or not."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from _distributed import run_ranks
+from _fsdp_workers import train_trainer_sharded
+
+pytestmark = pytest.mark.slow
+
+GLOBAL_ROWS = 4
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp-trainer")
+    one = train_trainer_sharded(0, 1, str(root / "one"), GLOBAL_ROWS, 4)
+    two = run_ranks(train_trainer_sharded, 2, str(root / "two"), GLOBAL_ROWS, 4, timeout=400)
+    return {"root": root, "one": one, "two": two}
+
+
+def test_two_sharded_ranks_train_as_one_process(runs):
+    one, two = runs["one"], runs["two"]
+    for rank in two:
+        assert rank["sharded"] and rank["steps_here"] == 4
+        assert _max_diff(rank["weights"], one["weights"]) <= 1e-6
+        assert [s for s, _, _ in rank["losses"]] == [s for s, _, _ in one["losses"]]
+        for (_, loss, kl), (_, loss1, kl1) in zip(rank["losses"], one["losses"]):
+            assert loss == pytest.approx(loss1, rel=1e-5) and kl == pytest.approx(kl1, rel=1e-4, abs=1e-7)
+    assert not runs["one"]["sharded"]
+
+
+def test_the_checkpoint_holds_the_whole_weights(runs):
+    saved = torch.load(runs["root"] / "two" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert "seat_shard_state" not in saved  # gathered: the one-process format
+    one_process = torch.load(runs["root"] / "one" / "checkpoint-2" / "optimizer.pt", weights_only=True)
+    assert sorted(saved["state"]) == sorted(one_process["state"])
+    for key, entry in one_process["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.allclose(saved["state"][key][name], value, atol=1e-6, rtol=1e-4), (key, name)
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(saved["state"][key][name], value), (key, name)  # the masks
+            else:
+                assert saved["state"][key][name] == value
+
+
+@pytest.mark.parametrize("world_size", [1, 4])
+def test_a_two_rank_sharded_checkpoint_resumes_on_another_number_of_ranks(runs, tmp_path, world_size):
+    out = tmp_path / "resumed"
+    shutil.copytree(runs["root"] / "two" / "checkpoint-2", out / "checkpoint-2")
+    args = (str(out), GLOBAL_ROWS, 4, str(out / "checkpoint-2"))
+    got = (train_trainer_sharded(0, 1, *args) if world_size == 1
+           else run_ranks(train_trainer_sharded, world_size, *args, timeout=400)[0])
+    assert got["sharded"] == (world_size > 1)
+    assert _max_diff(got["weights"], runs["one"]["weights"]) <= 1e-6
+    assert got["steps_here"] == 2
+
+
+def test_a_one_process_checkpoint_resumes_sharded(runs, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(runs["root"] / "one" / "checkpoint-2", out / "checkpoint-2")
+    got = run_ranks(train_trainer_sharded, 2, str(out), GLOBAL_ROWS, 4, str(out / "checkpoint-2"), timeout=400)
+    for rank in got:
+        assert rank["sharded"] and rank["steps_here"] == 2
+        assert _max_diff(rank["weights"], runs["one"]["weights"]) <= 1e-6
