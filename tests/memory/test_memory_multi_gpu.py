@@ -138,10 +138,13 @@ def test_fsdp_state_and_phases_by_hand():
     assert f.phases["loss"] == {**one.phases["loss"],
                                 "FSDP: the root's whole weights (embeddings, lm_head, final norm)": whole_root}
     b = one.phases["backward"]
+    # FSDP2 reduce-scatters a layer's dense bf16 gradients (36864 elements, whole: every dim 0
+    # divides by 4) from a copy of them; the hooks then gather from the layer's reduce-scatter
+    # output (a quarter) into the compact gradients (state): the first moment is the worse
     assert f.phases["backward"] == {
         "activations": b["activations"], "backward through one block": b["backward through one block"],
-        "transient dense gradient (one weight)": 2 * 8192,  # gate / up / down in bf16
-        "FSDP: its layer's whole compact gradients (until their reduce-scatter)": 4 * 9216,
+        "FSDP: one layer's whole dense weight gradients": 2 * 36864,
+        "FSDP: reduce-scatter input (a copy of them)": 2 * 36864,
         "FSDP: the root's whole weights (embeddings, lm_head, final norm)": whole_root,
         "FSDP: two decoder layers' whole weights (all-gathered, prefetch)": two_layers}
 
@@ -168,10 +171,44 @@ def test_fsdp_lean_modes_by_hand():
     assert f.state["optimizer state (exp_avg, exp_avg_sq)"] == 2 * sum(2 * (k + 4 * -(-k // 256)) for k in per_layer)
     # block16 over a GPU's shard: uint16 offsets + an int32 start per 65536 elements (+ 1)
     assert f.state["mask indices"] == 2 * 4608 + 2 * 7 * 4 * 2
-    # the hook: the whole weight's dense gradient and its whole transient compact gradient
-    hook = {k: v for k, v in f.phases["backward"].items() if "FSDP: the root" not in k and "layers'" not in k}
-    assert hook["transient dense gradient (one weight)"] == 2 * 8192
-    assert hook["its transient compact gradient (update in backward)"] == 2 * 2048
+    # the hook's transients (the share's bf16 compact gradient, 2 x 512, and one 8-bit chunk
+    # of 512 entries, 9 x 512 + 4 x 2) and the layer's reduce-scatter output (2 x 36864 / 4)
+    # stay below the layer's whole gradients (2 x 36864) they replace
+    assert f.phases["backward"]["FSDP: one layer's whole dense weight gradients"] == 2 * 36864
+    assert f.phases["backward"]["FSDP: reduce-scatter input (a copy of them)"] == 2 * 36864
+    assert not any("compact gradient" in k or "8-bit" in k for k in f.phases["backward"])
+
+
+def test_fsdp_hook_moment_by_hand():
+    """Every entry trained (density 1), fp32 compact gradients and 8-bit state updated in
+    backward on 2 GPUs: the worst hook outweighs the layer's whole gradients. Its gradient is
+    a view of the layer's reduce-scatter output (one buffer, 2 B x 36864 / 2), which lives
+    until the layer's last hook, beside FSDP2's reduce-scatter input (2 B x 36864); the whole
+    dense gradients were freed once copied into it."""
+    f = sm.estimate(TINY, density=1.0, seq=32, batch=1, gradient_checkpointing=True, gpus=2, strategy="fsdp",
+                    optimizer_in_backward=True, optimizer_bits=8)
+    # gate, up (64 of 128 rows x 64) and down (32 of 64 rows x 128): 4096 entries a GPU, all trained
+    chunk = 8 * 4096 + 4096 + 4 * (4096 // 256)  # fp32 moments, new codes and absmax
+    hook = {"FSDP: reduce-scatter input (a copy of them)": 2 * 36864,
+            "FSDP: the layer's reduce-scatter output (its weights' dense shard gradients, one buffer)": 2 * 36864 // 2,
+            "its transient compact gradient of the GPU's share (update in backward)": 4 * 4096,
+            "8-bit update in backward: one chunk's fp32 moments and new codes": chunk}
+    assert sum(hook.values()) == 163904 > 2 * 2 * 36864  # the other moment: whole gradients and their copy
+    assert {k: v for k, v in f.phases["backward"].items() if k in hook or "whole dense" in k} == hook
+
+
+def test_fsdp_implicit_masks_become_int32_positions():
+    """seat.distributed.shard keeps an implicit mask as int32 positions of the shard: 4 B per
+    entry (not a prefix count per block), and an 8-bit chunk is a view of them (no int32
+    indices made per chunk as for a whole implicit mask)."""
+    kw = dict(index_encoding="implicit", optimizer_bits=8, state_chunk=256)
+    one, f = tiny(**kw), tiny(gpus=4, strategy="fsdp", **kw)
+    assert f.state["mask indices"] == 4 * 4608  # density 0.25 of 2**32 is exact: 18432 / 4 entries
+    assert one.state["mask indices"] == 2 * 4 * ((1 + 1) * 2 + (1 + 1) * 2 + (2 + 1) * 3)  # q,o 4096; k,v 2048; MLP 8192
+    # the optimizer steps 256 entries at a time: fp32 moments, codes and absmax (+ 1 KiB of
+    # int32 indices for the whole implicit mask, none on the shard)
+    assert f.phases["optimizer"] == {"8-bit update: one chunk's fp32 moments and new codes": 9 * 256 + 4}
+    assert one.phases["optimizer"] == {"8-bit update: one chunk's fp32 moments and new codes": 9 * 256 + 4 + 4 * 256}
 
 
 def test_fsdp_full_fine_tuning_by_hand():
@@ -189,17 +226,23 @@ def test_fsdp_full_fine_tuning_by_hand():
 
 
 def test_fsdp_bytes_sent_by_hand():
-    c = tiny(gpus=4, strategy="fsdp").communication
+    f = tiny(gpus=4, strategy="fsdp")
+    c = f.communication
     layer_share, root_share = 2 * 2 * LAYER // 4, 2 * ROOT // 4  # bf16 bytes per GPU
     assert c.collectives == {
         "all-gather of the decoder layers' weights (reference forward, forward, backward)":
             (3 * 4 * layer_share, 3 * 3 * layer_share),
         "all-gather of the root's weights (once)": (4 * root_share, 3 * root_share),
-        "reduce-scatter of the compact gradients": (4 * 18432, 3 * 4 * 4608)}
-    assert c.sent == 332928 + 49248 + 55296
+        # FSDP2 reduce-scatters the dense bf16 gradients, the compact ones never travel
+        "reduce-scatter of the trained weights' dense gradients (FSDP2)": (2 * TARGETS, 3 * 2 * TARGETS // 4)}
+    assert c.sent == 332928 + 49248 + 110592
     # FSDP dense: layers gathered twice, the root once, bf16 gradients reduce-scattered
     assert c.fsdp_dense == (2 * 4 * layer_share + 4 * root_share + 2 * TARGETS,
                             2 * 3 * layer_share + 3 * root_share + 3 * 2 * TARGETS // 4) == (509056, 381792)
+    # seat sends more: the reference forward's all-gather of the layers
+    assert c.sent - c.fsdp_dense[1] == 3 * layer_share
+    dense = "reduce-scatter of the trained weights' dense gradients (FSDP2)"
+    assert c.collectives[dense] == mg._fsdp_dense(f.arch, f.options)[dense]
 
 
 def test_fsdp_shards_scale_as_one_over_n():
@@ -220,15 +263,18 @@ def test_fsdp_shards_scale_as_one_over_n():
 def test_traffic_against_dense_training():
     """seat's dp sends its compact gradients: 10x less than DDP dense at density 0.05
     (4 B per trained entry, 0.05 of them, vs 2 B per target element), 20x with bf16
-    compact gradients; fsdp's extra reference forward costs it about as much as FSDP
-    dense's gradients."""
+    compact gradients; under fsdp seat sends what FSDP dense sends (FSDP2 reduce-scatters
+    the dense gradients) and one more all-gather of the layers (its reference forward):
+    Llama-3-8B's 32 layers of 218112000 bf16 parameters, 7/8 of them sent per gather."""
     kw = dict(density=0.05, gradient_checkpointing=True)
     dp = sm.estimate("Llama-3-8B", gpus=8, **kw).communication
     assert dp.sent * 10 == pytest.approx(dp.ddp_dense[1], rel=1e-3)
     bf16 = sm.estimate("Llama-3-8B", gpus=8, grad_dtype="bfloat16", **kw).communication
     assert bf16.sent * 20 == pytest.approx(dp.ddp_dense[1], rel=1e-3)
     f = sm.estimate("Llama-3-8B", gpus=8, strategy="fsdp", **kw).communication
-    assert 0.98 < f.sent / f.fsdp_dense[1] < 1.05
+    assert f.sent - f.fsdp_dense[1] == 7 * 32 * 218112000 * 2 // 8
+    assert f.sent / f.fsdp_dense[1] == pytest.approx(50.70 / 38.48, abs=1e-3)  # the guide's table
+    assert sm.estimate("Llama-3-8B", gpus=8, strategy="fsdp", **dict(kw, density=0.01)).communication.sent == f.sent
 
 
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("qwen2", {}), ("mixtral", {}),
@@ -285,7 +331,7 @@ def test_cli_reports_the_share_and_the_traffic():
                    "--gpu-memory", "24GiB"])
     est = sm.estimate("Llama-3-8B", gradient_checkpointing=True, gpus=8, strategy="fsdp")
     assert "8 GPUs (fsdp)" in out and f"{est.peak / 1e9:.3f}" in out
-    assert f"{est.communication.sent / 1e9:.3f}" in out and "reduce-scatter of the compact gradients" in out
+    assert f"{est.communication.sent / 1e9:.3f}" in out and "reduce-scatter of the trained weights' dense gradients (FSDP2)" in out
     assert f"{est.communication.fsdp_dense[1] / 1e9:,.2f} GB (FSDP)" in out
     d = json.loads(run_cli(["--config", "Llama-3-8B", "--gpus", "8", "--json"]))
     dp = sm.estimate("Llama-3-8B", gpus=8)

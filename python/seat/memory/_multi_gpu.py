@@ -17,23 +17,40 @@ fsdp (FSDP2 fully_shard per decoder layer and on the root; seat and full only)
   Each parameter is sharded along dim 0 (ceil(dim0 / N) rows per GPU, padded): weights,
   and for seat the masks, original values, optimizer state, compact gradients and fp32
   masters of the trained entries in a GPU's rows (the mean share of a weight's nnz, rounded
-  up: ceil(nnz * rows / dim0)). The root (embeddings, lm_head, final norm) is all-gathered
-  once and stays whole from the first forward to the end of backward (FSDP2 does not
-  reshard the root after forward); a decoder layer is all-gathered for each pass (seat: the
-  reference forward, the trained forward, the backward; dense: forward, backward) with
-  prefetch, so two layers' whole weights are alive while one runs. In backward, seat's hook
-  holds the largest weight's dense gradient and its layer's whole compact gradients until
-  their reduce-scatter; the update in backward gathers the whole compact gradient,
-  reduce-scatters it to the GPU's share and (8-bit) updates that share a chunk at a time.
-  full: the layer's whole dense gradients and FSDP2's reduce-scatter input (a copy of
-  them) in backward; sharded gradients and AdamW temporaries in the optimizer step.
+  up: ceil(nnz * rows / dim0)); an implicit mask is kept as int32 positions of the shard (4
+  B per entry: seat.distributed.shard), so its 8-bit steps need no chunk indices. The root
+  (embeddings, lm_head, final norm) is all-gathered once and stays whole from the first
+  forward (seat: the reference forward, which runs the root's forward as the loss does) to
+  the end of backward (FSDP2 does not reshard the root after forward); a decoder layer is
+  all-gathered for each pass (seat: the reference forward, the trained forward, the
+  backward; dense: forward, backward) with prefetch, so two layers' whole weights are
+  alive while one runs.
+  Backward, as FSDP2 runs it (torch's foreach_reduce), for seat and full alike: a layer's
+  trained weights' whole dense gradients (model dtype; frozen weights have none) are copied
+  into the reduce-scatter input, which stays alive until the next layer's reduce-scatter
+  (one in flight), so a layer's whole gradients and a copy of them coexist. The
+  reduce-scatter output is one buffer per layer holding the GPU's dense shard of each
+  trained weight's gradient; seat's post-accumulate-grad hook (seat.optim.grads) runs on
+  each shard gradient, a view of that buffer, after the layer's whole gradients are freed:
+  it gathers the masked entries into the compact gradient (state), or, with the update in
+  backward, into a transient compact gradient of the GPU's share (grad_dtype) and updates
+  the share (8-bit: a chunk at a time). The buffer is freed after the layer's last hook.
+  The backward phase holds the worse of the two moments: the whole gradients and their
+  copy, or the copy, the layer's shard gradients and the worst hook's transients (only
+  the update in backward has any; at N >= 2 the first moment is the larger, short of a
+  compact gradient larger than the dense shards). full: sharded gradients and AdamW
+  temporaries in the optimizer step.
+  Not done: a compact reduce-scatter of seat's masked entries only (e.g. via
+  FSDPModule.set_custom_reduce_scatter); FSDP2 reduce-scatters the dense gradients.
 
 Bytes sent per GPU and step, as a ring runs the collective over N GPUs: an all-reduce of P
 bytes sends 2 (N - 1) ceil(P / N); an all-gather or reduce-scatter whose share per GPU is S
 bytes sends (N - 1) S. The payload is the size of the whole buffer each collective works
 on. Baselines at the same N: DDP dense (all-reduce of every trained gradient in the model's
 dtype) and FSDP dense (the layers' weights all-gathered twice, the root once, the trained
-gradients reduce-scattered, all in the model's dtype).
+gradients reduce-scattered, all in the model's dtype). seat under fsdp sends FSDP dense's
+bytes and one more all-gather of the layers (its reference forward): more than FSDP dense,
+by about half of dense's all-gathers; under dp it sends only its compact gradients.
 """
 from __future__ import annotations
 
@@ -157,9 +174,20 @@ def _dp(est, opts):
 
 
 # ---------------------------------------------------------------------- fsdp
+WHOLE_GRADS = "FSDP: one layer's whole dense weight gradients"
+RS_INPUT = "FSDP: reduce-scatter input (a copy of them)"
+RS_OUTPUT = "FSDP: the layer's reduce-scatter output (its weights' dense shard gradients, one buffer)"
+DENSE_RS = "reduce-scatter of the trained weights' dense gradients (FSDP2)"
+
+
+def shard_options(opts):
+    """The options as seat.distributed.shard leaves a shard's mask: an implicit mask becomes
+    int32 positions of the shard (4 B per entry, chunks stepped through views)."""
+    return dataclasses.replace(opts, index_encoding="int32") if opts.index_encoding == "implicit" else opts
+
+
 def _fsdp(est, opts):
     arch, N, es = est.arch, opts.gpus, opts.es
-    gs = GRAD_DTYPES[opts.grad_dtype]
     layer_list, root = layers(arch), root_tensors(arch)
     every = [t for layer in layer_list for t in layer] + root
     targets = [(d0, n) for d0, n, trained in every if trained]
@@ -172,39 +200,32 @@ def _fsdp(est, opts):
     bwd = phases["backward"]
     backward = {"activations": bwd["activations"], "backward through one block": bwd["backward through one block"]}
     phases["loss"]["FSDP: the root's whole weights (embeddings, lm_head, final norm)"] = whole_root
-    layer_bytes = es * sum(shard_numel(d0, n, N) for layer in layer_list for d0, n, _ in layer)
-    root_bytes = es * sum(shard_numel(d0, n, N) for d0, n, _ in root)
     if opts.method == "seat":
+        sharded = shard_options(opts)
         count = E.implicit_nnz if opts.index_encoding == "implicit" else E.nnz_for
-        nnzs = [count(n, opts.density) for _, n in targets]
-        shares = [shard_nnz(k, d0, N) for k, (d0, _) in zip(nnzs, targets)]
+        shares = [shard_nnz(count(n, opts.density), d0, N) for d0, n in targets]
         numels = [shard_numel(d0, n, N) for d0, n in targets]
-        state["mask indices"] = sum(E._mask_index_bytes(opts, n, k) for n, k in zip(numels, shares))
+        state["mask indices"] = sum(E._mask_index_bytes(sharded, n, k) for n, k in zip(numels, shares))
         state["original values at the mask"] = es * sum(shares)
         state["optimizer state (exp_avg, exp_avg_sq)"] = E._adam_state_bytes(opts, shares)
         if "fp32 master values" in state:
             state["fp32 master values"] = 4 * sum(shares)
         if "compact gradient" in state:
-            state["compact gradient"] = gs * sum(shares)
+            state["compact gradient"] = GRAD_DTYPES[opts.grad_dtype] * sum(shares)
         phases["ref_forward"].update(unsharded)
-        backward.update(_seat_hook(arch, opts, layer_list))
+        backward.update(_fsdp_gradients(opts, layer_list))
         if "optimizer" in phases:
             phases["optimizer"] = {"8-bit update: one chunk's fp32 moments and new codes":
-                                   max(E._chunk_update_bytes(opts, k) for k in shares)}
-        compact_whole = gs * sum(nnzs)
-        collectives = {
-            "all-gather of the decoder layers' weights (reference forward, forward, backward)":
-                (3 * N * layer_bytes, 3 * (N - 1) * layer_bytes),
-            "all-gather of the root's weights (once)": (N * root_bytes, (N - 1) * root_bytes),
-            "reduce-scatter of the compact gradients": (compact_whole, (N - 1) * gs * sum(shares))}
+                                   max(E._chunk_update_bytes(sharded, k) for k in shares)}
+        collectives = _fsdp_dense(arch, opts, reference_forward=True)
     else:  # full: dense AdamW on the sharded targets
         shard_targets = sum(shard_numel(d0, n, N) for d0, n in targets)
         state["optimizer state (exp_avg, exp_avg_sq)"] = 2 * es * shard_targets
         layer_grads = max(es * sum(padded_numel(d0, n, N) for d0, n, trained in layer if trained)
                           for layer in layer_list)
         backward["logits' gradient and saved log-softmax"] = bwd["logits' gradient and saved log-softmax"]
-        backward["FSDP: one layer's whole dense weight gradients"] = layer_grads
-        backward["FSDP: reduce-scatter input (a copy of them)"] = layer_grads
+        backward[WHOLE_GRADS] = layer_grads
+        backward[RS_INPUT] = layer_grads
         largest = max(shard_numel(d0, n, N) for d0, n in targets)
         phases["optimizer"] = E._dense_optimizer_phase(opts, shard_targets, largest)
         collectives = _fsdp_dense(arch, opts)
@@ -212,44 +233,52 @@ def _fsdp(est, opts):
     return state, phases, collectives
 
 
-def _seat_hook(arch, opts, layer_list) -> dict[str, int]:
-    """Seat's gradient hook under fsdp at the worst weight (see the module docstring)."""
+def _fsdp_gradients(opts, layer_list) -> dict[str, int]:
+    """seat's gradients in backward under fsdp, at the worst layer and moment (see the
+    module docstring): a layer's whole dense gradients and FSDP2's reduce-scatter copy of
+    them; or that copy, the reduce-scatter output (the layer's dense shard gradients, of
+    which each hook's gradient is a view) and, with the update in backward, the hook's
+    transient compact gradient of the GPU's share (grad_dtype) and, 8-bit, one chunk's
+    update of that share."""
     N, es, gs = opts.gpus, opts.es, GRAD_DTYPES[opts.grad_dtype]
+    sharded = shard_options(opts)
     count = E.implicit_nnz if opts.index_encoding == "implicit" else E.nnz_for
     worst: dict[str, int] = {}
     for layer in layer_list:
-        trained = [(d0, n, count(n, opts.density)) for d0, n, t in layer if t]
-        layer_compact = gs * sum(k for _, _, k in trained)
-        for d0, n, k in trained:
-            if not opts.optimizer_in_backward:
-                moments = [{"transient dense gradient (one weight)": n * es,
-                            "FSDP: its layer's whole compact gradients (until their reduce-scatter)": layer_compact}]
-            else:
-                share = shard_nnz(k, d0, N)
-                moments = [{"transient dense gradient (one weight)": n * es,
-                            "its transient compact gradient (update in backward)": gs * k}]
+        trained = [(d0, n) for d0, n, t in layer if t]
+        whole = es * sum(padded_numel(d0, n, N) for d0, n in trained)
+        out = es * sum(shard_numel(d0, n, N) for d0, n in trained)
+        moments = [{WHOLE_GRADS: whole, RS_INPUT: whole}]
+        for d0, n in trained:
+            hook = {RS_INPUT: whole, RS_OUTPUT: out}
+            if opts.optimizer_in_backward:
+                share = shard_nnz(count(n, opts.density), d0, N)
+                hook["its transient compact gradient of the GPU's share (update in backward)"] = gs * share
                 if opts.optimizer_bits == 8:
-                    moments.append({"its compact gradient's share (reduce-scattered)": gs * share,
-                                    "8-bit update in backward: one chunk's fp32 moments and new codes":
-                                        E._chunk_update_bytes(opts, share)})
-            for moment in moments:
-                if sum(moment.values()) > sum(worst.values()):
-                    worst = moment
+                    hook["8-bit update in backward: one chunk's fp32 moments and new codes"] = \
+                        E._chunk_update_bytes(sharded, share)
+            moments.append(hook)
+        for moment in moments:
+            if sum(moment.values()) > sum(worst.values()):
+                worst = moment
     return worst
 
 
-def _fsdp_dense(arch, opts) -> dict[str, tuple[int, int]]:
-    """FSDP dense training of the same targets: the layers' weights all-gathered for the
-    forward and the backward, the root's once, the trained gradients reduce-scattered."""
+def _fsdp_dense(arch, opts, reference_forward: bool = False) -> dict[str, tuple[int, int]]:
+    """FSDP2's collectives: the layers' weights all-gathered for the forward and the
+    backward (reference_forward: also for seat's reference forward), the root's once, the
+    trained weights' dense gradients reduce-scattered in the model's dtype. Without
+    reference_forward: FSDP dense training of the same targets."""
     N, es = opts.gpus, opts.es
     layer_list, root = layers(arch), root_tensors(arch)
     layer_bytes = es * sum(shard_numel(d0, n, N) for layer in layer_list for d0, n, _ in layer)
     root_bytes = es * sum(shard_numel(d0, n, N) for d0, n, _ in root)
     grad_bytes = es * sum(shard_numel(d0, n, N) for layer in layer_list for d0, n, t in layer if t)
-    return {"all-gather of the decoder layers' weights (forward, backward)": (2 * N * layer_bytes,
-                                                                               2 * (N - 1) * layer_bytes),
+    passes, what = (3, "reference forward, forward, backward") if reference_forward else (2, "forward, backward")
+    return {f"all-gather of the decoder layers' weights ({what})": (passes * N * layer_bytes,
+                                                                    passes * (N - 1) * layer_bytes),
             "all-gather of the root's weights (once)": (N * root_bytes, (N - 1) * root_bytes),
-            "reduce-scatter of the dense gradients": (N * grad_bytes, (N - 1) * grad_bytes)}
+            DENSE_RS: (N * grad_bytes, (N - 1) * grad_bytes)}
 
 
 def _total(collectives: dict) -> tuple[int, int]:
