@@ -102,7 +102,10 @@ class SeatTrainerMixin:
         moves the names training draws, and its losses compare across evaluations.
       * on several processes (torchrun, accelerate launch): compact-gradient data
         parallelism, no DDP wrapper; CE/KL normalized by the global batch's counts, so the
-        trajectory does not depend on the number of ranks (see seat.trainer_dp).
+        trajectory does not depend on the number of ranks (see seat.trainer_dp);
+        TrainingArguments(fsdp=True) shards the model with FSDP2 instead
+        (seat.distributed.shard), with checkpoints of the whole weights that resume on
+        any number of ranks.
       * a refused set-up leaves the model as it was given (a patch made here is reverted).
 
     Non-finite losses (nonfinite=): the loss of every micro-batch is checked before its
