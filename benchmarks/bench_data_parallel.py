@@ -1,7 +1,8 @@
 """SEAT on several processes: step time and bytes per step, compact-gradient data
-parallelism (seat.distributed) vs torch DDP full fine-tuning of the same weights.
+parallelism (seat.distributed) vs torch DDP full fine-tuning of the same weights, and
+FSDP2 sharding (seat.distributed.shard) vs FSDP2 full fine-tuning.
 
-    python benchmarks/bench_data_parallel.py [--quick] [--ranks 1 2 4] [--steps N]
+    python benchmarks/bench_data_parallel.py [--quick] [--ranks 1 2 4] [--steps N] [--no-fsdp]
                                              [--out DIR (default: benchmarks/results/<device>)]
 
 Each row is one `torchrun --nproc-per-node N` run on this machine's CPUs (gloo), every
@@ -13,12 +14,19 @@ with one batch per GPU), with the cores split evenly between the ranks:
   ddp dense    torch DDP around the same model, every target linear trained by
                torch.optim.AdamW on CE over x and x~ (no reference forward): what full
                fine-tuning on N processes computes and communicates
+  seat fsdp    seat.patch + seat.distributed.shard (FSDP2 per decoder layer and on the
+               model) + handle.optimizer(): FSDP2's all-gathers and dense reduce-scatter
+               of the trained weights' gradients, seat's state per shard (2+ ranks)
+  fsdp dense   FSDP2 the same way around the model, the same linears trained by
+               torch.optim.AdamW on CE over x and x~ (2+ ranks)
 Columns: median step time (forward, backward, communication, optimizer step), the part
 of it spent waiting for communication after backward (seat: in the optimizer's
 synchronization; DDP overlaps inside backward, so it is not separable there), and the
 gradient bytes all-reduced per step and rank (seat: counted by the optimizer; DDP: the
-trainable gradients' bytes, what its buckets carry). With more ranks than cores the step
-time measures the cores' sharing as much as communication: read it with the core count.
+trainable gradients' bytes, what its buckets carry; FSDP2: the payload of every all-gather
+(the gathered output) and reduce-scatter (the input) of the step, counted where FSDP2 calls
+torch.distributed). With more ranks than cores the step time measures the cores' sharing
+as much as communication: read it with the core count.
 """
 from __future__ import annotations
 
@@ -97,25 +105,17 @@ def worker(method: str, size: str, steps: int, out: str) -> None:
 
         def sent():
             return opt.data_parallel.last_step_grad_bytes if world > 1 else 0
+    elif method in ("seat fsdp", "fsdp dense"):
+        step, sent = _fsdp_method(method, model, rank, vocab)
+        waits = []
     else:
-        targets = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not
-                   model.get_output_embeddings().weight]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in targets:
-            p.requires_grad_(True)
+        targets = _train_only_linears(model)
         ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
         opt = torch.optim.AdamW(targets, lr=1e-4)
         waits = []
 
         def step(i):
-            b = _batch(rank, i, vocab)
-            out = ddp(input_ids=torch.cat([b["input_ids"], b["pert_input_ids"]]),
-                      attention_mask=torch.cat([b["attention_mask"], b["pert_attention_mask"]]),
-                      labels=torch.cat([b["labels"], b["labels"]]))
-            out.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            _dense_step(ddp, opt, _batch(rank, i, vocab))
 
         def sent():
             return sum(p.numel() * p.element_size() for p in targets) if world > 1 else 0
@@ -130,12 +130,88 @@ def worker(method: str, size: str, steps: int, out: str) -> None:
         times.append(time.perf_counter() - t)
     if rank == 0:
         trained = (sum(m.nnz for m in opt._masks.values()) if method == "seat dp"
+                   else None if "fsdp" in method
                    else sum(p.numel() for g in opt.param_groups for p in g["params"]))
         Path(out).write_text(json.dumps({"ms": statistics.median(times) * 1e3,
                                          "wait_ms": statistics.median(waits) * 1e3 if waits else None,
                                          "bytes": sent(), "trained": trained,
                                          "threads": torch.get_num_threads()}))
     dist.destroy_process_group()
+
+
+def _train_only_linears(model) -> list:
+    """Freeze every parameter but the decoder's linear weights (seat's targets); return those."""
+    import torch
+
+    head = model.get_output_embeddings().weight
+    targets = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not head]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in targets:
+        p.requires_grad_(True)
+    return targets
+
+
+def _dense_step(model, opt, b: dict) -> None:
+    """Full fine-tuning's step: CE over x and x~ (no reference forward), AdamW."""
+    import torch
+
+    out = model(input_ids=torch.cat([b["input_ids"], b["pert_input_ids"]]),
+                attention_mask=torch.cat([b["attention_mask"], b["pert_attention_mask"]]),
+                labels=torch.cat([b["labels"], b["labels"]]))
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _fsdp_method(method: str, model, rank: int, vocab: int):
+    """(step, sent) of seat fsdp / fsdp dense; sent() is the payload of the last step's
+    all-gathers and reduce-scatters (counted by wrapping the torch.distributed calls FSDP2
+    makes)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    counted = {"bytes": 0}
+    for name in ("all_gather_single", "reduce_scatter_single"):
+        original = getattr(dist, name)
+
+        def counting(*args, _original=original, _gather=name.startswith("all_gather"), **kwargs):
+            whole = kwargs.get("output") if _gather else kwargs.get("input")
+            whole = whole if whole is not None else args[0 if _gather else 1]
+            counted["bytes"] += whole.numel() * whole.element_size()
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counting)
+    if method == "seat fsdp":
+        import seat
+        from seat.distributed import shard
+
+        handle = seat.patch(model, seat.SeatConfig(density=DENSITY))
+        shard(handle)
+        opt = handle.optimizer(lr=1e-4)
+
+        def train(b):
+            handle.loss(b).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    else:
+        _train_only_linears(model)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def train(b):
+            _dense_step(model, opt, b)
+    last = {"bytes": 0}
+
+    def step(i):
+        counted["bytes"] = 0
+        train(_batch(rank, i, vocab))
+        last["bytes"] = counted["bytes"]
+
+    return step, lambda: last["bytes"]
 
 
 def run(method: str, size: str, ranks: int, steps: int) -> dict:
@@ -159,6 +235,7 @@ def main(argv=None, progress=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller model, ranks 1 and 2, 3 steps")
     parser.add_argument("--ranks", type=int, nargs="+", help="process counts (default 1 2 4; --quick 1 2)")
     parser.add_argument("--steps", type=int, help="timed steps per run (default 7; --quick 3)")
+    parser.add_argument("--no-fsdp", action="store_true", help="data parallelism only (no FSDP2 rows)")
     parser.add_argument("--device", choices=("cpu",), default="cpu", help="CPU processes joined by gloo")
     parser.add_argument("--out", type=Path, help="results folder (default: results/<device name>)")
     args = parser.parse_args(argv)
@@ -168,11 +245,14 @@ def main(argv=None, progress=None) -> int:
     ranks = args.ranks or ([1, 2] if args.quick else [1, 2, 4])
     steps = args.steps or (3 if args.quick else 7)
     progress = progress or Progress()
-    progress.expect(2 * len(ranks))
+    def methods(n: int) -> tuple:
+        return ("seat dp", "ddp dense") + (() if args.no_fsdp or n < 2 else ("seat fsdp", "fsdp dense"))
+
+    progress.expect(sum(len(methods(n)) for n in ranks))
     env = environment("cpu")
     rows = []
     for n in ranks:
-        for method in ("seat dp", "ddp dense"):
+        for method in methods(n):
             r = run(method, size, n, steps)
             row = {"method": method, "ranks": n, "threads_per_rank": r["threads"], "ms": r["ms"],
                    "wait_ms": r["wait_ms"], "trained": r["trained"], "mb_per_step": r["bytes"] / 1e6}
@@ -185,15 +265,21 @@ def main(argv=None, progress=None) -> int:
         dense = next((r for r in rows if r["method"] == "ddp dense" and r["ranks"] == row["ranks"]), None)
         if row["method"] == "seat dp" and dense and dense["mb_per_step"]:
             row["bytes_vs_ddp"] = row["mb_per_step"] / dense["mb_per_step"]
+        sharded = next((r for r in rows if r["method"] == "fsdp dense" and r["ranks"] == row["ranks"]), None)
+        if row["method"] == "seat fsdp" and sharded and sharded["mb_per_step"]:
+            row["bytes_vs_ddp"] = row["mb_per_step"] / sharded["mb_per_step"]
     name = "data_parallel_quick" if args.quick else "data_parallel"
     md = write_results(
-        name, rows, env, title=f"Data parallelism on CPU processes (gloo): seat dp vs DDP dense, "
+        name, rows, env, title=f"Several CPU processes (gloo): seat dp vs DDP dense, seat fsdp vs FSDP2 dense, "
                                f"{ROWS_PER_RANK}x{SEQ} tokens per rank, d={DENSITY}",
         columns=[("method", "method"), ("ranks", "ranks"), ("threads_per_rank", "threads/rank"), ("ms", "ms/step"),
                  ("wait_ms", "comm wait ms"), ("wait_share", "wait share"), ("mb_per_step", "MB/step/rank"),
-                 ("bytes_vs_ddp", "bytes vs DDP")],
+                 ("bytes_vs_ddp", "bytes vs dense")],
         notes=["MB/step/rank: gradient payload all-reduced per optimizer step (seat: the compact gradients, counted "
-               "by SparseAdamW; DDP: every trained weight's fp32 gradient). A ring all-reduce sends 2(N-1)/N of it.",
+               "by SparseAdamW; DDP: every trained weight's fp32 gradient). A ring all-reduce sends 2(N-1)/N of it. FSDP2 "
+               "rows: the payload of the step's all-gathers (every layer gathered for the forward and the backward, "
+               "seat also for the reference forward; the root once) and reduce-scatters (the trained weights' dense "
+               "gradients); a ring sends (N-1)/N of it. bytes vs dense: seat dp / DDP, seat fsdp / FSDP2 dense.",
                "comm wait: median time step() spends finishing the all-reduces that backward started (seat only).",
                "The cores are split between the ranks (threads/rank): with more ranks than cores the step time "
                "includes the sharing. CPU timings depend on the machine's load (the line above)."],

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -60,10 +62,24 @@ def test_bench_data_parallel_writes_results(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "data_parallel_quick.json").read_text())
     rows = {(r["method"], r["ranks"]): r for r in data["rows"]}
-    assert set(rows) == {("seat dp", 1), ("ddp dense", 1), ("seat dp", 2), ("ddp dense", 2)}
+    assert set(rows) == {("seat dp", 1), ("ddp dense", 1), ("seat dp", 2), ("ddp dense", 2), ("seat fsdp", 2),
+                         ("fsdp dense", 2)}
     assert rows[("seat dp", 1)]["mb_per_step"] == 0 and rows[("ddp dense", 1)]["mb_per_step"] == 0
     seat, ddp = rows[("seat dp", 2)], rows[("ddp dense", 2)]
     # the compact fp32 gradients: 4 bytes per trained entry; DDP: 4 bytes per trained weight entry
     assert seat["mb_per_step"] * 1e6 == 4 * seat["trained"] and ddp["mb_per_step"] * 1e6 == 4 * ddp["trained"]
     assert 0.04 < seat["bytes_vs_ddp"] < 0.06  # density 0.05
     assert seat["wait_ms"] >= 0 and all(r["ms"] > 0 for r in rows.values())
+    # FSDP2: the layers gathered for the forward and the backward, the root once, the trained
+    # (linear) weights' fp32 gradients reduce-scattered; seat gathers the layers once more
+    # (the reference forward)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_data_parallel
+
+    model = bench_data_parallel._model("quick")
+    layers = 4 * sum(p.numel() for p in model.model.layers.parameters())
+    linears = 4 * sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    root = 4 * sum(p.numel() for p in model.parameters()) - layers
+    sharded, dense = rows[("seat fsdp", 2)], rows[("fsdp dense", 2)]
+    assert round(dense["mb_per_step"] * 1e6) == 2 * layers + root + linears
+    assert round(sharded["mb_per_step"] * 1e6) == 3 * layers + root + linears
