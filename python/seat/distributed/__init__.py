@@ -1,5 +1,9 @@
 """seat.distributed: SEAT on several processes with torch.distributed.
 
+Two ways: compact-gradient data parallelism (every rank holds the whole model; below) and
+FSDP2 sharding for a model too large for one GPU: ``shard(handle)`` after seat.patch and
+before handle.optimizer() (see _fsdp.py).
+
 Compact-gradient data parallelism (see _sync.py): build the same model, SeatConfig and
 SparseAdamW on every rank with ``data_parallel=DataParallel(...)``; the model is not
 wrapped in DDP. Each step all-reduces only the compact gradients (the trained entries),
