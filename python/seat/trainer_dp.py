@@ -45,6 +45,12 @@ def wants_fsdp(args) -> bool:
 def check_fsdp(args, handle, optimizer_kwargs: dict, save_full_model: bool, trainer: str) -> None:
     """Refuse what SeatTrainer cannot do under TrainingArguments(fsdp=...), before anything
     is sharded."""
+    import os
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes"):
+        raise ValueError(f"{trainer} shards the model itself (seat.distributed.shard) but accelerate was launched with "
+                         "its own FSDP config (ACCELERATE_USE_FSDP): launch with torchrun, or accelerate launch "
+                         "without --use_fsdp / an FSDP config file")
     if args.world_size < 2:
         raise ValueError(f"TrainingArguments(fsdp=...) shards the model over several processes but this run has "
                          f"{args.world_size}: launch with torchrun (or accelerate launch), or drop fsdp")
