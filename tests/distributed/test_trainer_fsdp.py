@@ -74,3 +74,26 @@ def test_a_one_process_checkpoint_resumes_sharded(runs, tmp_path):
     for rank in got:
         assert rank["sharded"] and rank["steps_here"] == 2
         assert _max_diff(rank["weights"], runs["one"]["weights"]) <= 1e-6
+
+
+@pytest.mark.parametrize("env, needle", [({}, "several processes"),
+                                         ({"ACCELERATE_USE_FSDP": "true"}, "ACCELERATE_USE_FSDP")])
+def test_fsdp_refusals_leave_the_model_as_given(tmp_path, monkeypatch, env, needle):
+    from _trainer_helpers import make_trainer
+    import seat.trainer_dp
+    from seat.patching import handle_of
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    seen = {}
+    check = seat.trainer_dp.check_fsdp
+
+    def spy(args, handle, *rest):
+        seen["model"] = handle.model
+        return check(args, handle, *rest)
+
+    monkeypatch.setattr("seat.trainer.check_fsdp", spy)
+    with pytest.raises(ValueError, match=needle):
+        make_trainer(tmp_path, fsdp=True)
+    assert handle_of(seen["model"]) is None  # the patch made for the trainer was reverted
+    assert not any(type(p).__name__ == "DTensor" for p in seen["model"].parameters())
