@@ -83,3 +83,34 @@ def run_ranks(worker, world_size: int, *args, timeout: float = 240.0) -> list:
                     p.kill()
             for p in procs:
                 p.join(timeout=10)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """The largest absolute difference between same-named tensors of two dicts."""
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def fraction_close(a: dict, b: dict, atol: float) -> float:
+    """The fraction of all entries of a's tensors within atol of b's."""
+    close = sum(int(((a[k] - b[k]).abs() <= atol).sum()) for k in a)
+    return close / sum(a[k].numel() for k in a)
+
+
+def check_ranks_follow(case: dict, per_rank: list[dict], reference: dict, untrained: dict, tol: float,
+                       rounded: float, lr: float) -> None:
+    """N ranks' results ({"weights", "losses"}) against the one-process run of `case`:
+    the ranks bit-identical, each within `tol` of `reference` (when tol is the `rounded`
+    bound of the bf16 modes, also 99% of the entries within lr / 20), training moved the
+    weights from `untrained`, and the ranks' losses sum to the one-process loss."""
+    import pytest
+
+    for rank, got in enumerate(per_rank):
+        assert max_diff(got["weights"], per_rank[0]["weights"]) == 0, f"rank {rank} differs from rank 0"
+        diff = max_diff(got["weights"], reference["weights"])
+        assert diff <= tol, f"{case}: rank {rank} is {diff:.3g} from the one-process run (bound {tol:.3g})"
+        if tol == rounded:
+            assert fraction_close(got["weights"], reference["weights"], lr / 20) >= 0.99
+    moved = max_diff(reference["weights"], untrained["weights"])
+    assert moved > (1e-4 if tol == rounded else 100 * tol), "training must move the weights"
+    summed = [sum(values) for values in zip(*(r["losses"] for r in per_rank))]
+    assert summed == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)

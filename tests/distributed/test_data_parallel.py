@@ -17,7 +17,7 @@ import torch
 
 from _dist_workers import (branch_model, branch_on_rank_zero, build_with_seed, in_backward_on_other_layers, misuse,
                            raise_at_step, subgroup_refusals, train_cases, train_seat)
-from _distributed import RankFailed, run_ranks
+from _distributed import RankFailed, check_ranks_follow, run_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -36,29 +36,12 @@ CASES = {  # name -> (case, bound on every entry; the rounded modes also need 99
 }
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
-
-
-def _fraction_close(a: dict, b: dict, atol: float = 1e-6) -> float:
-    close = sum(int(((a[k] - b[k]).abs() <= atol).sum()) for k in a)
-    return close / sum(a[k].numel() for k in a)
 
 
 def _check_against_one_process(results: list[dict], cases: list[dict], tolerances: list[float]) -> None:
     for case, tol, per_rank in zip(cases, tolerances, zip(*results)):
-        reference = train_seat(0, 1, case)
-        for rank, got in enumerate(per_rank):
-            assert _max_diff(got["weights"], per_rank[0]["weights"]) == 0, f"rank {rank} differs from rank 0"
-            diff = _max_diff(got["weights"], reference["weights"])
-            assert diff <= tol, f"{case}: rank {rank} is {diff:.3g} from the one-process run (bound {tol:.3g})"
-            if tol == ROUNDED:
-                assert _fraction_close(got["weights"], reference["weights"], LR / 20) >= 0.99
-        moved = _max_diff(reference["weights"], train_seat(0, 1, dict(case, steps=0))["weights"])
-        assert moved > (1e-4 if tol == ROUNDED else 100 * tol), "training must move the weights"
-        # the loss the ranks report sums to the one-process loss of the global batch
-        summed = [sum(values) for values in zip(*(r["losses"] for r in per_rank))]
-        assert summed == pytest.approx(reference["losses"], rel=1e-5, abs=1e-6)
+        check_ranks_follow(case, per_rank, train_seat(0, 1, case), train_seat(0, 1, dict(case, steps=0)), tol,
+                           ROUNDED, LR)
 
 
 def test_two_ranks_follow_the_one_process_run_in_every_mode_and_encoding():

@@ -9,15 +9,12 @@ import shutil
 import pytest
 
 from _dist_workers import evaluate_untrained, train_trainer
-from _distributed import run_ranks
+from _distributed import max_diff, run_ranks
 
 pytestmark = pytest.mark.slow
 
 GLOBAL_ROWS = 4  # rows per micro-batch over all ranks (2 micro-batches per step)
 
-
-def _max_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +29,7 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(runs):
     one, two = runs["one"], runs["two"]
     for rank in two:
         assert rank["wrapped"] == "LlamaForCausalLM"  # no DDP: only the compact gradients travel
-        assert _max_diff(rank["weights"], one["weights"]) <= 1e-6
+        assert max_diff(rank["weights"], one["weights"]) <= 1e-6
         assert [s for s, _, _ in rank["losses"]] == [s for s, _, _ in one["losses"]]
         for (_, loss, kl), (_, loss1, kl1) in zip(rank["losses"], one["losses"]):  # the global loss is logged
             assert loss == pytest.approx(loss1, rel=1e-5) and kl == pytest.approx(kl1, rel=1e-4, abs=1e-7)
@@ -47,7 +44,7 @@ def test_a_two_rank_checkpoint_resumes_on_another_number_of_ranks(runs, tmp_path
     args = (str(out), GLOBAL_ROWS, 4, str(out / "checkpoint-2"))
     got = train_trainer(0, 1, *args) if world_size == 1 else run_ranks(train_trainer, world_size, *args,
                                                                          timeout=300)[0]
-    assert _max_diff(got["weights"], runs["one"]["weights"]) <= 1e-6
+    assert max_diff(got["weights"], runs["one"]["weights"]) <= 1e-6
     assert got["steps_here"] == 2  # it continued from step 2
 
 

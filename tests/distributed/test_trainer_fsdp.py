@@ -9,16 +9,13 @@ import shutil
 import pytest
 import torch
 
-from _distributed import run_ranks
+from _distributed import max_diff, run_ranks
 from _fsdp_workers import train_trainer_sharded
 
 pytestmark = pytest.mark.slow
 
 GLOBAL_ROWS = 4
 
-
-def _max_diff(a: dict, b: dict) -> float:
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +30,7 @@ def test_two_sharded_ranks_train_as_one_process(runs):
     one, two = runs["one"], runs["two"]
     for rank in two:
         assert rank["sharded"] and rank["steps_here"] == 4
-        assert _max_diff(rank["weights"], one["weights"]) <= 1e-6
+        assert max_diff(rank["weights"], one["weights"]) <= 1e-6
         assert [s for s, _, _ in rank["losses"]] == [s for s, _, _ in one["losses"]]
         for (_, loss, kl), (_, loss1, kl1) in zip(rank["losses"], one["losses"]):
             assert loss == pytest.approx(loss1, rel=1e-5) and kl == pytest.approx(kl1, rel=1e-4, abs=1e-7)
@@ -63,7 +60,7 @@ def test_a_two_rank_sharded_checkpoint_resumes_on_another_number_of_ranks(runs, 
     got = (train_trainer_sharded(0, 1, *args) if world_size == 1
            else run_ranks(train_trainer_sharded, world_size, *args, timeout=400)[0])
     assert got["sharded"] == (world_size > 1)
-    assert _max_diff(got["weights"], runs["one"]["weights"]) <= 1e-6
+    assert max_diff(got["weights"], runs["one"]["weights"]) <= 1e-6
     assert got["steps_here"] == 2
 
 
@@ -73,7 +70,7 @@ def test_a_one_process_checkpoint_resumes_sharded(runs, tmp_path):
     got = run_ranks(train_trainer_sharded, 2, str(out), GLOBAL_ROWS, 4, str(out / "checkpoint-2"), timeout=400)
     for rank in got:
         assert rank["sharded"] and rank["steps_here"] == 2
-        assert _max_diff(rank["weights"], runs["one"]["weights"]) <= 1e-6
+        assert max_diff(rank["weights"], runs["one"]["weights"]) <= 1e-6
 
 
 @pytest.mark.parametrize("env, needle", [({}, "several processes"),
