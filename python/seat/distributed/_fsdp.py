@@ -37,7 +37,7 @@ import dataclasses
 import inspect
 
 import torch
-from ..masks import ENCODINGS, as_mask, encode_chosen, from_spec, mask_indices
+from ..masks import as_mask, encode_chosen, from_spec, mask_indices
 from ._local import is_dtensor, local
 
 REDUCE = ("mean", "sum")
@@ -91,8 +91,8 @@ def _layers(handle) -> list[torch.nn.Module]:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
-def _check(handle, mesh, reduce) -> None:
-    from torch.distributed.fsdp import FSDPModule
+def _check(handle, mesh, reduce, mp_policy) -> None:
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
     from ..quant import QuantTarget
 
@@ -117,6 +117,9 @@ def _check(handle, mesh, reduce) -> None:
     if "logits_to_keep" not in inspect.signature(type(handle.model).forward).parameters:
         raise ValueError(f"{type(handle.model).__name__}.forward has no logits_to_keep argument: under FSDP2 seat "
                          "runs the root's forward for the hidden states and needs it to skip the full logits")
+    if mp_policy is not None and not isinstance(mp_policy, MixedPrecisionPolicy):
+        raise ValueError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None; got "
+                         f"{type(mp_policy).__name__}")
     if mesh is not None and getattr(mesh, "ndim", None) != 1:
         raise ValueError("mesh must be a 1-D DeviceMesh (FSDP2's shard dimension) or None (all ranks)")
     if not _layers(handle):
@@ -133,13 +136,13 @@ def shard(handle, *, mesh=None, reduce: str = "mean", mp_policy=None) -> None:
     reduce: "mean" (FSDP2's default: the ranks' gradients averaged) or "sum".
     mp_policy: an FSDP2 MixedPrecisionPolicy (None: FSDP2's default, the params' dtype).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     dist = _dist()
-    _check(handle, mesh, reduce)
+    _check(handle, mesh, reduce, mp_policy)
     kwargs = {"mesh": mesh} if mesh is not None else {}
     if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy if isinstance(mp_policy, MixedPrecisionPolicy) else _bad_policy(mp_policy)
+        kwargs["mp_policy"] = mp_policy
     layers = _layers(handle)
     inside = {id(p) for layer in layers for p in layer.parameters()}
     # a trained weight outside the layers (lm_head, say) gets a unit of its own: the root
@@ -162,16 +165,13 @@ def shard(handle, *, mesh=None, reduce: str = "mean", mp_policy=None) -> None:
     handle._sharding = Sharding(group, dist.get_world_size(group), dist.get_rank(group), reduce, units)
 
 
-def _bad_policy(value):
-    raise ValueError(f"mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy or None; got "
-                     f"{type(value).__name__}")
-
-
 def _cut(t, param) -> None:
     """Rebind target `t` to its sharded parameter: the mask, base values and bookkeeping
     of the rank's rows only."""
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    from ..trainer_resume import mask_fingerprint
 
     if tuple(param.placements) != (Shard(0),):
         raise ValueError(f"{t.name} is sharded as {param.placements}; seat takes FSDP2's dim-0 sharding only")
@@ -182,12 +182,9 @@ def _cut(t, param) -> None:
     hi = lo + int(shape[0]) * inner
     s0, s1 = whole.slots_in(lo, hi)
     positions = whole.positions_in(lo, hi)
-    encoding = whole.encoding if ENCODINGS[whole.encoding].holds_chosen_entries else "int32"
-    from ..trainer_resume import mask_fingerprint
-
     info = ShardInfo(lo, hi, param.numel(), tuple(param.shape), whole.nnz, whole.spec(), mask_fingerprint(whole))
     t.param = param
-    t.idx = encode_chosen(positions.to(local(param).device), hi - lo, encoding)
+    t.idx = encode_chosen(positions.to(local(param).device), hi - lo, whole.encoding)  # implicit -> int32
     t.original = t.original[s0:s1].clone()
     t.shard = info
 
