@@ -142,3 +142,47 @@ def train_trainer_sharded(rank: int, world_size: int, output_dir: str, global_ro
     return {"weights": {name: _whole(t) for name, t in handle.targets.items()},
             "losses": [(h["step"], h["loss"], h.get("kl")) for h in trainer.state.log_history if "loss" in h],
             "sharded": handle._sharding is not None, "steps_here": len(steps_here)}
+
+
+def sharded_state_roundtrip(rank: int, world_size: int, case: dict) -> dict:
+    """One SEAT step (sharded when world_size > 1) with case["optimizer"]'s options, then
+    the optimizer's own state_dict() and the whole one (whole_state_dict, through a file
+    rank 0 writes) loaded back into it: whether each load kept the state, and the whole
+    state dict (rank 0)."""
+    import os
+
+    import seat
+    import torch.distributed as dist
+    from seat.distributed import global_counts, shard
+
+    model = tiny_model("llama", seed=0)
+    model.train()
+    handle = seat.patch(model, seat.SeatConfig(density=0.25, mask_encoding=case.get("encoding", "int32"), seed=3))
+    if world_size > 1:
+        shard(handle, reduce="sum")
+    opt = handle.optimizer(lr=1e-3, **case.get("optimizer", {}))
+    micro = [share(b, rank, world_size) for b in global_micro_batches(0, 1)]
+    n_ce, n_kl = global_counts(micro)
+    handle.loss(micro[0], num_items_in_batch=n_ce, kl_num_items=n_kl).loss.backward()
+    opt.step()
+
+    def snapshot() -> list:
+        return [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+                for p in (t.param for t in handle.targets.values())]
+
+    def same(a: list, b: list) -> bool:
+        return all(sorted(x) == sorted(y) and all(torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor)
+                                                  else x[k] == y[k] for k in x) for x, y in zip(a, b))
+
+    before = snapshot()
+    opt.load_state_dict(opt.state_dict())
+    own = same(before, snapshot())
+    whole = opt.whole_state_dict()
+    path = f"{case['tmp']}/whole{world_size}.pt"
+    if rank == 0:
+        torch.save(whole, path + ".part")
+        os.replace(path + ".part", path)
+    if world_size > 1:
+        dist.barrier()
+    opt.load_state_dict(torch.load(path, weights_only=True))
+    return {"own": own, "whole": same(before, snapshot()), "whole_state": whole}

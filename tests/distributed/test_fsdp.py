@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _distributed import RankFailed, run_ranks
-from _fsdp_workers import sharded_misuse, train_sharded, train_sharded_cases
+from _fsdp_workers import sharded_misuse, sharded_state_roundtrip, train_sharded, train_sharded_cases
 
 pytestmark = pytest.mark.slow
 
@@ -130,3 +130,23 @@ def test_a_failed_delta_write_raises_on_every_rank(tmp_path):
     text = str(info.value)
     assert "rank0" in text and "rank1" in text  # both ranks raised, neither hung
     assert (tmp_path / "ranks2").read_text() == "a file where the delta folder would go"
+
+
+@pytest.mark.parametrize("options", [dict(dense_state=True), dict(dense_state=True, amsgrad=True)])
+def test_a_sharded_optimizers_state_dicts_load_back(tmp_path, options):
+    case = dict(optimizer=options, tmp=str(tmp_path))
+    one = sharded_state_roundtrip(0, 1, case)["whole_state"]
+    ranks = run_ranks(sharded_state_roundtrip, 2, case, timeout=300)
+    for rank in ranks:
+        assert rank["own"], f"{options}: the rank's own state_dict() did not load back as it was"
+        assert rank["whole"], f"{options}: whole_state_dict() did not load back as the rank's state"
+    whole = ranks[0]["whole_state"]
+    assert sorted(whole["state"]) == sorted(one["state"])
+    for key, entry in one["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.allclose(whole["state"][key][name], value, atol=1e-6, rtol=1e-4), (key, name)
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(whole["state"][key][name], value), (key, name)
+            else:
+                assert whole["state"][key][name] == value, (key, name)
