@@ -186,3 +186,47 @@ def sharded_state_roundtrip(rank: int, world_size: int, case: dict) -> dict:
         dist.barrier()
     opt.load_state_dict(torch.load(path, weights_only=True))
     return {"own": own, "whole": same(before, snapshot()), "whole_state": whole}
+
+
+def raise_inside_reference(rank: int, world_size: int) -> dict:
+    """A SEAT step (sharded when world_size > 1), then a forward inside handle.reference()
+    that raises in the middle of a decoder layer (as an out-of-memory error would, after
+    FSDP2 all-gathered the layer), then a forward and another step: what was raised,
+    whether the trained values came back, the logits after, and the whole weights."""
+    import seat
+    from seat.distributed import global_counts, shard
+    from seat.distributed._local import local
+
+    model = tiny_model("llama", seed=0)
+    model.train()
+    handle = seat.patch(model, seat.SeatConfig(density=0.25, seed=3))
+    if world_size > 1:
+        shard(handle, reduce="sum")
+    opt = handle.optimizer(lr=1e-3)
+
+    def step(index: int) -> None:
+        micro = [share(b, rank, world_size) for b in global_micro_batches(index, 1)]
+        n_ce, n_kl = global_counts(micro)
+        handle.loss(micro[0], num_items_in_batch=n_ce, kl_num_items=n_kl).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def out_of_memory(*_):
+        raise MemoryError("out of memory (simulated)")
+
+    step(0)
+    trained = {name: local(t.param).detach().clone() for name, t in handle.targets.items()}
+    hook = model.model.layers[1].mlp.register_forward_pre_hook(out_of_memory)
+    raised = ""
+    try:
+        with handle.reference():
+            model(input_ids=torch.tensor([[5, 6, 7]]))
+    except (MemoryError, RuntimeError) as e:
+        raised = f"{type(e).__name__}: {e}"
+    hook.remove()
+    back = all(torch.equal(local(t.param).detach(), trained[name]) for name, t in handle.targets.items())
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits.clone()
+    step(1)
+    return {"raised": raised, "back": back, "logits": logits,
+            "weights": {name: _whole(t) for name, t in handle.targets.items()}}

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from _distributed import RankFailed, run_ranks
-from _fsdp_workers import sharded_misuse, sharded_state_roundtrip, train_sharded, train_sharded_cases
+from _fsdp_workers import raise_inside_reference, sharded_misuse, sharded_state_roundtrip, train_sharded, train_sharded_cases
 
 pytestmark = pytest.mark.slow
 
@@ -150,3 +150,14 @@ def test_a_sharded_optimizers_state_dicts_load_back(tmp_path, options):
                 assert torch.equal(whole["state"][key][name], value), (key, name)
             else:
                 assert whole["state"][key][name] == value, (key, name)
+
+
+def test_an_error_inside_reference_leaves_the_sharded_model_trained():
+    one = raise_inside_reference(0, 1)
+    assert one["raised"].startswith("MemoryError") and one["back"]
+    for rank in run_ranks(raise_inside_reference, 2, timeout=300):
+        assert rank["raised"] == one["raised"]  # the error raised inside the block, not another
+        assert rank["back"], "the trained values did not come back into the shards"
+        # the layer the error left all-gathered (with the base values) is gathered anew
+        assert (rank["logits"] - one["logits"]).abs().max().item() <= 1e-5
+        assert _max_diff(rank["weights"], one["weights"]) <= 1e-6
