@@ -230,3 +230,36 @@ def raise_inside_reference(rank: int, world_size: int) -> dict:
     step(1)
     return {"raised": raised, "back": back, "logits": logits,
             "weights": {name: _whole(t) for name, t in handle.targets.items()}}
+
+
+def train_trainer_poisoned(rank: int, world_size: int, output_dir: str, bad_call: int, nonfinite: str) -> dict:
+    """train_trainer_sharded's run (3 steps of 2 micro-batches) where rank 0's loss of
+    training micro-batch `bad_call` (0-based) is NaN, still attached to the graph: the
+    whole trained weights, the logged losses and skip count, or what was raised."""
+    from _trainer_helpers import RECORDS, make_trainer
+    from seat.patching import handle_of
+
+    extra = {"fsdp": True} if world_size > 1 else {}
+    trainer, model, _ = make_trainer(output_dir, records=RECORDS * 2, per_device_train_batch_size=4 // world_size,
+                                     gradient_accumulation_steps=2, max_steps=3, save_steps=100,
+                                     trainer_kwargs=dict(nonfinite=nonfinite), **extra)
+    handle = handle_of(model)
+    loss_fn, count = handle.loss, [0]
+
+    def loss(batch, **kwargs):
+        out = loss_fn(batch, **kwargs)
+        if count[0] == bad_call and rank == 0:
+            out.loss = out.loss + float("nan")
+        count[0] += 1
+        return out
+
+    handle.loss = loss
+    raised = ""
+    try:
+        trainer.train()
+    except RuntimeError as e:
+        raised = str(e)
+    return {"weights": {name: _whole(t) for name, t in handle.targets.items()}, "raised": raised,
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "skipped": trainer.nonfinite_skipped,
+            "steps": [int(handle._optimizer.state[t.param].get("step", 0)) for t in handle.targets.values()]}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _distributed import run_ranks
-from _fsdp_workers import train_trainer_sharded
+from _fsdp_workers import train_trainer_poisoned, train_trainer_sharded
 
 pytestmark = pytest.mark.slow
 
@@ -74,3 +74,26 @@ def test_a_one_process_checkpoint_resumes_sharded(runs, tmp_path):
     for rank in got:
         assert rank["sharded"] and rank["steps_here"] == 2
         assert _max_diff(rank["weights"], runs["one"]["weights"]) <= 1e-6
+
+
+@pytest.mark.parametrize("bad_call", [2, 3], ids=["first-micro-batch", "last-micro-batch"])
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, bad_call):
+    """Rank 0's loss of one micro-batch of step 2 is NaN: every rank skips the step (a
+    forward that FSDP2 sees no backward for), and training goes on as the one process's."""
+    import math
+
+    one = train_trainer_poisoned(0, 1, str(tmp_path / "one"), bad_call, "skip")
+    two = run_ranks(train_trainer_poisoned, 2, str(tmp_path / "two"), bad_call, "skip", timeout=400)
+    assert one["skipped"] == 1 and set(one["steps"]) == {2}
+    for rank in two:
+        assert rank["skipped"] == 1 and rank["steps"] == one["steps"]
+        assert _max_diff(rank["weights"], one["weights"]) <= 1e-6
+        assert len(rank["losses"]) == len(one["losses"]) == 3 and math.isnan(rank["losses"][1])
+        assert rank["losses"][2] == pytest.approx(one["losses"][2], rel=1e-5)
+
+
+def test_nonfinite_raise_stops_every_rank(tmp_path):
+    two = run_ranks(train_trainer_poisoned, 2, str(tmp_path), 2, "raise", timeout=400)
+    for rank in two:
+        assert "not finite" in rank["raised"] and "nonfinite='raise'" in rank["raised"]
+        assert set(rank["steps"]) == {1}
