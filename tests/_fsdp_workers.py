@@ -263,3 +263,35 @@ def train_trainer_poisoned(rank: int, world_size: int, output_dir: str, bad_call
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "skipped": trainer.nonfinite_skipped,
             "steps": [int(handle._optimizer.state[t.param].get("step", 0)) for t in handle.targets.values()]}
+
+
+def whole_state_when_ranks_differ(rank: int, world_size: int) -> dict:
+    """whole_state_dict() of a sharded optimizer before any step, then after one step with
+    rank 1's step count of one weight changed (state that trained apart): what each call
+    returned or raised on this rank, and that the ranks still meet after."""
+    import seat
+    import torch.distributed as dist
+    from seat.distributed import shard
+
+    model = tiny_model("llama", seed=0)
+    model.train()
+    handle = seat.patch(model, seat.SeatConfig(density=0.25, seed=3))
+    shard(handle, reduce="sum")
+    opt = handle.optimizer(lr=1e-3)
+    out = {}
+    try:
+        fresh = opt.whole_state_dict()
+        out["fresh"] = None if fresh is None else sorted({int(e["step"]) for e in fresh["state"].values()})
+    except Exception as e:
+        out["fresh"] = f"{type(e).__name__}: {e}"
+    handle.loss(share(global_micro_batches(0, 1)[0], rank, world_size)).loss.backward()
+    opt.step()
+    if rank == 1:
+        opt.state[next(iter(handle.targets.values())).param]["step"] += 1
+    try:
+        opt.whole_state_dict()
+        out["differ"] = ""
+    except RuntimeError as e:
+        out["differ"] = str(e)
+    dist.barrier()
+    return out

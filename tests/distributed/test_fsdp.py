@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from _distributed import RankFailed, run_ranks
-from _fsdp_workers import raise_inside_reference, sharded_misuse, sharded_state_roundtrip, train_sharded, train_sharded_cases
+from _fsdp_workers import (raise_inside_reference, sharded_misuse, sharded_state_roundtrip, train_sharded,
+                           train_sharded_cases, whole_state_when_ranks_differ)
 
 pytestmark = pytest.mark.slow
 
@@ -161,3 +162,9 @@ def test_an_error_inside_reference_leaves_the_sharded_model_trained():
         # the layer the error left all-gathered (with the base values) is gathered anew
         assert (rank["logits"] - one["logits"]).abs().max().item() <= 1e-5
         assert _max_diff(rank["weights"], one["weights"]) <= 1e-6
+
+
+def test_whole_state_dict_raises_on_every_rank_when_the_shards_trained_apart():
+    for rank in run_ranks(whole_state_when_ranks_differ, 2, timeout=300):
+        assert rank["fresh"] in ([0], None)  # before any step: the zero state (rank 0), no error
+        assert "steps of parameter 0 differ" in rank["differ"]  # rank 1 too, instead of going on alone
