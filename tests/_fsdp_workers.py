@@ -295,3 +295,36 @@ def whole_state_when_ranks_differ(rank: int, world_size: int) -> dict:
         out["differ"] = str(e)
     dist.barrier()
     return out
+
+
+def whole_state_after_set_masks(rank: int, world_size: int) -> dict:
+    """A sharded SEAT step with implicit masks (defined by a spec), then set_masks keeping
+    every other entry of each rank's mask, another step, and whole_state_dict(): on rank 0,
+    per parameter, the whole mask's positions and exp_avg's size; on every rank, the
+    positions it now trains (in the whole weight)."""
+    import seat
+    from seat.distributed import shard
+    from seat.masks import from_state_dict, mask_indices
+
+    model = tiny_model("llama", seed=0)
+    model.train()
+    handle = seat.patch(model, seat.SeatConfig(density=0.25, mask_encoding="implicit", seed=3))
+    shard(handle, reduce="sum")
+    opt = handle.optimizer(lr=1e-3)
+    params = [t.param for t in handle.targets.values()]
+
+    def step(index: int) -> None:
+        handle.loss(share(global_micro_batches(index, 1)[0], rank, world_size)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step(0)
+    opt.set_masks({p: mask_indices(opt._masks[p])[::2].clone() for p in params})
+    step(1)
+    mine = [(mask_indices(opt._masks[p]).long() + opt._shards[p].lo).tolist() for p in params]
+    whole = opt.whole_state_dict()
+    if whole is None:
+        return {"mine": mine}
+    state = [whole["state"][i] for i in range(len(params))]
+    return {"mine": mine, "whole": [(from_state_dict(s, opt._shards[p].numel).indices().tolist(), s["exp_avg"].numel())
+                                    for s, p in zip(state, params)]}

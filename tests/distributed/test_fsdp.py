@@ -19,7 +19,7 @@ import torch
 
 from _distributed import RankFailed, run_ranks
 from _fsdp_workers import (raise_inside_reference, sharded_misuse, sharded_state_roundtrip, train_sharded,
-                           train_sharded_cases, whole_state_when_ranks_differ)
+                           train_sharded_cases, whole_state_after_set_masks, whole_state_when_ranks_differ)
 
 pytestmark = pytest.mark.slow
 
@@ -168,3 +168,11 @@ def test_whole_state_dict_raises_on_every_rank_when_the_shards_trained_apart():
     for rank in run_ranks(whole_state_when_ranks_differ, 2, timeout=300):
         assert rank["fresh"] in ([0], None)  # before any step: the zero state (rank 0), no error
         assert "steps of parameter 0 differ" in rank["differ"]  # rank 1 too, instead of going on alone
+
+
+def test_whole_state_dict_follows_masks_set_after_sharding():
+    ranks = run_ranks(whole_state_after_set_masks, 2, timeout=300)
+    for i, (positions, entries) in enumerate(ranks[0]["whole"]):
+        trained = sorted(p for rank in ranks for p in rank["mine"][i])
+        assert positions == trained, f"parameter {i}: the whole state's mask is not the ranks' masks"
+        assert entries == len(trained)
