@@ -176,3 +176,11 @@ def test_whole_state_dict_follows_masks_set_after_sharding():
         trained = sorted(p for rank in ranks for p in rank["mine"][i])
         assert positions == trained, f"parameter {i}: the whole state's mask is not the ranks' masks"
         assert entries == len(trained)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "gpt2"])
+def test_other_architectures_sharded_follow_the_one_process_run(kind):
+    """DeepSeek-V3 (latent attention, fused expert tensors: FSDP2 hands some of its
+    parameters equal meshes that are distinct objects) and GPT-2 (Conv1D weights)."""
+    cases = [dict(kind=kind, lr=LR, steps=STEPS, clip=1.0)]
+    _check(run_ranks(train_sharded_cases, 2, cases, timeout=300), cases, [1e-6])
