@@ -100,6 +100,11 @@ def sharded_misuse(rank: int, world_size: int, tmp: str) -> dict:
     fully_shard(other)
     out["sharded_by_hand"] = message(lambda: shard(other_handle))
     out["load_delta"] = message(lambda: seat.load_delta(other, f"{tmp}/delta{rank}"))
+    bare = tiny_model("llama", seed=0)
+    for layer in bare.model.layers:
+        fully_shard(layer)
+    fully_shard(bare)
+    out["patch_sharded"] = message(lambda: seat.patch(bare, seat.SeatConfig(density=0.25, seed=3)))
 
     made = tiny_model("llama", seed=0)
     made_handle = seat.patch(made, seat.SeatConfig(density=0.25, seed=3))

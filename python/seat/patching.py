@@ -82,6 +82,12 @@ def patch(model: torch.nn.Module, config: SeatConfig | None = None, *, masks: Ma
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("this model is already patched by seat: call handle.unpatch() (or handle.revert()) "
                            "before patching it again")
+    from .distributed._local import is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__} is sharded (FSDP2's fully_shard made its parameters DTensors): "
+                         "seat.patch takes the unsharded model. Patch it first, then call "
+                         "seat.distributed.shard(handle), which applies fully_shard itself")
     return SeatHandle(model, config, masks)
 
 

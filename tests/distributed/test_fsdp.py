@@ -120,6 +120,7 @@ def test_misuse_of_a_sharded_model_is_refused_on_every_rank(tmp_path):
         assert "before making its optimizer" in messages["after_optimizer"]
         assert "data_parallel" in messages["data_parallel"]
         assert "unsharded model" in messages["load_delta"]
+        assert "seat.patch takes the unsharded model" in messages["patch_sharded"]
         assert "reduce must be" in messages["reduce"]
         assert messages["trained_after"]  # the refusals left a model that still trains
 
