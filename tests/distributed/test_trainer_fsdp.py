@@ -97,3 +97,27 @@ def test_nonfinite_raise_stops_every_rank(tmp_path):
     for rank in two:
         assert "not finite" in rank["raised"] and "nonfinite='raise'" in rank["raised"]
         assert set(rank["steps"]) == {1}
+
+
+@pytest.mark.parametrize("config,refused", [
+    ({"fsdp_version": 2}, None), ({"version": 2, "reshard_after_forward": True}, None), ({}, None),
+    ({"fsdp_version": 1}, r"fsdp_config\['version'\] in \(2, '2'\)"),
+    ({"reshard_after_forward": False}, r"fsdp_config\['reshard_after_forward'\] in \(True,\)"),
+    ({"cpu_offload": True}, r"fsdp_config\['cpu_offload'\]=True is not supported"),
+])
+def test_fsdp_config_as_training_arguments_hold_it(tmp_path, config, refused):
+    """TrainingArguments normalizes fsdp_config (drops the "fsdp_" prefixes, adds
+    defaults): FSDP2's version is accepted whichever way it is spelled."""
+    from types import SimpleNamespace
+
+    import transformers
+    from seat.trainer_dp import check_fsdp
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), fsdp=True, fsdp_config=dict(config))
+    seen = SimpleNamespace(world_size=2, fsdp=args.fsdp, fsdp_config=args.fsdp_config, deepspeed=None)
+    handle = SimpleNamespace(_optimizer=None)
+    if refused is None:
+        check_fsdp(seen, handle, {}, False, "SeatTrainer")
+    else:
+        with pytest.raises(ValueError, match=refused):
+            check_fsdp(seen, handle, {}, False, "SeatTrainer")
