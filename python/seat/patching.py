@@ -286,14 +286,13 @@ class SeatHandle:
         `leaving`: the exit of reference(), which must swap back whatever happened inside."""
         from .distributed._local import local
 
-        if self._sharding is not None:
-            if leaving:
-                self._reshard_targets()
-            else:
-                self._check_resharded()
+        if self._sharding is not None and not leaving:
+            self._check_resharded()
         for t in self.targets.values():
             if isinstance(t, Target):
                 mask_swap_(local(t.param).data, t.idx, t.original)
+        if self._sharding is not None and leaving:  # after the swap: the trained values are back whatever it raises
+            self._reshard_targets()
 
     def _reshard_targets(self) -> None:
         """Under FSDP2, reshard the units if a forward that raised inside reference() left a
