@@ -333,3 +333,19 @@ def whole_state_after_set_masks(rank: int, world_size: int) -> dict:
     state = [whole["state"][i] for i in range(len(params))]
     return {"mine": mine, "whole": [(from_state_dict(s, opt._shards[p].numel).indices().tolist(), s["exp_avg"].numel())
                                     for s, p in zip(state, params)]}
+
+
+def failed_delta_write(rank: int, world_size: int, taken: str) -> tuple[str, str]:
+    """save_delta of a sharded model to `taken` (a file, which rank 0 refuses): the type
+    and text of what this rank raised."""
+    import seat
+    from seat.distributed import shard
+
+    model = tiny_model("llama", seed=0)
+    handle = seat.patch(model, seat.SeatConfig(density=0.25, seed=3))
+    shard(handle)
+    try:
+        handle.save_delta(taken)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return "", ""

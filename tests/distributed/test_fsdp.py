@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from _distributed import RankFailed, run_ranks
-from _fsdp_workers import (raise_inside_reference, sharded_misuse, sharded_state_roundtrip, train_sharded,
-                           train_sharded_cases, whole_state_after_set_masks, whole_state_when_ranks_differ)
+from _fsdp_workers import (failed_delta_write, raise_inside_reference, sharded_misuse, sharded_state_roundtrip,
+                           train_sharded, train_sharded_cases, whole_state_after_set_masks,
+                           whole_state_when_ranks_differ)
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +133,13 @@ def test_a_failed_delta_write_raises_on_every_rank(tmp_path):
     text = str(info.value)
     assert "rank0" in text and "rank1" in text  # both ranks raised, neither hung
     assert (tmp_path / "ranks2").read_text() == "a file where the delta folder would go"
+
+
+def test_every_rank_raises_rank_0s_error_as_its_type(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    (kind0, text0), (kind1, text1) = run_ranks(failed_delta_write, 2, str(tmp_path / "taken"), timeout=300)
+    assert kind0 == kind1 == "FileExistsError"  # an `except FileExistsError:` catches it on every rank
+    assert "rank 0" in text1 and text0 in text1
 
 
 @pytest.mark.parametrize("options", [dict(dense_state=True), dict(dense_state=True, amsgrad=True)])
