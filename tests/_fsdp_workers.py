@@ -25,13 +25,16 @@ def train_sharded(rank: int, world_size: int, case: dict) -> dict:
     from seat.distributed import global_counts, shard
 
     accumulation, clip = case.get("accumulation", 1), case.get("clip", 0.0)
-    model = tiny_model(case.get("kind", "llama"), seed=0)
+    model = _tied_model() if case.get("tied") else tiny_model(case.get("kind", "llama"), seed=0)
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.train()
     config = seat.SeatConfig(density=case.get("density", 0.25), mask_encoding=case.get("encoding", "int32"), seed=3)
     handle = seat.patch(model, config)
     if world_size > 1:
-        shard(handle, reduce="sum")
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if case.get("bf16_compute") else None
+        shard(handle, reduce="sum", mp_policy=policy)
     opt = handle.optimizer(lr=case.get("lr", 1e-3), **case.get("optimizer", {}))
     losses, norms = [], []
     for step in range(case.get("steps", 3)):
@@ -57,6 +60,19 @@ def train_sharded(rank: int, world_size: int, case: dict) -> dict:
             "reference_exact": reference_exact, "delta": delta, "num_trainable": handle.num_trainable,
             "state_entries": sum(int(opt.state[t.param]["exp_avg"].numel()) for t in handle.targets.values()
                                  if "exp_avg" in opt.state[t.param])}
+
+
+def _tied_model():
+    """The tiny Llama with its output head tied to the input embeddings (as SmolLM2)."""
+    import transformers as tf
+    from _models import tiny_config
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
 
 
 def _reference_exact(handle, base: dict) -> bool:

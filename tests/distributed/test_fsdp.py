@@ -193,3 +193,28 @@ def test_other_architectures_sharded_follow_the_one_process_run(kind):
     parameters equal meshes that are distinct objects) and GPT-2 (Conv1D weights)."""
     cases = [dict(kind=kind, lr=LR, steps=STEPS, clip=1.0)]
     _check(run_ranks(train_sharded_cases, 2, cases, timeout=300), cases, [1e-6])
+
+
+def test_tied_embeddings_sharded_follow_the_one_process_run():
+    cases = [dict(tied=True, lr=LR, steps=STEPS, clip=1.0)]
+    _check(run_ranks(train_sharded_cases, 2, cases, timeout=300), cases, [1e-6])
+
+
+def test_bf16_compute_of_fp32_weights_trains_and_keeps_the_base_exact(tmp_path):
+    """MixedPrecisionPolicy(param_dtype=bf16): the all-gathers cast the fp32 shards to
+    bf16, so the run differs from the fp32 one by bf16 rounding; the shards, the base
+    values and the delta stay fp32."""
+    case = dict(bf16_compute=True, lr=LR, steps=STEPS, delta_dir=str(tmp_path))
+    one = train_sharded(0, 1, dict(case, delta_dir=None))
+    ranks = run_ranks(train_sharded, 2, case, timeout=300)
+    for got in ranks:
+        assert got["reference_exact"]
+        assert _max_diff(got["weights"], one["weights"]) <= ROUNDED
+        assert _fraction_close(got["weights"], one["weights"], LR / 20) >= 0.99
+    delta = ranks[0]["delta"]
+    for name, entry in delta["meta"]["weights"].items():
+        assert entry["dtype"] == "float32"
+        from seat.masks import from_spec
+
+        idx = from_spec(entry["mask"]).indices() if "mask" in entry else delta["tensors"][f"idx/{name}"]
+        assert torch.equal(ranks[0]["weights"][name].view(-1)[idx.long()], delta["tensors"][f"values/{name}"])
