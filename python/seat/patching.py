@@ -82,6 +82,12 @@ def patch(model: torch.nn.Module, config: SeatConfig | None = None, *, masks: Ma
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("this model is already patched by seat: call handle.unpatch() (or handle.revert()) "
                            "before patching it again")
+    from .distributed._local import is_dtensor
+
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__} is sharded (FSDP2's fully_shard made its parameters DTensors): "
+                         "seat.patch takes the unsharded model. Patch it first, then call "
+                         "seat.distributed.shard(handle), which applies fully_shard itself")
     return SeatHandle(model, config, masks)
 
 
@@ -257,7 +263,7 @@ class SeatHandle:
                         yield
                 finally:
                     self._deltas_on.on = True
-                    self._swap_all()
+                    self._swap_all(leaving=True)
         finally:
             self._in_reference = False
 
@@ -274,26 +280,41 @@ class SeatHandle:
             raise RuntimeError(f"cannot {what} inside `with handle.reference():` (the model holds its base values "
                                f"there, not the trained ones); call it after the block")
 
-    def _swap_all(self) -> None:
+    def _swap_all(self, leaving: bool = False) -> None:
         """Exchange the trained and the base values of the float targets (a 4-bit target's
-        base is its packed weight, never written: its delta is switched off instead)."""
+        base is its packed weight, never written: its delta is switched off instead).
+        `leaving`: the exit of reference(), which must swap back whatever happened inside."""
         from .distributed._local import local
 
-        if self._sharding is not None:
+        if self._sharding is not None and not leaving:
             self._check_resharded()
         for t in self.targets.values():
             if isinstance(t, Target):
                 mask_swap_(local(t.param).data, t.idx, t.original)
+        if self._sharding is not None and leaving:  # after the swap: the trained values are back whatever it raises
+            self._reshard_targets()
+
+    def _reshard_targets(self) -> None:
+        """Under FSDP2, reshard the units if a forward that raised inside reference() left a
+        layer all-gathered: its all-gathered weights hold the base values, and FSDP2 would
+        use them again in the next forward instead of all-gathering the trained shards."""
+        if any(self._unsharded()):
+            for unit in self._sharding.units:
+                unit.reshard()
+
+    def _unsharded(self) -> list[str]:
+        """The targets whose module holds the all-gathered weight now (FSDP2)."""
+        return [name for name, t in self.targets.items() if getattr(t.module, name.rsplit(".", 1)[-1]) is not t.param]
 
     def _check_resharded(self) -> None:
         """Under FSDP2 a swap reaches the next all-gather only: a layer whose weights are
         all-gathered now (between a forward and its backward without resharding) would
         keep the values it holds."""
-        for name, t in self.targets.items():
-            if getattr(t.module, name.rsplit(".", 1)[-1]) is not t.param:
-                raise RuntimeError(f"{name} is unsharded (all-gathered) now, so handle.reference() cannot swap the "
-                                   "base values into it: enter reference() before a forward, or after the backward "
-                                   "of the previous one")
+        unsharded = self._unsharded()
+        if unsharded:
+            raise RuntimeError(f"{unsharded[0]} is unsharded (all-gathered) now, so handle.reference() cannot swap "
+                               "the base values into it: enter reference() before a forward, or after the backward "
+                               "of the previous one")
 
     def loss(self, batch: Mapping[str, Tensor], *, num_items_in_batch=None, kl_num_items=None):
         """The SEAT loss of a batch from seat.PairedCollator: a SeatLoss(loss, ce, kl)."""

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 
 # fsdp_config keys SeatTrainer honours (FSDP2 per decoder layer, resharded after forward)
-# or that do nothing here, with the values that fit
+# or that do nothing here, with the values that fit ("version": TrainingArguments drops
+# the "fsdp_" prefix of "fsdp_version")
 _FSDP_CONFIG = {"reshard_after_forward": (True,), "min_num_params": None, "xla": (False,), "xla_fsdp_v2": (False,),
-                "xla_fsdp_grad_ckpt": (False,), "fsdp_version": (2, "2"), "transformer_layer_cls_to_wrap": None}
+                "xla_fsdp_grad_ckpt": (False,), "version": (2, "2"), "fsdp_version": (2, "2"),
+                "transformer_layer_cls_to_wrap": None}
 
 
 def wants_fsdp(args) -> bool:

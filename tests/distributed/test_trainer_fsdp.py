@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from _distributed import max_diff, run_ranks
-from _fsdp_workers import train_trainer_sharded
+from _fsdp_workers import train_trainer_poisoned, train_trainer_sharded
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +94,50 @@ def test_fsdp_refusals_leave_the_model_as_given(tmp_path, monkeypatch, env, need
         make_trainer(tmp_path, fsdp=True)
     assert handle_of(seen["model"]) is None  # the patch made for the trainer was reverted
     assert not any(type(p).__name__ == "DTensor" for p in seen["model"].parameters())
+
+
+@pytest.mark.parametrize("bad_call", [2, 3], ids=["first-micro-batch", "last-micro-batch"])
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path, bad_call):
+    """Rank 0's loss of one micro-batch of step 2 is NaN: every rank skips the step (a
+    forward that FSDP2 sees no backward for), and training goes on as the one process's."""
+    import math
+
+    one = train_trainer_poisoned(0, 1, str(tmp_path / "one"), bad_call, "skip")
+    two = run_ranks(train_trainer_poisoned, 2, str(tmp_path / "two"), bad_call, "skip", timeout=400)
+    assert one["skipped"] == 1 and set(one["steps"]) == {2}
+    for rank in two:
+        assert rank["skipped"] == 1 and rank["steps"] == one["steps"]
+        assert max_diff(rank["weights"], one["weights"]) <= 1e-6
+        assert len(rank["losses"]) == len(one["losses"]) == 3 and math.isnan(rank["losses"][1])
+        assert rank["losses"][2] == pytest.approx(one["losses"][2], rel=1e-5)
+
+
+def test_nonfinite_raise_stops_every_rank(tmp_path):
+    two = run_ranks(train_trainer_poisoned, 2, str(tmp_path), 2, "raise", timeout=400)
+    for rank in two:
+        assert "not finite" in rank["raised"] and "nonfinite='raise'" in rank["raised"]
+        assert set(rank["steps"]) == {1}
+
+
+@pytest.mark.parametrize("config,refused", [
+    ({"fsdp_version": 2}, None), ({"version": 2, "reshard_after_forward": True}, None), ({}, None),
+    ({"fsdp_version": 1}, r"fsdp_config\['version'\] in \(2, '2'\)"),
+    ({"reshard_after_forward": False}, r"fsdp_config\['reshard_after_forward'\] in \(True,\)"),
+    ({"cpu_offload": True}, r"fsdp_config\['cpu_offload'\]=True is not supported"),
+])
+def test_fsdp_config_as_training_arguments_hold_it(tmp_path, config, refused):
+    """TrainingArguments normalizes fsdp_config (drops the "fsdp_" prefixes, adds
+    defaults): FSDP2's version is accepted whichever way it is spelled."""
+    from types import SimpleNamespace
+
+    import transformers
+    from seat.trainer_dp import check_fsdp
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), fsdp=True, fsdp_config=dict(config))
+    seen = SimpleNamespace(world_size=2, fsdp=args.fsdp, fsdp_config=args.fsdp_config, deepspeed=None)
+    handle = SimpleNamespace(_optimizer=None)
+    if refused is None:
+        check_fsdp(seen, handle, {}, False, "SeatTrainer")
+    else:
+        with pytest.raises(ValueError, match=refused):
+            check_fsdp(seen, handle, {}, False, "SeatTrainer")

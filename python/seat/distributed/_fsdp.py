@@ -221,18 +221,31 @@ def delta_entries(handle) -> dict | None:
 
 
 def agree(sharding, error: BaseException | None) -> None:
-    """Every rank raises if any did (rank 0 writing a delta, say): the error's text travels."""
+    """Every rank raises if any did (rank 0 writing a delta, say): the first failed rank's
+    error, as its own type where it survives pickling (so that an `except` clause catches it
+    on every rank alike), else as a RuntimeError with its text."""
+    import pickle
+
     import torch.distributed as dist
 
-    messages = [None] * sharding.world_size
-    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}",
-                           group=sharding.group)
-    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    sent = None
+    if error is not None:
+        try:
+            sent = pickle.loads(pickle.dumps(error))
+        except Exception:  # an error that does not travel: its text does
+            sent = RuntimeError(f"{type(error).__name__}: {error}")
+    errors = [None] * sharding.world_size
+    dist.all_gather_object(errors, sent, group=sharding.group)
     if error is not None:
         raise error
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:
-        rank, message = failed[0]
-        raise RuntimeError(f"rank {rank} failed: {message}")
+        rank, theirs = failed[0]
+        try:
+            mine = type(theirs)(f"rank {rank} failed: {theirs}")
+        except Exception:  # a constructor that takes no single message
+            mine = RuntimeError(f"rank {rank} failed: {type(theirs).__name__}: {theirs}")
+        raise mine
 
 
 def load_delta_shards(handle, directory) -> None:

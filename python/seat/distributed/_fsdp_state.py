@@ -13,9 +13,12 @@ bit.
 """
 from __future__ import annotations
 
+import types
+
 import torch
 
 from ..masks import STATE_KEYS, as_mask, encode_chosen, from_spec, mask_indices
+from ._fsdp import agree
 
 SHARD = "seat_shard_state"  # marks one rank's state dict (a sharded optimizer's state_dict())
 
@@ -51,8 +54,18 @@ def whole_state_dict(opt) -> dict | None:
         mine[i] = (_fp32(opt, opt.state[p]), positions)
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=dist.get_global_rank(group, 0), group=group)
-    if rank != 0:
-        return None
+    error = None
+    if rank == 0:
+        try:
+            _assemble(opt, out, gathered)
+        except Exception as e:  # every rank raises it (agree): none goes on to wait for rank 0
+            error = e
+    agree(types.SimpleNamespace(group=group, world_size=world), error)
+    return out if rank == 0 else None
+
+
+def _assemble(opt, out: dict, gathered: list) -> None:
+    """Put the whole state of every param, from the ranks' `gathered` parts, into out["state"]."""
     for i, p in enumerate(_params(opt)):
         info, parts = opt._shards[p], [g[i] for g in gathered]
         steps = {part[0]["step"] for part in parts}
@@ -70,7 +83,6 @@ def whole_state_dict(opt) -> dict | None:
         entry.update(whole.state_dict())
         opt._format.from_fp32(entry)
         out["state"][i] = entry
-    return out
 
 
 def local_state_dict(opt, state_dict: dict) -> dict:

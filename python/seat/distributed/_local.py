@@ -36,8 +36,10 @@ def shard_group(params, data_parallel=None):
         raise ValueError(f"params at position {plain[:5]} are plain tensors and the others FSDP2-sharded DTensors: "
                          "build SparseAdamW over the parameters of one sharded model (handle.optimizer() after "
                          "seat.distributed.shard(handle))")
-    meshes = {id(p.device_mesh): p.device_mesh for p in params}
-    if len(meshes) > 1 or next(iter(meshes.values())).ndim != 1:
+    # compared by value: FSDP2 gives some parameters (fused expert tensors, say) equal
+    # meshes (one layout, one group) that are distinct objects
+    meshes = {p.device_mesh for p in params}
+    if len(meshes) > 1 or next(iter(meshes)).ndim != 1:
         raise ValueError("SparseAdamW takes parameters sharded on one 1-D device mesh (FSDP2's default)")
     if data_parallel is not None:
         raise ValueError("data_parallel is for unsharded models; FSDP2 already reduces the sharded parameters' "

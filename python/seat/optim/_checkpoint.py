@@ -29,6 +29,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ..distributed._local import local
 from ..masks import STATE_KEYS
 from ._groups import loaded_group
 from ._params import saved_mask, store_mask
@@ -53,7 +54,7 @@ def _step(value, where: str) -> int:
 def _expected(opt, p: Tensor, group: dict) -> dict[str, tuple[int, torch.dtype]]:
     """{key: (numel, dtype)} of every state tensor p has under `group`, mask keys aside."""
     dtype = state_dtype(p)
-    size = p.numel() if opt.dense_state else opt._masks[p].nnz
+    size = local(p).numel() if opt.dense_state else opt._masks[p].nnz  # an FSDP2 shard's: the rank's rows
     out = opt._format.layout(size, dtype)
     if group["amsgrad"]:
         out["max_exp_avg_sq"] = (size, dtype)
@@ -71,7 +72,7 @@ def _param_state(opt, p: Tensor, key, saved: Mapping, group: dict, where: str) -
         raise ValueError(f"{where} holds no mask: a SparseAdamW state dict saves each param's mask with its "
                          "state (a torch.optim.AdamW state dict holds dense moments, which SparseAdamW does not "
                          "take)")
-    theirs = saved_mask(dict(saved), p.numel())
+    theirs = saved_mask(dict(saved), local(p).numel())
     if theirs is None or not (theirs == mask or torch.equal(theirs.indices(), mask.indices())):
         raise ValueError(f"the state_dict's mask for parameter {key} differs from this optimizer's: build the "
                          "optimizer with the masks the checkpoint was trained with")

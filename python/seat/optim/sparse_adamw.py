@@ -53,6 +53,7 @@ without it it is the same bit for bit.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 from typing import Iterator, Mapping, Sequence
@@ -292,6 +293,10 @@ class SparseAdamW(torch.optim.Optimizer):
                         state[key] = fresh
             store_mask(state, new_mask)
             self._masks[p] = new_mask
+            if p in self._shards and self._shards[p].spec is not None:
+                # FSDP2: the whole mask is no longer the one a spec defined at sharding;
+                # whole_state_dict gathers the ranks' positions instead
+                self._shards[p] = dataclasses.replace(self._shards[p], spec=None)
             self._format.from_fp32(state)
             self._gradients.add(p, new_mask.nnz)  # a compact gradient buffer of the new size, if any
         if self._sync is not None:
