@@ -61,7 +61,7 @@ def test_two_sharded_ranks_follow_the_one_process_run_in_every_mode_and_encoding
 
 
 def test_four_sharded_ranks_follow_the_one_process_run():
-    names = ("default", "implicit")
+    names = ("implicit",)  # shards of a hash-defined mask; every mode runs on 2 ranks above
     cases = [dict(CASES[n][0], lr=LR, steps=STEPS) for n in names]
     results = run_ranks(train_sharded_cases, 4, cases, timeout=500)
     _check(results, cases, [CASES[n][1] for n in names])
