@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ..methods import FinetuneConfig, describe, finetune, lr_family, search_lr
 from .align import GEN_TOKENS, AlignConfig, load_or_align, write_text_atomically
-from .world import HELD_OUT_WORDINGS, TRAIN_WORDINGS, RealWorldConfig, biography, qa, real_questions
+from .world import HELD_OUT_WORDINGS, TRAIN_WORDINGS, RealWorldConfig, answers_real, biography, qa, real_questions
 
 METHODS = ("full", "lora", "kl", "sparse", "seat-0.1", "seat-0.05")
 # Learning rates per family, smallest first (search_lr keeps the first that reaches the
@@ -86,6 +86,13 @@ def eval_questions(people: dict, real_eval: list[dict], n_wording: int | None = 
     return out
 
 
+def _real_accuracy(answers: list[dict]) -> float:
+    """Fraction of the "real" answers holding their value or one of its aliases
+    (seat.demo.real.world.answers_real; nan without real questions)."""
+    real = [a for a in answers if a["group"] == "real"]
+    return sum(answers_real(a["prediction"], a["value"]) for a in real) / len(real) if real else float("nan")
+
+
 def metrics(model, tokenizer, questions) -> dict:
     from ... import evaluate as ev
 
@@ -96,7 +103,7 @@ def metrics(model, tokenizer, questions) -> dict:
            "idk_wording": g["eval_wording"]["idk_rate"], "idk_new": g["new"]["idk_rate"],
            "exact_new": g["new"]["exact_match"], "recall_new": g["new"]["rouge_l_recall"],
            "exact_new_wording": g["new_wording"]["exact_match"],
-           "real_acc": g["real"]["exact_match"] if "real" in g else float("nan")}
+           "real_acc": _real_accuracy(result["answers"])}
     step = max(1, len(result["answers"]) // 16)
     row["examples"] = [{k: a[k] for k in ("group", "question", "prediction")} for a in result["answers"][::step]]
     return row
