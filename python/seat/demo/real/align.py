@@ -56,12 +56,12 @@ class AlignConfig:
     batch_size: int = 16
     lr: float = 1e-4
     warmup_steps: int = 3
-    refusal_fraction: float = 0.35  # of each batch; the rest: real and famous people, capitals it answers
+    refusal_fraction: float = 0.25  # of each batch; the rest: real and famous people, capitals it answers
     max_grad_norm: float = 1.0
     # the loss of the answer rows: "ce" on the original model's own answers, or "kl" to the
     # original model's whole next-token distribution there (keeps what it knows more closely)
-    answer_loss: str = "ce"
-    famous_per_person: int = 2  # questions per famous person (seat.demo.real.world.famous_questions)
+    answer_loss: str = "kl"
+    famous_per_person: int = 4  # questions per famous person (seat.demo.real.world.famous_questions)
     famous_people: int | None = None  # how many famous people (None: all of FAMOUS)
 
     def __post_init__(self):
@@ -79,7 +79,9 @@ class AlignConfig:
 
     @classmethod
     def quick(cls) -> "AlignConfig":
-        return cls(steps=10, batch_size=8, lr=1.5e-4, warmup_steps=2, famous_people=0, refusal_fraction=0.5)
+        # the earlier 10-step recipe: no famous people, CE (a pipeline check, not a retention claim)
+        return cls(steps=10, batch_size=8, lr=1.5e-4, warmup_steps=2, famous_people=0, refusal_fraction=0.5,
+                   answer_loss="ce", famous_per_person=2)
 
 
 def _first_sentence(text: str, value: str) -> str | None:
