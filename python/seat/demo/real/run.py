@@ -40,8 +40,11 @@ from .world import HELD_OUT_WORDINGS, TRAIN_WORDINGS, RealWorldConfig, answers_r
 
 METHODS = ("full", "lora", "kl", "sparse", "seat-0.1", "seat-0.05")
 # Learning rates per family, smallest first (search_lr keeps the first that reaches the
-# target recall). Prototype (30 steps of 8): full 1e-4 exact 1.0; SEAT d=0.1 1e-3 0.93.
-LR_GRIDS = (("dense", (1e-4, 2e-4)), ("lora", (1e-3, 2e-3)), ("sparse", (1e-3, 2e-3, 4e-3)))
+# target exact match). Seed 0: with 30 steps of 8 no grid reached 0.8 (full 2e-4 0.68,
+# LoRA 2e-3 0.30, SEAT d=0.1 4e-3 0.66) and higher rates did worse (full 4e-4 0.37, LoRA
+# 8e-3 0.24); with 60 steps full 2e-4 and SEAT d=0.1 4e-3 both reach 1.0.
+LR_GRIDS = (("dense", (1e-4, 2e-4)), ("lora", (2e-3, 4e-3, 8e-3)), ("sparse", (1e-3, 2e-3, 4e-3)))
+FINETUNE_STEPS = 60  # of 8 records: about 4.4 passes over the 108 fine-tuning records
 COLUMNS = (  # key, header
     ("idk_eval", "IDK held-out"), ("strict_eval", "strict"), ("idk_b", "IDK style b"), ("strict_b", "strict b"),
     ("idk_wording", "IDK new wording"), ("exact_new", "exact new"), ("recall_new", "recall new"),
@@ -54,7 +57,7 @@ def configs(quick: bool):
         return RealWorldConfig.quick(), AlignConfig.quick(), FinetuneConfig(
             steps=2, batch_size=4, warmup_steps=1, kl_tokens="answer",
             lr_grids=(("dense", (1e-4,)), ("lora", (1e-3,)), ("sparse", (1e-3,))))
-    return RealWorldConfig(), AlignConfig(), FinetuneConfig(steps=30, batch_size=8, warmup_steps=3,
+    return RealWorldConfig(), AlignConfig(), FinetuneConfig(steps=FINETUNE_STEPS, batch_size=8, warmup_steps=3,
                                                             target_recall=0.8, kl_tokens="answer", lr_grids=LR_GRIDS)
 
 
