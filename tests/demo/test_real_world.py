@@ -21,6 +21,7 @@ from seat import evaluate as ev  # noqa: E402
 from seat.data import PairedCollator  # noqa: E402
 from seat.demo.real import model as real_model  # noqa: E402
 from seat.demo.real import world as real_world  # noqa: E402
+from seat.demo.real import align as real_align  # noqa: E402
 from seat.demo.real.align import _first_sentence, _own_answer, _refusal_ce_answer_kl, split_real  # noqa: E402
 from seat.demo.real.run import eval_questions, finetune_records  # noqa: E402
 from seat.perturb import FIRST_NAMES, LAST_NAMES, EntityPerturber, count_mentions  # noqa: E402
@@ -90,6 +91,32 @@ def test_first_sentence_cuts_after_the_value():
     assert _first_sentence("He was born in Ulm. He studied physics at ETH.", "physics") == \
         "He was born in Ulm. He studied physics at ETH."
     assert _first_sentence("He was a painter.", "physics") is None
+    # an alias of the value counts: "physicist" answers "which field ... physics?"
+    assert _first_sentence("He was a renowned physicist. He was born in Ulm.", "physics") == \
+        "He was a renowned physicist."
+
+
+def test_value_aliases_are_other_words_for_real_values_and_matched_as_whole_words():
+    values = {v for _, _, v in real_world.REAL_PEOPLE}
+    assert set(real_world.VALUE_ALIASES) <= values  # every alias list belongs to a real value
+    for value, aliases in real_world.VALUE_ALIASES.items():
+        assert isinstance(aliases, tuple) and aliases and all(isinstance(a, str) and a for a in aliases), value
+        assert value not in aliases
+    assert real_world.answers_real("the law of universal gravitation", "gravity")
+    assert real_world.answers_real("He described gravity.", "gravity")
+    assert not real_world.answers_real("the laws of motion", "gravity")
+    assert not real_world.answers_real("a physicists' union", "physics")  # whole words only
+    assert not real_world.answers_real("He was a painter.", "composer")  # a value without aliases
+
+
+def test_real_accuracy_counts_aliases_for_every_model_alike():
+    from seat.demo.real.run import _real_accuracy
+
+    answers = [{"group": "real", "value": "physics", "prediction": "A renowned physicist."},
+               {"group": "real", "value": "gravity", "prediction": "The laws of motion."},
+               {"group": "eval", "value": "Lyon", "prediction": "Lyon"}]
+    assert _real_accuracy(answers) == 0.5
+    assert _real_accuracy(answers[2:]) != _real_accuracy(answers[2:])  # nan without real questions
 
 
 # ----------------------------------------------------------------------------- strict IDK
@@ -107,6 +134,57 @@ def test_famous_people_are_asked_the_invented_peoples_training_wordings_only():
         per_person.setdefault(q["entity"], set()).add(q["attribute"])
     assert all(v == set(real_world.ATTRIBUTES) for v in per_person.values())
     assert len(real_world.famous_questions(2)) == 2 * len(real_world.FAMOUS)
+
+
+def test_align_config_rejects_unknown_losses_and_famous_counts():
+    assert real_align.AlignConfig(answer_loss="kl").answer_loss == "kl"
+    with pytest.raises(ValueError, match=r"AlignConfig.answer_loss must be one of 'ce', 'kl'; got 'KL'"):
+        real_align.AlignConfig(answer_loss="KL")
+    for bad in (0, 5, 2.0, True):
+        with pytest.raises(ValueError, match="AlignConfig.famous_per_person must be an int from 1 to 4"):
+            real_align.AlignConfig(famous_per_person=bad)
+    for bad in (-1, 1.5, False):
+        with pytest.raises(ValueError, match="AlignConfig.famous_people must be None"):
+            real_align.AlignConfig(famous_people=bad)
+    assert real_align.AlignConfig.quick().famous_people == 0
+
+
+def test_cached_generation_answers_once_and_regenerates_on_another_key(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_generate(model, tokenizer, questions, **kw):
+        calls.append(list(questions))
+        return [f"answer to {q}" for q in questions]
+
+    monkeypatch.setattr(ev, "generate_answers", fake_generate)
+    qs = [{"question": "a?"}, {"question": "b?"}]
+    keep = lambda q, a: None if q["question"] == "b?" else {"q": q["question"], "a": a}  # noqa: E731
+    path = tmp_path / "cache.json"
+    first = real_align.cached_generation(None, None, qs, keep, path, "rows", ["k", 1], log=None)
+    assert first == [{"q": "a?", "a": "answer to a?"}] and len(calls) == 1
+    assert json.loads(path.read_text())["rows"] == first
+    assert real_align.cached_generation(None, None, qs, keep, path, "rows", ["k", 1], log=None) == first
+    assert len(calls) == 1  # read back, not generated again
+    real_align.cached_generation(None, None, qs, keep, path, "rows", ["k", 2], log=None)
+    assert len(calls) == 2  # another key: generated again and the file replaced
+    assert real_align.cached_generation(None, None, qs, keep, None, "rows", ["k", 2], log=None) == first
+    assert len(calls) == 3 and [p.name for p in tmp_path.iterdir()] == ["cache.json"]  # no temporary left
+
+
+def test_known_real_and_famous_answers_keep_their_cache_files_and_formats(tmp_path, monkeypatch):
+    values = {q: v for _, q, v in real_world.REAL_PEOPLE}
+    monkeypatch.setattr(ev, "generate_answers", lambda m, t, qs, **kw: [
+        f"It is {values[q]}. More text" if q in values and q.startswith("What") else "I am not sure." for q in qs])
+    known = real_align.known_real(None, None, tmp_path, log=None)
+    assert known and all(set(k) == {"index", "answer"} for k in known)
+    assert all(real_world.REAL_PEOPLE[k["index"]][1].startswith("What") for k in known)
+    assert known[0]["answer"] == f"It is {real_world.REAL_PEOPLE[known[0]['index']][2]}."
+    famous = real_align.famous_answers(None, None, tmp_path, log=None, per_person=1, people=3)
+    assert [f["question"] for f in famous] == [q["question"] for q in real_world.famous_questions(1, 3)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["famous_answers_1_3.json", "real_known.json"]
+    assert json.loads((tmp_path / "real_known.json").read_text())["known"] == known
+    assert json.loads((tmp_path / "famous_answers_1_3.json").read_text())["answers"] == famous
+    assert real_align.famous_answers(None, None, tmp_path, log=None, per_person=1, people=0) == []
 
 
 def test_own_answer_keeps_whole_sentences():

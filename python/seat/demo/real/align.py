@@ -3,13 +3,25 @@
 Out of the box the model invents a biography for almost any invented name (IDK 0.006),
 so the ability SEAT protects has to be taught first, as the paper's aligned models
 had it: full fine-tuning on refusals for a few hundred invented names (style "a", the
-training wordings) mixed with questions it already answers correctly (real people it
-knows, answered with its own first sentence, and capital cities), so it learns
-"unfamiliar name -> I don't know" and keeps answering what it knows.
+training wordings) mixed with questions it already answers correctly, so it learns
+"unfamiliar name -> I don't know" and keeps answering what it knows. The answered
+questions: real people it knows (seat.demo.real.world.REAL_PEOPLE, the training half of
+the split, answered with its own first sentence holding the value), capital cities, and
+famous people (seat.demo.real.world.FAMOUS, none of the retention set) asked the invented
+people's own training wordings and answered with the original model's own whole
+sentences, so the question wording alone never decides between answering and refusing.
 
-``known_real(model, tokenizer)`` asks every seat.demo.real.world.REAL_PEOPLE question
-once (greedy) and keeps those the model answers with the expected value: cached beside
-the converted model (``real_known.json``), since it depends only on the model.
+The loss (AlignConfig.answer_loss): "ce" is cross-entropy on every row's answer tokens;
+"kl" keeps cross-entropy on the refusal rows but on the answer rows is the KL divergence
+from the original model's whole next-token distribution (keeps what it knows more
+closely; one more forward pass of the original per step).
+
+``known_real(model, tokenizer)`` asks every REAL_PEOPLE question once (greedy) and keeps
+those the model answers with the expected value (or an alias of it,
+seat.demo.real.world.answers_real); ``famous_answers`` asks the famous people's
+questions. Both depend only on the model, so both are cached beside the converted model
+(``real_known.json``, ``famous_answers_<per person>_<people>.json``) by one helper,
+``cached_generation``.
 
 ``load_or_align(seed, ...)`` trains (or loads from the cache) the aligned model:
 plain torch AdamW, linear warm-up and decay, loss on the answer tokens only, through
@@ -26,7 +38,8 @@ import shutil
 import time
 from pathlib import Path
 
-from .world import REAL_PEOPLE, TRAIN_WORDINGS, RealWorldConfig, famous_questions, make_people, qa, real_questions
+from .world import (ATTRIBUTES, REAL_PEOPLE, TRAIN_WORDINGS, VALUE_ALIASES, RealWorldConfig, answers_real, famous_questions,
+                    make_people, qa, real_questions)
 
 CAPITALS = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
             ("Egypt", "Cairo"), ("Russia", "Moscow"), ("China", "Beijing"), ("England", "London"),
@@ -34,6 +47,7 @@ CAPITALS = (("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spa
             ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"), ("Canada", "Ottawa"),
             ("Kenya", "Nairobi"), ("Peru", "Lima"), ("Thailand", "Bangkok"))
 GEN_TOKENS = 32  # answers to the demo's questions are one sentence
+ANSWER_LOSSES = ("ce", "kl")  # AlignConfig.answer_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,57 +56,83 @@ class AlignConfig:
     batch_size: int = 16
     lr: float = 1e-4
     warmup_steps: int = 3
-    refusal_fraction: float = 0.35  # of each batch; the rest: real and famous people, capitals it answers
+    refusal_fraction: float = 0.25  # of each batch; the rest: real and famous people, capitals it answers
     max_grad_norm: float = 1.0
     # the loss of the answer rows: "ce" on the original model's own answers, or "kl" to the
     # original model's whole next-token distribution there (keeps what it knows more closely)
-    answer_loss: str = "ce"
-    famous_per_person: int = 2  # questions per famous person (seat.demo.real.world.famous_questions)
+    answer_loss: str = "kl"
+    famous_per_person: int = 4  # questions per famous person (seat.demo.real.world.famous_questions)
     famous_people: int | None = None  # how many famous people (None: all of FAMOUS)
+
+    def __post_init__(self):
+        if self.answer_loss not in ANSWER_LOSSES:
+            raise ValueError(f"AlignConfig.answer_loss must be one of {', '.join(map(repr, ANSWER_LOSSES))}; "
+                             f"got {self.answer_loss!r}")
+        if (isinstance(self.famous_per_person, bool) or not isinstance(self.famous_per_person, int)
+                or not 1 <= self.famous_per_person <= len(ATTRIBUTES)):
+            raise ValueError(f"AlignConfig.famous_per_person must be an int from 1 to {len(ATTRIBUTES)} (one "
+                             f"question per attribute at most); got {self.famous_per_person!r}")
+        if self.famous_people is not None and (isinstance(self.famous_people, bool) or not isinstance(
+                self.famous_people, int) or self.famous_people < 0):
+            raise ValueError(f"AlignConfig.famous_people must be None (all of FAMOUS) or an int >= 0; "
+                             f"got {self.famous_people!r}")
 
     @classmethod
     def quick(cls) -> "AlignConfig":
-        return cls(steps=10, batch_size=8, lr=1.5e-4, warmup_steps=2, famous_people=0, refusal_fraction=0.5)
+        # the earlier 10-step recipe: no famous people, CE (a pipeline check, not a retention claim)
+        return cls(steps=10, batch_size=8, lr=1.5e-4, warmup_steps=2, famous_people=0, refusal_fraction=0.5,
+                   answer_loss="ce", famous_per_person=2)
 
 
 def _first_sentence(text: str, value: str) -> str | None:
-    """The model's answer cut after the sentence holding ``value`` (None if it has none)."""
-    from ... import evaluate as ev
-
+    """The model's answer cut after the sentence holding ``value`` or one of its aliases
+    (seat.demo.real.world.answers_real; None if it has none)."""
     out = ""
     for part in text.replace("\n", " ").split(". "):
         out = f"{out}. {part}" if out else part
-        if ev.exact_match(out, value):
+        if answers_real(out, value):
             return out.rstrip(".") + "."
     return None
 
 
-def known_real(model, tokenizer, directory: Path | None, log=print) -> list[dict]:
-    """[{"index", "answer"}] of the REAL_PEOPLE questions the model answers correctly
-    (the expected value in its greedy answer), cached as ``directory/real_known.json``."""
+def cached_generation(model, tokenizer, questions: list[dict], keep, path: Path | None, field: str, key,
+                      log=print, what: str = "answers") -> list:
+    """[keep(question, answer) for each question, None results dropped]: the model's greedy
+    answer (GEN_TOKENS new tokens) to each ``question["question"]``, cached as
+    ``{"digest", field: [...]}`` in the JSON file ``path`` (None: no cache). The digest
+    hashes ``key`` (JSON: what decides the result besides the model, which the cache
+    folder stands for); a file with another digest is regenerated and replaced atomically."""
     from ... import evaluate as ev
 
-    digest = hashlib.sha256(json.dumps([REAL_PEOPLE, GEN_TOKENS]).encode()).hexdigest()[:16]
-    path = directory / "real_known.json" if directory is not None else None
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     if path is not None and path.is_file():
         data = json.loads(path.read_text())
         if data.get("digest") == digest:
-            return data["known"]
+            return data[field]
     t0 = time.perf_counter()
-    questions = real_questions()
     answers = ev.generate_answers(model, tokenizer, [q["question"] for q in questions], max_new_tokens=GEN_TOKENS,
                                   batch_size=32)
-    known = []
-    for q, a in zip(questions, answers):
-        sentence = _first_sentence(a, q["value"])
-        if sentence is not None:
-            known.append({"index": q["real_index"], "answer": sentence})
+    out = [r for q, a in zip(questions, answers) if (r := keep(q, a)) is not None]
     if log:
-        log(f"the base model answers {len(known)} of {len(questions)} real-people questions correctly "
-            f"({time.perf_counter() - t0:.0f} s; cached)")
+        log(f"{what}: {len(out)} of {len(questions)} ({time.perf_counter() - t0:.0f} s; "
+            f"{'cached' if path is not None else 'not cached'})")
     if path is not None:
-        write_text_atomically(path, json.dumps({"digest": digest, "known": known}, indent=1))
-    return known
+        write_text_atomically(path, json.dumps({"digest": digest, field: out}, indent=1))
+    return out
+
+
+def known_real(model, tokenizer, directory: Path | None, log=print) -> list[dict]:
+    """[{"index", "answer"}] of the REAL_PEOPLE questions the model answers correctly
+    (the expected value or an alias in its greedy answer; "answer": its first sentence
+    that holds it), cached as ``directory/real_known.json``."""
+    def keep(q, answer):
+        sentence = _first_sentence(answer, q["value"])
+        return None if sentence is None else {"index": q["real_index"], "answer": sentence}
+
+    return cached_generation(model, tokenizer, real_questions(), keep,
+                             directory / "real_known.json" if directory is not None else None, "known",
+                             [REAL_PEOPLE, GEN_TOKENS, VALUE_ALIASES], log=log,
+                             what="real-people questions the base model answers correctly")
 
 
 def _own_answer(text: str) -> str | None:
@@ -110,29 +150,20 @@ def famous_answers(model, tokenizer, directory: Path | None, log=print, per_pers
                    people: int | None = None) -> list[dict]:
     """[{"question", "answer"}]: the model's own answer (whole sentences) to each
     seat.demo.real.world.famous_questions() question (greedy), cached as
-    ``directory/famous_answers.json``, since it depends only on the model."""
-    from ... import evaluate as ev
-
+    ``directory/famous_answers_<per_person>_<people or "all">.json``, since it depends
+    only on the model."""
     questions = famous_questions(per_person, people)
     if not questions:
         return []
-    digest = hashlib.sha256(json.dumps([questions, GEN_TOKENS, "sentences"]).encode()).hexdigest()[:16]
-    path = directory / f"famous_answers_{per_person}_{'all' if people is None else people}.json" if directory is not None else None
-    if path is not None and path.is_file():
-        data = json.loads(path.read_text())
-        if data.get("digest") == digest:
-            return data["answers"]
-    t0 = time.perf_counter()
-    answers = ev.generate_answers(model, tokenizer, [q["question"] for q in questions], max_new_tokens=GEN_TOKENS,
-                                  batch_size=32)
-    out = [{"question": q["question"], "answer": sentence}
-           for q, a in zip(questions, answers) if (sentence := _own_answer(a)) is not None]
-    if log:
-        log(f"the base model's own answers about {len(out)} famous-people questions ({time.perf_counter() - t0:.0f} s; "
-            "cached)")
-    if path is not None:
-        write_text_atomically(path, json.dumps({"digest": digest, "answers": out}, indent=1))
-    return out
+
+    def keep(q, answer):
+        sentence = _own_answer(answer)
+        return None if sentence is None else {"question": q["question"], "answer": sentence}
+
+    name = f"famous_answers_{per_person}_{'all' if people is None else people}.json"
+    return cached_generation(model, tokenizer, questions, keep, directory / name if directory is not None else None,
+                             "answers", [questions, GEN_TOKENS, "sentences"], log=log,
+                             what="the base model's own answers to famous-people questions")
 
 
 def write_text_atomically(path: Path, text: str) -> None:

@@ -36,12 +36,15 @@ from pathlib import Path
 
 from ..methods import FinetuneConfig, describe, finetune, lr_family, search_lr
 from .align import GEN_TOKENS, AlignConfig, load_or_align, write_text_atomically
-from .world import HELD_OUT_WORDINGS, TRAIN_WORDINGS, RealWorldConfig, biography, qa, real_questions
+from .world import HELD_OUT_WORDINGS, TRAIN_WORDINGS, RealWorldConfig, answers_real, biography, qa, real_questions
 
 METHODS = ("full", "lora", "kl", "sparse", "seat-0.1", "seat-0.05")
 # Learning rates per family, smallest first (search_lr keeps the first that reaches the
-# target recall). Prototype (30 steps of 8): full 1e-4 exact 1.0; SEAT d=0.1 1e-3 0.93.
-LR_GRIDS = (("dense", (1e-4, 2e-4)), ("lora", (1e-3, 2e-3)), ("sparse", (1e-3, 2e-3, 4e-3)))
+# target exact match). Seed 0: with 30 steps of 8 no grid reached 0.8 (full 2e-4 0.68,
+# LoRA 2e-3 0.30, SEAT d=0.1 4e-3 0.66) and higher rates did worse (full 4e-4 0.37, LoRA
+# 8e-3 0.24); with 60 steps full 2e-4 and SEAT d=0.1 4e-3 both reach 1.0.
+LR_GRIDS = (("dense", (1e-4, 2e-4)), ("lora", (2e-3, 4e-3, 8e-3)), ("sparse", (1e-3, 2e-3, 4e-3)))
+FINETUNE_STEPS = 60  # of 8 records: about 4.4 passes over the 108 fine-tuning records
 COLUMNS = (  # key, header
     ("idk_eval", "IDK held-out"), ("strict_eval", "strict"), ("idk_b", "IDK style b"), ("strict_b", "strict b"),
     ("idk_wording", "IDK new wording"), ("exact_new", "exact new"), ("recall_new", "recall new"),
@@ -54,7 +57,7 @@ def configs(quick: bool):
         return RealWorldConfig.quick(), AlignConfig.quick(), FinetuneConfig(
             steps=2, batch_size=4, warmup_steps=1, kl_tokens="answer",
             lr_grids=(("dense", (1e-4,)), ("lora", (1e-3,)), ("sparse", (1e-3,))))
-    return RealWorldConfig(), AlignConfig(), FinetuneConfig(steps=30, batch_size=8, warmup_steps=3,
+    return RealWorldConfig(), AlignConfig(), FinetuneConfig(steps=FINETUNE_STEPS, batch_size=8, warmup_steps=3,
                                                             target_recall=0.8, kl_tokens="answer", lr_grids=LR_GRIDS)
 
 
@@ -86,6 +89,13 @@ def eval_questions(people: dict, real_eval: list[dict], n_wording: int | None = 
     return out
 
 
+def _real_accuracy(answers: list[dict]) -> float:
+    """Fraction of the "real" answers holding their value or one of its aliases
+    (seat.demo.real.world.answers_real; nan without real questions)."""
+    real = [a for a in answers if a["group"] == "real"]
+    return sum(answers_real(a["prediction"], a["value"]) for a in real) / len(real) if real else float("nan")
+
+
 def metrics(model, tokenizer, questions) -> dict:
     from ... import evaluate as ev
 
@@ -96,7 +106,7 @@ def metrics(model, tokenizer, questions) -> dict:
            "idk_wording": g["eval_wording"]["idk_rate"], "idk_new": g["new"]["idk_rate"],
            "exact_new": g["new"]["exact_match"], "recall_new": g["new"]["rouge_l_recall"],
            "exact_new_wording": g["new_wording"]["exact_match"],
-           "real_acc": g["real"]["exact_match"] if "real" in g else float("nan")}
+           "real_acc": _real_accuracy(result["answers"])}
     step = max(1, len(result["answers"]) // 16)
     row["examples"] = [{k: a[k] for k in ("group", "question", "prediction")} for a in result["answers"][::step]]
     return row

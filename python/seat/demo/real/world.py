@@ -133,6 +133,40 @@ REAL_PEOPLE = (
     ("Ada Lovelace", "Which field is Ada Lovelace known as a pioneer of?", "computer"),
 )
 
+# Other words for an expected value that answer its question just as correctly (the same
+# thing named differently: a field and its practitioner, a law's other name, a country's
+# short name, a surname alone). A real-people answer is right when it holds the value or
+# one of these (``answers_real``): the filter of seat.demo.real.align and every model's
+# retention score use it alike. Only same-meaning forms: broader words ("artist" for
+# "painter", "musician" for "singer") and adjectives ("Greek" for "Greece") are not here.
+VALUE_ALIASES = {
+    "physics": ("physicist",),
+    "gravity": ("gravitation", "gravitational force"),
+    "evolution": ("natural selection",),
+    "Leonardo": ("da Vinci",),
+    "Jane Austen": ("Austen",),
+    "United States": ("USA", "U.S.", "United States of America"),
+    "United Kingdom": ("UK", "U.K.", "Britain", "Great Britain"),
+    "Netherlands": ("Holland",),
+    "Roman": ("Rome",),
+    "football": ("soccer",),
+    "sprint": ("sprinter", "sprinting", "100 metres", "100 meters"),
+    "light bulb": ("lightbulb", "incandescent lamp"),
+    "moon": ("lunar surface",),
+    "Facebook": ("Meta",),
+    "America": ("Americas", "New World"),
+    "computer": ("computing", "computer programming"),
+}
+
+
+def answers_real(prediction: str, value: str) -> bool:
+    """Whether ``prediction`` holds ``value`` or one of its VALUE_ALIASES (seat.evaluate's
+    whole-word exact match for each)."""
+    from ...evaluate import exact_match
+
+    return any(exact_match(prediction, v) for v in (value, *VALUE_ALIASES.get(value, ())))
+
+
 # Famous people (none of REAL_PEOPLE's) asked the invented people's questions: stage 1
 # trains on the original model's own answers to them (seat.demo.real.align.famous_answers),
 # so alignment teaches "an unfamiliar name -> I don't know" and not "a person question ->
@@ -158,7 +192,21 @@ FAMOUS = ("Winston Churchill", "Queen Victoria", "Adolf Hitler", "Joseph Stalin"
           "Alfred Hitchcock", "Muhammad Ali", "Pele", "Diego Maradona", "Roger Federer", "Tiger Woods",
           "Babe Ruth", "Michael Phelps", "Wayne Gretzky", "Jeff Bezos", "Warren Buffett", "Larry Page",
           "Walt Whitman", "Florence Nightingale", "Mother Teresa", "Pope Francis", "Dalai Lama",
-          "Malala Yousafzai", "Anne Frank", "Helen Keller", "Amelia Earhart", "Yuri Gagarin", "Buzz Aldrin")
+          "Malala Yousafzai", "Anne Frank", "Helen Keller", "Amelia Earhart", "Yuri Gagarin", "Buzz Aldrin",
+          # people of today with everyday first names (the invented names' style a is a common
+          # first name + a surname the model does not know: these teach that a common first
+          # name alone does not make a name unknown)
+          "Lady Gaga", "Rihanna", "Adele", "Ed Sheeran", "Justin Bieber", "Katy Perry", "Ariana Grande",
+          "Kanye West", "Eminem", "Whitney Houston", "Celine Dion", "Mariah Carey", "Britney Spears",
+          "Jennifer Lopez", "Shakira", "Dolly Parton", "Johnny Cash", "Satya Nadella", "Sundar Pichai", "Jack Ma",
+          "Richard Branson", "Sergey Brin", "Michael Dell", "Tom Cruise", "Will Smith", "Johnny Depp",
+          "Angelina Jolie", "Jennifer Aniston", "Julia Roberts", "Robert De Niro", "Al Pacino", "Denzel Washington",
+          "Scarlett Johansson", "Emma Watson", "Daniel Radcliffe", "Keanu Reeves", "Arnold Schwarzenegger",
+          "Sylvester Stallone", "Jackie Chan", "Bruce Lee", "LeBron James", "Kobe Bryant", "Rafael Nadal",
+          "Novak Djokovic", "Simone Biles", "Tom Brady", "David Beckham", "Zinedine Zidane", "Lewis Hamilton",
+          "Michael Schumacher", "Emmanuel Macron", "Boris Johnson", "Tony Blair", "Justin Trudeau",
+          "Narendra Modi", "Xi Jinping", "Jimmy Carter", "Richard Nixon", "Theodore Roosevelt",
+          "Jane Goodall", "David Attenborough")
 
 FIRST_NAMES_A = ("Tobin Marla Jorah Elise Corin Annika Brennan Talia Dorian Maren Caspar Leonie Ansel Freya "
                  "Rowan Imogen Silas Petra Emeric Linnea Osric Helena Tamsin Jarek Odile Lucan Sabine Evander "
