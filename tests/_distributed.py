@@ -13,6 +13,7 @@ import datetime
 import importlib
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -50,6 +51,12 @@ def _entry(rank: int, world_size: int, port: int, out: str, module: str, name: s
     except BaseException:
         (path / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
+    # The result is written and the process group destroyed: leave without the
+    # interpreter's teardown, where a c10d thread still being joined can abort the process
+    # ("terminate called without an active exception", exit code -6) after the work is done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(worker, world_size: int, *args, timeout: float = 240.0) -> list:
