@@ -26,11 +26,12 @@ inline Isa detect_isa() {
   if (asked == "baseline") return Isa::kBaseline;
 #ifdef SEAT_CPU_ISA_COPIES
   __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                       __builtin_cpu_supports("avx512dq");
   TORCH_CHECK(asked != "avx512" || avx512, "SEAT_CPU_ISA=avx512: this CPU lacks AVX-512 (F, VL, DQ)");
-  TORCH_CHECK(asked != "avx2" || avx2, "SEAT_CPU_ISA=avx2: this CPU lacks AVX2 / FMA");
+  TORCH_CHECK(asked != "avx2" || avx2, "SEAT_CPU_ISA=avx2: this CPU lacks AVX2 / FMA / F16C");
   if (avx512 && asked != "avx2") return Isa::kAvx512;
   if (avx2) return Isa::kAvx2;
 #else

@@ -1,14 +1,15 @@
 // CPU kernel of the fused log-softmax losses (seat_C::paired_rows, used by kl_div,
 // paired_loss and fused_linear_paired_loss): rows in parallel (at::parallel_for, i.e.
-// OpenMP), each row read twice.
-//   pass 1: online log-softmax of both inputs at once, tile by tile: the tile's max,
-//           then e^{x - m} (and the KL weights) added to kLanes double partial sums in a
-//           vectorized loop (LaneSums) -> the row's loss, formed in double;
+// OpenMP), each row read twice, tile by tile (kTile elements: the tile stays in L1
+// between the loops that read it).
+//   pass 1: online log-softmax of both inputs at once: per tile the maxima, then e^{x - m}
+//           (and the KL weights) summed -> the row's loss, formed in double;
 //   pass 2: the gradient w.r.t. the row's logits, written straight into the output.
-// Tiles are converted to the accumulation type in small stack buffers (L1-resident), so
-// no N x V temporary exists besides the gradient. float rows use a branch-free exp and
-// are compiled for AVX-512 / AVX2 / baseline x86-64 (picked at first use from the
-// CPU's features, tile_kernels); double rows (the oracle tests) use libm.
+// The loops read and write the tensors' own dtypes (bf16 / fp16 converted in registers),
+// so no N x V temporary exists besides the gradient. float rows use a branch-free exp in
+// W-lane vector code (kl_div_vec.h) compiled for AVX-512 (W = 16), AVX2 (W = 8) and the
+// baseline target (W = 4), picked at first use from the CPU's features; double rows (the
+// oracle tests) run scalar loops with libm's exp.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -35,40 +36,16 @@
 
 namespace {
 
-constexpr int kTile = 1024;  // 2-4 tile buffers of 4 KiB (float) stay in L1
-constexpr int kLanes = 16;   // independent partial sums per row (tiles are padded to a multiple)
-static_assert(kTile % kLanes == 0, "tiles hold whole lane groups");
+constexpr int kTile = 2048;  // elements per tile: the tiles of both inputs stay in L1
+constexpr int kLanes = 16;   // the row's double partial sums
 
-// The tile helpers are compiled into each target_clones variant only if inlined there.
 #define SEAT_ALWAYS_INLINE inline __attribute__((always_inline))
 
 // exp for x <= 0 (every argument here is x - running max or x - lse): Cephes' expf
-// polynomial, ~1 ulp, selects instead of branches so the tile loops vectorize. Below
-// -87.3 it returns 0 where expf would return a denormal (< 1.2e-38); -inf gives 0, NaN
-// stays NaN.
+// polynomial, ~1 ulp, selects instead of branches so the loops vectorize. Below -87.3 it
+// returns 0 where expf would return a denormal (< 1.2e-38); -inf gives 0, NaN stays NaN.
+// kl_div_vec.h's vexp is this on W lanes; double uses libm.
 struct FastExp {
-  static SEAT_ALWAYS_INLINE float exp(float x) {
-    constexpr float kLow = -87.33654f;
-    const float xc = x < kLow ? kLow : (x > 0.f ? 0.f : x);
-    // n = round(xc / ln 2) in [-126, 0]: truncating a positive number (+128) is a floor
-    // that vectorizes on every x86 level (floorf needs SSE4.1, and a compare-and-fix
-    // floor keeps GCC from vectorizing at all).
-    const int n = static_cast<int>(xc * 1.44269504088896341f + 128.5f) - 128;
-    const float fn = static_cast<float>(n);
-    const float r = (xc - fn * 0.693359375f) + fn * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    const int32_t bits = (n + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof(scale));
-    const float out = x < kLow ? 0.f : p * scale;
-    return x != x ? x : out;
-  }
   static SEAT_ALWAYS_INLINE double exp(double x) { return std::exp(x); }
 };
 
@@ -78,12 +55,9 @@ SEAT_ALWAYS_INLINE A nan_max(A m, A x) {
   return (x > m || x != x) ? x : m;
 }
 
-// The sums of a row's online log-softmax, kept in kLanes partial sums in double whatever
-// the input dtype: s = sum e^{x - m}, a = sum_{e > 0} e^{x - m} (x - o). Lane l adds
-// elements l, l + kLanes, ... (independent accumulators: the loop vectorizes without
-// reassociation), a float term enters its double lane exactly, and the lanes are merged
-// pairwise at the end: the row sums carry no summation error a float loss could show,
-// so the losses are as accurate as torch's (cascade-summed) float ones or better.
+// A row's sums in kLanes double partial sums whatever the input dtype: s = sum e^{x - m},
+// a = sum_{e > 0} e^{x - m} (t - o) (the KL target's weights). Merged pairwise at the end:
+// the row sums carry no summation error a float loss could show.
 struct LaneSums {
   alignas(64) double s[kLanes];
   alignas(64) double a[kLanes];
@@ -99,150 +73,167 @@ SEAT_ALWAYS_INLINE double lane_total(const double* v) {
   return t[0];
 }
 
-template <typename A>
-SEAT_ALWAYS_INLINE A tile_max_impl(const A* x, int n) {
-  A lane_m[kLanes];
-  for (int l = 0; l < kLanes; ++l) lane_m[l] = seat::neg_inf<A>();
-  for (int j = 0; j < n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) lane_m[l] = nan_max(lane_m[l], x[j + l]);
-  }
-  A m = seat::neg_inf<A>();
-  for (int l = 0; l < kLanes; ++l) m = nan_max(m, lane_m[l]);
-  return m;
-}
-
-// Add e^{x - m} and the KL weights e^{x - m} (x - o) of a tile (n a multiple of kLanes)
-// to the lanes. The same loop serves the target and the other input of a KL row, so
-// identical inputs give identical sums (and a = 0 exactly).
-template <typename A>
-SEAT_ALWAYS_INLINE void tile_sums_impl(const A* x, const A* o, int n, A m, LaneSums& acc) {
-  for (int j = 0; j < n; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      const A e = FastExp::exp(x[j + l] - m);
-      const double w = static_cast<double>(x[j + l]) - static_cast<double>(o[j + l]);
-      acc.s[l] += static_cast<double>(e);
-      acc.a[l] += e > A(0) ? static_cast<double>(e) * w : 0.0;  // no mass (-inf, underflow): no weight
-    }
-  }
-}
-
 // Row constants of the gradient pass.
 template <typename A>
 struct GradConsts {
   A m_c, ls_c, m_r, ls_r, dlse, kl, factor;
 };
 
-template <typename A>
-SEAT_ALWAYS_INLINE void tile_kl_grad_impl(const A* c, const A* r, int n, const GradConsts<A>& k, bool reverse, A* g) {
-  if (reverse) {
-    for (int j = 0; j < n; ++j) g[j] = seat::kl_reverse_grad<A, FastExp>(c[j], r[j], k.m_c, k.ls_c, k.dlse, k.kl, k.factor);
-  } else {
-    for (int j = 0; j < n; ++j) g[j] = seat::kl_forward_grad<A, FastExp>(c[j], r[j], k.m_c, k.ls_c, k.m_r, k.ls_r, k.factor);
+// The tile loops of one (logits dtype TC, reference dtype TR, accumulation A): n <= kTile
+// elements from the given pointers; `scale` is 1/temperature (KL rows only).
+//   pair_max(c, r, n, &mc, &mr)         unscaled maxima of c and r (NaN once seen)
+//   pair_sums(c, r, n, scale, mc, mr, target_is_cur, cs, rs)
+//                                       s of both, a of the KL target (mc, mr: the
+//                                       scaled running maxima, 0 while only -inf seen)
+//   kl_grad(c, r, n, scale, k, reverse, g)   the KL gradient into g
+//   max(x, n) / sums(x, n, m, acc) / ce_grad(x, n, label - tile start, m, ls, factor, g)
+//                                       the same for a CE row (no temperature)
+template <typename TC, typename TR, typename A>
+struct Tiles {
+  void (*pair_max)(const TC*, const TR*, int, A*, A*);
+  void (*pair_sums)(const TC*, const TR*, int, A, A, A, bool, LaneSums&, LaneSums&);
+  void (*kl_grad)(const TC*, const TR*, int, A, const GradConsts<A>&, bool, TC*);
+  A (*max)(const TC*, int);
+  void (*sums)(const TC*, int, A, LaneSums&);
+  void (*ce_grad)(const TC*, int, int64_t, A, A, A, TC*);
+};
+template <typename TC, typename TR>
+using FloatTiles = Tiles<TC, TR, float>;
+
+// float64 rows: plain loops with libm's exp (the float64-oracle tests compare these).
+namespace exact {
+void pair_max(const double* c, const double* r, int n, double* mc, double* mr) {
+  double a = seat::neg_inf<double>(), b = a;
+  for (int j = 0; j < n; ++j) {
+    a = nan_max(a, c[j]);
+    b = nan_max(b, r[j]);
+  }
+  *mc = a;
+  *mr = b;
+}
+
+void pair_sums(const double* c, const double* r, int n, double scale, double mc, double mr, bool target_is_cur,
+               LaneSums& cs, LaneSums& rs) {
+  LaneSums& target = target_is_cur ? cs : rs;
+  for (int j = 0; j < n; ++j) {
+    const double cv = c[j] * scale, rv = r[j] * scale;
+    const double ec = std::exp(cv - mc), er = std::exp(rv - mr);
+    cs.s[j % kLanes] += ec;
+    rs.s[j % kLanes] += er;
+    const double e = target_is_cur ? ec : er, w = target_is_cur ? cv - rv : rv - cv;
+    target.a[j % kLanes] += e > 0.0 ? e * w : 0.0;  // no mass (-inf, underflow): no weight
   }
 }
 
-template <typename A>
-SEAT_ALWAYS_INLINE void tile_ce_grad_impl(const A* x, int n, int64_t label_in_tile, A m, A ls, A factor, A* g) {
-  for (int j = 0; j < n; ++j) g[j] = seat::ce_grad<A, FastExp>(x[j], m, ls, j == label_in_tile, factor);
+void kl_grad(const double* c, const double* r, int n, double scale, const GradConsts<double>& k, bool reverse,
+             double* g) {
+  for (int j = 0; j < n; ++j) {
+    const double cv = c[j] * scale, rv = r[j] * scale;
+    g[j] = reverse ? seat::kl_reverse_grad<double, FastExp>(cv, rv, k.m_c, k.ls_c, k.dlse, k.kl, k.factor)
+                   : seat::kl_forward_grad<double, FastExp>(cv, rv, k.m_c, k.ls_c, k.m_r, k.ls_r, k.factor);
+  }
 }
 
-// 8 floats, 8 int32, 4 doubles: the vector types of the float tile loops (kl_div_tiles.h).
-typedef float f8 __attribute__((vector_size(32)));
-typedef int32_t i8 __attribute__((vector_size(32)));
-typedef double d4 __attribute__((vector_size(32)));
+double row_max(const double* x, int n) {
+  double m = seat::neg_inf<double>();
+  for (int j = 0; j < n; ++j) m = nan_max(m, x[j]);
+  return m;
+}
 
-// The float tile loops (kl_div_tiles.h), compiled once per instruction set and picked
-// at first use from what the CPU reports (__builtin_cpu_supports). GCC's
-// target_clones("arch=...") picks by CPU model, and so ran the baseline SSE2 copy on
-// every AMD CPU. Other compilers get the baseline copy only.
-struct TileKernels {
-  float (*max)(const float*, int);
-  void (*sums)(const float*, const float*, int, float, LaneSums&);
-  void (*kl_grad)(const float*, const float*, int, const GradConsts<float>&, bool, float*);
-  void (*ce_grad)(const float*, int, int64_t, float, float, float, float*);
-};
+void row_sums(const double* x, int n, double m, LaneSums& acc) {
+  for (int j = 0; j < n; ++j) acc.s[j % kLanes] += std::exp(x[j] - m);
+}
 
+void ce_grad(const double* x, int n, int64_t label, double m, double ls, double factor, double* g) {
+  for (int j = 0; j < n; ++j) g[j] = seat::ce_grad<double, FastExp>(x[j], m, ls, j == label, factor);
+}
+
+const Tiles<double, double, double>& tiles() {
+  static const Tiles<double, double, double> t{pair_max, pair_sums, kl_grad, row_max, row_sums, ce_grad};
+  return t;
+}
+}  // namespace exact
+
+// The float tile loops (kl_div_vec.h) compiled once per instruction set, picked at first
+// use from what the CPU reports (__builtin_cpu_supports; GCC's target_clones("arch=...")
+// picks by CPU model and ran the baseline copy on every AMD CPU). The loops are full of
+// selects on floats (x == -inf, e > 0, the exp's range clamp); under GCC's default
+// -ftrapping-math it will not turn them into vector blends. Values are unchanged (no
+// floating-point exceptions are observed here).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#endif
 namespace baseline {
-TileKernels make_kernels() {
-  return {tile_max_impl<float>, tile_sums_impl<float>, tile_kl_grad_impl<float>, tile_ce_grad_impl<float>};
-}
+constexpr int W = 4;
+#define SEAT_VEC_F16C 0
+#include "kl_div_vec.h"
+#undef SEAT_VEC_F16C
 }  // namespace baseline
 #ifdef SEAT_CPU_ISA_COPIES
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
-#include "kl_div_tiles.h"
+constexpr int W = 8;
+#define SEAT_VEC_F16C 1
+#include "kl_div_vec.h"
+#undef SEAT_VEC_F16C
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma")
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
-#include "kl_div_tiles.h"
+constexpr int W = 16;
+#define SEAT_VEC_F16C 1
+#include "kl_div_vec.h"
+#undef SEAT_VEC_F16C
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
-
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
 
 // The copy seat::cpu::cpu_isa() picks (this CPU's best, or SEAT_CPU_ISA's).
-const TileKernels& tile_kernels() {
-  static const TileKernels chosen = [] {
+template <typename TC, typename TR>
+const FloatTiles<TC, TR>& float_tiles() {
+  static const FloatTiles<TC, TR> chosen = [] {
 #ifdef SEAT_CPU_ISA_COPIES
     switch (seat::cpu::cpu_isa()) {
-      case seat::cpu::Isa::kAvx512: return avx512::make_kernels();
-      case seat::cpu::Isa::kAvx2: return avx2::make_kernels();
+      case seat::cpu::Isa::kAvx512: return avx512::make_tiles<TC, TR>();
+      case seat::cpu::Isa::kAvx2: return avx2::make_tiles<TC, TR>();
       case seat::cpu::Isa::kBaseline: break;
     }
 #endif
-    return baseline::make_kernels();
+    return baseline::make_tiles<TC, TR>();
   }();
   return chosen;
 }
 
-inline float tile_max(const float* x, int n) { return tile_kernels().max(x, n); }
-inline double tile_max(const double* x, int n) { return tile_max_impl<double>(x, n); }
-inline void tile_sums(const float* x, const float* o, int n, float m, LaneSums& acc) { tile_kernels().sums(x, o, n, m, acc); }
-inline void tile_sums(const double* x, const double* o, int n, double m, LaneSums& acc) {
-  tile_sums_impl<double>(x, o, n, m, acc);
-}
-inline void tile_kl_grad(const float* c, const float* r, int n, const GradConsts<float>& k, bool reverse, float* g) {
-  tile_kernels().kl_grad(c, r, n, k, reverse, g);
-}
-inline void tile_kl_grad(const double* c, const double* r, int n, const GradConsts<double>& k, bool reverse,
-                         double* g) {
-  tile_kl_grad_impl<double>(c, r, n, k, reverse, g);
-}
-inline void tile_ce_grad(const float* x, int n, int64_t label, float m, float ls, float factor, float* g) {
-  tile_kernels().ce_grad(x, n, label, m, ls, factor, g);
-}
-inline void tile_ce_grad(const double* x, int n, int64_t label, double m, double ls, double factor, double* g) {
-  tile_ce_grad_impl<double>(x, n, label, m, ls, factor, g);
-}
-
-// A row's running state: the max so far (NaN once a NaN is seen) and the lane sums
-// relative to it.
+// A row's running state for one input: the max so far (NaN once a NaN is seen) and the
+// lane sums relative to it.
 template <typename A>
 struct RowSums {
   A m = seat::neg_inf<A>();
   LaneSums lanes{};
 };
 
-// Add one tile (x, with KL weights against o; n a multiple of kLanes) to a running state.
+// Take a tile's max into the running state (rescaling what was summed when it grows) and
+// return the max the tile's exponentials are taken against: 0 while only -inf was seen
+// (e^{-inf - 0} = 0 adds nothing, where -inf - -inf would be NaN).
 template <typename A>
-inline void tile_accumulate(RowSums<A>& st, const A* x, const A* o, int n) {
-  const A m = nan_max(st.m, tile_max(x, n));
-  if (m == seat::neg_inf<A>()) return;  // only -inf so far: nothing to add
-  if (!(m == st.m)) {  // a new max: rescale what was summed (k = 0 on the first finite tile)
+inline A advance(RowSums<A>& st, A tile_max) {
+  const A m = nan_max(st.m, tile_max);
+  if (m == seat::neg_inf<A>()) return A(0);
+  if (!(m == st.m)) {  // k = 0 on the first finite tile
     const double k = std::exp(static_cast<double>(st.m) - static_cast<double>(m));
     for (int l = 0; l < kLanes; ++l) {
       st.lanes.s[l] *= k;
       st.lanes.a[l] *= k;
     }
   }
-  tile_sums(x, o, n, m, st.lanes);
   st.m = m;
+  return m;
 }
 
 // The row's (max, sum, weighted sum) in double, for the loss formulas of seat/kl_div.h.
@@ -251,130 +242,75 @@ inline seat::OnlineLse<double> row_state(const RowSums<A>& st) {
   return {static_cast<double>(st.m), lane_total(st.lanes.s), lane_total(st.lanes.a)};
 }
 
-// Storage -> accumulation type (bf16 / fp16 through float, exactly).
-template <typename A, typename T>
-inline A to_acc(T v) {
-  return static_cast<A>(static_cast<float>(v));
-}
-template <>
-inline double to_acc<double, double>(double v) {
-  return v;
-}
-
-// Convert n values (times scale) into dst and pad it with -inf up to a multiple of
-// kLanes (padding has no mass: e = 0, no weight).
-template <typename T, typename A>
-inline int load_tile(const T* src, int n, A scale, A* dst) {
-  for (int j = 0; j < n; ++j) dst[j] = to_acc<A>(src[j]) * scale;
-  const int padded = (n + kLanes - 1) / kLanes * kLanes;
-  for (int j = n; j < padded; ++j) dst[j] = seat::neg_inf<A>();
-  return padded;
-}
-
-// The tile the loops read: src itself where it already is what load_tile would make
-// (the accumulation type, scale 1, whole lane groups), else its converted copy in buf.
-// Skipping the copy saves a store and a load per element on float32 rows.
-template <typename T, typename A>
-inline const A* tile_input(const T* src, int n, A scale, A* buf, int* padded) {
-  if constexpr (std::is_same_v<T, A>) {
-    if (scale == A(1) && n % kLanes == 0) {
-      *padded = n;
-      return src;
-    }
-  }
-  *padded = load_tile(src, n, scale, buf);
-  return buf;
-}
-
-template <typename T, typename A>
-inline void store_tile(const A* src, int n, T* dst) {
-  for (int j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
-}
-
-// Where a tile's gradient is written: straight into the output where it has the
-// accumulation type and the tile is whole lane groups, else into buf (then store_tile).
-template <typename T, typename A>
-inline A* tile_output(T* dst, int n, A* buf) {
-  if constexpr (std::is_same_v<T, A>) {
-    if (n % kLanes == 0) return dst;
-  }
-  return buf;
-}
-
-template <typename T, typename A>
-inline void finish_tile(const A* out, int n, A* buf, T* dst) {
-  if (out == buf) store_tile(buf, n, dst);
-}
-
 template <typename TC>
 void zero_row(TC* grad, int64_t vocab) {
   if (grad != nullptr) std::fill(grad, grad + vocab, static_cast<TC>(0.f));
 }
 
+// Storage -> accumulation type (bf16 / fp16 through float, exactly).
+template <typename A, typename T>
+inline A to_acc(T v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return static_cast<A>(static_cast<float>(v));
+  }
+}
+
+inline int tile_size(int64_t vocab, int64_t v0) { return static_cast<int>(std::min<int64_t>(kTile, vocab - v0)); }
+
 // KL(p_ref || p_cur) (reverse: KL(p_cur || p_ref)) of one row, and its gradient (times
 // factor) into grad when given. The loss is formed in double from the double row sums.
 template <typename TC, typename TR, typename A>
-A kl_row(const TC* cur, const TR* ref, int64_t vocab, A inv_t, A factor, bool reverse, TC* grad) {
-  alignas(64) A cbuf[kTile];
-  alignas(64) A rbuf[kTile];
-  RowSums<A> cur_sums, ref_sums;
-  int padded = 0;
+A kl_row(const Tiles<TC, TR, A>& k, const TC* cur, const TR* ref, int64_t vocab, A inv_t, A factor, bool reverse,
+         TC* grad) {
+  RowSums<A> cs, rs;
   for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-    const A* c = tile_input(cur + v0, n, inv_t, cbuf, &padded);
-    const A* r = tile_input(ref + v0, n, inv_t, rbuf, &padded);
-    tile_accumulate(cur_sums, c, r, padded);
-    tile_accumulate(ref_sums, r, c, padded);
+    const int n = tile_size(vocab, v0);
+    A mc, mr;
+    k.pair_max(cur + v0, ref + v0, n, &mc, &mr);
+    // max(x) / T == max(x / T): rounding is monotonic
+    mc = advance(cs, mc * inv_t);
+    mr = advance(rs, mr * inv_t);
+    k.pair_sums(cur + v0, ref + v0, n, inv_t, mc, mr, reverse, cs.lanes, rs.lanes);
   }
-  const seat::OnlineLse<double> sc = row_state(cur_sums), sr = row_state(ref_sums);
+  const seat::OnlineLse<double> sc = row_state(cs), sr = row_state(rs);
   const double kl = reverse ? seat::kl_value(sc, sr) : seat::kl_value(sr, sc);
   if (grad != nullptr) {
-    const GradConsts<A> k{cur_sums.m, static_cast<A>(seat::online_log_s(sc)), ref_sums.m,
-                          static_cast<A>(seat::online_log_s(sr)), static_cast<A>(seat::lse_difference(sc, sr)),
-                          static_cast<A>(kl), factor};
-    alignas(64) A gbuf[kTile];
+    const GradConsts<A> consts{cs.m, static_cast<A>(seat::online_log_s(sc)), rs.m,
+                               static_cast<A>(seat::online_log_s(sr)), static_cast<A>(seat::lse_difference(sc, sr)),
+                               static_cast<A>(kl), factor};
     for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
-      const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-      const A* c = tile_input(cur + v0, n, inv_t, cbuf, &padded);
-      const A* r = tile_input(ref + v0, n, inv_t, rbuf, &padded);
-      A* g = tile_output(grad + v0, n, gbuf);
-      tile_kl_grad(c, r, padded, k, reverse, g);
-      finish_tile(g, n, gbuf, grad + v0);
+      k.kl_grad(cur + v0, ref + v0, tile_size(vocab, v0), inv_t, consts, reverse, grad + v0);
     }
   }
   return static_cast<A>(kl);
 }
 
 // Cross-entropy of one row against `label`, and its gradient (times factor) when asked.
-template <typename TC, typename A>
-A ce_row(const TC* x, int64_t vocab, int64_t label, A factor, TC* grad) {
-  alignas(64) A xbuf[kTile];
-  RowSums<A> sums;
-  int padded = 0;
+template <typename TC, typename TR, typename A>
+A ce_row(const Tiles<TC, TR, A>& k, const TC* x, int64_t vocab, int64_t label, A factor, TC* grad) {
+  RowSums<A> st;
   for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
-    const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-    const A* t = tile_input(x + v0, n, A(1), xbuf, &padded);
-    tile_accumulate(sums, t, t, padded);
+    const int n = tile_size(vocab, v0);
+    const A m = advance(st, k.max(x + v0, n));
+    k.sums(x + v0, n, m, st.lanes);
   }
-  const seat::OnlineLse<double> st = row_state(sums);
-  const double ls = seat::online_log_s(st);
+  const seat::OnlineLse<double> state = row_state(st);
+  const double ls = seat::online_log_s(state);
   if (grad != nullptr) {
-    alignas(64) A gbuf[kTile];
     for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
-      const int n = static_cast<int>(std::min<int64_t>(kTile, vocab - v0));
-      const A* t = tile_input(x + v0, n, A(1), xbuf, &padded);
-      A* g = tile_output(grad + v0, n, gbuf);
-      tile_ce_grad(t, padded, label - v0, sums.m, static_cast<A>(ls), factor, g);
-      finish_tile(g, n, gbuf, grad + v0);
+      k.ce_grad(x + v0, tile_size(vocab, v0), label - v0, st.m, static_cast<A>(ls), factor, grad + v0);
     }
   }
-  return static_cast<A>((st.m - static_cast<double>(to_acc<A>(x[label]))) + ls);
+  return static_cast<A>((state.m - static_cast<double>(to_acc<A>(x[label]))) + ls);
 }
 
 template <typename TC, typename TR, typename A>
-void paired_rows_typed(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& ref,
-                       const at::Tensor& kl_valid, const at::Tensor& scales, double temperature, int64_t ignore_index,
-                       bool reverse, at::Tensor& per_row, at::Tensor& grad) {
+void paired_rows_typed(const Tiles<TC, TR, A>& k, const at::Tensor& logits, const at::Tensor& labels,
+                       const at::Tensor& ref, const at::Tensor& kl_valid, const at::Tensor& scales,
+                       double temperature, int64_t ignore_index, bool reverse, at::Tensor& per_row,
+                       at::Tensor& grad) {
   const int64_t n_rows = logits.size(0), vocab = logits.size(1), n_ce = labels.numel();
   const TC* x = static_cast<const TC*>(logits.data_ptr());
   const TR* r = static_cast<const TR*>(ref.data_ptr());
@@ -391,17 +327,17 @@ void paired_rows_typed(const at::Tensor& logits, const at::Tensor& labels, const
       out[i] = A(0);
       zero_row(grow, vocab);
     } else {
-      out[i] = ce_row<TC, A>(x + i * vocab, vocab, label, ce_factor, grow);
+      out[i] = ce_row(k, x + i * vocab, vocab, label, ce_factor, grow);
     }
   };
-  auto kl = [&](int64_t k) {
-    const int64_t i = n_ce + k;
+  auto kl = [&](int64_t j) {
+    const int64_t i = n_ce + j;
     TC* grow = g != nullptr ? g + i * vocab : nullptr;
-    if (valid != nullptr && !valid[k]) {  // masked x~ row
+    if (valid != nullptr && !valid[j]) {  // masked x~ row
       out[i] = A(0);
       zero_row(grow, vocab);
     } else {
-      out[i] = kl_row<TC, TR, A>(x + i * vocab, r + k * vocab, vocab, inv_t, kl_factor, reverse, grow);
+      out[i] = kl_row(k, x + i * vocab, r + j * vocab, vocab, inv_t, kl_factor, reverse, grow);
     }
   };
   // Rows are independent. Work item j is CE row j and KL row j (where they exist): a KL
@@ -456,18 +392,19 @@ std::tuple<at::Tensor, at::Tensor> paired_rows_cpu(const at::Tensor& logits, con
   for (const auto* t : {&logits, &labels, &ref_logits, &kl_valid, &scales}) {
     TORCH_CHECK(t->device().is_cpu(), "paired_rows CPU kernel: every tensor must be on the CPU");
   }
-  if (!fp64) tile_kernels();  // picked (and a bad SEAT_CPU_ISA refused) before any parallel region
   at::Tensor per_row = at::empty({logits.size(0)}, logits.options().dtype(acc));
   at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   if (logits.size(0) == 0) return {per_row, grad};
   if (fp64) {
-    paired_rows_typed<double, double, double>(logits, labels, ref_logits, kl_valid, scales, temperature,
-                                              ignore_index, reverse, per_row, grad);
+    paired_rows_typed(exact::tiles(), logits, labels, ref_logits, kl_valid, scales, temperature, ignore_index,
+                      reverse, per_row, grad);
   } else {
     dispatch_half_float(logits.scalar_type(), "logits", [&](auto tc) {
       dispatch_half_float(ref_logits.scalar_type(), "ref_logits", [&](auto tr) {
-        paired_rows_typed<typename decltype(tc)::type, typename decltype(tr)::type, float>(
-            logits, labels, ref_logits, kl_valid, scales, temperature, ignore_index, reverse, per_row, grad);
+        // picked (and a bad SEAT_CPU_ISA refused) here, before any parallel region
+        const auto& tiles = float_tiles<typename decltype(tc)::type, typename decltype(tr)::type>();
+        paired_rows_typed(tiles, logits, labels, ref_logits, kl_valid, scales, temperature, ignore_index, reverse,
+                          per_row, grad);
       });
     });
   }

@@ -2,7 +2,7 @@
 AVX-512) and pick one at first use; the rest of the suite runs only the copy this machine
 picks. Here every copy the machine can execute runs (SEAT_CPU_ISA, one subprocess each)
 against the reference backend: the loss kernel's tiles (kl_div forward and reverse,
-paired_loss and its CE rows, float32 and bfloat16, vocabularies that are and are not whole
+paired_loss and its CE rows, float32, bfloat16, float16 and a mix, vocabularies that are and are not whole
 tiles, temperature, -inf entries, masked rows) and the hash-mask membership (implicit
 masks' block offsets, a gather and dequant4_delta, bit for bit, at sizes that end
 mid-word)."""
@@ -25,9 +25,10 @@ from seat import ops
 torch.manual_seed(0)
 worst = 0.0
 for vocab in (17, 1024, 4097, 3 * 1024 + 48):
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, ref_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                             (torch.float16, torch.float16), (torch.bfloat16, torch.float16)):
         cur = (torch.randn(6, vocab) * 3).to(dtype)
-        ref = (cur.float() + torch.randn(6, vocab)).to(dtype)
+        ref = (cur.float() + torch.randn(6, vocab)).to(ref_dtype)
         cur[1, ::5] = float("-inf")
         ref[2, ::7] = float("-inf")
         mask = torch.tensor([True, True, True, False, True, True])
@@ -95,7 +96,7 @@ def _runnable() -> list[str]:
         return ["baseline"]
     flags = _cpu_flags()
     isas = ["baseline"]
-    if {"avx2", "fma"} <= flags:
+    if {"avx2", "fma", "f16c"} <= flags:
         isas.append("avx2")
         if {"avx512f", "avx512vl", "avx512dq"} <= flags:
             isas.append("avx512")

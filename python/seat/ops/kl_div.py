@@ -190,6 +190,9 @@ def _(logits_cur, logits_ref, mask, *, temperature, reduction, num_items, revers
 def _setup_context(ctx, inputs, keyword_only_inputs, output):
     ctx.reduction = keyword_only_inputs["reduction"]
     ctx.compute_grad = keyword_only_inputs["compute_grad"]
+    # The unused gradient output would otherwise get an N x V tensor of zeros as its
+    # output gradient in every backward (a fill as long as the kernel's gradient pass).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     _loss_rows.keep_grad_output_ref(ctx, output[1])
 
@@ -198,6 +201,8 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     (grad,) = ctx.saved_tensors
     if not ctx.compute_grad:  # (zero rows give an empty gradient that is still the gradient)
         raise RuntimeError("seat.ops.kl_div: backward needs compute_grad=True in the forward call")
+    if grad_loss is None:  # only the gradient output was used: it has no gradient
+        return None, None, None
     if ctx.reduction != "none" and _loss_rows.hands_on_saved_grad(ctx, grad_loss):
         return grad.detach(), None, None
     scale = grad_loss.unsqueeze(-1) if ctx.reduction == "none" else grad_loss

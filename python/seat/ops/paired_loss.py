@@ -171,6 +171,7 @@ def paired_setup_context(labels_position: int):
         ctx.n_ce = inputs[labels_position].shape[0]
         ctx.kl_weight = keyword_only_inputs["kl_weight"]
         ctx.compute_grad = keyword_only_inputs["compute_grad"]
+        ctx.set_materialize_grads(False)  # no zero-filled output gradients for unused outputs
         ctx.save_for_backward(output[3])
         _loss_rows.keep_grad_output_ref(ctx, output[3])
 
