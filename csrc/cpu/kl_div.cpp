@@ -20,6 +20,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -257,53 +258,83 @@ inline A to_acc(T v) {
   }
 }
 
-inline int tile_size(int64_t vocab, int64_t v0) { return static_cast<int>(std::min<int64_t>(kTile, vocab - v0)); }
+// Elements of the tile at v0 in a range ending at `end`.
+inline int tile_size(int64_t end, int64_t v0) { return static_cast<int>(std::min<int64_t>(kTile, end - v0)); }
 
-// KL(p_ref || p_cur) (reverse: KL(p_cur || p_ref)) of one row, and its gradient (times
-// factor) into grad when given. The loss is formed in double from the double row sums.
-template <typename TC, typename TR, typename A>
-A kl_row(const Tiles<TC, TR, A>& k, const TC* cur, const TR* ref, int64_t vocab, A inv_t, A factor, bool reverse,
-         TC* grad) {
-  RowSums<A> cs, rs;
-  for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
-    const int n = tile_size(vocab, v0);
-    A mc, mr;
-    k.pair_max(cur + v0, ref + v0, n, &mc, &mr);
-    // max(x) / T == max(x / T): rounding is monotonic
-    mc = advance(cs, mc * inv_t);
-    mr = advance(rs, mr * inv_t);
-    k.pair_sums(cur + v0, ref + v0, n, inv_t, mc, mr, reverse, cs.lanes, rs.lanes);
+// Merge another part of the same row (a later vocabulary range) into st.
+template <typename A>
+inline void merge(RowSums<A>& st, const RowSums<A>& part) {
+  const A m = nan_max(st.m, part.m);
+  if (m == seat::neg_inf<A>()) return;  // only -inf in both
+  const double k_st = std::exp(static_cast<double>(st.m) - static_cast<double>(m));
+  const double k_part = std::exp(static_cast<double>(part.m) - static_cast<double>(m));
+  for (int l = 0; l < kLanes; ++l) {
+    st.lanes.s[l] = st.lanes.s[l] * k_st + part.lanes.s[l] * k_part;
+    st.lanes.a[l] = st.lanes.a[l] * k_st + part.lanes.a[l] * k_part;
   }
-  const seat::OnlineLse<double> sc = row_state(cs), sr = row_state(rs);
-  const double kl = reverse ? seat::kl_value(sc, sr) : seat::kl_value(sr, sc);
-  if (grad != nullptr) {
-    const GradConsts<A> consts{cs.m, static_cast<A>(seat::online_log_s(sc)), rs.m,
-                               static_cast<A>(seat::online_log_s(sr)), static_cast<A>(seat::lse_difference(sc, sr)),
-                               static_cast<A>(kl), factor};
-    for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
-      k.kl_grad(cur + v0, ref + v0, tile_size(vocab, v0), inv_t, consts, reverse, grad + v0);
+  st.m = m;
+}
+
+// One row of the batch: a KL row (ref given) or a CE row against `label`.
+template <typename TC, typename TR>
+struct Row {
+  const TC* x;
+  const TR* ref;  // null: a CE row
+  int64_t label;
+  TC* grad;  // null: no gradient wanted
+};
+
+// Pass 1 over the vocabulary range [v0, v1) (tile-aligned): the running states of the row's
+// inputs (for a CE row, st[0] only).
+template <typename TC, typename TR, typename A>
+void row_sums_range(const Tiles<TC, TR, A>& k, const Row<TC, TR>& row, int64_t v0, int64_t v1, A inv_t,
+                    bool reverse, RowSums<A>* st) {
+  for (int64_t t = v0; t < v1; t += kTile) {
+    const int n = tile_size(v1, t);
+    if (row.ref != nullptr) {
+      A mc, mr;
+      k.pair_max(row.x + t, row.ref + t, n, &mc, &mr);
+      // max(x) / T == max(x / T): rounding is monotonic
+      mc = advance(st[0], mc * inv_t);
+      mr = advance(st[1], mr * inv_t);
+      k.pair_sums(row.x + t, row.ref + t, n, inv_t, mc, mr, reverse, st[0].lanes, st[1].lanes);
+    } else {
+      const A m = advance(st[0], k.max(row.x + t, n));
+      k.sums(row.x + t, n, m, st[0].lanes);
     }
   }
+}
+
+// The row's loss (KL(p_ref || p_cur), reverse: KL(p_cur || p_ref), or the CE), formed in
+// double from the double row sums, and the constants of its gradient pass.
+template <typename TC, typename TR, typename A>
+A row_loss(const Row<TC, TR>& row, const RowSums<A>* st, A factor, bool reverse, GradConsts<A>* consts) {
+  const seat::OnlineLse<double> s0 = row_state(st[0]);
+  if (row.ref == nullptr) {
+    const double ls = seat::online_log_s(s0);
+    *consts = GradConsts<A>{st[0].m, static_cast<A>(ls), A(0), A(0), A(0), A(0), factor};
+    return static_cast<A>((s0.m - static_cast<double>(to_acc<A>(row.x[row.label]))) + ls);
+  }
+  const seat::OnlineLse<double> s1 = row_state(st[1]);
+  const double kl = reverse ? seat::kl_value(s0, s1) : seat::kl_value(s1, s0);
+  *consts = GradConsts<A>{st[0].m, static_cast<A>(seat::online_log_s(s0)), st[1].m,
+                          static_cast<A>(seat::online_log_s(s1)), static_cast<A>(seat::lse_difference(s0, s1)),
+                          static_cast<A>(kl), factor};
   return static_cast<A>(kl);
 }
 
-// Cross-entropy of one row against `label`, and its gradient (times factor) when asked.
+// Pass 2 over [v0, v1): the row's gradient (times factor).
 template <typename TC, typename TR, typename A>
-A ce_row(const Tiles<TC, TR, A>& k, const TC* x, int64_t vocab, int64_t label, A factor, TC* grad) {
-  RowSums<A> st;
-  for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
-    const int n = tile_size(vocab, v0);
-    const A m = advance(st, k.max(x + v0, n));
-    k.sums(x + v0, n, m, st.lanes);
-  }
-  const seat::OnlineLse<double> state = row_state(st);
-  const double ls = seat::online_log_s(state);
-  if (grad != nullptr) {
-    for (int64_t v0 = 0; v0 < vocab; v0 += kTile) {
-      k.ce_grad(x + v0, tile_size(vocab, v0), label - v0, st.m, static_cast<A>(ls), factor, grad + v0);
+void row_grad_range(const Tiles<TC, TR, A>& k, const Row<TC, TR>& row, int64_t v0, int64_t v1, A inv_t,
+                    bool reverse, const GradConsts<A>& c) {
+  for (int64_t t = v0; t < v1; t += kTile) {
+    const int n = tile_size(v1, t);
+    if (row.ref != nullptr) {
+      k.kl_grad(row.x + t, row.ref + t, n, inv_t, c, reverse, row.grad + t);
+    } else {
+      k.ce_grad(row.x + t, n, row.label - t, c.m_c, c.ls_c, c.factor, row.grad + t);
     }
   }
-  return static_cast<A>((state.m - static_cast<double>(to_acc<A>(x[label]))) + ls);
 }
 
 template <typename TC, typename TR, typename A>
@@ -311,7 +342,7 @@ void paired_rows_typed(const Tiles<TC, TR, A>& k, const at::Tensor& logits, cons
                        const at::Tensor& ref, const at::Tensor& kl_valid, const at::Tensor& scales,
                        double temperature, int64_t ignore_index, bool reverse, at::Tensor& per_row,
                        at::Tensor& grad) {
-  const int64_t n_rows = logits.size(0), vocab = logits.size(1), n_ce = labels.numel();
+  const int64_t n_rows = logits.size(0), vocab = logits.size(1), n_ce = labels.numel(), n_kl = n_rows - n_ce;
   const TC* x = static_cast<const TC*>(logits.data_ptr());
   const TR* r = static_cast<const TR*>(ref.data_ptr());
   const int64_t* lab = labels.data_ptr<int64_t>();
@@ -320,35 +351,71 @@ void paired_rows_typed(const Tiles<TC, TR, A>& k, const at::Tensor& logits, cons
   const A inv_t = static_cast<A>(1.0 / temperature);
   A* out = per_row.data_ptr<A>();
   TC* g = grad.numel() > 0 ? static_cast<TC*>(grad.data_ptr()) : nullptr;
-  auto ce = [&](int64_t i) {
+  // Row i, or false for an ignored x row / a masked x~ row (no loss, no gradient).
+  auto row_at = [&](int64_t i, Row<TC, TR>* row) {
     TC* grow = g != nullptr ? g + i * vocab : nullptr;
-    const int64_t label = lab[i];
-    if (label == ignore_index) {  // ignored x row: no loss, no gradient
+    const bool is_ce = i < n_ce;
+    if (is_ce ? lab[i] == ignore_index : (valid != nullptr && !valid[i - n_ce])) {
       out[i] = A(0);
       zero_row(grow, vocab);
-    } else {
-      out[i] = ce_row(k, x + i * vocab, vocab, label, ce_factor, grow);
+      return false;
     }
+    *row = is_ce ? Row<TC, TR>{x + i * vocab, nullptr, lab[i], grow}
+                 : Row<TC, TR>{x + i * vocab, r + (i - n_ce) * vocab, 0, grow};
+    return true;
   };
-  auto kl = [&](int64_t j) {
-    const int64_t i = n_ce + j;
-    TC* grow = g != nullptr ? g + i * vocab : nullptr;
-    if (valid != nullptr && !valid[j]) {  // masked x~ row
-      out[i] = A(0);
-      zero_row(grow, vocab);
-    } else {
-      out[i] = kl_row(k, x + i * vocab, r + j * vocab, vocab, inv_t, kl_factor, reverse, grow);
+  auto whole_row = [&](int64_t i) {
+    Row<TC, TR> row;
+    if (!row_at(i, &row)) return;
+    RowSums<A> st[2];
+    row_sums_range(k, row, 0, vocab, inv_t, reverse, st);
+    GradConsts<A> consts;
+    out[i] = row_loss(row, st, i < n_ce ? ce_factor : kl_factor, reverse, &consts);
+    if (row.grad != nullptr) row_grad_range(k, row, 0, vocab, inv_t, reverse, consts);
+  };
+  const int64_t threads = at::get_num_threads(), tiles = (vocab + kTile - 1) / kTile;
+  if (n_rows >= threads || tiles < 2) {
+    // Rows are independent. Work item j is CE row j and KL row j (where they exist): a KL
+    // row reads two inputs, a CE row one, and contiguous ranges of rows would give one
+    // thread the x rows and another the x~ rows. A few items per task when rows are short.
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1));
+    at::parallel_for(0, std::max(n_ce, n_kl), grain, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j) {
+        if (j < n_ce) whole_row(j);
+        if (j < n_kl) whole_row(n_ce + j);
+      }
+    });
+    return;
+  }
+  // Fewer rows than threads: each row's vocabulary in `parts` tile-aligned ranges, pass 1 on
+  // every (row, range), the ranges' states merged in order, then pass 2 on every range.
+  const int64_t parts = std::min(tiles, (threads + n_rows - 1) / n_rows);
+  const int64_t span = (tiles + parts - 1) / parts * kTile;
+  std::vector<Row<TC, TR>> rows(n_rows);
+  std::vector<char> live(n_rows);
+  for (int64_t i = 0; i < n_rows; ++i) live[i] = row_at(i, &rows[i]);
+  std::vector<RowSums<A>> st(n_rows * parts * 2);
+  at::parallel_for(0, n_rows * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t i = w / parts, v0 = (w % parts) * span;
+      if (live[i] && v0 < vocab) row_sums_range(k, rows[i], v0, std::min(vocab, v0 + span), inv_t, reverse, &st[2 * w]);
     }
-  };
-  // Rows are independent. Work item j is CE row j and KL row j (where they exist): a KL
-  // row reads two inputs, a CE row one, and contiguous ranges of rows would give one
-  // thread the x rows and another the x~ rows. A few items per task when rows are short.
-  const int64_t n_kl = n_rows - n_ce;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(vocab, 1));
-  at::parallel_for(0, std::max(n_ce, n_kl), grain, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      if (j < n_ce) ce(j);
-      if (j < n_kl) kl(j);
+  });
+  std::vector<GradConsts<A>> consts(n_rows);
+  for (int64_t i = 0; i < n_rows; ++i) {
+    if (!live[i]) continue;
+    RowSums<A>* first = &st[2 * i * parts];
+    for (int64_t p = 1; p < parts; ++p) {
+      merge(first[0], first[2 * p]);
+      merge(first[1], first[2 * p + 1]);
+    }
+    out[i] = row_loss(rows[i], first, i < n_ce ? ce_factor : kl_factor, reverse, &consts[i]);
+  }
+  if (g == nullptr) return;
+  at::parallel_for(0, n_rows * parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t i = w / parts, v0 = (w % parts) * span;
+      if (live[i] && v0 < vocab) row_grad_range(k, rows[i], v0, std::min(vocab, v0 + span), inv_t, reverse, consts[i]);
     }
   });
 }

@@ -36,6 +36,39 @@ def test_paired_loss_llama3_vocab_on_cpu(dtype):
     loss_cases.paired_check("cpu", logits, labels, ref_logits, kl_weight=0.5, combine=lambda loss, ce, kl: 3 * loss - ce)
 
 
+@pytest.fixture
+def four_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_fewer_rows_than_threads_split_the_vocabulary(four_threads, dtype, reverse):
+    """1-3 rows on 4 threads: the cpu kernel cuts each row's vocabulary into ranges summed
+    in parallel and merged. Value and gradient vs float64, with ranges that hold only -inf
+    (first, middle) in one input, a NaN row and a masked row."""
+    vocab = 5 * 2048 + 77
+    cur, ref = loss_cases.kl_pair((3, vocab), dtype, seed=34)
+    ref[0, : 2 * 2048] = NEG_INF  # the first ranges ruled out by the target
+    ref[1, 2048: 4 * 2048] = NEG_INF
+    if reverse:
+        cur[0, : 2 * 2048] = NEG_INF
+        cur[1, 2048: 4 * 2048] = NEG_INF
+    loss_cases.kl_check("cpu", cur, ref, temperature=0.7, reduction="none", reverse=reverse,
+                        grad_output=torch.tensor([1.0, -2.0, 0.5]))
+    loss_cases.kl_check("cpu", cur[:1], ref[:1], reverse=reverse)
+    nan_row = cur[:2].clone()
+    nan_row[0, 3 * 2048 + 5] = float("nan")
+    loss, grad = loss_cases.kl_run("cpu", nan_row, ref[:2], torch.tensor([True, False]), reduction="none",
+                                   reverse=reverse)
+    assert loss[0].isnan() and loss[1] == 0 and grad[0].isnan().any() and (grad[1] == 0).all()
+    logits, labels, ref_logits = loss_cases.paired_make_batch(1, 1, vocab, dtype, seed=35, device="cpu")
+    loss_cases.paired_check("cpu", logits, labels, ref_logits, kl_weight=0.5, reverse_kl=reverse)
+
+
 @pytest.mark.parametrize("reverse_kl", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_paired_loss_extreme_logits(backend, dtype, reverse_kl):
