@@ -4,7 +4,8 @@ picks. Here every copy the machine can execute runs (SEAT_CPU_ISA, one subproces
 against the reference backend: the loss kernel's tiles (kl_div forward and reverse,
 paired_loss and its CE rows, float32, bfloat16, float16 and a mix, vocabularies that are and are not whole
 tiles, temperature, -inf entries, masked rows) and the hash-mask membership (implicit
-masks' block offsets, a gather and dequant4_delta, bit for bit, at sizes that end
+masks' block offsets, a gather and dequant4_delta (whose 4-bit expansion has a copy per
+instruction set too), bit for bit, at sizes that end
 mid-word)."""
 from __future__ import annotations
 
@@ -69,16 +70,17 @@ try:  # dequant4_delta walks implicit masks with the same membership words
     import bitsandbytes.functional as bnb_f
 except ImportError:
     bnb_f = None
-for numel in ((4096 * 3 + 17, 70001) if bnb_f is not None else ()):
-    weight = torch.randn(numel).to(torch.bfloat16)
+for numel, dtype in (((4096 * 3 + 17, torch.bfloat16), (70001, torch.bfloat16), (70001, torch.float16),
+                      (4097, torch.float32)) if bnb_f is not None else ()):
+    weight = torch.randn(numel).to(dtype)
     packed, qs = bnb_f.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
     mask = ImplicitMask(numel, 0.3, seed=5, param_id=1, block=1024)
-    delta = torch.randn(mask.nnz).to(torch.bfloat16)
+    delta = torch.randn(mask.nnz).to(dtype)
     got = {}
     for backend in ("reference", "cpu"):
         with ops.use_backend(backend):
             got[backend] = ops.dequant4_delta(packed, qs, mask, delta)
-    assert torch.equal(got["reference"], got["cpu"]), numel
+    assert torch.equal(got["reference"], got["cpu"]), (numel, dtype)
 print("ok", worst)
 """
 
