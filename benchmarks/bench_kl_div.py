@@ -7,8 +7,8 @@ forward + backward, time and peak memory, each ratio measured in the same run.
                                       [--out DIR (default: benchmarks/results/<device>)]
 
 seat runs its CPU kernel (fused C++) on CPU and its default backend (Triton) on CUDA.
-Time: median of `reps` calls of loss.backward() on fresh leaves after one warm-up
-(_common.measure: triton.testing.do_bench on CUDA).
+Time: median of `reps` calls of loss.backward() on fresh leaves after one warm-up, the
+implementations timed in turn within each round (_common.measure per call).
 Memory, CPU: each (case, implementation) runs once more in a fresh subprocess with
 MALLOC_MMAP_THRESHOLD_=65536 (so glibc serves every tensor of 64 KiB or more with mmap
 and returns it on free: resident memory follows live tensor bytes); the number reported
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -121,9 +122,19 @@ def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
     return loss.detach()
 
 
-def time_case(op, impl, inputs, reps, device) -> float:
-    """Median seconds of one forward + backward, after one warm-up."""
-    return measure(lambda: run_once(op, impl, inputs), device=device, warmup=1, repeats=reps)["ms"] / 1e3
+def time_cases(op, impls, inputs, reps, device) -> dict:
+    """{impl: median seconds of one forward + backward}: after a warm-up call of each,
+    `reps` rounds each timing one call of every impl in turn, so a burst of other work on a
+    shared machine slows every impl's sample of that round alike, not one impl's whole
+    series."""
+    times = {impl: [] for impl in impls}
+    for impl in impls:
+        run_once(op, impl, inputs)
+    for _ in range(reps):
+        for impl in impls:
+            times[impl].append(measure(lambda: run_once(op, impl, inputs), device=device, warmup=0,
+                                       repeats=1)["ms"] / 1e3)
+    return {impl: statistics.median(t) for impl, t in times.items()}
 
 
 def proc_status_bytes(field: str) -> int:
@@ -202,9 +213,9 @@ def run_case(op, n, vocab, dtype_name, device, reps, compile_too, memory_too=Tru
     inputs = {k: v.to(device) for k, v in make_inputs(op, n, vocab, getattr(torch, dtype_name)).items()}
     loss_seat = run_once(op, "seat", inputs)
     loss_naive = run_once(op, "naive", inputs)
-    t_seat = time_case(op, "seat", inputs, reps, device)
-    t_naive = time_case(op, "naive", inputs, reps, device)
-    t_compiled = time_case(op, "compiled", inputs, reps, device) if op in COMPILED and compile_too else None
+    impls = ("seat", "naive") + (("compiled",) if op in COMPILED and compile_too else ())
+    times = time_cases(op, impls, inputs, reps, device)
+    t_seat, t_naive, t_compiled = times["seat"], times["naive"], times.get("compiled")
     m_seat = measure_peak(op, "seat", n, vocab, dtype_name, device) if memory_too else None
     m_naive = measure_peak(op, "naive", n, vocab, dtype_name, device) if memory_too else None
 
@@ -231,7 +242,7 @@ def main(argv=None, progress: Progress | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="two small cases (same as --size quick)")
     parser.add_argument("--size", choices=sorted(SIZES), default=None)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=11, help="timed rounds (one call of each implementation)")
     parser.add_argument("--ops", nargs="+", choices=OPS, help="run only these ops")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     parser.add_argument("--no-memory", action="store_true",
@@ -273,9 +284,11 @@ def main(argv=None, progress: Progress | None = None) -> int:
                  ("naive_peak_mib", "eager peak MiB"), ("memory_ratio", "memory: eager / seat"),
                  ("input_mib", "inputs MiB"), ("min_mb", "min MB moved"), ("seat_gbs", "seat GB/s"),
                  ("of_probe", "of probe"), ("loss_abs_diff", "loss diff")],
-        notes=[f"Time: median of {args.reps} forward + backward calls after a warm-up, "
-               f"{env['torch_threads']} torch threads on {env['cpu_count']} CPUs" if args.device == "cpu" else
-               f"Time: triton.testing.do_bench (median) of forward + backward, {args.reps} x 100 ms of repeats.",
+        notes=[f"Time: median of {args.reps} forward + backward calls after a warm-up, the implementations timed "
+               f"in turn in each round, {env['torch_threads']} torch threads on {env['cpu_count']} CPUs"
+               if args.device == "cpu" else
+               f"Time: median over {args.reps} rounds of triton.testing.do_bench (median, 100 ms) of forward + "
+               "backward, the implementations in turn.",
                "speed vs eager = eager ms / seat ms; speed vs compiled = compiled ms / seat ms (torch.compile of "
                "the same eager code, time only; fused_linear has no compiled column); above 1: seat is faster.",
                "Memory not measured (--no-memory)." if args.no_memory else
