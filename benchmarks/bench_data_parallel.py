@@ -228,7 +228,12 @@ def run(method: str, size: str, ranks: int, steps: int) -> dict:
 def main(argv=None, progress=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
-        return 0
+        # The result is written and the process group destroyed: leave without the
+        # interpreter's teardown, where a c10d thread still being joined can abort the rank
+        # ("terminate called without an active exception", exit code -6) after its work.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     from _common import Progress, environment, write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
