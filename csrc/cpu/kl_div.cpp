@@ -25,13 +25,6 @@
 #include <immintrin.h>
 #endif
 
-// The tile loops are full of selects on floats (x == -inf, e > 0, the exp's range
-// clamp); under GCC's default -ftrapping-math it will not turn them into vector blends,
-// and the loops stay scalar. Values are unchanged (no exceptions are observed here).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#endif
 #include "isa.h"
 #include "seat/kl_div.h"
 
@@ -41,14 +34,6 @@ constexpr int kTile = 2048;  // elements per tile: the tiles of both inputs stay
 constexpr int kLanes = 16;   // the row's double partial sums
 
 #define SEAT_ALWAYS_INLINE inline __attribute__((always_inline))
-
-// exp for x <= 0 (every argument here is x - running max or x - lse): Cephes' expf
-// polynomial, ~1 ulp, selects instead of branches so the loops vectorize. Below -87.3 it
-// returns 0 where expf would return a denormal (< 1.2e-38); -inf gives 0, NaN stays NaN.
-// kl_div_vec.h's vexp is this on W lanes; double uses libm.
-struct FastExp {
-  static SEAT_ALWAYS_INLINE double exp(double x) { return std::exp(x); }
-};
 
 // max that keeps a NaN once seen (a NaN logit makes the whole row NaN, as in torch).
 template <typename A>
@@ -130,8 +115,8 @@ void kl_grad(const double* c, const double* r, int n, double scale, const GradCo
              double* g) {
   for (int j = 0; j < n; ++j) {
     const double cv = c[j] * scale, rv = r[j] * scale;
-    g[j] = reverse ? seat::kl_reverse_grad<double, FastExp>(cv, rv, k.m_c, k.ls_c, k.dlse, k.kl, k.factor)
-                   : seat::kl_forward_grad<double, FastExp>(cv, rv, k.m_c, k.ls_c, k.m_r, k.ls_r, k.factor);
+    g[j] = reverse ? seat::kl_reverse_grad<double>(cv, rv, k.m_c, k.ls_c, k.dlse, k.kl, k.factor)
+                   : seat::kl_forward_grad<double>(cv, rv, k.m_c, k.ls_c, k.m_r, k.ls_r, k.factor);
   }
 }
 
@@ -146,7 +131,7 @@ void row_sums(const double* x, int n, double m, LaneSums& acc) {
 }
 
 void ce_grad(const double* x, int n, int64_t label, double m, double ls, double factor, double* g) {
-  for (int j = 0; j < n; ++j) g[j] = seat::ce_grad<double, FastExp>(x[j], m, ls, j == label, factor);
+  for (int j = 0; j < n; ++j) g[j] = seat::ce_grad<double>(x[j], m, ls, j == label, factor);
 }
 
 const Tiles<double, double, double>& tiles() {

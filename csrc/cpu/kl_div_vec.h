@@ -7,8 +7,8 @@
 // W = 16. SEAT_VEC_F16C says whether the set converts float16 in hardware (F16C /
 // AVX-512F); otherwise float16 goes through c10::Half lane by lane.
 //
-// Element for element these compute what the double templates of kl_div.cpp compute (the
-// same formulas of seat/kl_div.h, the same branch-free exp), in float: sums run in float
+// Element for element these compute what the double loops of kl_div.cpp compute (the same
+// formulas of seat/kl_div.h), in float with a branch-free exp (vexp): sums run in float
 // vector lanes within a tile (at most kTile / W terms per lane) and are added to the
 // row's double lanes (LaneSums) at the end of each tile, so a row's sums carry the
 // rounding of one tile's float lanes, not of the whole row.
@@ -78,7 +78,9 @@ SEAT_ALWAYS_INLINE void store_part(T* p, fv v, int count) {
   for (int l = 0; l < count; ++l) p[l] = buf[l];
 }
 
-// FastExp::exp (kl_div.cpp) on W floats.
+// e^x for x <= 0 (every argument here is x - running max or x - log S) on W floats:
+// Cephes' expf polynomial, ~1 ulp, selects instead of branches. Below -87.3 it returns 0
+// where expf would return a denormal (< 1.2e-38); -inf gives 0, NaN stays NaN.
 SEAT_ALWAYS_INLINE fv vexp(fv x) {
   const fv low = splat(-87.33654f), zero = splat(0.f);
   const fv xc = x < low ? low : (x > zero ? zero : x);
