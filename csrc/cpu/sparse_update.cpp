@@ -176,7 +176,7 @@ struct Runs<FullMask> {
 };
 
 // Hash masks: per block, the members' positions (member_positions: hashed 16 or 8 lanes
-// at a time, the op's lines prefetched as members turn up), numbered from
+// at a time, the lines of op.lines() prefetched group by group as they are hashed), numbered from
 // block_offsets[b] and cut at the next block's first slot and nnz (HashMask::visit's
 // bounds); a block with no slots is not hashed at all.
 template <>
