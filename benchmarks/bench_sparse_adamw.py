@@ -262,8 +262,11 @@ def main(argv=None, progress: Progress | None = None) -> int:
                "(time / int32 mask: against the int32 row of this run).",
                "min MB moved (seat rows): the dense gradient's and the parameter's 64-byte lines that hold a "
                "trained entry (read; read + write) and per entry the int32 index, the compact gradient (written, "
-               "read) and both moments (read + written); of probe = that / the time / the triad bandwidth of the "
-               "probe in the line above.",
+               "read) and both moments (read + written); of probe = that / the time / the median triad bandwidth "
+               f"of the {len(probes)} probes taken right before the first seat row and after each seat row "
+               f"(triad {env['bandwidth']['triad_min_gbs']:.1f} to {env['bandwidth']['triad_max_gbs']:.1f} GB/s "
+               f"in this run, median {env['bandwidth']['triad_gbs']:.1f}: the line above); the probes around each "
+               "row are in its own column.",
                LEAN_NOTE],
     )
     print(md.read_text())
