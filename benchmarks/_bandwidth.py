@@ -8,7 +8,8 @@ use, each the median of a few timed calls after a warm-up:
 
 (the STREAM kernels' byte counts: a write-allocate that also reads the destination is not
 counted, as STREAM does not). A kernel row then reports the bytes it must move at least
-and the fraction of the triad figure it reaches (`fraction`, the "of probe" columns).
+and the fraction of the triad figure it reaches (`fraction`, the "of probe" columns);
+`probe_summary` turns several probes of a run into one (their median).
 
     python benchmarks/_bandwidth.py [--mib 256] [--threads 1 2]
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -48,6 +50,17 @@ def probe(threads: int | None = None, *, device: str = "cpu", mib: int = DEFAULT
     nbytes = n * 4
     return {"device": device, "threads": threads, "mib": mib, "copy_gbs": round(2 * nbytes / copy_s / 1e9, 2),
             "triad_gbs": round(3 * nbytes / triad_s / 1e9, 2)}
+
+
+def probe_summary(results: list[dict]) -> dict:
+    """Several probes of one run as one probe result: the median copy and triad figures
+    (what `fraction` then divides by), with the triad's range and the probe count. On a
+    shared host the figure swings from probe to probe; the median neither flatters a
+    kernel (the lowest) nor punishes it (the highest)."""
+    triads = sorted(r["triad_gbs"] for r in results)
+    copies = sorted(r["copy_gbs"] for r in results)
+    return {**results[0], "copy_gbs": statistics.median(copies), "triad_gbs": statistics.median(triads),
+            "triad_min_gbs": triads[0], "triad_max_gbs": triads[-1], "probes": len(results)}
 
 
 def fraction(nbytes: float, ms: float, probe_result: dict) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bandwidth import fraction  # noqa: E402
+from _bandwidth import fraction, probe, probe_summary  # noqa: E402
 from _common import Progress, environment, measure, pyplot, write_results  # noqa: E402
 from _memory import measure_peak, optimizer_tensors  # noqa: E402
 
@@ -203,22 +203,34 @@ def main(argv=None, progress: Progress | None = None) -> int:
     run(bench_dense("naive-seat-fused d=0.05", adamw(fused=True), params, grads, args.device, args.repeats,
                     mask=bool_masks))
     del bool_masks
+    # The bandwidth probe right before the first seat row and after each one: a shared
+    # host's bandwidth swings between runs (and within one), so every seat row is
+    # bracketed by two probes, and "of probe" uses the median of all of them.
+    probes = [probe(device=args.device)]
+
+    def seat_row(row):
+        probes.append(probe(device=args.device))
+        row["probes_gbs"] = f"{probes[-2]['triad_gbs']:.0f} / {probes[-1]['triad_gbs']:.0f}"
+        run(row)
+
     for density in DENSITIES:
-        run(bench_seat(f"seat d={density}", params, grads, density, args.device, args.repeats))
+        seat_row(bench_seat(f"seat d={density}", params, grads, density, args.device, args.repeats))
     for encoding in ENCODINGS:
-        run(bench_seat(f"seat d=0.05 {encoding}", params, grads, 0.05, args.device, args.repeats,
-                       encoding=encoding))
-    run(bench_seat("seat-reference d=0.05", params, grads, 0.05, args.device, args.repeats, backend="reference"))
+        seat_row(bench_seat(f"seat d=0.05 {encoding}", params, grads, 0.05, args.device, args.repeats,
+                            encoding=encoding))
+    seat_row(bench_seat("seat-reference d=0.05", params, grads, 0.05, args.device, args.repeats,
+                        backend="reference"))
     for mode, options in LEAN_MODES.items():
         run(bench_lean(f"lean: {mode} d=0.05", params, grads, 0.05, args.device, args.repeats, options))
 
-    for key in ("peak_bytes", "transient_bytes", "moved_bytes"):  # one CSV header for every row
+    for key in ("peak_bytes", "transient_bytes", "moved_bytes", "probes_gbs"):  # one CSV header for every row
         for r in rows:
             r.setdefault(key, None)
     naive = next(r for r in rows if r["method"].startswith("naive-seat d="))
     fused = next(r for r in rows if r["method"] == "adamw-fused")
     int32 = next(r for r in rows if r["method"] == "seat d=0.05")
-    env = environment(args.device)
+    env = environment(args.device, bandwidth=False)
+    env["bandwidth"] = probe_summary(probes)
     for r in rows:
         r["speedup_vs_naive"] = naive["ms"] / r["ms"]
         r["memory_vs_naive"] = r["state_bytes"] / naive["state_bytes"]
@@ -237,7 +249,7 @@ def main(argv=None, progress: Progress | None = None) -> int:
                  ("speedup_vs_naive", "speed vs naive SEAT"), ("bytes_per_param", "optimizer B/param"),
                  ("memory_vs_naive", "memory vs naive SEAT"), ("time_vs_fused", "time / adamw-fused"),
                  ("time_vs_int32", "time / int32 mask"), ("moved_MB", "min MB moved"), ("of_probe", "of probe"),
-                 ("peak_bytes", "update peak bytes")],
+                 ("probes_gbs", "probes before / after (GB/s)"), ("peak_bytes", "update peak bytes")],
         notes=["update = what runs between backward and the next forward: for seat, compacting each dense "
                "gradient (the backward hook) and the compact AdamW step; for naive SEAT, multiplying each "
                "gradient by its bool mask and a dense AdamW step.",
@@ -250,8 +262,11 @@ def main(argv=None, progress: Progress | None = None) -> int:
                "(time / int32 mask: against the int32 row of this run).",
                "min MB moved (seat rows): the dense gradient's and the parameter's 64-byte lines that hold a "
                "trained entry (read; read + write) and per entry the int32 index, the compact gradient (written, "
-               "read) and both moments (read + written); of probe = that / the time / the triad bandwidth of the "
-               "probe in the line above.",
+               "read) and both moments (read + written); of probe = that / the time / the median triad bandwidth "
+               f"of the {len(probes)} probes taken right before the first seat row and after each seat row "
+               f"(triad {env['bandwidth']['triad_min_gbs']:.1f} to {env['bandwidth']['triad_max_gbs']:.1f} GB/s "
+               f"in this run, median {env['bandwidth']['triad_gbs']:.1f}: the line above); the probes around each "
+               "row are in its own column.",
                LEAN_NOTE],
     )
     print(md.read_text())

@@ -1,16 +1,21 @@
 // CPU kernels of the sparse-update family (seat_C::masked_gather_, masked_swap_,
 // sparse_adamw_, implicit_block_counts_) for every mask encoding. Each operation is
 // written once over a mask policy P (seat/masks.h) and walks its entries with
-// for_each_entry<P>; dispatch_encoding is the one place that turns the runtime `encoding`
-// into a policy. Inputs were validated by python/seat/ops; the TORCH_CHECKs here guard
-// direct callers, and the walks never yield a position or slot outside the tensors.
+// for_each_run<P>, which hands it runs of entries (positions as an int32 array, slots
+// consecutive) so that its loop works on arrays: AdamW's math runs 16 (AVX-512) or 8
+// (AVX2) entries per instruction, and every encoding gets the same loops.
+// dispatch_encoding is the one place that turns the runtime `encoding` into a policy.
+// Inputs were validated by python/seat/ops; the TORCH_CHECKs here guard direct callers,
+// and the walks never yield a position or slot outside the tensors.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstring>
+#include <utility>
 #include <type_traits>
 #include <vector>
 #if defined(__x86_64__)
@@ -39,112 +44,108 @@ constexpr int64_t kAdamWGrain = 1 << 14;  // AdamW: a few dozen flops more per e
 // Hash masks: blocks below which threads cost more than they save (a block is hundreds
 // to tens of thousands of hashes, whatever the density).
 constexpr int64_t kParallelBlocks = 8;
-// An index walk touches the parameter at scattered positions: it asks for the cache line
-// of the entry this many entries ahead.
-constexpr int64_t kPrefetchAhead = 16;
-// A hash walk asks for the lines of the elements this many 32-element words ahead.
-constexpr int64_t kWordsAhead = 8;
+// Index and block16 walks hand over their entries in runs of at most this many (the
+// bounds of a run are checked in one vectorizable pass over it, in cache for the op).
+constexpr int64_t kRunEntries = 4096;
+// An op asks for the cache line of the entry this many entries ahead in its run: the
+// hardware prefetcher follows the ascending positions, but not far enough ahead.
+constexpr int64_t kPrefetchAhead = 64;
 
 // ----------------------------------------------------------------------------- walks
 
+using seat::cpu::member_positions;
 using seat::cpu::member_words;
+using seat::cpu::MemberPositions;
 using seat::cpu::MemberWords;
 using seat::cpu::words_of;
 
-// Walk<P>::run(m, grain, f, prefetch) runs f(position, slot) on every entry of m, P's work
-// items in parallel when m has more than `grain` entries; prefetch(position) is a hint
-// for walks whose positions jump. The generic walk: P::visit per item, dynamically
-// scheduled since items differ in size (block16: the entries of a 65536-element block,
-// found from block_starts without a search).
-//
-// Every walk runs on per-thread copies of the mask and of the (by-value) callables: read
-// through references, they would live on the calling thread's stack, whose cache lines
-// that thread keeps writing while the others read them (measured: +30% on a hash gather
-// with 2 threads).
-template <typename P>
-struct Walk {
-  template <typename F, typename Prefetch>
-  static void run(const MaskRef& mask, int64_t grain, const F& fn, const Prefetch&) {
-#pragma omp parallel if (mask.nnz > grain) num_threads(at::get_num_threads())
-    {
-      const MaskRef m = mask;
-      F f = fn;
-      const int64_t items = P::work_items(m);
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t it = 0; it < items; ++it) P::visit(m, it, f);
-    }
-  }
+// A run of entries: entry k is at position base + rel[k] and has slot slot + k. Every
+// walk below hands an op runs whose positions lie in [0, numel) and whose slots lie in
+// [0, nnz) (entries a mask places outside are dropped: as P::visit does), in increasing
+// slot order within a thread; an op then works on arrays, not entry by entry.
+// `ahead` entries of rel past the run may be read to prefetch their lines (an index
+// walk's next run: the op's prefetches then run on across runs instead of restarting
+// cold at each; their positions are not checked, and need not be: a prefetch of any
+// address is harmless).
+struct Run {
+  const int32_t* rel;
+  int64_t base, slot, n;
+  int64_t ahead = 0;
 };
 
-// int32 indices: one entry per item, statically scheduled, with a software prefetch (the
-// hardware prefetcher cannot guess the next index).
+// Runs<P>::run(m, grain, op) calls op(run) for every run of m's entries, in parallel when
+// m has more than `grain` entries; op.lines() is (the address of element 0, the element
+// size) of the array op will touch at the entries' positions, for walks that find the
+// positions by computation and prefetch as they go (hash masks).
+//
+// Every walk runs on per-thread copies of the mask and of the op: read through
+// references, they would live on the calling thread's stack, whose cache lines that
+// thread keeps writing while the others read them (measured: +30% on a hash gather with
+// 2 threads). Work is statically scheduled in contiguous ranges, so each thread walks
+// memory upward (what the hardware prefetcher follows).
+template <typename P>
+struct Runs;
+
+// n entries at positions base + rel[k] (base >= 0), slots slot + k, as runs: one run
+// when every position is inside [base, numel), else the valid entries one at a time (a
+// mask that lies is skipped, not followed). The check is one pass of unsigned
+// comparisons that vectorizes on every ISA (signed min / max need SSE4.1: as scalar code
+// they cost 5% of a gather).
+template <typename Op>
+inline void checked_runs(const Op& op, const int32_t* rel, int64_t base, int64_t slot, int64_t n, int64_t numel,
+                         int64_t ahead = 0) {
+  const uint32_t limit = static_cast<uint32_t>(std::clamp<int64_t>(numel - base, 0, int64_t{1} << 31));
+  uint32_t outside = 0;
+  for (int64_t k = 0; k < n; ++k) outside |= static_cast<uint32_t>(static_cast<uint32_t>(rel[k]) >= limit);
+  if (outside == 0) return op(Run{rel, base, slot, n, ahead});
+  for (int64_t k = 0; k < n; ++k) {
+    const int64_t pos = base + rel[k];
+    if (pos >= 0 && pos < numel) op(Run{rel + k, base, slot + k, 1});
+  }
+}
+
+// int32 indices: runs of kRunEntries consecutive entries, the index itself as rel.
 template <>
-struct Walk<IndexMask> {
-  template <typename F, typename Prefetch>
-  static void run(const MaskRef& mask, int64_t grain, const F& fn, const Prefetch& pf) {
+struct Runs<IndexMask> {
+  template <typename Op>
+  static void run(const MaskRef& mask, int64_t grain, const Op& op_in) {
 #pragma omp parallel if (mask.nnz > grain) num_threads(at::get_num_threads())
     {
       const MaskRef m = mask;
-      F f = fn;
-      Prefetch prefetch = pf;
-      const int64_t nnz = m.nnz;
+      const Op op = op_in;
+      const int64_t n_runs = (m.nnz + kRunEntries - 1) / kRunEntries;
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < nnz; ++j) {
-        if (j + kPrefetchAhead < nnz) prefetch(static_cast<int64_t>(m.index[j + kPrefetchAhead]));
-        IndexMask::visit(m, j, f);
+      for (int64_t r = 0; r < n_runs; ++r) {
+        const int64_t first = r * kRunEntries;
+        const int64_t n = std::min(kRunEntries, m.nnz - first);
+        checked_runs(op, m.index + first, 0, first, n, m.numel, std::min(kPrefetchAhead, m.nnz - first - n));
       }
     }
   }
 };
 
-// Every element: positions 0 .. nnz - 1 in order, statically scheduled (no index to read).
+// block16: per 65536-element block, its entries' uint16 offsets widened to int32 (in
+// pieces of kRunEntries), base the block's first element.
 template <>
-struct Walk<FullMask> {
-  template <typename F, typename Prefetch>
-  static void run(const MaskRef& mask, int64_t grain, const F& fn, const Prefetch&) {
+struct Runs<Block16Mask> {
+  template <typename Op>
+  static void run(const MaskRef& mask, int64_t grain, const Op& op_in) {
 #pragma omp parallel if (mask.nnz > grain) num_threads(at::get_num_threads())
     {
       const MaskRef m = mask;
-      F f = fn;
-      const int64_t n = m.nnz < m.numel ? m.nnz : m.numel;
+      const Op op = op_in;
+      std::vector<int32_t> rel(kRunEntries);
 #pragma omp for schedule(static)
-      for (int64_t j = 0; j < n; ++j) f(j, j);
-    }
-  }
-};
-
-// Hash masks: per block, the membership bits first (member_words), then the members in
-// order by bit scans (most words are 0 at low density). Same entries and bounds as
-// HashMask::visit: slots from block_offsets[b], below the next block's first slot and
-// nnz; a block with no slots is not hashed at all.
-template <>
-struct Walk<HashMask> {
-  template <typename F, typename Prefetch>
-  static void run(const MaskRef& mask, int64_t, const F& fn, const Prefetch& pf) {
-    const MemberWords member_words_fn = member_words();
-#pragma omp parallel if (mask.n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
-    {
-      const MaskRef m = mask;
-      F f = fn;
-      Prefetch prefetch = pf;
-      const int64_t n_blocks = m.n_blocks;
-      std::vector<uint32_t> words(static_cast<size_t>(words_of(m.block)));
-#pragma omp for schedule(static)
-      for (int64_t b = 0; b < n_blocks; ++b) {
-        int64_t slot = m.index[b];
-        const int64_t limit = std::min<int64_t>(m.index[b + 1], m.nnz);
-        if (slot < 0 || slot >= limit) continue;
-        const int64_t begin = b * m.block;
-        const int64_t len = std::min(m.block, m.numel - begin);
-        member_words_fn(m.key, begin, len, m.threshold, words.data());
-        for (int64_t w = 0; w < words_of(len) && slot < limit; ++w) {
-          // the members' cache lines a few words ahead (2 lines of fp32 per word): the
-          // loads behind the bit scans otherwise wait on memory one line at a time
-          const int64_t ahead = begin + (w + kWordsAhead) * 32;
-          if (ahead < m.numel) prefetch(ahead);
-          if (ahead + 16 < m.numel) prefetch(ahead + 16);
-          for (uint32_t word = words[w]; word != 0 && slot < limit; word &= word - 1) {
-            f(begin + w * 32 + __builtin_ctz(word), slot++);
+      for (int64_t b = 0; b < m.n_blocks; ++b) {
+        const int64_t base = b * seat::kBlock16;
+        const int64_t begin = std::max<int64_t>(m.index[b], 0), end = std::min<int64_t>(m.index[b + 1], m.nnz);
+        for (int64_t first = begin; first < end; first += kRunEntries) {
+          const int64_t n = std::min(kRunEntries, end - first);
+          for (int64_t k = 0; k < n; ++k) rel[k] = m.offsets[first + k];
+          if (base + seat::kBlock16 <= m.numel) {  // a whole block: every uint16 offset is inside
+            op(Run{rel.data(), base, first, n});
+          } else {
+            checked_runs(op, rel.data(), base, first, n, m.numel);
           }
         }
       }
@@ -152,9 +153,61 @@ struct Walk<HashMask> {
   }
 };
 
-template <typename P, typename F, typename Prefetch>
-void for_each_entry(const MaskRef& m, int64_t grain, const F& f, const Prefetch& prefetch) {
-  Walk<P>::run(m, grain, f, prefetch);
+// Every element: positions 0 .. nnz - 1 in order, as runs over one shared 0, 1, 2, ...
+template <>
+struct Runs<FullMask> {
+  template <typename Op>
+  static void run(const MaskRef& mask, int64_t grain, const Op& op_in) {
+    std::vector<int32_t> iota(kRunEntries);
+    for (int64_t k = 0; k < kRunEntries; ++k) iota[k] = static_cast<int32_t>(k);
+    const int32_t* rel = iota.data();
+#pragma omp parallel if (mask.nnz > grain) num_threads(at::get_num_threads())
+    {
+      const Op op = op_in;
+      const int64_t n = mask.nnz < mask.numel ? mask.nnz : mask.numel;
+      const int64_t n_runs = (n + kRunEntries - 1) / kRunEntries;
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < n_runs; ++r) {
+        const int64_t first = r * kRunEntries;
+        op(Run{rel, first, first, std::min(kRunEntries, n - first)});
+      }
+    }
+  }
+};
+
+// Hash masks: per block, the members' positions (member_positions: hashed 16 or 8 lanes
+// at a time, the lines of op.lines() prefetched group by group as they are hashed), numbered from
+// block_offsets[b] and cut at the next block's first slot and nnz (HashMask::visit's
+// bounds); a block with no slots is not hashed at all.
+template <>
+struct Runs<HashMask> {
+  template <typename Op>
+  static void run(const MaskRef& mask, int64_t, const Op& op_in) {
+    const MemberPositions positions_fn = member_positions();
+#pragma omp parallel if (mask.n_blocks > kParallelBlocks) num_threads(at::get_num_threads())
+    {
+      const MaskRef m = mask;
+      const Op op = op_in;
+      const auto [lines, elem_size] = op.lines();
+      std::vector<int32_t> rel(static_cast<size_t>(m.block + 16));
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < m.n_blocks; ++b) {
+        const int64_t slot = m.index[b];
+        const int64_t limit = std::min<int64_t>(m.index[b + 1], m.nnz);
+        if (slot < 0 || slot >= limit) continue;
+        const int64_t begin = b * m.block;
+        const int64_t len = std::min(m.block, m.numel - begin);
+        const int64_t found = positions_fn(m.key, begin, len, m.threshold, rel.data(), lines + begin * elem_size,
+                                           elem_size);
+        op(Run{rel.data(), begin, slot, std::min(found, limit - slot)});
+      }
+    }
+  }
+};
+
+template <typename P, typename Op>
+void for_each_run(const MaskRef& m, int64_t grain, const Op& op) {
+  Runs<P>::run(m, grain, op);
 }
 
 // ----------------------------------------------------------------------------- masks
@@ -182,11 +235,24 @@ inline void accumulate(c10::BFloat16& out, In x) {
   out = c10::BFloat16(static_cast<float>(out) + static_cast<float>(x));
 }
 
+template <typename Out, typename In>
+struct GatherOp {
+  Out* out;
+  const In* dense;
+  std::pair<const char*, int64_t> lines() const { return {reinterpret_cast<const char*>(dense), sizeof(In)}; }
+  void operator()(const Run& r) const {
+    const In* d = dense + r.base;
+    Out* o = out + r.slot;
+    for (int64_t k = 0; k < r.n; ++k) {
+      if (k + kPrefetchAhead < r.n + r.ahead) __builtin_prefetch(d + r.rel[k + kPrefetchAhead], 0);
+      accumulate(o[k], d[r.rel[k]]);
+    }
+  }
+};
+
 template <typename P, typename Out, typename In>
 void gather(const MaskRef& m, Out* out, const In* dense) {
-  for_each_entry<P>(
-      m, kMoveGrain, [=](int64_t pos, int64_t slot) { accumulate(out[slot], dense[pos]); },
-      [=](int64_t pos) { __builtin_prefetch(dense + pos, 0); });
+  for_each_run<P>(m, kMoveGrain, GatherOp<Out, In>{out, dense});
 }
 
 void masked_gather_cpu(at::Tensor out, const at::Tensor& dense, int64_t encoding, const at::Tensor& mask_index,
@@ -214,13 +280,24 @@ void masked_gather_cpu(at::Tensor out, const at::Tensor& dense, int64_t encoding
 
 // ----------------------------------------------------------------------------- swap
 
+template <typename Bits>
+struct SwapOp {
+  Bits* param;
+  Bits* values;
+  std::pair<const char*, int64_t> lines() const { return {reinterpret_cast<const char*>(param), sizeof(Bits)}; }
+  void operator()(const Run& r) const {
+    Bits* p = param + r.base;
+    Bits* v = values + r.slot;
+    for (int64_t k = 0; k < r.n; ++k) {
+      if (k + kPrefetchAhead < r.n + r.ahead) __builtin_prefetch(p + r.rel[k + kPrefetchAhead], 1);
+      seat::swap_bits<Bits>(p + r.rel[k], v + k);
+    }
+  }
+};
+
 template <typename P, typename Bits>
 void swap(const MaskRef& m, void* param, void* values) {
-  Bits* p = static_cast<Bits*>(param);
-  Bits* v = static_cast<Bits*>(values);
-  for_each_entry<P>(
-      m, kMoveGrain, [=](int64_t pos, int64_t slot) { seat::swap_bits<Bits>(p + pos, v + slot); },
-      [=](int64_t pos) { __builtin_prefetch(p + pos, 1); });
+  for_each_run<P>(m, kMoveGrain, SwapOp<Bits>{static_cast<Bits*>(param), static_cast<Bits*>(values)});
 }
 
 // The swap moves bits, not numbers, so it dispatches on the element width only.
@@ -263,26 +340,199 @@ struct AdamWArgs {
   uint32_t key;
 };
 
+// The AdamW math of n entries held in arrays (w: the weights, g: the gradients, m, v and
+// vmax (amsgrad; null without) the state), updated in place: seat::adamw_step on each,
+// which the scalar copy calls as it is. The vector copies run the same operations in
+// the same order on 16 or 8 lanes (IEEE add, mul, div and sqrt round the same on every
+// lane, and fp-contract=off keeps a * b + c two roundings, as in the scalar copy), so
+// every copy gives the same bits.
+template <typename T>
+using AdamWLanes = void (*)(T* w, const T* g, T* m, T* v, T* vmax, int64_t n, const seat::AdamWScalars<T>& s,
+                            bool maximize);
+
+template <typename T>
+void adamw_lanes_scalar(T* w, const T* g, T* m, T* v, T* vmax, int64_t n, const seat::AdamWScalars<T>& s,
+                        bool maximize) {
+  for (int64_t k = 0; k < n; ++k) {
+    w[k] = seat::adamw_step<T>(w[k], g[k], m[k], v[k], vmax != nullptr ? vmax + k : nullptr, s, maximize);
+  }
+}
+
+#ifdef SEAT_CPU_ISA_COPIES
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_sqrt_ps: see member_words.h
+__attribute__((target("avx512f,avx512dq"))) void adamw_lanes_avx512(float* w, const float* g, float* m, float* v,
+                                                                     float* vmax, int64_t n,
+                                                                     const seat::AdamWScalars<float>& s,
+                                                                     bool maximize) {
+  const __m512 decay = _mm512_set1_ps(s.decay), beta2 = _mm512_set1_ps(s.beta2);
+  const __m512 omb2 = _mm512_set1_ps(s.one_minus_beta2), eps = _mm512_set1_ps(s.eps);
+  const __m512 step_size = _mm512_set1_ps(s.step_size), bc2 = _mm512_set1_ps(s.bias_correction2_sqrt);
+  // the lerp from the nearer end (seat::adamw_step): m + t (g - m), or g + (t - 1) (g - m)
+  const bool near_m = s.one_minus_beta1 < 0.5f;
+  const __m512 t = _mm512_set1_ps(near_m ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
+  const __m512 sign = _mm512_set1_ps(maximize ? -0.0f : 0.0f);
+  int64_t k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 gk = _mm512_xor_ps(_mm512_loadu_ps(g + k), sign);
+    const __m512 mk = _mm512_loadu_ps(m + k);
+    __m512 vk = _mm512_loadu_ps(v + k);
+    const __m512 wk = _mm512_mul_ps(_mm512_loadu_ps(w + k), decay);
+    const __m512 mn = _mm512_add_ps(near_m ? mk : gk, _mm512_mul_ps(t, _mm512_sub_ps(gk, mk)));
+    vk = _mm512_add_ps(_mm512_mul_ps(vk, beta2), _mm512_mul_ps(_mm512_mul_ps(omb2, gk), gk));
+    __m512 second = vk;
+    if (vmax != nullptr) {
+      const __m512 old = _mm512_loadu_ps(vmax + k);
+      // not NaN and !(old >= v): v (torch.maximum propagates NaN from either side)
+      const __mmask16 take = _mm512_cmp_ps_mask(old, old, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(old, vk, _CMP_NGE_UQ);
+      second = _mm512_mask_blend_ps(take, old, vk);
+      _mm512_storeu_ps(vmax + k, second);
+    }
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(second), bc2), eps);
+    _mm512_storeu_ps(w + k, _mm512_sub_ps(wk, _mm512_mul_ps(step_size, _mm512_div_ps(mn, denom))));
+    _mm512_storeu_ps(m + k, mn);
+    _mm512_storeu_ps(v + k, vk);
+  }
+  adamw_lanes_scalar<float>(w + k, g + k, m + k, v + k, vmax != nullptr ? vmax + k : nullptr, n - k, s, maximize);
+}
+
+__attribute__((target("avx2"))) void adamw_lanes_avx2(float* w, const float* g, float* m, float* v, float* vmax,
+                                                       int64_t n, const seat::AdamWScalars<float>& s, bool maximize) {
+  const __m256 decay = _mm256_set1_ps(s.decay), beta2 = _mm256_set1_ps(s.beta2);
+  const __m256 omb2 = _mm256_set1_ps(s.one_minus_beta2), eps = _mm256_set1_ps(s.eps);
+  const __m256 step_size = _mm256_set1_ps(s.step_size), bc2 = _mm256_set1_ps(s.bias_correction2_sqrt);
+  const bool near_m = s.one_minus_beta1 < 0.5f;
+  const __m256 t = _mm256_set1_ps(near_m ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
+  const __m256 sign = _mm256_set1_ps(maximize ? -0.0f : 0.0f);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 gk = _mm256_xor_ps(_mm256_loadu_ps(g + k), sign);
+    const __m256 mk = _mm256_loadu_ps(m + k);
+    __m256 vk = _mm256_loadu_ps(v + k);
+    const __m256 wk = _mm256_mul_ps(_mm256_loadu_ps(w + k), decay);
+    const __m256 mn = _mm256_add_ps(near_m ? mk : gk, _mm256_mul_ps(t, _mm256_sub_ps(gk, mk)));
+    vk = _mm256_add_ps(_mm256_mul_ps(vk, beta2), _mm256_mul_ps(_mm256_mul_ps(omb2, gk), gk));
+    __m256 second = vk;
+    if (vmax != nullptr) {
+      const __m256 old = _mm256_loadu_ps(vmax + k);
+      const __m256 take = _mm256_and_ps(_mm256_cmp_ps(old, old, _CMP_EQ_OQ), _mm256_cmp_ps(old, vk, _CMP_NGE_UQ));
+      second = _mm256_blendv_ps(old, vk, take);
+      _mm256_storeu_ps(vmax + k, second);
+    }
+    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(second), bc2), eps);
+    _mm256_storeu_ps(w + k, _mm256_sub_ps(wk, _mm256_mul_ps(step_size, _mm256_div_ps(mn, denom))));
+    _mm256_storeu_ps(m + k, mn);
+    _mm256_storeu_ps(v + k, vk);
+  }
+  adamw_lanes_scalar<float>(w + k, g + k, m + k, v + k, vmax != nullptr ? vmax + k : nullptr, n - k, s, maximize);
+}
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+// The copy for this process (float: by seat::cpu::cpu_isa(); double: scalar). Chosen on
+// the calling thread before any parallel region (the first call may throw).
+template <typename T>
+AdamWLanes<T> adamw_lanes() {
+  if constexpr (std::is_same<T, float>::value) {
+    static const AdamWLanes<float> chosen = [] {
+#ifdef SEAT_CPU_ISA_COPIES
+      switch (seat::cpu::cpu_isa()) {
+        case seat::cpu::Isa::kAvx512: return adamw_lanes_avx512;
+        case seat::cpu::Isa::kAvx2: return adamw_lanes_avx2;
+        case seat::cpu::Isa::kBaseline: break;
+      }
+#endif
+      return adamw_lanes_scalar<float>;
+    }();
+    return chosen;
+  }
+  return adamw_lanes_scalar<T>;
+}
+
+// Entries per AdamW batch: the weights, gradients (and, with dense state, the state) of
+// this many entries are gathered into arrays on the stack, stepped by adamw_lanes, and
+// scattered back.
+constexpr int64_t kAdamWBatch = 256;
+
+template <typename ParamIO, typename T, typename G>
+struct AdamWOp {
+  typename ParamIO::storage* p;
+  const G* g;
+  T *m, *v, *w32, *vmax;
+  seat::AdamWScalars<T> s;
+  AdamWLanes<T> lanes;
+  bool maximize, stochastic, dense_state;
+  uint32_t key;
+
+  std::pair<const char*, int64_t> lines() const {
+    return {reinterpret_cast<const char*>(p), sizeof(typename ParamIO::storage)};
+  }
+
+  void operator()(const Run& r) const {
+    alignas(64) T W[kAdamWBatch], Gr[kAdamWBatch], M[kAdamWBatch], V[kAdamWBatch], VM[kAdamWBatch];
+    auto* param = p + r.base;
+    for (int64_t c = 0; c < r.n; c += kAdamWBatch) {
+      const int64_t n = std::min(kAdamWBatch, r.n - c);
+      const int32_t* rel = r.rel + c;
+      const int64_t slot = r.slot + c;
+      const int64_t ahead = r.n + r.ahead - c;  // entries readable from rel[0] on
+      for (int64_t k = 0; k < n; ++k) {
+        if (k + kPrefetchAhead < ahead) __builtin_prefetch(param + rel[k + kPrefetchAhead], 1);
+        const int64_t at = dense_state ? r.base + rel[k] : slot + k;
+        W[k] = w32 != nullptr ? w32[at] : ParamIO::template load<T>(param + rel[k]);
+        Gr[k] = seat::load_grad<T>(g + slot + k);
+      }
+      T *mk = m + slot, *vk = v + slot, *vmaxk = vmax != nullptr ? vmax + slot : nullptr;
+      if (dense_state) {  // state at the entries' positions: through the arrays too
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t pos = r.base + rel[k];
+          M[k] = m[pos];
+          V[k] = v[pos];
+          if (vmax != nullptr) VM[k] = vmax[pos];
+        }
+        mk = M;
+        vk = V;
+        vmaxk = vmax != nullptr ? VM : nullptr;
+      }
+      lanes(W, Gr, mk, vk, vmaxk, n, s, maximize);
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t pos = r.base + rel[k];
+        const int64_t at = dense_state ? pos : slot + k;
+        if (dense_state) {
+          m[pos] = M[k];
+          v[pos] = V[k];
+          if (vmax != nullptr) vmax[pos] = VM[k];
+        }
+        if (w32 != nullptr) w32[at] = W[k];
+        ParamIO::store(param + rel[k], W[k], stochastic,
+                       stochastic ? seat::mix32(key ^ seat::mix32(static_cast<uint32_t>(pos))) : 0u);
+      }
+    }
+  }
+};
+
 template <typename P, typename ParamIO, typename T, typename G>
 void adamw(const MaskRef& mask, const AdamWArgs& a) {
-  const auto s = seat::adamw_scalars<T>(a.scalars);
-  auto* p = static_cast<typename ParamIO::storage*>(a.param.data_ptr());
-  const G* g = static_cast<const G*>(a.grad.data_ptr());
-  T* m = a.exp_avg.data_ptr<T>();
-  T* v = a.exp_avg_sq.data_ptr<T>();
   T* w32 = seat::cpu::data_or_null<T>(a.master);
-  T* vmax = seat::cpu::data_or_null<T>(a.max_exp_avg_sq);
-  // Stochastic rounding applies to bf16 params only; elsewhere it would only cost a hash.
-  const bool stochastic = a.stochastic && std::is_same<ParamIO, seat::BF16IO>::value;
-  const bool maximize = a.maximize, dense_state = a.dense_state;
-  const uint32_t key = a.key;
-  for_each_entry<P>(
-      mask, kAdamWGrain,
-      [=](int64_t pos, int64_t slot) {
-        seat::sparse_adamw_entry<ParamIO, T, G>(p, pos, g, m, v, w32, vmax, slot, s, maximize, stochastic, key,
-                                                dense_state);
-      },
-      [=](int64_t pos) { __builtin_prefetch(p + pos, 1); });
+  // Stochastic rounding applies to bf16 params without a master only (the master holds
+  // the exact weight); elsewhere it would only cost a hash.
+  const bool stochastic = a.stochastic && w32 == nullptr && std::is_same<ParamIO, seat::BF16IO>::value;
+  const AdamWOp<ParamIO, T, G> op{static_cast<typename ParamIO::storage*>(a.param.data_ptr()),
+                                  static_cast<const G*>(a.grad.data_ptr()),
+                                  a.exp_avg.data_ptr<T>(),
+                                  a.exp_avg_sq.data_ptr<T>(),
+                                  w32,
+                                  seat::cpu::data_or_null<T>(a.max_exp_avg_sq),
+                                  seat::adamw_scalars<T>(a.scalars),
+                                  adamw_lanes<T>(),
+                                  a.maximize,
+                                  stochastic,
+                                  a.dense_state,
+                                  a.key};
+  for_each_run<P>(mask, kAdamWGrain, op);
 }
 
 // Calls f(Tag<ParamIO>, Tag<T>, Tag<G>) for one parameter's dtypes: bf16 / fp16 / fp32

@@ -25,6 +25,10 @@ def test_bench_sparse_adamw_writes_results(tmp_path):
     assert data["environment"]["device_name"]
     probe = data["environment"]["bandwidth"]  # the bandwidth probe beside every result
     assert probe["copy_gbs"] > 0 and probe["triad_gbs"] > 0
+    # one probe before the seat rows and one after each: "of probe" divides by their median
+    seat_rows = [r for r in data["rows"] if r["method"].startswith(("seat d=", "seat-reference"))]
+    assert probe["probes"] == len(seat_rows) + 1 and all(r["probes_gbs"] for r in seat_rows)
+    assert probe["triad_min_gbs"] <= probe["triad_gbs"] <= probe["triad_max_gbs"]
     for encoding in ("block16", "implicit"):
         row = next(r for r in data["rows"] if r["method"] == f"seat d=0.05 {encoding}")
         assert row["time_vs_int32"] > 0 and 0 < row["of_probe"]

@@ -5,8 +5,11 @@ against the reference backend: the loss kernel's tiles (kl_div forward and rever
 paired_loss and its CE rows, float32, bfloat16, float16 and a mix, vocabularies that are and are not whole
 tiles, temperature, -inf entries, masked rows) and the hash-mask membership (implicit
 masks' block offsets, a gather and dequant4_delta (whose 4-bit expansion has a copy per
-instruction set too), bit for bit, at sizes that end
-mid-word)."""
+instruction set too), bit for bit, at sizes that end mid-word). The AdamW step of the
+sparse-update kernels (16 or 8 lanes at a time) must give the same bits in every copy: each
+run prints a digest of its results, compared across copies (every encoding; fp32 / bf16
+params, amsgrad, maximize, stochastic rounding, masters, dense state; entry counts that are
+not whole vectors)."""
 from __future__ import annotations
 
 import os
@@ -81,7 +84,34 @@ for numel, dtype in (((4096 * 3 + 17, torch.bfloat16), (70001, torch.bfloat16), 
         with ops.use_backend(backend):
             got[backend] = ops.dequant4_delta(packed, qs, mask, delta)
     assert torch.equal(got["reference"], got["cpu"]), (numel, dtype)
-print("ok", worst)
+import hashlib
+from seat.masks import encode, random_mask
+digest = hashlib.sha256()
+g = torch.Generator().manual_seed(2)
+for numel, density in ((997, 0.3), (70001 + 65536, 0.05)):
+    idx = random_mask(numel, density, seed=4)
+    for encoding in ("int32", "block16", "implicit"):
+        mask = (ImplicitMask(numel, density, seed=4, param_id=0, block=1024) if encoding == "implicit"
+                else encode(idx, numel, encoding))
+        nnz = mask.nnz if encoding != "int32" else idx.numel()
+        for dtype, amsgrad, maximize, master, stochastic, dense_state in (
+                (torch.float32, False, False, False, False, False), (torch.float32, True, True, False, False, False),
+                (torch.float32, False, False, False, False, True), (torch.bfloat16, False, False, False, True, False),
+                (torch.bfloat16, True, False, True, False, False)):
+            n_state = numel if dense_state else nnz
+            param = torch.randn(numel, generator=g).to(dtype)
+            grad = torch.randn(nnz, generator=g)
+            grad[::17] *= 1e4
+            m, v = torch.randn(n_state, generator=g), torch.rand(n_state, generator=g)
+            vmax = [torch.rand(n_state, generator=g)] if amsgrad else None
+            masters = [param.float()[:n_state].clone()] if master else None
+            with ops.use_backend("cpu"):
+                ops.sparse_adamw_([param], [mask], [grad], [m], [v], masters, vmax, lr=1e-2, weight_decay=0.1,
+                                  step=3, maximize=maximize, stochastic_rounding=stochastic, seed=5,
+                                  dense_state=dense_state)
+            for t in [param, m, v] + (vmax or []) + (masters or []):
+                digest.update(t.view(torch.uint8 if t.dtype != torch.bfloat16 else torch.int16).numpy().tobytes())
+print("ok", worst, digest.hexdigest())
 """
 
 
@@ -117,6 +147,15 @@ def test_every_instruction_set_copy_matches_the_reference(isa):
         pytest.skip(f"this CPU cannot run the {isa} copy")
     out = _run(isa, CHECK)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
+
+
+def test_every_instruction_set_copy_steps_adamw_to_the_same_bits():
+    digests = {}
+    for isa in _runnable():
+        out = _run(isa, CHECK)
+        assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr[-3000:]
+        digests[isa] = out.stdout.split()[-1]
+    assert len(set(digests.values())) == 1, digests
 
 
 @pytest.mark.parametrize("op", ["kl_div", "hash gather"])

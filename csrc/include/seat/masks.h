@@ -8,8 +8,8 @@
 // flat index into the parameter; slot: index into the compact arrays); P::position(m, j)
 // gives entry j's position for one-thread-per-entry kernels. An op never switches on the
 // encoding. A backend may walk a policy its own way where the generic walk is slow, with
-// the same entries and bounds: the CPU hashes a hash block 8 lanes at a time and prefetches
-// an index walk (csrc/cpu/sparse_update.cpp), CUDA numbers a hash block's members with a
+// the same entries and bounds: the CPU turns every encoding into runs of int32 positions,
+// hashing a hash block 16 or 8 lanes at a time (csrc/cpu/sparse_update.cpp), CUDA numbers a hash block's members with a
 // warp ballot (csrc/cuda/sparse_update.cu); visit() stays the definition they follow,
 // and so do the Triton kernels (seat_kernels/sparse_update.py).
 //
