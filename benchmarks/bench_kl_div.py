@@ -7,7 +7,7 @@ forward + backward, time and peak memory, each ratio measured in the same run.
                                       [--out DIR (default: benchmarks/results/<device>)]
 
 seat runs its CPU kernel (fused C++) on CPU and its default backend (Triton) on CUDA.
-Time: median of `reps` calls of loss.backward() on fresh leaves after one warm-up, the
+Time: median of `reps` calls of loss.backward() on fresh leaves after 3 warm-up rounds, the
 implementations timed in turn within each round (_common.measure per call).
 Memory, CPU: each (case, implementation) runs once more in a fresh subprocess with
 MALLOC_MMAP_THRESHOLD_=65536 (so glibc serves every tensor of 64 KiB or more with mmap
@@ -122,14 +122,20 @@ def run_once(op: str, impl: str, inputs: dict) -> torch.Tensor:
     return loss.detach()
 
 
+# Untimed rounds before the timed ones: the first case of a run measured its seat calls
+# 2-3x slower than the same case later in the run with a single warm-up call.
+WARMUP_ROUNDS = 3
+
+
 def time_cases(op, impls, inputs, reps, device) -> dict:
-    """{impl: median seconds of one forward + backward}: after a warm-up call of each,
+    """{impl: median seconds of one forward + backward}: after WARMUP_ROUNDS untimed rounds,
     `reps` rounds each timing one call of every impl in turn, so a burst of other work on a
     shared machine slows every impl's sample of that round alike, not one impl's whole
     series."""
     times = {impl: [] for impl in impls}
-    for impl in impls:
-        run_once(op, impl, inputs)
+    for _ in range(WARMUP_ROUNDS):
+        for impl in impls:
+            run_once(op, impl, inputs)
     for _ in range(reps):
         for impl in impls:
             times[impl].append(measure(lambda: run_once(op, impl, inputs), device=device, warmup=0,
@@ -284,7 +290,8 @@ def main(argv=None, progress: Progress | None = None) -> int:
                  ("naive_peak_mib", "eager peak MiB"), ("memory_ratio", "memory: eager / seat"),
                  ("input_mib", "inputs MiB"), ("min_mb", "min MB moved"), ("seat_gbs", "seat GB/s"),
                  ("of_probe", "of probe"), ("loss_abs_diff", "loss diff")],
-        notes=[f"Time: median of {args.reps} forward + backward calls after a warm-up, the implementations timed "
+        notes=[f"Time: median of {args.reps} forward + backward calls after {WARMUP_ROUNDS} warm-up rounds, the "
+               "implementations timed "
                f"in turn in each round, {env['torch_threads']} torch threads on {env['cpu_count']} CPUs"
                if args.device == "cpu" else
                f"Time: median over {args.reps} rounds of triton.testing.do_bench (median, 100 ms) of forward + "
