@@ -151,28 +151,31 @@ const Tiles<double, double, double>& tiles() {
 #pragma GCC optimize("no-trapping-math")
 #endif
 namespace baseline {
-constexpr int W = 4;
+#define SEAT_VEC_W 4
 #define SEAT_VEC_F16C 0
 #include "kl_div_vec.h"
 #undef SEAT_VEC_F16C
+#undef SEAT_VEC_W
 }  // namespace baseline
 #ifdef SEAT_CPU_ISA_COPIES
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2 {
-constexpr int W = 8;
+#define SEAT_VEC_W 8
 #define SEAT_VEC_F16C 1
 #include "kl_div_vec.h"
 #undef SEAT_VEC_F16C
+#undef SEAT_VEC_W
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx2,fma,f16c")
 namespace avx512 {
-constexpr int W = 16;
+#define SEAT_VEC_W 16
 #define SEAT_VEC_F16C 1
 #include "kl_div_vec.h"
 #undef SEAT_VEC_F16C
+#undef SEAT_VEC_W
 }  // namespace avx512
 #pragma GCC pop_options
 #endif

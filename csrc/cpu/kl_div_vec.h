@@ -1,11 +1,11 @@
 // The tile loops of the CPU loss kernel (csrc/cpu/kl_div.cpp) in W-lane GCC vector-extension
 // code, reading and writing the tensors' own dtype (float, bfloat16, float16: converted in
-// registers). kl_div.cpp includes this file once per instruction set, inside a namespace
-// that defines W and under `#pragma GCC target(...)`, so every helper here is compiled for
-// that set (a helper compiled for another set and inlined later keeps that set's
-// lowering): baseline x86-64 / any GNU target W = 4 (SSE2, NEON), AVX2 W = 8, AVX-512
-// W = 16. SEAT_VEC_F16C says whether the set converts float16 in hardware (F16C /
-// AVX-512F); otherwise float16 goes through c10::Half lane by lane.
+// registers). kl_div.cpp includes this file once per instruction set, inside a namespace,
+// with the lane count W in the macro SEAT_VEC_W and under `#pragma GCC target(...)`, so
+// every helper here is compiled for that set (a helper compiled for another set and
+// inlined later keeps that set's lowering): baseline x86-64 / any GNU target W = 4 (SSE2,
+// NEON), AVX2 W = 8, AVX-512 W = 16. SEAT_VEC_F16C says whether the set converts float16
+// in hardware (F16C / AVX-512F); otherwise float16 goes through c10::Half lane by lane.
 //
 // Element for element these compute what the double loops of kl_div.cpp compute (the same
 // formulas of seat/kl_div.h), in float with a branch-free exp (vexp): sums run in float
@@ -14,27 +14,17 @@
 // rounding of one tile's float lanes, not of the whole row.
 // No include guard (deliberately): included once per target namespace.
 
-typedef float fv __attribute__((vector_size(4 * W)));
-typedef int32_t iv __attribute__((vector_size(4 * W)));
-typedef uint32_t uv __attribute__((vector_size(4 * W)));
-typedef uint16_t hv __attribute__((vector_size(2 * W)));
+#include "vec.h"
 
-SEAT_ALWAYS_INLINE fv splat(float v) { return fv{} + v; }
-
-SEAT_ALWAYS_INLINE fv load(const float* p) {
-  fv v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 SEAT_ALWAYS_INLINE fv load(const c10::BFloat16* p) {  // exact: bf16 is float's high half
   hv h;
   std::memcpy(&h, p, sizeof(h));
   return reinterpret_cast<fv>(__builtin_convertvector(h, uv) << 16);
 }
 SEAT_ALWAYS_INLINE fv load(const c10::Half* p) {  // exact
-#if SEAT_VEC_F16C && W == 8
+#if SEAT_VEC_F16C && SEAT_VEC_W == 8
   return reinterpret_cast<fv>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-#elif SEAT_VEC_F16C && W == 16
+#elif SEAT_VEC_F16C && SEAT_VEC_W == 16
   return reinterpret_cast<fv>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
 #else
   fv v;
@@ -43,7 +33,6 @@ SEAT_ALWAYS_INLINE fv load(const c10::Half* p) {  // exact
 #endif
 }
 
-SEAT_ALWAYS_INLINE void store(float* p, fv v) { std::memcpy(p, &v, sizeof(v)); }
 // Round to nearest even, NaN -> 0x7FC0: c10::BFloat16(float) bit for bit.
 SEAT_ALWAYS_INLINE void store(c10::BFloat16* p, fv v) {
   const uv u = reinterpret_cast<uv>(v);
@@ -53,10 +42,10 @@ SEAT_ALWAYS_INLINE void store(c10::BFloat16* p, fv v) {
   std::memcpy(p, &h, sizeof(h));
 }
 SEAT_ALWAYS_INLINE void store(c10::Half* p, fv v) {  // round to nearest even, as c10::Half(float)
-#if SEAT_VEC_F16C && W == 8
+#if SEAT_VEC_F16C && SEAT_VEC_W == 8
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
                    _mm256_cvtps_ph(reinterpret_cast<__m256>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#elif SEAT_VEC_F16C && W == 16
+#elif SEAT_VEC_F16C && SEAT_VEC_W == 16
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                       _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else

@@ -359,75 +359,28 @@ void adamw_lanes_scalar(T* w, const T* g, T* m, T* v, T* vmax, int64_t n, const 
 }
 
 #ifdef SEAT_CPU_ISA_COPIES
+// The vector copy, written once on W-lane GCC vector types and compiled per instruction
+// set (AVX-512: W = 16, AVX2: W = 8) with fp-contract=off.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 on _mm512_sqrt_ps: see member_words.h
-__attribute__((target("avx512f,avx512dq"))) void adamw_lanes_avx512(float* w, const float* g, float* m, float* v,
-                                                                     float* vmax, int64_t n,
-                                                                     const seat::AdamWScalars<float>& s,
-                                                                     bool maximize) {
-  const __m512 decay = _mm512_set1_ps(s.decay), beta2 = _mm512_set1_ps(s.beta2);
-  const __m512 omb2 = _mm512_set1_ps(s.one_minus_beta2), eps = _mm512_set1_ps(s.eps);
-  const __m512 step_size = _mm512_set1_ps(s.step_size), bc2 = _mm512_set1_ps(s.bias_correction2_sqrt);
-  // the lerp from the nearer end (seat::adamw_step): m + t (g - m), or g + (t - 1) (g - m)
-  const bool near_m = s.one_minus_beta1 < 0.5f;
-  const __m512 t = _mm512_set1_ps(near_m ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
-  const __m512 sign = _mm512_set1_ps(maximize ? -0.0f : 0.0f);
-  int64_t k = 0;
-  for (; k + 16 <= n; k += 16) {
-    const __m512 gk = _mm512_xor_ps(_mm512_loadu_ps(g + k), sign);
-    const __m512 mk = _mm512_loadu_ps(m + k);
-    __m512 vk = _mm512_loadu_ps(v + k);
-    const __m512 wk = _mm512_mul_ps(_mm512_loadu_ps(w + k), decay);
-    const __m512 mn = _mm512_add_ps(near_m ? mk : gk, _mm512_mul_ps(t, _mm512_sub_ps(gk, mk)));
-    vk = _mm512_add_ps(_mm512_mul_ps(vk, beta2), _mm512_mul_ps(_mm512_mul_ps(omb2, gk), gk));
-    __m512 second = vk;
-    if (vmax != nullptr) {
-      const __m512 old = _mm512_loadu_ps(vmax + k);
-      // not NaN and !(old >= v): v (torch.maximum propagates NaN from either side)
-      const __mmask16 take = _mm512_cmp_ps_mask(old, old, _CMP_EQ_OQ) & _mm512_cmp_ps_mask(old, vk, _CMP_NGE_UQ);
-      second = _mm512_mask_blend_ps(take, old, vk);
-      _mm512_storeu_ps(vmax + k, second);
-    }
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(second), bc2), eps);
-    _mm512_storeu_ps(w + k, _mm512_sub_ps(wk, _mm512_mul_ps(step_size, _mm512_div_ps(mn, denom))));
-    _mm512_storeu_ps(m + k, mn);
-    _mm512_storeu_ps(v + k, vk);
-  }
-  adamw_lanes_scalar<float>(w + k, g + k, m + k, v + k, vmax != nullptr ? vmax + k : nullptr, n - k, s, maximize);
-}
-
-__attribute__((target("avx2"))) void adamw_lanes_avx2(float* w, const float* g, float* m, float* v, float* vmax,
-                                                       int64_t n, const seat::AdamWScalars<float>& s, bool maximize) {
-  const __m256 decay = _mm256_set1_ps(s.decay), beta2 = _mm256_set1_ps(s.beta2);
-  const __m256 omb2 = _mm256_set1_ps(s.one_minus_beta2), eps = _mm256_set1_ps(s.eps);
-  const __m256 step_size = _mm256_set1_ps(s.step_size), bc2 = _mm256_set1_ps(s.bias_correction2_sqrt);
-  const bool near_m = s.one_minus_beta1 < 0.5f;
-  const __m256 t = _mm256_set1_ps(near_m ? s.one_minus_beta1 : s.one_minus_beta1 - 1.0f);
-  const __m256 sign = _mm256_set1_ps(maximize ? -0.0f : 0.0f);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256 gk = _mm256_xor_ps(_mm256_loadu_ps(g + k), sign);
-    const __m256 mk = _mm256_loadu_ps(m + k);
-    __m256 vk = _mm256_loadu_ps(v + k);
-    const __m256 wk = _mm256_mul_ps(_mm256_loadu_ps(w + k), decay);
-    const __m256 mn = _mm256_add_ps(near_m ? mk : gk, _mm256_mul_ps(t, _mm256_sub_ps(gk, mk)));
-    vk = _mm256_add_ps(_mm256_mul_ps(vk, beta2), _mm256_mul_ps(_mm256_mul_ps(omb2, gk), gk));
-    __m256 second = vk;
-    if (vmax != nullptr) {
-      const __m256 old = _mm256_loadu_ps(vmax + k);
-      const __m256 take = _mm256_and_ps(_mm256_cmp_ps(old, old, _CMP_EQ_OQ), _mm256_cmp_ps(old, vk, _CMP_NGE_UQ));
-      second = _mm256_blendv_ps(old, vk, take);
-      _mm256_storeu_ps(vmax + k, second);
-    }
-    const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(second), bc2), eps);
-    _mm256_storeu_ps(w + k, _mm256_sub_ps(wk, _mm256_mul_ps(step_size, _mm256_div_ps(mn, denom))));
-    _mm256_storeu_ps(m + k, mn);
-    _mm256_storeu_ps(v + k, vk);
-  }
-  adamw_lanes_scalar<float>(w + k, g + k, m + k, v + k, vmax != nullptr ? vmax + k : nullptr, n - k, s, maximize);
-}
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq")
+namespace avx512 {
+#define SEAT_VEC_W 16
+#include "adamw_vec.h"
+#undef SEAT_VEC_W
+}  // namespace avx512
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
+#define SEAT_VEC_W 8
+#include "adamw_vec.h"
+#undef SEAT_VEC_W
+}  // namespace avx2
+#pragma GCC pop_options
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
@@ -440,8 +393,8 @@ AdamWLanes<T> adamw_lanes() {
     static const AdamWLanes<float> chosen = [] {
 #ifdef SEAT_CPU_ISA_COPIES
       switch (seat::cpu::cpu_isa()) {
-        case seat::cpu::Isa::kAvx512: return adamw_lanes_avx512;
-        case seat::cpu::Isa::kAvx2: return adamw_lanes_avx2;
+        case seat::cpu::Isa::kAvx512: return avx512::adamw_lanes;
+        case seat::cpu::Isa::kAvx2: return avx2::adamw_lanes;
         case seat::cpu::Isa::kBaseline: break;
       }
 #endif
